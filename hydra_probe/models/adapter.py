@@ -1,0 +1,359 @@
+"""The model adapter: the only code that touches modules, hooks and nnsight.
+
+:class:`Adapter` resolves the paths of an :class:`~.tables.ArchTable` on a
+loaded Hugging Face causal LM and offers what the rest of the package needs:
+
+* shapes (layers, heads, head_dim, d_model) and the parallel-residual flag;
+* weights in analysis form: per-head output matrices ``W_O`` (H, dh, d),
+  the final norm's scale, shift and eps, unembedding rows;
+* :meth:`Adapter.hooks`, a context manager that edits or captures sites and
+  always removes exactly the hooks it added (also on error);
+* the fast local path: :meth:`Adapter.prefix` runs the base model once and
+  keeps each block's input and call arguments, so that
+  :meth:`Adapter.run_blocks` can restart the forward at any layer, for many
+  stacked copies of the batch at once;
+* the nnsight path (:mod:`.nnsight_backend`).
+
+Nothing here changes the model's weights or leaves a hook behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ArchitectureError, InterventionError
+from .sites import Site
+from .tables import ArchTable, table_for
+
+EditFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def get_path(root: nn.Module, path: str) -> Any:
+    """Follow a dotted attribute path (integers index module lists).
+
+    ``"a|b"`` tries ``a`` then ``b`` (names that changed across transformers versions).
+    """
+    if "|" in path:
+        alts = path.split("|")
+        for alt in alts[:-1]:
+            try:
+                return get_path(root, alt)
+            except AttributeError:
+                continue
+        return get_path(root, alts[-1])
+    obj: Any = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+@dataclass
+class Prefix:
+    """A clean (or corrupted) base forward kept for restarting at any layer.
+
+    ``resid[l]``: (B, T, d) input of block ``l`` (``resid[n_layers]`` is the
+    final norm's input); ``calls[l]``: the block's other positional and
+    keyword arguments, replayed by :meth:`Adapter.run_blocks`.
+    """
+
+    resid: list[torch.Tensor]
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    captures: dict[Site, torch.Tensor]
+
+    @property
+    def batch(self) -> int:
+        return self.resid[0].shape[0]
+
+
+def _tile(obj: Any, batch: int, copies: int) -> Any:
+    """Repeat tensors whose first dim is ``batch`` ``copies`` times along dim 0."""
+    if copies == 1:
+        return obj
+    if torch.is_tensor(obj):
+        if obj.dim() > 0 and obj.shape[0] == batch and batch > 1:
+            return obj.repeat(copies, *([1] * (obj.dim() - 1)))
+        return obj
+    if isinstance(obj, tuple):
+        return tuple(_tile(o, batch, copies) for o in obj)
+    if isinstance(obj, list):
+        return [_tile(o, batch, copies) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _tile(v, batch, copies) for k, v in obj.items()}
+    return obj
+
+
+class Adapter:
+    """Architecture-aware access to a Hugging Face causal LM (see module doc)."""
+
+    def __init__(self, hf_model: nn.Module, table: ArchTable | None = None) -> None:
+        config = getattr(hf_model, "config", None)
+        if config is None:
+            raise ArchitectureError(
+                f"{type(hf_model).__name__} has no .config; pass a transformers causal LM "
+                "(e.g. AutoModelForCausalLM.from_pretrained(...))."
+            )
+        self.model = hf_model
+        self.config = config
+        self.table = table or table_for(getattr(config, "model_type", type(hf_model).__name__))
+        t = self.table
+        try:
+            self.base = get_path(hf_model, t.base)
+            self.blocks = list(get_path(hf_model, t.blocks))
+            self.final_norm = get_path(hf_model, t.final_norm)
+            self.unembed = get_path(hf_model, t.unembed)
+        except (AttributeError, IndexError) as e:
+            raise ArchitectureError(
+                f"{type(hf_model).__name__} does not have the layout of the {t.family} table "
+                f"({e}); is it a causal LM (…ForCausalLM / …LMHeadModel) of that family?"
+            ) from None
+        self.n_layers = len(self.blocks)
+        self.n_heads = int(getattr(config, t.n_heads_attr))
+        self.n_kv_heads = int(getattr(config, t.n_kv_heads_attr, None) or self.n_heads) if t.n_kv_heads_attr else self.n_heads
+        o0 = get_path(self.blocks[0], t.o_proj)
+        w = o0.weight
+        width = w.shape[0] if t.o_proj_kind == "conv1d" else w.shape[1]
+        self.d_model = w.shape[1] if t.o_proj_kind == "conv1d" else w.shape[0]
+        self.head_dim = width // self.n_heads
+        self.parallel = bool(getattr(config, t.parallel_attr, t.parallel_default)) if t.parallel_attr else False
+        self.vocab_size = self.unembed.weight.shape[0]
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def device(self) -> torch.device:
+        return self.unembed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unembed.weight.dtype
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Per-head output matrices of ``layer``: (n_heads, head_dim, d_model)."""
+        w = get_path(self.blocks[layer], self.table.o_proj).weight
+        if self.table.o_proj_kind == "linear":
+            w = w.T
+        return w.reshape(self.n_heads, self.head_dim, self.d_model)
+
+    def b_O(self, layer: int) -> torch.Tensor | None:
+        """Bias of the attention output projection of ``layer`` (d_model,) or None."""
+        return getattr(get_path(self.blocks[layer], self.table.o_proj), "bias", None)
+
+    def norm_params(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Final norm as (gamma (d,), beta (d,) or None, eps); gamma includes Gemma's 1 + w."""
+        n = self.final_norm
+        gamma = n.weight + self.table.gamma_offset
+        beta = getattr(n, "bias", None)
+        eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
+        if eps is None:
+            raise ArchitectureError(f"cannot read eps of final norm {type(n).__name__}")
+        return gamma, beta, eps
+
+    def W_U(self, ids: torch.Tensor) -> torch.Tensor:
+        """Unembedding rows for token ids: (..., d_model)."""
+        return self.unembed.weight[ids]
+
+    def b_U(self, ids: torch.Tensor) -> torch.Tensor | None:
+        b = getattr(self.unembed, "bias", None)
+        return None if b is None else b[ids]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm then unembedding of residual vectors x (..., d) -> (..., vocab)."""
+        return self.unembed(self.final_norm(x))
+
+    # ------------------------------------------------------------------ sites
+    def module_of(self, site: Site) -> tuple[nn.Module, str]:
+        """The module of ``site`` and whether its ``"input"`` or ``"output"`` is meant."""
+        t, L = self.table, site.layer
+        if not 0 <= L <= self.n_layers or (L == self.n_layers and site.kind != "resid_pre"):
+            raise InterventionError(f"site {site} is outside layers 0..{self.n_layers - 1}")
+        if site.kind == "resid_pre":
+            return (self.final_norm if L == self.n_layers else self.blocks[L]), "input"
+        block = self.blocks[L]
+        if site.kind == "z":
+            return get_path(block, t.o_proj), "input"
+        if site.kind == "mlp_out":
+            return get_path(block, t.mlp), "output"
+        if site.kind == "mlp_in":
+            return get_path(block, t.mlp), "input"
+        if site.kind == "attn_in":
+            return get_path(block, t.attn_norm), "output"
+        if site.kind == "qkv":
+            if t.qkv_layout == "separate":
+                raise InterventionError(f"{t.family} has separate q/k/v projections; use sites q, k, v")
+            return get_path(block, t.qkv[0]), "output"
+        if site.kind in ("q", "k", "v"):
+            if t.qkv_layout != "separate":
+                return get_path(block, t.qkv[0]), "output"
+            return get_path(block, t.qkv["qkv".index(site.kind)]), "output"
+        raise InterventionError(f"unknown site kind {site.kind}")
+
+    def path_of(self, site: Site) -> tuple[str, str]:
+        """Dotted module path and ``"input"``/``"output"`` of ``site`` (for nnsight)."""
+        t, L = self.table, site.layer
+        if site.kind == "resid_pre":
+            return (t.final_norm if L == self.n_layers else f"{t.blocks}.{L}"), "input"
+        rel = {"z": t.o_proj, "mlp_out": t.mlp, "mlp_in": t.mlp, "attn_in": t.attn_norm}.get(site.kind)
+        io = {"z": "input", "mlp_out": "output", "mlp_in": "input", "attn_in": "output"}.get(site.kind, "output")
+        if rel is None:
+            rel = t.qkv[0] if t.qkv_layout != "separate" or site.kind == "qkv" else t.qkv["qkv".index(site.kind)]
+        return f"{t.blocks}.{L}.{rel}", io
+
+    def head_slice(self, head: int) -> slice:
+        """Columns of head ``head`` in the ``z`` site."""
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+    def head_input_slice(self, layer: int, head: int, which: str) -> tuple[Site, slice]:
+        """Site and columns that hold head ``head``'s ``which`` in {q, k, v} input.
+
+        With grouped-query attention the k/v columns are those of the head's
+        key/value group (shared with the other heads of the group).
+        """
+        dh, H = self.head_dim, self.n_heads
+        layout = self.table.qkv_layout
+        if layout == "gpt2":
+            off = "qkv".index(which) * H * dh
+            return Site(layer, "qkv"), slice(off + head * dh, off + (head + 1) * dh)
+        if layout == "neox":
+            off = head * 3 * dh + "qkv".index(which) * dh
+            return Site(layer, "qkv"), slice(off, off + dh)
+        g = head if which == "q" else head // (H // self.n_kv_heads)
+        return Site(layer, which), slice(g * dh, (g + 1) * dh)
+
+    @contextlib.contextmanager
+    def hooks(
+        self,
+        edits: Mapping[Site, EditFn] | None = None,
+        captures: Mapping[Site, Callable[[torch.Tensor], None]] | None = None,
+    ) -> Iterator[dict[Site, int]]:
+        """Edit and/or capture sites for the duration of the ``with`` block.
+
+        ``edits[site](x) -> x'`` replaces the activation; ``captures[site](x)``
+        receives it (after any edit). Yields a dict counting how often each
+        site fired. Removes exactly the hooks it added, also on error.
+        """
+        edits = dict(edits or {})
+        captures = dict(captures or {})
+        fired: dict[Site, int] = {s: 0 for s in set(edits) | set(captures)}
+        handles = []
+
+        def make(site: Site, io: str):
+            edit = edits.get(site)
+            cap = captures.get(site)
+
+            def apply(x: torch.Tensor) -> torch.Tensor:
+                fired[site] += 1
+                if edit is not None:
+                    x = edit(x)
+                if cap is not None:
+                    cap(x)
+                return x
+
+            if io == "input":
+                def pre(mod, args, kwargs):
+                    if args:
+                        return (apply(args[0]), *args[1:]), kwargs
+                    key = next(iter(kwargs))
+                    kwargs = dict(kwargs)
+                    kwargs[key] = apply(kwargs[key])
+                    return args, kwargs
+                return pre
+            def post(mod, args, out):
+                if isinstance(out, tuple):
+                    return (apply(out[0]), *out[1:])
+                return apply(out)
+            return post
+
+        try:
+            for site in sorted(fired, key=lambda s: s.order):
+                mod, io = self.module_of(site)
+                fn = make(site, io)
+                if io == "input":
+                    handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True))
+                else:
+                    handles.append(mod.register_forward_hook(fn))
+            yield fired
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ------------------------------------------------------------------ fast path
+    def prefix(
+        self,
+        ids: torch.Tensor,
+        edits: Mapping[Site, EditFn] | None = None,
+        capture: set[Site] | frozenset[Site] = frozenset(),
+    ) -> Prefix:
+        """Run the base model on ``ids`` (B, T) and keep every block's input and call.
+
+        ``capture`` sites are kept whole (B, T, width) in ``Prefix.captures``.
+        """
+        L = self.n_layers
+        resid: list[torch.Tensor | None] = [None] * (L + 1)
+        calls: list[Any] = [None] * L
+        handles = []
+        caps: dict[Site, torch.Tensor] = {}
+
+        def block_pre(i: int):
+            def pre(mod, args, kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                resid[i] = h
+                rest_args = args[1:] if args else ()
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                calls[i] = (rest_args, kw)
+            return pre
+
+        def norm_pre(mod, args):
+            resid[L] = args[0]
+
+        cap_fns = {s: (lambda x, s=s: caps.__setitem__(s, x)) for s in capture}
+        try:
+            for i, b in enumerate(self.blocks):
+                handles.append(b.register_forward_pre_hook(block_pre(i), with_kwargs=True))
+            handles.append(self.final_norm.register_forward_pre_hook(norm_pre))
+            with self.hooks(edits, cap_fns) as fired, torch.no_grad():
+                self.base(input_ids=ids.to(self.device), use_cache=False)
+            _check_fired(fired, edits or {})
+        finally:
+            for h in handles:
+                h.remove()
+        return Prefix(resid=resid, calls=calls, captures=caps)  # type: ignore[arg-type]
+
+    def run_blocks(
+        self,
+        prefix: Prefix,
+        start: int,
+        copies: int,
+        hidden: torch.Tensor | None = None,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """Run blocks ``start..stop-1`` on ``copies`` stacked copies of the prefix batch.
+
+        ``hidden`` (copies*B, T, d) overrides the stacked block input. Returns
+        the residual after the last block run: (copies*B, T, d). Hooks
+        registered with :meth:`hooks` fire as in a full forward.
+        """
+        B = prefix.batch
+        stop = self.n_layers if stop is None else stop
+        h = prefix.resid[start].repeat(copies, 1, 1) if hidden is None else hidden
+        for i in range(start, stop):
+            args, kw = prefix.calls[i]
+            out = self.blocks[i](h, *_tile(args, B, copies), **_tile(kw, B, copies))
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+
+def _check_fired(fired: Mapping[Site, int], edits: Mapping[Site, Any]) -> None:
+    dead = [str(s) for s in edits if fired.get(s, 0) == 0]
+    if dead:
+        raise InterventionError(
+            f"interventions at {', '.join(dead)} never touched the model (their hooks did not fire); "
+            "the architecture table may point at a module that the forward does not call."
+        )
+
+
+check_fired = _check_fired

@@ -1,0 +1,231 @@
+"""The package's model wrapper and loaders."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ArchitectureError, InputError, OptionError
+from .adapter import Adapter
+
+BACKENDS = ("local", "nnsight")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """Parse ``device`` and check that it exists here; ``None`` stays ``None``."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise OptionError(f"device {device!r} is not a torch device ({e}); use e.g. 'cpu' or 'cuda:0'.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OptionError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here.")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise OptionError(f"device {device!r} was asked for but MPS is not available here; use 'cpu'.")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise OptionError(f"device {device!r} is not supported; use 'cpu', 'cuda[:i]' or 'mps'.")
+    return dev
+
+
+class HookedModel:
+    """A causal LM with its tokenizer, as hydra_probe sees it.
+
+    Attributes:
+        hf_model: the underlying ``transformers`` module (never modified).
+        tokenizer: its tokenizer.
+        adapter: the architecture adapter (module paths live there).
+        name: model id recorded in every result's provenance.
+        n_layers, n_heads, n_kv_heads, head_dim, d_model: shapes.
+        backend: ``"local"`` (fast hooks, prefix reuse) or ``"nnsight"``
+            (one nnsight trace per run; ``remote=True`` goes to NDIF).
+    """
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        tokenizer: Any,
+        *,
+        name: str | None = None,
+        backend: str = "local",
+        nnsight_model: Any = None,
+        remote: bool = False,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise OptionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+        if remote and backend != "nnsight":
+            raise OptionError("remote=True runs through nnsight; pass backend='nnsight' too.")
+        if tokenizer is None:
+            raise InputError(
+                "a tokenizer is needed: pass tokenizer=AutoTokenizer.from_pretrained(...) "
+                "with a transformers model object."
+            )
+        if getattr(getattr(hf_model, "config", None), "is_encoder_decoder", False):
+            raise ArchitectureError(f"{type(hf_model).__name__} is an encoder-decoder model; hydra_probe needs a causal LM.")
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.adapter = Adapter(hf_model)
+        self.name = name or str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
+        self.backend = backend
+        self.remote = remote
+        self._nnsight = nnsight_model
+
+    # shapes -------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.adapter.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.adapter.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.adapter.head_dim
+
+    @property
+    def d_model(self) -> int:
+        return self.adapter.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    @property
+    def parallel_residual(self) -> bool:
+        return self.adapter.parallel
+
+    @property
+    def family(self) -> str:
+        return self.adapter.table.family
+
+    def components(self, selector: Any = "all") -> list:
+        """Components for ``selector`` ("all", "heads", "mlps", "layers", names, ...)."""
+        from ..components import select
+
+        return select(self, selector)
+
+    @property
+    def nnsight(self) -> Any:
+        """An nnsight ``LanguageModel`` around :attr:`hf_model` (made on first use)."""
+        if self._nnsight is None:
+            import warnings
+
+            import nnsight
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._nnsight = nnsight.LanguageModel(self.hf_model, tokenizer=self.tokenizer)
+        return self._nnsight
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Put every module in eval mode for the block, restoring each flag after."""
+        flags = [(m, m.training) for m in self.hf_model.modules()]
+        try:
+            self.hf_model.eval()
+            yield
+        finally:
+            for m, f in flags:
+                m.training = f
+
+    def __repr__(self) -> str:
+        return (f"HookedModel({self.name!r}, family={self.family}, layers={self.n_layers}, "
+                f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, d_model={self.d_model}, backend={self.backend!r})")
+
+
+def _is_nnsight(x: Any) -> bool:
+    return type(x).__module__.startswith("nnsight")
+
+
+def load_model(
+    x: Any,
+    tokenizer: Any = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str = "local",
+    remote: bool = False,
+    trust_remote_code: bool = False,
+) -> HookedModel:
+    """Wrap a model for hydra_probe.
+
+    ``x`` is an nnsight ``LanguageModel``, a transformers causal LM (then
+    ``tokenizer`` is required), a hub name or local folder (safetensors
+    weights only), or ``"default"`` for the shipped model. ``device`` moves a
+    loaded model (for a model object it is moved in place, as ``.to`` does).
+    """
+    dev = resolve_device(device)
+    if isinstance(x, HookedModel):
+        return x
+    if isinstance(x, (str, os.PathLike)) and str(x) == "default":
+        return load_default_model(device=dev)
+    nn_model = None
+    name = None
+    if _is_nnsight(x):
+        nn_model = x
+        hf = getattr(x, "_module", None)
+        tokenizer = tokenizer if tokenizer is not None else getattr(x, "tokenizer", None)
+        if hf is None:
+            raise InputError("this nnsight object wraps no loaded module; pass a LanguageModel built from a model.")
+    elif isinstance(x, nn.Module):
+        hf = x
+    elif isinstance(x, (str, os.PathLike)):
+        hf, tok, name = _from_pretrained(str(x), dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer if tokenizer is not None else tok
+    else:
+        raise InputError(
+            f"cannot load a model from a {type(x).__name__}; pass an nnsight LanguageModel, a transformers "
+            "causal LM with its tokenizer, a hub name or folder, or 'default'."
+        )
+    if dev is not None and next(hf.parameters()).device != dev:
+        hf.to(dev)
+    return HookedModel(hf, tokenizer, name=name, backend=backend, nnsight_model=nn_model, remote=remote)
+
+
+def _from_pretrained(path: str, dtype: torch.dtype | None, trust_remote_code: bool):
+    import transformers as tf
+
+    p = Path(path)
+    if p.exists() and p.is_dir() and not any(p.glob("*.safetensors")):
+        raise InputError(
+            f"{path} holds no .safetensors weights; hydra_probe loads safetensors only "
+            "(re-save the model with save_pretrained(..., safe_serialization=True))."
+        )
+    kw: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    try:
+        hf = tf.AutoModelForCausalLM.from_pretrained(path, **kw)
+    except ValueError as e:
+        if "Unrecognized configuration" in str(e) or "AutoModelForCausalLM" in str(e):
+            raise ArchitectureError(f"{path} is not a causal language model ({str(e).splitlines()[0]}).") from None
+        raise
+    except OSError as e:
+        raise InputError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    tok = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return hf.eval(), tok, path
+
+
+def load_default_model(device: str | torch.device | None = None, backend: str = "local") -> HookedModel:
+    """Load the shipped IOI model (offline) from ``hydra_probe/zoo/default``."""
+    from ..zoo import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
+        raise InputError(f"the shipped model is missing from {DEFAULT_MODEL_DIR}; reinstall hydra_probe.")
+    m = load_model(str(DEFAULT_MODEL_DIR), device=device, backend=backend)
+    m.name = "hydra_probe/default-ioi"
+    return m

@@ -1,0 +1,88 @@
+"""Last-position readout: every component's projection on the metric direction.
+
+For a linear metric with direction u (B, d), the final norm
+``N(x) = gamma * P(x) / sigma(x) + beta`` makes the metric
+
+    m = sum_c <gamma * P(out_c), u> / sigma  +  <gamma * P(const), u> / sigma
+        + <beta, u> + b_U
+
+``proj[c] = <gamma * P(out_c), u>`` is scale-free: dividing by the clean
+sigma gives frozen-scale direct effects, by the run's own sigma recomputed
+ones. Computations are in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..components import Component, finest
+
+
+@dataclass
+class Readout:
+    """Projection machinery for one model and metric direction (see module doc)."""
+
+    gamma: torch.Tensor          # (d,) float64
+    beta_u: torch.Tensor         # (B,) <beta, u> + b_U
+    u: torch.Tensor              # (B, d) float64
+    eps: float
+    centre: bool                 # LayerNorm centres, RMSNorm does not
+    W_O: list[torch.Tensor]      # per layer (H, dh, d) float64
+    b_O_sum: torch.Tensor        # (d,) sum of attention output biases
+    components: list[Component]  # the finest partition (heads, MLPs), model order
+
+    @classmethod
+    def build(cls, model, u: torch.Tensor, bias: torch.Tensor) -> Readout:
+        ad = model.adapter
+        gamma, beta, eps = ad.norm_params()
+        f = torch.float64
+        u64 = u.to(f)
+        beta_u = bias.to(f) + (0 if beta is None else u64 @ beta.detach().to(f))
+        bsum = torch.zeros(ad.d_model, dtype=f, device=ad.device)
+        for l in range(ad.n_layers):
+            b = ad.b_O(l)
+            if b is not None:
+                bsum = bsum + b.detach().to(f)
+        return cls(gamma.detach().to(f), beta_u, u64, eps, ad.table.norm_kind == "layernorm",
+                   [ad.W_O(l).detach().to(f) for l in range(ad.n_layers)], bsum, finest(model))
+
+    def P(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(-1, keepdim=True) if self.centre else x
+
+    def sigma(self, x: torch.Tensor) -> torch.Tensor:
+        """Norm scale of residual vectors x (..., d) -> (...)."""
+        x = x.to(torch.float64)
+        if self.centre:
+            return torch.sqrt(x.var(-1, unbiased=False) + self.eps)
+        return torch.sqrt(x.pow(2).mean(-1) + self.eps)
+
+    def project(self, v: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """<gamma * P(v), u> for v (..., B, d) -> (..., B)."""
+        u = self.u if u is None else u
+        return (self.P(v.to(torch.float64)) * self.gamma * u).sum(-1)
+
+    def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """z (N, H*dh) at one position -> per-head outputs (N, H, d), float64."""
+        W = self.W_O[layer]
+        return torch.einsum("nhk,hkd->nhd", z.to(torch.float64).reshape(z.shape[0], W.shape[0], W.shape[1]), W)
+
+    def projections(self, z: list[torch.Tensor], mlp: list[torch.Tensor], u: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """Unscaled projections of every finest component: (N, C) in model order.
+
+        ``z[l]`` (N, H*dh) and ``mlp[l]`` (N, d) are last-position activations;
+        ``u`` (N, d) defaults to the readout's direction (N must equal B then).
+        """
+        u = self.u if u is None else u
+        cols = []
+        for l in range(len(self.W_O)):
+            heads = self.head_outputs(l, z[l])                       # (N, H, d)
+            cols.append(self.project(heads.transpose(0, 1), u).T)   # (N, H)
+            cols.append(self.project(mlp[l], u)[:, None])           # (N, 1)
+        return torch.cat(cols, dim=1)
+
+    def const_projection(self, resid0: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """Unscaled projection of embeddings plus attention output biases: (N,)."""
+        return self.project(resid0.to(torch.float64) + self.b_O_sum, self.u if u is None else u)

@@ -1,0 +1,357 @@
+"""The runner: executes interventions on a task, fast and without side effects.
+
+A *copy* is one run of every prompt of the task under a tuple of
+interventions. :meth:`Runner.run` takes many copies and, per group of
+equal-length prompts,
+
+* restarts the forward at the earliest layer any intervention of a copy
+  touches (the clean or corrupted prefix below it is reused, not recomputed);
+* stacks several copies along the batch, within a token budget (halving it
+  and retrying when memory runs out);
+* reads the unembedding at the last position only;
+* optionally reads every head's and MLP's last-position output in the same
+  forward (for direct effects of downstream components).
+
+With ``model.backend == "nnsight"`` each copy is one full nnsight trace
+instead (equal numbers; opens remote execution). The model is left as it
+was: hooks are removed on exit, also on error, and train/eval flags restored.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import InterventionError, NumericalError, ResourceError, TaskError
+from ..interventions import Intervention
+from ..metrics import Metric
+from ..models.adapter import Prefix, check_fired, get_path
+from ..models.sites import Site
+from .readout import Readout
+
+SOURCES = ("clean", "corrupted")
+
+
+@dataclass
+class CopyOutput:
+    """Per-copy results over all prompts (task order).
+
+    ``metric`` (n,); ``resid`` (n, d) final residual at the last position;
+    ``proj`` (n, C) unscaled projections of the finest components and
+    ``proj_const`` (n,) when a readout was asked for, else None.
+    """
+
+    metric: torch.Tensor
+    resid: torch.Tensor
+    proj: torch.Tensor | None = None
+    proj_const: torch.Tensor | None = None
+
+
+class Progress:
+    """A minimal progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None) -> None:
+        self.total, self.done, self.label = max(total, 1), 0, label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.enabled:
+            w = 30
+            f = int(w * self.done / self.total)
+            sys.stderr.write(f"\r{self.label} [{'#' * f}{'.' * (w - f)}] {self.done}/{self.total}")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class Runner:
+    """Runs interventions for one model, task and metric (see module doc).
+
+    Args:
+        model: a :class:`~hydra_probe.models.HookedModel`.
+        task: a :class:`~hydra_probe.tasks.Task`.
+        metric: a :class:`~hydra_probe.metrics.Metric`.
+        reference: the task whose clean prompts define ``mean`` values
+            (default: ``task``).
+        seed: seeds ``resample`` donors.
+        token_budget: at most this many tokens (copies x prompts x positions)
+            per stacked forward.
+        progress: show a progress bar (default: only on a terminal).
+    """
+
+    def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
+                 token_budget: int = 8192, progress: bool | None = None) -> None:
+        if len(task) == 0:
+            raise TaskError("the task is empty.")
+        self.model, self.task, self.metric = model, task, metric
+        self.ad = model.adapter
+        self.reference = reference if reference is not None else task
+        self.seed = seed
+        self.token_budget = token_budget
+        self.progress = progress
+        self.groups = task.groups()
+        self._prefix: dict[tuple[int, str], Prefix] = {}
+        self._means: dict[Site, torch.Tensor] | None = None
+        self._readout: Readout | None = None
+        self._clean_logits: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- caches
+    def capture_sites(self) -> set[Site]:
+        L = self.ad.n_layers
+        return {Site(l, k) for l in range(L) for k in ("z", "mlp_out")}
+
+    def prefix(self, g: int, source: str) -> Prefix:
+        """The unedited forward of group ``g`` on the ``source`` prompts."""
+        key = (g, source)
+        if key not in self._prefix:
+            ids = self.task.batch(self.groups[g], source)
+            with self.model.evaluating():
+                p = self.ad.prefix(ids, capture=self.capture_sites())
+            _check_finite(p.resid[-1], f"the {source} run")
+            self._prefix[key] = p
+        return self._prefix[key]
+
+    @property
+    def readout(self) -> Readout:
+        if self._readout is None:
+            from ..metrics import direction
+
+            u, bias = direction(self.ad, self.metric, self.task.answer_ids, self.task.alternative_ids)
+            self._readout = Readout.build(self.model, u, bias)
+        return self._readout
+
+    def means(self) -> dict[Site, torch.Tensor]:
+        """Per-position means (T_max, width) of z and mlp_out over the reference's clean prompts."""
+        if self._means is None:
+            ref = self.reference
+            sums: dict[Site, torch.Tensor] = {}
+            counts: torch.Tensor | None = None
+            Tmax = max(ref.lengths)
+            counts = torch.zeros(Tmax)
+            for idx in ref.groups():
+                ids = ref.batch(idx, "clean")
+                if ref is self.task:
+                    g = self.groups.index(idx)
+                    caps = self.prefix(g, "clean").captures
+                else:
+                    with self.model.evaluating():
+                        caps = self.ad.prefix(ids, capture=self.capture_sites()).captures
+                T = ids.shape[1]
+                counts[:T] += len(idx)
+                for s, x in caps.items():
+                    acc = sums.setdefault(s, torch.zeros(Tmax, x.shape[-1], dtype=torch.float64, device=x.device))
+                    acc[:T] += x.detach().to(torch.float64).sum(0)
+            self._means = {s: (v / counts.clamp(min=1)[:, None].to(v.device)).to(self.ad.dtype) for s, v in sums.items()}
+            self._mean_len = int((counts > 0).sum())
+        return self._means
+
+    def donors(self, g: int) -> torch.Tensor:
+        """Seeded donor index (within group ``g``) for each prompt: a derangement."""
+        idx = self.groups[g]
+        B = len(idx)
+        if B < 2:
+            T = len(self.task.clean_ids[idx[0]])
+            raise TaskError(
+                f"resample ablation draws from other prompts of the same token length, but only one prompt has "
+                f"{T} tokens; add prompts of that length or use value='mean'."
+            )
+        gen = torch.Generator().manual_seed(self.seed * 1000003 + g)
+        shift = int(torch.randint(1, B, (1,), generator=gen))
+        perm = torch.randperm(B, generator=gen)
+        donor = torch.empty(B, dtype=torch.long)
+        donor[perm] = perm.roll(-shift)  # perm[i] takes perm[i+shift]: never itself
+        return donor
+
+    def value(self, iv: Intervention, g: int, source: str) -> torch.Tensor | None:
+        """The replacement (B, T, width) for ``iv`` on group ``g``; None means zeros."""
+        if iv.value == "zero":
+            return None
+        T = len(self.task.clean_ids[self.groups[g][0]])
+        if iv.site.kind == "resid_pre":
+            if iv.value not in SOURCES:
+                raise TaskError("the residual stream can only be patched (clean/corrupted), not ablated.")
+            return self.prefix(g, iv.value).resid[iv.site.layer]
+        if iv.value in SOURCES:
+            return self.prefix(g, iv.value).captures[iv.site]
+        if iv.value == "mean":
+            m = self.means()[iv.site]
+            if T > self._mean_len:
+                raise TaskError(f"the reference prompts are at most {self._mean_len} tokens; they give no mean for "
+                                f"positions of a {T}-token prompt. Use a reference task with prompts at least as long.")
+            B = len(self.groups[g])
+            return m[:T].unsqueeze(0).expand(B, T, m.shape[-1])
+        caps = self.prefix(g, "clean").captures[iv.site]
+        return caps[self.donors(g)]
+
+    def clean_logits(self) -> torch.Tensor:
+        if self._clean_logits is None:
+            self._clean_logits = torch.cat([self._logits_of(self.prefix(g, "clean").resid[-1][:, -1])
+                                            for g in range(len(self.groups))])[self._inverse()]
+        return self._clean_logits
+
+    def _logits_of(self, x_last: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.ad.logits(x_last)
+
+    def _inverse(self) -> torch.Tensor:
+        order = torch.tensor([i for idx in self.groups for i in idx])
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(len(order))
+        return inv
+
+    # ---------------------------------------------------------------- running
+    def baseline(self, source: str, readout: bool = False) -> CopyOutput:
+        """The unedited ``source`` run (from the cached prefixes)."""
+        return self.run(source, [()], readout=readout)[0]
+
+    def run(self, source: str, copies: Sequence[tuple[Intervention, ...]], readout: bool = False,
+            label: str = "running") -> list[CopyOutput]:
+        """Run every copy on every prompt; see the module doc."""
+        if source not in SOURCES:
+            raise ValueError(source)
+        n, C = len(self.task), len(self.readout.components) if readout else 0
+        d = self.ad.d_model
+        metric = torch.empty(len(copies), n, dtype=torch.float64)
+        resid = torch.empty(len(copies), n, d, dtype=torch.float64)
+        proj = torch.empty(len(copies), n, C, dtype=torch.float64) if readout else None
+        pconst = torch.empty(len(copies), n, dtype=torch.float64) if readout else None
+        bar = Progress(len(copies) * len(self.groups), label, self.progress)
+        for g, idx in enumerate(self.groups):
+            it = torch.tensor(idx)
+            for chunk, out in self._run_group(g, source, copies, readout, bar):
+                ci = torch.tensor(chunk)
+                metric[ci[:, None], it[None, :]] = out["metric"]
+                resid[ci[:, None], it[None, :]] = out["resid"]
+                if readout:
+                    proj[ci[:, None], it[None, :]] = out["proj"]
+                    pconst[ci[:, None], it[None, :]] = out["proj_const"]
+        return [CopyOutput(metric[i], resid[i], None if proj is None else proj[i], None if pconst is None else pconst[i])
+                for i in range(len(copies))]
+
+    def _run_group(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], readout: bool,
+                   bar: Progress):
+        idx = self.groups[g]
+        B, T = len(idx), len(self.task.clean_ids[idx[0]])
+        starts = [min((iv.site.layer for iv in c), default=self.ad.n_layers) for c in copies]
+        order = sorted(range(len(copies)), key=lambda i: starts[i])
+        per = max(1, self.token_budget // (B * T))
+        pos = 0
+        while pos < len(order):
+            start = starts[order[pos]]
+            chunk = [i for i in order[pos: pos + per] if starts[i] == start]
+            while True:
+                try:
+                    out = self._forward(g, source, [copies[i] for i in chunk], start, readout)
+                    break
+                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                    if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower() \
+                            and not isinstance(e, torch.OutOfMemoryError):
+                        raise
+                    if len(chunk) == 1:
+                        raise ResourceError(
+                            f"one run of {B} prompts x {T} tokens does not fit in memory; use fewer prompts "
+                            "(--n-prompts), shorter prompts, or a smaller dtype."
+                        ) from None
+                    per = max(1, len(chunk) // 2)
+                    self.token_budget = per * B * T
+                    chunk = chunk[:per]
+            bar.update(len(chunk))
+            yield chunk, out
+            pos += len(chunk)
+
+    def _forward(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], start: int,
+                 readout: bool) -> dict[str, torch.Tensor]:
+        if self.model.backend == "nnsight":
+            outs = [self._forward_nnsight(g, source, c, readout) for c in copies]
+            return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+        P = self.prefix(g, source)
+        k, B = len(copies), P.batch
+        L = self.ad.n_layers
+        edits = self._edits(g, source, copies, B)
+        last: dict[Site, torch.Tensor] = {}
+        caps: dict[Site, Callable] = {}
+        if readout:
+            for l in range(start, L):
+                for kind in ("z", "mlp_out"):
+                    s = Site(l, kind)
+                    caps[s] = (lambda x, s=s: last.__setitem__(s, x[:, -1].detach()))
+        with self.model.evaluating(), torch.no_grad(), self.ad.hooks(edits, caps) as fired:
+            x = self.ad.run_blocks(P, start, k) if start < L else P.resid[L].repeat(k, 1, 1).clone()
+            if Site(L, "resid_pre") in edits:
+                x = edits[Site(L, "resid_pre")](x)
+                fired[Site(L, "resid_pre")] += 1
+        check_fired(fired, edits)
+        x_last = x[:, -1]
+        return self._finish(g, P, x_last, last, start, k, readout)
+
+    def _finish(self, g: int, P: Prefix, x_last: torch.Tensor, last: dict[Site, torch.Tensor], start: int,
+                k: int, readout: bool) -> dict[str, torch.Tensor]:
+        """Metric and readout from last-position activations (shared by both backends)."""
+        idx = self.groups[g]
+        B = len(idx)
+        _check_finite(x_last, "an intervened run")
+        logits = self._logits_of(x_last)
+        a = self.task.answer_ids[idx].repeat(k)
+        b = self.task.alternative_ids[idx].repeat(k)
+        clean = self.clean_logits()[idx].repeat(k, 1) if self.metric.needs_clean else None
+        m = self.metric(logits, a, b, clean).detach().to(torch.float64)
+        out = {"metric": m.view(k, B), "resid": x_last.detach().to(torch.float64).view(k, B, -1)}
+        if readout:
+            L = self.ad.n_layers
+            z = [last[Site(l, "z")] if l >= start else P.captures[Site(l, "z")][:, -1].repeat(k, 1) for l in range(L)]
+            mlp = [last[Site(l, "mlp_out")] if l >= start else P.captures[Site(l, "mlp_out")][:, -1].repeat(k, 1)
+                   for l in range(L)]
+            ro = self.readout
+            u = ro.u[torch.tensor(idx)].repeat(k, 1)
+            out["proj"] = ro.projections(z, mlp, u).view(k, B, -1)
+            out["proj_const"] = ro.const_projection(P.resid[0][:, -1].repeat(k, 1), u).view(k, B)
+        return out
+
+    def _edits(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], B: int
+               ) -> dict[Site, Callable[[torch.Tensor], torch.Tensor]]:
+        per_site: dict[Site, list[tuple[int, Intervention, torch.Tensor | None]]] = {}
+        for ci, c in enumerate(copies):
+            for iv in c:
+                per_site.setdefault(iv.site, []).append((ci, iv, self.value(iv, g, source)))
+
+        def make(items):
+            def edit(x: torch.Tensor) -> torch.Tensor:
+                x = x.clone()
+                for ci, iv, val in items:
+                    rows = slice(ci * B, (ci + 1) * B)
+                    cols = slice(*iv.cols) if iv.cols else slice(None)
+                    p = list(iv.positions) if iv.positions is not None else slice(None)
+                    if val is None:
+                        x[rows, p, cols] = 0
+                    else:
+                        x[rows, p, cols] = val[:, p, cols].to(x.dtype)
+                return x
+            return edit
+
+        return {s: make(items) for s, items in per_site.items()}
+
+    def _forward_nnsight(self, g: int, source: str, copy: tuple[Intervention, ...], readout: bool
+                         ) -> dict[str, torch.Tensor]:
+        from ..models.nnsight_backend import trace_run
+
+        P = self.prefix(g, source)
+        B = P.batch
+        edits = self._edits(g, source, [copy], B)
+        ids = self.task.batch(self.groups[g], source)
+        caps = {Site(l, k) for l in range(self.ad.n_layers) for k in ("z", "mlp_out")} if readout else set()
+        with self.model.evaluating():
+            saved = trace_run(self.model, ids, edits, caps)
+        last = {s: v[:, -1] for s, v in saved.items() if s.kind != "resid_pre"}
+        out = self._finish(g, P, saved[Site(self.ad.n_layers, "resid_pre")][:, -1], last, 0, 1, readout)
+        return {k: v[0] for k, v in out.items()}
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        raise NumericalError(f"{what} produced NaN or infinite activations; check the model weights, dtype "
+                             "(float16 overflows easily; try float32) and inputs.")

@@ -1,0 +1,758 @@
+"""Train the shipped default model: a small word-level GPT-2 that solves IOI.
+
+Run::
+
+    python -m hydra_probe.zoo.train --out hydra_probe/zoo/default --seed 0
+
+What it does
+------------
+* **Tokenizer.** A word-level ``tokenizers`` model (``WordLevel`` +
+  ``Whitespace`` pre-tokenizer, so "," and "." are their own tokens) whose
+  vocabulary is the special tokens ``[UNK] [PAD] [EOS]`` plus every word and
+  punctuation mark of :mod:`hydra_probe.tasks.ioi_templates`. It is saved as a
+  ``PreTrainedTokenizerFast`` (no BOS is ever added; ``" Mary"`` is one token).
+* **Data.** Generated on the fly. Each training sequence concatenates a few
+  sentences: IOI sentences built from ``TEMPLATES`` with ``TRAIN_NAMES`` only,
+  completed with the indirect object and a period ("... John gave a ring to
+  Mary."), and filler sentences from ``FILLER_TEMPLATES`` that use *all* names
+  (train and held-out), so held-out names get trained embeddings as names but
+  never occur in an IOI sentence. The loss is the ordinary next-token loss;
+  the position that predicts the IO name can be up-weighted (``--io-weight``).
+* **Head dropout.** A forward pre-hook on every layer's ``attn.c_proj`` (whose
+  input is the concatenation ``z`` of the head outputs) zeroes whole heads,
+  independently per sequence and head, with probability ``--head-dropout``.
+  The surviving heads are *not* rescaled: training sees exactly what a zero
+  ablation looks like, which rewards downstream heads that step in when an
+  upstream head is missing (the Hydra / self-repair effect). The hooks are
+  removed before saving.
+* **Self-check.** On IOI prompts built from ``HELDOUT_NAMES`` the script
+  measures accuracy and logit difference, per-head direct effects (DE) at the
+  last position, and mean-ablates the head with the largest mean DE to get the
+  total effect (TE), the direct effect lost (DEL), their ratio and the
+  downstream heads whose DE rises. Everything goes to ``training.json``.
+
+The run is deterministic given ``--seed`` and ``--threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hydra_probe.tasks.ioi_templates import (
+    FILLER_TEMPLATES,
+    HELDOUT_NAMES,
+    OBJECTS,
+    PLACES,
+    TEMPLATES,
+    TRAIN_NAMES,
+)
+
+SPECIAL_TOKENS: tuple[str, ...] = ("[UNK]", "[PAD]", "[EOS]")
+ALL_NAMES: tuple[str, ...] = TRAIN_NAMES + HELDOUT_NAMES
+PLACEHOLDERS: tuple[str, ...] = ("{A}", "{B}", "{S}", "{PLACE}", "{OBJECT}")
+
+
+# --------------------------------------------------------------------------- #
+# Recipe
+# --------------------------------------------------------------------------- #
+@dataclass
+class Recipe:
+    """All hyperparameters of one training run (stored in ``training.json``)."""
+
+    n_layer: int = 4
+    n_head: int = 8
+    d_model: int = 128
+    n_positions: int = 64
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    head_dropout: float = 0.2
+    head_dropout_seq_frac: float = 1.0
+    ioi_frac: float = 0.5
+    max_sentences: int = 8
+    io_weight: float = 5.0
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 250
+
+
+# --------------------------------------------------------------------------- #
+# Tokenizer
+# --------------------------------------------------------------------------- #
+def _words(text: str) -> list[str]:
+    """Split ``text`` exactly like the tokenizer's ``Whitespace`` pre-tokenizer."""
+    from tokenizers import pre_tokenizers
+
+    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+
+
+def build_vocab() -> dict[str, int]:
+    """Return the word-level vocabulary (token -> id) in a deterministic order.
+
+    Special tokens first, then template/filler words and punctuation in order
+    of first appearance, then names (train, held-out), places and objects.
+    """
+    vocab: dict[str, int] = {}
+
+    def add(word: str) -> None:
+        if word not in vocab:
+            vocab[word] = len(vocab)
+
+    for tok in SPECIAL_TOKENS:
+        add(tok)
+    for template in TEMPLATES + FILLER_TEMPLATES:
+        stripped = template
+        for ph in PLACEHOLDERS:
+            stripped = stripped.replace(ph, " ")
+        for w in _words(stripped):
+            add(w)
+    add(".")  # every IOI training sentence ends with "<IO>."
+    for group in (TRAIN_NAMES, HELDOUT_NAMES, PLACES, OBJECTS):
+        for w in group:
+            words = _words(w)
+            if len(words) != 1:
+                raise ValueError(f"word list entry {w!r} is not a single token")
+            add(words[0])
+    return vocab
+
+
+def build_tokenizer(vocab: dict[str, int]) -> Any:
+    """Wrap a ``WordLevel`` tokenizer for ``vocab`` as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    # WordPiece decoding joins tokens with spaces and (cleanup=True) removes the
+    # space before "," and ".", so decode() gives natural-looking sentences.
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    core.add_special_tokens(list(SPECIAL_TOKENS))
+    # No post-processor: nothing (no BOS/EOS) is added around encodings.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        eos_token="[EOS]",
+        model_max_length=64,
+    )
+
+
+def check_tokenizer(tok: Any) -> dict[str, Any]:
+    """Assert the properties the analysis code relies on; return a summary."""
+    prompt = "Then, Mary and John went to the store. John gave a ring to"
+    ids = tok(prompt, add_special_tokens=True).input_ids
+    words = _words(prompt)
+    expected = [tok.convert_tokens_to_ids(w) for w in words]
+    assert ids == expected, (ids, expected)
+    assert tok.unk_token_id not in ids, "prompt contains unknown words"
+    for name in ALL_NAMES:
+        one = tok(" " + name, add_special_tokens=False).input_ids
+        assert len(one) == 1 and one[0] != tok.unk_token_id, (name, one)
+        inside = tok(f"Then, {name} and John", add_special_tokens=False).input_ids
+        assert inside[2] == one[0], (name, inside, one)
+    return {
+        "vocab_size": len(tok),
+        "example_prompt": prompt,
+        "example_ids": ids,
+        "example_decoded": tok.decode(ids),
+        "adds_bos": False,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Data
+# --------------------------------------------------------------------------- #
+def fill(template: str, a: str, b: str, s: str, place: str, obj: str) -> str:
+    """Fill an IOI or filler template."""
+    return template.format(A=a, B=b, S=s, PLACE=place, OBJECT=obj)
+
+
+def ioi_example(rng: random.Random, names: Sequence[str], template: str | None = None,
+                order: str | None = None) -> dict[str, str]:
+    """Sample one IOI prompt; return dict with prompt, io, s, template, order."""
+    template = template if template is not None else rng.choice(TEMPLATES)
+    order = order if order is not None else rng.choice(("BABA", "ABBA"))
+    io, s = rng.sample(list(names), 2)
+    a, b = (s, io) if order == "BABA" else (io, s)
+    prompt = fill(template, a, b, s, rng.choice(PLACES), rng.choice(OBJECTS))
+    return {"prompt": prompt, "io": io, "s": s, "template": template, "order": order}
+
+
+class SequenceSampler:
+    """Generate token-id training sequences with the IO-predicting positions.
+
+    A sequence packs up to ``max_sentences`` sentences (each IOI with
+    probability ``ioi_frac``, else filler) into ``n_positions`` tokens and
+    ends with ``[EOS]``; the first sentence always starts at position 0, as
+    evaluation prompts do. Word->id lookup is done directly (identical to the
+    tokenizer, which is context free at word level).
+    """
+
+    def __init__(self, vocab: dict[str, int], recipe: Recipe, rng: random.Random) -> None:
+        self.vocab = vocab
+        self.r = recipe
+        self.rng = rng
+        self.eos = vocab["[EOS]"]
+        self.pad = vocab["[PAD]"]
+
+    def _ids(self, text: str) -> list[int]:
+        return [self.vocab[w] for w in _words(text)]
+
+    def sentence(self) -> tuple[list[int], int | None]:
+        """Return (ids, index-in-ids of the IO name or None for filler)."""
+        rng = self.rng
+        if rng.random() < self.r.ioi_frac:
+            ex = ioi_example(rng, TRAIN_NAMES)
+            ids = self._ids(ex["prompt"] + " " + ex["io"] + ".")
+            return ids, len(ids) - 2
+        a, b = rng.sample(ALL_NAMES, 2)
+        text = fill(rng.choice(FILLER_TEMPLATES), a, b, a, rng.choice(PLACES), rng.choice(OBJECTS))
+        return self._ids(text), None
+
+    def sequence(self) -> tuple[list[int], list[int]]:
+        """Return (ids, positions whose *next* token is an IO name).
+
+        Sentences are packed until the next one would not fit (or
+        ``max_sentences`` is reached), so batches carry little padding.
+        """
+        ids: list[int] = []
+        io_pred: list[int] = []
+        for _ in range(self.r.max_sentences):
+            sent, io_idx = self.sentence()
+            if len(ids) + len(sent) + 1 > self.r.n_positions:
+                break
+            if io_idx is not None:
+                io_pred.append(len(ids) + io_idx - 1)
+            ids.extend(sent)
+        ids.append(self.eos)
+        return ids, io_pred
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return right-padded ``input_ids``, ``labels`` (-100 = ignore), loss weights."""
+        seqs = [self.sequence() for _ in range(size)]
+        length = max(len(s) for s, _ in seqs)
+        input_ids = torch.full((size, length), self.pad, dtype=torch.long)
+        labels = torch.full((size, length), -100, dtype=torch.long)
+        weights = torch.zeros((size, length - 1))
+        for i, (ids, io_pred) in enumerate(seqs):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(ids)] = torch.tensor(ids)
+            weights[i, : len(ids) - 1] = 1.0
+            for p in io_pred:
+                weights[i, p] = self.r.io_weight
+        return input_ids, labels, weights
+
+
+# --------------------------------------------------------------------------- #
+# Head dropout
+# --------------------------------------------------------------------------- #
+def add_head_dropout(model: Any, p: float, seq_frac: float, generator: torch.Generator) -> list[Any]:
+    """Register head-dropout pre-hooks on every ``attn.c_proj``; return handles.
+
+    In training mode, a fraction ``seq_frac`` of the sequences in a batch gets
+    head dropout; in those, each head's slice of ``z`` is zeroed with
+    probability ``p`` for the whole sequence (all positions). No rescaling.
+    """
+    n_head = model.config.n_head
+    handles = []
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        if not module.training or p <= 0:
+            return None
+        z = args[0]
+        bsz, seq, width = z.shape
+        drop = torch.rand((bsz, n_head), generator=generator) < p
+        drop &= (torch.rand((bsz, 1), generator=generator) < seq_frac)
+        keep = (~drop).to(z.dtype)[:, None, :, None]
+        z = (z.view(bsz, seq, n_head, width // n_head) * keep).view(bsz, seq, width)
+        return (z,) + tuple(args[1:])
+
+    for block in model.transformer.h:
+        handles.append(block.attn.c_proj.register_forward_pre_hook(hook))
+    return handles
+
+
+# --------------------------------------------------------------------------- #
+# Self-check: accuracy, direct effects, mean ablation of the top head
+# --------------------------------------------------------------------------- #
+def build_eval_prompts(names: Sequence[str], n_per_cell: int, seed: int = 12345) -> list[dict[str, str]]:
+    """``n_per_cell`` prompts for every (template, order) pair, from ``names``."""
+    rng = random.Random(seed)
+    return [
+        ioi_example(rng, names, template, order)
+        for template in TEMPLATES
+        for order in ("BABA", "ABBA")
+        for _ in range(n_per_cell)
+    ]
+
+
+@torch.no_grad()
+def run_group(model: Any, input_ids: torch.Tensor,
+              z_override: tuple[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Run ``model`` on equal-length prompts, recording head inputs ``z`` per layer.
+
+    ``z_override = (layer, head, value)`` replaces that head's z slice with
+    ``value`` (shape (seq, head_dim)) at every position of every prompt.
+    Returns last-position logits, z (layers, batch, seq, d) and the final
+    residual (input of ``ln_f``) at the last position.
+    """
+    cfg = model.config
+    dh = cfg.n_embd // cfg.n_head
+    zs: list[torch.Tensor] = []
+    resid: list[torch.Tensor] = []
+    handles = []
+
+    def make_hook(layer: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            z = args[0]
+            if z_override is not None and z_override[0] == layer:
+                _, head, value = z_override
+                z = z.clone()
+                z[:, :, head * dh:(head + 1) * dh] = value
+            zs.append(z.detach().clone())
+            return (z,) + tuple(args[1:])
+        return hook
+
+    for i, block in enumerate(model.transformer.h):
+        handles.append(block.attn.c_proj.register_forward_pre_hook(make_hook(i)))
+    handles.append(model.transformer.ln_f.register_forward_pre_hook(
+        lambda m, args: resid.append(args[0][:, -1].detach().clone())))
+    try:
+        logits = model(input_ids=input_ids).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    return {"logits": logits, "z": torch.stack(zs), "resid": resid[0]}
+
+
+def head_direct_effects(model: Any, z_last: torch.Tensor, direction: torch.Tensor,
+                        sigma: torch.Tensor) -> torch.Tensor:
+    """Direct effect of each head on the IO-S logit difference at the last position.
+
+    ``z_last``: (layers, batch, d) head inputs of ``c_proj``; ``direction``:
+    (batch, d) = W_U[IO] - W_U[S]; ``sigma``: (batch,) clean final-LN scale.
+    Returns (batch, layers, heads) with
+    DE = ((gamma * (out_h - mean(out_h))) @ direction) / sigma.
+    """
+    cfg = model.config
+    n_head, dh = cfg.n_head, cfg.n_embd // cfg.n_head
+    gamma = model.transformer.ln_f.weight
+    out = []
+    for layer, block in enumerate(model.transformer.h):
+        w_o = block.attn.c_proj.weight  # Conv1D: (d_in, d_out)
+        z = z_last[layer].view(-1, n_head, dh)  # (batch, heads, dh)
+        w = w_o.view(n_head, dh, -1)  # (heads, dh, d)
+        out_h = torch.einsum("bhk,hkd->bhd", z, w)
+        out_h = out_h - out_h.mean(-1, keepdim=True)
+        out.append(torch.einsum("bhd,bd->bh", gamma * out_h, direction) / sigma[:, None])
+    return torch.stack(out, dim=1)
+
+
+def _group_prompts(tok: Any, prompts: Sequence[dict[str, str]]) -> list[dict[str, torch.Tensor]]:
+    """Tokenize prompts grouped by template (equal lengths, so no padding)."""
+    groups: dict[str, list[dict[str, str]]] = {}
+    for p in prompts:
+        groups.setdefault(p["template"], []).append(p)
+
+    def first_id(word: str) -> int:
+        return tok(" " + word, add_special_tokens=False).input_ids[0]
+
+    out = []
+    for items in groups.values():
+        out.append({
+            "ids": torch.tensor([tok(p["prompt"], add_special_tokens=False).input_ids for p in items]),
+            "io": torch.tensor([first_id(p["io"]) for p in items]),
+            "s": torch.tensor([first_id(p["s"]) for p in items]),
+            "baba": torch.tensor([p["order"] == "BABA" for p in items]),
+        })
+    return out
+
+
+def _logit_diff(logits: torch.Tensor, io: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """logit[IO] - logit[S] per row of last-position ``logits`` (batch, vocab)."""
+    return logits.gather(1, io[:, None])[:, 0] - logits.gather(1, s[:, None])[:, 0]
+
+
+@torch.no_grad()
+def quick_eval(model: Any, tok: Any, names: Sequence[str], n_per_cell: int = 4) -> dict[str, float]:
+    """Accuracy and mean logit difference on a small IOI prompt set."""
+    was_training = model.training
+    model.eval()
+    lds = []
+    for g in _group_prompts(tok, build_eval_prompts(names, n_per_cell)):
+        lds.append(_logit_diff(model(input_ids=g["ids"]).logits[:, -1], g["io"], g["s"]))
+    model.train(was_training)
+    ld = torch.cat(lds)
+    return {"accuracy": float((ld > 0).float().mean()), "mean_logit_diff": float(ld.mean())}
+
+
+@torch.no_grad()
+def self_check(model: Any, tok: Any, names: Sequence[str] = HELDOUT_NAMES,
+               n_per_cell: int = 13) -> dict[str, Any]:
+    """Accuracy, per-head direct effects and mean ablation of the top-DE head.
+
+    Prompts: ``n_per_cell`` per (template, order) built from ``names``
+    (208 by default). The top head's z slice is replaced by its mean over the
+    prompts of the same template, position by position. Returns TE (mean drop
+    of the logit difference), DEL (mean drop of the top head's own DE, when its
+    output is replaced by the mean value, both at the clean LN scale), their
+    ratio and the change of every downstream head's DE (clean LN scale).
+    """
+    model.eval()
+    cfg = model.config
+    n_head, dh, eps = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.layer_norm_epsilon
+    w_u = model.lm_head.weight  # (vocab, d); tied to the token embedding
+    groups = _group_prompts(tok, build_eval_prompts(names, n_per_cell))
+
+    for g in groups:
+        res = run_group(model, g["ids"])
+        g["ld"] = _logit_diff(res["logits"], g["io"], g["s"])
+        g["sigma"] = torch.sqrt(res["resid"].var(-1, unbiased=False) + eps)
+        g["dir"] = w_u[g["io"]] - w_u[g["s"]]
+        g["z"] = res["z"]
+        g["de"] = head_direct_effects(model, res["z"][:, :, -1], g["dir"], g["sigma"])
+
+    ld = torch.cat([g["ld"] for g in groups])
+    baba = torch.cat([g["baba"] for g in groups])
+    de = torch.cat([g["de"] for g in groups])  # (N, layers, heads)
+    mean_de = de.mean(0)
+    top_layer, top_head = divmod(int(mean_de.argmax()), n_head)
+    sl = slice(top_head * dh, (top_head + 1) * dh)
+
+    ld_abl, de_abl, de_meanval, sigma_ratio = [], [], [], []
+    for g in groups:
+        z_mean = g["z"][top_layer][:, :, sl].mean(0)  # (seq, dh): per-position mean
+        res = run_group(model, g["ids"], (top_layer, top_head, z_mean))
+        ld_abl.append(_logit_diff(res["logits"], g["io"], g["s"]))
+        de_abl.append(head_direct_effects(model, res["z"][:, :, -1], g["dir"], g["sigma"]))
+        sigma_abl = torch.sqrt(res["resid"].var(-1, unbiased=False) + eps)
+        sigma_ratio.append(g["sigma"] / sigma_abl)
+        z_mv = g["z"][:, :, -1].clone()
+        z_mv[top_layer][:, sl] = z_mean[-1]
+        de_meanval.append(head_direct_effects(model, z_mv, g["dir"], g["sigma"])[:, top_layer, top_head])
+
+    ld_abl_t = torch.cat(ld_abl)
+    de_abl_t = torch.cat(de_abl)
+    te = float((ld - ld_abl_t).mean())
+    del_ = float((de[:, top_layer, top_head] - torch.cat(de_meanval)).mean())
+    delta = (de_abl_t - de).mean(0)  # (layers, heads)
+    downstream = sorted(
+        (
+            {
+                "head": f"L{layer}H{head}",
+                "clean_de": round(float(mean_de[layer, head]), 4),
+                "ablated_de": round(float(de_abl_t[:, layer, head].mean()), 4),
+                "delta_de": round(float(delta[layer, head]), 4),
+            }
+            for layer in range(top_layer + 1, cfg.n_layer)
+            for head in range(n_head)
+        ),
+        key=lambda d: -d["delta_de"],
+    )
+    ranking = sorted(((float(mean_de[l, h]), f"L{l}H{h}") for l in range(cfg.n_layer)
+                      for h in range(n_head)), reverse=True)
+    return {
+        "names": "HELDOUT_NAMES" if tuple(names) == HELDOUT_NAMES else "custom",
+        "n_prompts": int(ld.numel()),
+        "accuracy": float((ld > 0).float().mean()),
+        "accuracy_baba": float((ld[baba] > 0).float().mean()),
+        "accuracy_abba": float((ld[~baba] > 0).float().mean()),
+        "mean_logit_diff": float(ld.mean()),
+        "mean_de_per_head": [[round(float(x), 4) for x in row] for row in mean_de],
+        "top_heads_by_de": [{"head": n, "mean_de": round(v, 4)} for v, n in ranking[:6]],
+        "top_head": f"L{top_layer}H{top_head}",
+        "top_head_mean_de": float(mean_de[top_layer, top_head]),
+        "mean_ablation": {
+            "head": f"L{top_layer}H{top_head}",
+            "TE": te,
+            "DEL": del_,
+            "TE_over_DEL": te / del_ if del_ != 0 else float("nan"),
+            "compensated_fraction": 1 - te / del_ if del_ != 0 else float("nan"),
+            "ablated_mean_logit_diff": float(ld_abl_t.mean()),
+            "ablated_accuracy": float((ld_abl_t > 0).float().mean()),
+            "mean_ln_scale_ratio_clean_over_ablated": float(torch.cat(sigma_ratio).mean()),
+            "downstream_delta_de": downstream,
+            "compensating_heads": [d["head"] for d in downstream if d["delta_de"] > 0.05],
+            "sum_downstream_delta_de": round(sum(d["delta_de"] for d in downstream), 4),
+        },
+    }
+
+
+def acceptance(check: dict[str, Any]) -> dict[str, bool]:
+    """The acceptance bars of the shipped model."""
+    abl = check["mean_ablation"]
+    return {
+        "accuracy>=0.95": check["accuracy"] >= 0.95,
+        "mean_logit_diff>2": check["mean_logit_diff"] > 2.0,
+        "TE<=0.8*DEL": abl["DEL"] > 0 and abl["TE"] <= 0.8 * abl["DEL"],
+        "TE<=0.6*DEL": abl["DEL"] > 0 and abl["TE"] <= 0.6 * abl["DEL"],
+        "downstream_head_rises": any(d["delta_de"] > 0 for d in abl["downstream_delta_de"]),
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+def make_model(recipe: Recipe, vocab: dict[str, int]) -> Any:
+    """A freshly initialised ``GPT2LMHeadModel`` for ``recipe`` (no built-in dropout)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=recipe.n_positions,
+        n_embd=recipe.d_model,
+        n_layer=recipe.n_layer,
+        n_head=recipe.n_head,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=vocab["[EOS]"],
+        eos_token_id=vocab["[EOS]"],
+        pad_token_id=vocab["[PAD]"],
+        tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_frac * lr``."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    t = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return recipe.lr * (recipe.min_lr_frac + (1 - recipe.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Any, Any, dict[str, Any]]:
+    """Train a model for ``recipe``; return (model, tokenizer, training log)."""
+    torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+
+    vocab = build_vocab()
+    tok = build_tokenizer(vocab)
+    tok_info = check_tokenizer(tok)
+    model = make_model(recipe, vocab)
+    model.train()
+    handles = add_head_dropout(model, recipe.head_dropout, recipe.head_dropout_seq_frac, gen)
+    sampler = SequenceSampler(vocab, recipe, rng)
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr, betas=(0.9, 0.95),
+    )
+
+    curve: list[dict[str, float]] = []
+    recent: list[tuple[float, float, float]] = []  # (weighted loss, LM loss, IO loss)
+    t0 = time.perf_counter()
+    for step in range(recipe.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe)
+        input_ids, labels, weights = sampler.batch(recipe.batch_size)
+        attention_mask = (labels != -100).long()  # right padding: masks only the pads
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                             ignore_index=-100, reduction="none").view_as(weights)
+        loss = (ce * weights).sum() / weights.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        opt.step()
+
+        with torch.no_grad():
+            valid = weights > 0
+            io_mask = weights > 1 if recipe.io_weight > 1 else None
+            lm_loss = float(ce[valid].mean())
+            io_loss = float(ce[io_mask].mean()) if io_mask is not None and io_mask.any() else float("nan")
+        recent = (recent + [(loss.item(), lm_loss, io_loss)])[-100:]
+        if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
+            ev = quick_eval(model, tok, HELDOUT_NAMES)
+            elapsed = time.perf_counter() - t0
+            point = {
+                "step": step + 1,
+                "loss": sum(r[0] for r in recent) / len(recent),
+                "lm_loss": sum(r[1] for r in recent) / len(recent),
+                "io_loss": sum(r[2] for r in recent) / len(recent),
+                "heldout_accuracy": ev["accuracy"],
+                "heldout_logit_diff": ev["mean_logit_diff"],
+                "elapsed_s": round(elapsed, 1),
+            }
+            curve.append(point)
+            eta = elapsed / (step + 1) * (recipe.steps - step - 1)
+            log(f"step {step + 1:5d}/{recipe.steps}  loss {point['loss']:.3f}  lm {point['lm_loss']:.3f}  "
+                f"io {point['io_loss']:.3f}  heldout acc {ev['accuracy']:.3f}  ld {ev['mean_logit_diff']:.2f}  "
+                f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left")
+
+    train_time = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    model.eval()
+    info = {
+        "tokenizer": tok_info,
+        "curve": curve,
+        "final_loss": curve[-1]["loss"],
+        "final_lm_loss": curve[-1]["lm_loss"],
+        "final_io_loss": curve[-1]["io_loss"],
+        "train_time_s": round(train_time, 1),
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+    return model, tok, info
+
+
+def _summarise_attempt(record: dict[str, Any]) -> dict[str, Any]:
+    """Short summary of one run's training.json for the ``attempts`` list."""
+    check = record.get("self_check", {})
+    abl = check.get("mean_ablation", {})
+    return {
+        "note": record.get("note", ""),
+        "recipe": record.get("recipe", {}),
+        "train_time_s": record.get("train_time_s"),
+        "accuracy": check.get("accuracy"),
+        "mean_logit_diff": check.get("mean_logit_diff"),
+        "top_head": check.get("top_head"),
+        "TE": abl.get("TE"),
+        "DEL": abl.get("DEL"),
+        "TE_over_DEL": abl.get("TE_over_DEL"),
+        "compensating_heads": abl.get("compensating_heads"),
+        "accepted": all(record.get("acceptance", {}).values()) if record.get("acceptance") else None,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import tokenizers
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _print_check(check: dict[str, Any]) -> None:
+    abl = check["mean_ablation"]
+    print(f"held-out IOI: n={check['n_prompts']}  acc {check['accuracy']:.3f} "
+          f"(BABA {check['accuracy_baba']:.3f}, ABBA {check['accuracy_abba']:.3f})  "
+          f"mean logit diff {check['mean_logit_diff']:.3f}")
+    print("top heads by DE:", ", ".join(f"{d['head']}={d['mean_de']:.2f}" for d in check["top_heads_by_de"]))
+    print(f"mean-ablate {abl['head']}: TE {abl['TE']:.3f}  DEL {abl['DEL']:.3f}  "
+          f"TE/DEL {abl['TE_over_DEL']:.3f}  ablated acc {abl['ablated_accuracy']:.3f}  "
+          f"LN scale ratio {abl['mean_ln_scale_ratio_clean_over_ablated']:.3f}")
+    print("downstream dDE:", ", ".join(f"{d['head']}={d['delta_de']:+.2f}"
+                                      for d in abl["downstream_delta_de"][:8]))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; defaults are the shipped recipe."""
+    d = Recipe()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--layers", type=int, default=d.n_layer)
+    p.add_argument("--heads", type=int, default=d.n_head)
+    p.add_argument("--d-model", type=int, default=d.d_model)
+    p.add_argument("--n-positions", type=int, default=d.n_positions)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--min-lr-frac", type=float, default=d.min_lr_frac)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--head-dropout", type=float, default=d.head_dropout,
+                   help="probability of zeroing each head (per sequence)")
+    p.add_argument("--head-dropout-seq-frac", type=float, default=d.head_dropout_seq_frac,
+                   help="fraction of sequences that get head dropout at all")
+    p.add_argument("--ioi-frac", type=float, default=d.ioi_frac, help="share of IOI sentences")
+    p.add_argument("--max-sentences", type=int, default=d.max_sentences)
+    p.add_argument("--io-weight", type=float, default=d.io_weight,
+                   help="loss weight of the position that predicts the IO name")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--note", default="", help="free-text note stored in training.json")
+    p.add_argument("--previous-attempts", type=Path, nargs="*", default=[],
+                   help="training.json files of earlier runs to list under 'attempts'")
+    p.add_argument("--check-only", action="store_true",
+                   help="only re-run the self-check on the model already in --out")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: train, save, self-check, write training.json."""
+    args = parse_args(argv)
+    out: Path = args.out
+    if args.check_only:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(args.threads)
+        model = AutoModelForCausalLM.from_pretrained(out)
+        tok = AutoTokenizer.from_pretrained(out)
+        _print_check(self_check(model, tok))
+        return
+
+    recipe = Recipe(
+        n_layer=args.layers, n_head=args.heads, d_model=args.d_model, n_positions=args.n_positions,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr_frac=args.min_lr_frac,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        head_dropout=args.head_dropout, head_dropout_seq_frac=args.head_dropout_seq_frac,
+        ioi_frac=args.ioi_frac, max_sentences=args.max_sentences, io_weight=args.io_weight,
+        seed=args.seed, threads=args.threads, eval_every=args.eval_every,
+    )
+    print("recipe:", json.dumps(asdict(recipe)))
+    model, tok, info = train(recipe)
+    print(f"training took {info['train_time_s']:.0f}s")
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+    check = self_check(model, tok)
+    check_train_names = quick_eval(model, tok, TRAIN_NAMES, n_per_cell=13)
+    _print_check(check)
+    record: dict[str, Any] = {
+        "note": args.note,
+        "recipe": asdict(recipe),
+        "command": "python -m hydra_probe.zoo.train " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("check_only", "previous_attempts", "note") and v is not None),
+        "head_dropout_scheme": "per sequence and head, zero the head's z slice at c_proj input "
+                               "with probability head_dropout (in a head_dropout_seq_frac share "
+                               "of sequences); no rescaling; hooks removed before saving",
+        "loss": "next-token cross-entropy over all non-pad positions; the position predicting "
+                "the IO name is weighted io_weight",
+        **info,
+        "versions": _versions(),
+        "self_check": check,
+        "train_names_check": check_train_names,
+        "acceptance": acceptance(check),
+    }
+    previous = [json.loads(p.read_text()) for p in args.previous_attempts]
+    record["attempts"] = [_summarise_attempt(r) for r in previous] + [_summarise_attempt(record)]
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"saved to {out} ({size / 1e6:.2f} MB); acceptance: {record['acceptance']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Tiny random-weight models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+import hydra_probe as hp
+from hydra_probe.tasks import ioi_templates as T
+
+FAMILIES = ("gpt2", "neox", "llama", "mistral", "qwen2", "gemma")
+
+WORDS = sorted({w for t in T.TEMPLATES for w in re.findall(r"\w+|[^\w\s]", re.sub(r"\{\w+\}", " ", t))}
+               | set(T.TRAIN_NAMES) | set(T.HELDOUT_NAMES) | set(T.PLACES) | set(T.OBJECTS)
+               | {f"w{i}" for i in range(60)})
+
+
+def tokenizer(bos: bool = False) -> tf.PreTrainedTokenizerFast:
+    """Word-level tokenizer over IOI words and w0..w59; ``bos`` adds a BOS token like Llama's."""
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[BOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    kw = dict(unk_token="[UNK]", pad_token="[PAD]")
+    if bos:
+        t.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+        kw["bos_token"] = "[BOS]"
+    return tf.PreTrainedTokenizerFast(tokenizer_object=t, **kw)
+
+
+VOCAB = len(WORDS) + 3
+
+
+def hf_model(family: str, seed: int = 0, layers: int = 3, heads: int = 4, d: int = 32, **kw) -> torch.nn.Module:
+    """A random-weight causal LM of ``family`` (eval mode)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=2, eos_token_id=1, pad_token_id=1)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(n_layer=layers, n_head=heads, n_embd=d, n_positions=64, **common, **kw)
+        m = tf.GPT2LMHeadModel(cfg)
+    elif family == "neox":
+        cfg = tf.GPTNeoXConfig(num_hidden_layers=layers, num_attention_heads=heads, hidden_size=d,
+                               intermediate_size=2 * d, max_position_embeddings=64, **common, **kw)
+        m = tf.GPTNeoXForCausalLM(cfg)
+    else:
+        cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM)}[family]
+        extra = dict(num_key_value_heads=max(1, heads // 2), hidden_size=d, intermediate_size=2 * d,
+                     max_position_embeddings=64)
+        if family == "gemma":
+            extra.update(head_dim=d // heads * 2 // 2, num_key_value_heads=1)
+        extra.update(kw)
+        m = cls[1](cls[0](num_hidden_layers=layers, num_attention_heads=heads, **common, **extra))
+    # make biases and norm weights non-trivial so decompositions are tested for real
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def model(family: str, seed: int = 0, **kw) -> hp.HookedModel:
+    """The HookedModel of a tiny ``family`` model; llama-like families get a BOS-adding tokenizer."""
+    return hp.load_model(hf_model(family, seed, **kw), tokenizer=tokenizer(bos=family in ("llama", "mistral", "gemma")))
+
+
+def ioi(m: hp.HookedModel, n: int = 8, seed: int = 0, corruption: str = "abc") -> hp.Task:
+    return hp.tasks.ioi(m, n_prompts=n, corruption=corruption, seed=seed)
