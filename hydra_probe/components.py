@@ -119,7 +119,8 @@ def select(model: Any, selector: Any = "all") -> list[Component]:
         if not out:
             raise ComponentError("the component list is empty; name at least one component or use 'all'.")
         return out
-    raise ComponentError(f"cannot read components from {type(selector).__name__}; use a name, a list or a selector.")
+    raise ComponentError(f"cannot read components from {type(selector).__name__} {selector!r}; use a name such as "
+                         "'L0H1' or 'MLP2', a list of names, or a selector: 'all', 'heads', 'mlps', 'layers'.")
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,10 @@ def select_groups(model: Any, selector: Any) -> list[Group]:
     """Like :func:`select`, but nested lists or ``"A+B"`` names make joint groups."""
     if isinstance(selector, (str, Component)) and "+" not in str(selector):
         return [Group((c,)) for c in select(model, selector)]
+    if not isinstance(selector, (str, Iterable, Group)):
+        return [Group((c,)) for c in select(model, selector)]  # raises ComponentError naming the problem
+    if isinstance(selector, Group):
+        selector = [selector]
     items: Sequence[Any] = [selector] if isinstance(selector, str) else list(selector)
     out: list[Group] = []
     for s in items:

@@ -97,3 +97,33 @@ def hydra_slope(total_effect: Sequence[float], de_lost: Sequence[float], level: 
     lo, hi = fit.conf_int(alpha=1 - level)[1]
     return {"slope": float(fit.params[1]), "slope_lo": float(lo), "slope_hi": float(hi),
             "intercept": float(fit.params[0]), "r2": float(fit.rsquared), "n": int(y.size)}
+
+
+
+def grouped_t(frame: pd.DataFrame, keys: Sequence[str], value: str, level: float = 0.95) -> pd.DataFrame:
+    """Vectorised per-group mean, Student-t interval and two-sided one-sample p of ``value``.
+
+    One row per group (first-appearance order) with ``keys``, ``n``, ``mean``,
+    ``lo``, ``hi``, ``p``. Matches :func:`t_interval` and the two-sided t test
+    of mean != 0 used by ``SelfRepair.contribution_summary``: one value gives
+    nan bounds; a constant group gives ``lo == hi == mean`` and p = 0 (nonzero
+    mean) or 1 (zero mean).
+    """
+    g = frame.groupby(list(keys), sort=False)[value]
+    agg = g.agg(["count", "mean"]).reset_index()
+    n = agg["count"].to_numpy(dtype=float)
+    m = agg["mean"].to_numpy(dtype=float)
+    sd = g.std(ddof=1).to_numpy(dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = sd / np.sqrt(n)
+        df = np.maximum(n - 1, 1)
+        h = sps.t.ppf(0.5 + level / 2, df) * se
+        lo = np.where(n < 2, np.nan, np.where(se == 0, m, m - h))
+        hi = np.where(n < 2, np.nan, np.where(se == 0, m, m + h))
+        p = 2 * sps.t.sf(np.abs(m / se), df)
+    degenerate = (n < 2) | ~(sd > 0)
+    p = np.where(degenerate, np.where(np.abs(m) > 0, 0.0, 1.0), p)
+    res = agg[list(keys)].copy()
+    res["n"] = n.astype(int)
+    res["mean"], res["lo"], res["hi"], res["p"] = m, lo, hi, p
+    return res

@@ -11,7 +11,7 @@ from ..components import Group, select_groups
 from ..errors import ComponentError
 from ..interventions import interventions_for
 from ..results import Result, provenance
-from .common import as_model, make_runner, positions_of, value_name
+from .common import as_model, check_writers, make_runner, positions_of, value_name
 
 
 class Ablation(Result):
@@ -56,8 +56,9 @@ def ablate(model: Any, task: Any, components: Any = "heads", value: Any = "mean"
     model = as_model(model)
     vname = value_name(value)
     groups = select_groups(model, components)
+    check_writers(groups, "ablation")
     pos = positions_of(positions)
-    runner, m = make_runner(model, task, metric, value, seed, progress)
+    runner, m = make_runner(model, task, metric, value, seed, progress, positions=pos)
     clean = runner.baseline("clean").metric
     outs = runner.run("clean", ablation_copies(model, groups, vname, pos), label="ablate")
     n = len(task)
@@ -86,7 +87,8 @@ def paired_ablation(model: Any, task: Any, pairs: Sequence[Sequence[Any]], value
         if set(a.members) & set(b.members):
             raise ComponentError(f"pair {a.name}, {b.name} overlaps; pair two distinct components.")
         parsed.append((a, b))
-    runner, m = make_runner(model, task, metric, value, seed, progress)
+    check_writers([g for ab in parsed for g in ab], "ablation")
+    runner, m = make_runner(model, task, metric, value, seed, progress, positions=pos)
     singles: list[Group] = []
     for a, b in parsed:
         for g in (a, b):

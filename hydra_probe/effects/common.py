@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..errors import InputError, OptionError, TaskError
+from ..errors import ComponentError, InputError, OptionError, TaskError
 from ..metrics import Metric, get_metric
 from ..models.wrapper import HookedModel, load_model
 from ..runner import Runner
@@ -30,11 +31,38 @@ def check_task(model: HookedModel, task: Any) -> None:
     if not hasattr(task, "pairs") or not hasattr(task, "clean_ids"):
         raise TaskError(f"expected a hydra_probe Task (tasks.ioi / tasks.from_pairs); got {type(task).__name__}.")
     if len(task) == 0:
-        raise TaskError("the task is empty.")
+        raise TaskError("the task is empty; build it with at least one prompt pair "
+                        "(tasks.ioi(model, n_prompts=8) or tasks.from_pairs(model, rows)).")
     top = int(max(task.answer_ids.max(), task.alternative_ids.max(), max(int(t.max()) for t in task.clean_ids)))
     if top >= model.adapter.vocab_size:
         raise TaskError(f"the task has token id {top}, beyond this model's vocabulary ({model.adapter.vocab_size}); "
                         "was it built for another model?")
+
+
+def check_writers(components: Any, what: str) -> None:
+    """Refuse residual-stream components (``RESID{l}``) where only writers (heads, ATTN, MLP) make sense."""
+    from ..components import Group
+
+    flat = [c for g in components for c in (g.members if isinstance(g, Group) else (g,))]
+    bad = [c.name for c in flat if c.kind == "resid"]
+    if bad:
+        raise ComponentError(
+            f"{', '.join(bad)} is the residual stream, which can be patched (activation_patch) but has no {what}; "
+            "name heads, ATTN or MLP components (e.g. 'heads', 'L0H1', 'MLP2')."
+        )
+
+
+def check_positions(task: Any, positions: tuple[int, ...] | None) -> None:
+    """Every position must exist in the shortest prompt (counted from the start, or from the end if negative)."""
+    if positions is None:
+        return
+    T = min(task.lengths)
+    bad = [p for p in positions if not -T <= p < T]
+    if bad:
+        raise OptionError(
+            f"position(s) {', '.join(map(str, bad))} do not exist in the task's shortest prompt ({T} tokens); "
+            f"use positions in 0..{T - 1}, or -{T}..-1 counted from the end (e.g. 'last')."
+        )
 
 
 def positions_of(positions: Any) -> tuple[int, ...] | None:
@@ -51,15 +79,32 @@ def positions_of(positions: Any) -> tuple[int, ...] | None:
 
 
 def make_runner(model: HookedModel, task: Any, metric: Any, value: Any = None, seed: int = 0,
-                progress: bool | None = None) -> tuple[Runner, Metric]:
-    """Validate the common arguments and build a :class:`Runner`."""
+                progress: bool | None = None, positions: tuple[int, ...] | None = None) -> tuple[Runner, Metric]:
+    """Validate the common arguments (before any forward pass) and build a :class:`Runner`."""
     check_task(model, task)
     m = get_metric(metric)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise OptionError(f"seed must be an integer; got {seed!r}.")
+    check_positions(task, positions)
     reference = None
     if value is not None and not isinstance(value, str):
         if not hasattr(value, "clean_ids"):
             raise OptionError(f"value must be 'zero', 'mean', 'resample' or a reference Task; got {type(value).__name__}.")
+        check_task(model, value)
+        if max(task.lengths) > max(value.lengths):
+            raise TaskError(
+                f"the reference task's prompts are at most {max(value.lengths)} tokens, so they give no mean for "
+                f"positions of the task's {max(task.lengths)}-token prompts; use a reference task with prompts at "
+                "least as long."
+            )
         reference = value
+    if value == "resample":
+        lone = sorted({len(task.clean_ids[g[0]]) for g in task.groups() if len(g) < 2})
+        if lone:
+            raise TaskError(
+                f"resample ablation draws from other prompts of the same token length, but only one prompt has "
+                f"{' / '.join(map(str, lone))} tokens; add prompts of that length or use value='mean'."
+            )
     return Runner(model, task, m, reference=reference, seed=seed, progress=progress), m
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ..components import select
 from ..results import Result, provenance
-from .common import as_model, check_scale, make_runner
+from .common import as_model, check_scale, check_writers, make_runner
 
 
 class DirectEffects(Result):
@@ -52,6 +52,7 @@ def direct_effects(model: Any, task: Any, components: Any = "all", scale: str = 
 
         raise OptionError(f"run must be 'clean' or 'corrupted'; got {run!r}.")
     comps = select(model, components)
+    check_writers(comps, "direct effect")
     runner, m = make_runner(model, task, metric)
     ro = runner.readout
     out = runner.baseline(run, readout=True)

@@ -72,7 +72,7 @@ def activation_patch(model: Any, task: Any, components: Any = "heads", direction
     check_direction(direction)
     comps = select(model, components)
     pos = positions_of(positions)
-    runner, m = make_runner(model, task, metric, progress=progress)
+    runner, m = make_runner(model, task, metric, progress=progress, positions=pos)
     clean = runner.baseline("clean").metric
     corr = runner.baseline("corrupted").metric
     check_separable(clean.numpy(), corr.numpy())

@@ -24,7 +24,7 @@ import torch
 from ..components import Group, is_downstream, select_groups
 from ..results import Result, provenance
 from .ablation import ablation_copies
-from .common import as_model, check_scale, make_runner, positions_of, value_name
+from .common import as_model, check_scale, check_writers, make_runner, positions_of, value_name
 from .direct import component_columns
 
 
@@ -101,8 +101,9 @@ def self_repair(model: Any, task: Any, components: Any = "heads", value: Any = "
     check_scale(scale)
     vname = value_name(value)
     groups = select_groups(model, components)
+    check_writers(groups, "self-repair")
     pos = positions_of(positions)
-    runner, m = make_runner(model, task, metric, value, seed, progress)
+    runner, m = make_runner(model, task, metric, value, seed, progress, positions=pos)
     ro = runner.readout
     base = runner.baseline("clean", readout=True)
     sigma0 = ro.sigma(base.resid)

@@ -24,10 +24,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise OptionError(f"device {device!r} is not a torch device ({e}); use e.g. 'cpu' or 'cuda:0'.") from None
+        raise OptionError(f"device {device!r} is not a torch device; use e.g. 'cpu', 'cuda:0' or 'mps'.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise OptionError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu.")
+            raise OptionError(f"device {device!r} was asked for but CUDA is not available here; use 'cpu'.")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise OptionError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here.")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
@@ -70,7 +70,9 @@ class HookedModel:
                 "with a transformers model object."
             )
         if getattr(getattr(hf_model, "config", None), "is_encoder_decoder", False):
-            raise ArchitectureError(f"{type(hf_model).__name__} is an encoder-decoder model; hydra_probe needs a causal LM.")
+            raise ArchitectureError(f"{type(hf_model).__name__} is an encoder-decoder model; hydra_probe needs a "
+                                    "decoder-only causal LM (load it with AutoModelForCausalLM).")
+        _check_causal(hf_model)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.adapter = Adapter(hf_model)
@@ -147,6 +149,36 @@ class HookedModel:
                 f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, d_model={self.d_model}, backend={self.backend!r})")
 
 
+def _class_names(mapping: dict[str, Any]) -> set[str]:
+    out: set[str] = set()
+    for v in mapping.values():
+        out.update(v if isinstance(v, (tuple, list)) else (v,))
+    return out
+
+
+def _check_causal(hf_model: nn.Module) -> None:
+    """Refuse transformers models known not to be causal LMs (base models, masked LMs, classifiers)."""
+    try:
+        from transformers.models.auto import modeling_auto as ma
+    except ImportError:  # pragma: no cover
+        return
+    mro = {c.__name__ for c in type(hf_model).__mro__}
+    causal = _class_names(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if mro & causal or any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in mro):
+        return
+    other = set()
+    for name in ("MODEL_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_PRETRAINING_MAPPING_NAMES",
+                 "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                 "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"):
+        other |= _class_names(getattr(ma, name, {}))
+    if mro & other:
+        raise ArchitectureError(
+            f"{type(hf_model).__name__} is not a causal language model (no next-token head over a causal "
+            "decoder); hydra_probe needs one such as GPT2LMHeadModel or LlamaForCausalLM: load it with "
+            "AutoModelForCausalLM.from_pretrained(...)."
+        )
+
+
 def _is_nnsight(x: Any) -> bool:
     return type(x).__module__.startswith("nnsight")
 
@@ -200,6 +232,12 @@ def _from_pretrained(path: str, dtype: torch.dtype | None, trust_remote_code: bo
     import transformers as tf
 
     p = Path(path)
+    looks_local = p.is_absolute() or path.startswith(("./", "../", "~", ".\\")) or path.count("/") > 1
+    if looks_local and not p.expanduser().exists():
+        raise InputError(f"model folder {path!r} does not exist; give a folder saved with save_pretrained, "
+                         "a hub name such as 'gpt2', or 'default'.")
+    if p.exists() and p.is_file():
+        raise InputError(f"{path!r} is a file; give the folder that holds config.json and the .safetensors weights.")
     if p.exists() and p.is_dir() and not any(p.glob("*.safetensors")):
         raise InputError(
             f"{path} holds no .safetensors weights; hydra_probe loads safetensors only "

@@ -87,7 +87,8 @@ class Runner:
     def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
                  token_budget: int = 8192, progress: bool | None = None) -> None:
         if len(task) == 0:
-            raise TaskError("the task is empty.")
+            raise TaskError("the task is empty; build it with at least one prompt pair "
+                            "(tasks.ioi(model, n_prompts=8) or tasks.from_pairs(model, rows)).")
         self.model, self.task, self.metric = model, task, metric
         self.ad = model.adapter
         self.reference = reference if reference is not None else task
@@ -110,8 +111,11 @@ class Runner:
         key = (g, source)
         if key not in self._prefix:
             ids = self.task.batch(self.groups[g], source)
-            with self.model.evaluating():
-                p = self.ad.prefix(ids, capture=self.capture_sites())
+            try:
+                with self.model.evaluating():
+                    p = self.ad.prefix(ids, capture=self.capture_sites())
+            except (torch.OutOfMemoryError, MemoryError) as e:
+                raise ResourceError(_oom_advice(*ids.shape)) from e
             _check_finite(p.resid[-1], f"the {source} run")
             self._prefix[key] = p
         return self._prefix[key]
@@ -253,10 +257,7 @@ class Runner:
                             and not isinstance(e, torch.OutOfMemoryError):
                         raise
                     if len(chunk) == 1:
-                        raise ResourceError(
-                            f"one run of {B} prompts x {T} tokens does not fit in memory; use fewer prompts "
-                            "(--n-prompts), shorter prompts, or a smaller dtype."
-                        ) from None
+                        raise ResourceError(_oom_advice(B, T)) from None
                     per = max(1, len(chunk) // 2)
                     self.token_budget = per * B * T
                     chunk = chunk[:per]
@@ -349,6 +350,11 @@ class Runner:
         last = {s: v[:, -1] for s, v in saved.items() if s.kind != "resid_pre"}
         out = self._finish(g, P, saved[Site(self.ad.n_layers, "resid_pre")][:, -1], last, 0, 1, readout)
         return {k: v[0] for k, v in out.items()}
+
+
+def _oom_advice(B: int, T: int) -> str:
+    return (f"one run of {B} prompts x {T} tokens does not fit in memory even unbatched; use fewer prompts "
+            "(--n-prompts), shorter prompts, a smaller dtype, or a device with more memory.")
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:

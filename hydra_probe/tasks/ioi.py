@@ -17,12 +17,14 @@ CORRUPTIONS = {
 
 
 def _single_token_names(tokenizer: Any, names: Sequence[str]) -> list[str]:
-    out = []
+    """Names that are one token (with a leading space), decode back to themselves, and are distinct."""
+    out, seen = [], set()
     unk = getattr(tokenizer, "unk_token_id", None)
     for n in names:
         ids = tokenizer(" " + n, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1 and ids[0] != unk:
+        if len(ids) == 1 and ids[0] != unk and ids[0] not in seen and tokenizer.decode(ids).strip() == n:
             out.append(n)
+            seen.add(ids[0])
     return out
 
 
