@@ -1,0 +1,107 @@
+"""Benchmark: all-heads ablate / self_repair sweeps against a plain nnsight loop.
+
+Times, in one run and on the same model and prompts, hydra_probe's all-heads
+``ablate`` and ``self_repair`` (zero ablation) against what a user writes by
+hand: one full nnsight forward per head (full logits, the metric read at the
+last position). Prints one line per shape and op:
+
+    shape=NAME op=ablate|self_repair ratio=R max_abs_diff=D
+
+ratio = package time / loop time; max_abs_diff compares per-prompt total
+effects. Random-weight configs, no downloads. Usage:
+    python analyses/bench_sweep.py [--shapes gpt2-small,small] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+import transformers as tf
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import hydra_probe as hp  # noqa: E402
+from hydra_probe.tasks.task import Task  # noqa: E402
+
+SHAPES = {
+    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257),
+    "small": dict(n_layer=6, n_head=8, n_embd=256, vocab_size=50257),
+}
+
+
+def make(shape: str, n_prompts: int, n_tokens: int, seed: int = 0):
+    from tokenizers import Tokenizer, models
+
+    torch.manual_seed(seed)
+    hf = tf.GPT2LMHeadModel(tf.GPT2Config(n_positions=64, **SHAPES[shape])).eval()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+                                     unk_token="[UNK]")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, hf.config.vocab_size, (n_prompts, n_tokens), generator=g)
+    corr = torch.randint(0, hf.config.vocab_size, (n_prompts, n_tokens), generator=g)
+    ans = torch.randint(0, hf.config.vocab_size, (n_prompts,), generator=g)
+    alt = (ans + 1) % hf.config.vocab_size
+    task = Task([{"clean": "", "corrupted": "", "answer": "", "alternative": ""}] * n_prompts, "random", "random",
+                seed, list(ids), list(corr), ans, alt)
+    return hf, tok, task
+
+
+def plain_loop(lm, hf, task) -> torch.Tensor:
+    """One full nnsight forward per head: what a user writes. Returns TE (heads, prompts)."""
+    L, H = hf.config.n_layer, hf.config.n_head
+    dh = hf.config.n_embd // H
+    ids = torch.stack(task.clean_ids)
+    a, b = task.answer_ids, task.alternative_ids
+    r = torch.arange(len(a))
+    with torch.no_grad():
+        with lm.trace(ids):
+            clean_logits = lm.output.logits[:, -1].save()
+        clean = clean_logits[r, a] - clean_logits[r, b]
+        te = torch.empty(L * H, len(a))
+        for layer in range(L):
+            for head in range(H):
+                with lm.trace(ids):
+                    lm.transformer.h[layer].attn.c_proj.input[:, :, head * dh:(head + 1) * dh] = 0
+                    logits = lm.output.logits.save()
+                m = logits[r, -1, a] - logits[r, -1, b]
+                te[layer * H + head] = clean - m
+    return te
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="gpt2-small,small")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=16)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    import nnsight
+
+    for shape in args.shapes.split(","):
+        hf, tok, task = make(shape, args.prompts, args.tokens)
+        lm = nnsight.LanguageModel(hf, tokenizer=tok)
+        model = hp.load_model(hf, tokenizer=tok)
+        plain_loop(lm, hf, task.subset(range(2)))  # warm-up
+        t0 = time.perf_counter()
+        te_loop = plain_loop(lm, hf, task)
+        t_loop = time.perf_counter() - t0
+        for op in ("ablate", "self_repair"):
+            fn = hp.ablate if op == "ablate" else hp.self_repair
+            t0 = time.perf_counter()
+            res = fn(model, task, "heads", value="zero", progress=False)
+            t_pkg = time.perf_counter() - t0
+            te = torch.tensor(res.to_frame().total_effect.to_numpy()).view(-1, len(task))
+            diff = float((te - te_loop.double()).abs().max())
+            print(f"shape={shape} op={op} ratio={t_pkg / t_loop:.3f} max_abs_diff={diff:.2e}"
+                  f"  (package {t_pkg:.2f}s, loop {t_loop:.2f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
