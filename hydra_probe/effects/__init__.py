@@ -1,9 +1,28 @@
 """Effects: direct effects, ablations, self-repair and patching."""
 
 from .ablation import Ablation, PairedAblation, ablate, paired_ablation
+from .attribution import AttributionPatch, attribution_patch
 from .direct import DirectEffects, direct_effects
+from .iterated import IteratedAblation, iterated_ablation
+from .path import PathPatch, path_patch
 from .patching import ActivationPatch, activation_patch
 from .self_repair import SelfRepair, self_repair
 
-__all__ = ["Ablation", "ActivationPatch", "DirectEffects", "PairedAblation", "SelfRepair", "ablate",
-           "activation_patch", "direct_effects", "paired_ablation", "self_repair"]
+__all__ = [
+    "Ablation",
+    "ActivationPatch",
+    "AttributionPatch",
+    "DirectEffects",
+    "IteratedAblation",
+    "PairedAblation",
+    "PathPatch",
+    "SelfRepair",
+    "ablate",
+    "activation_patch",
+    "attribution_patch",
+    "direct_effects",
+    "iterated_ablation",
+    "paired_ablation",
+    "path_patch",
+    "self_repair",
+]

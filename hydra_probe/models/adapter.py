@@ -346,6 +346,92 @@ class Adapter:
             h = out[0] if isinstance(out, tuple) else out
         return h
 
+    # ------------------------------------------------------------------ module-level operations
+    # Used by path and attribution patching: they apply a block's norm or a
+    # q/k/v projection to a tensor of their own, so analysis code never names
+    # modules. ``.forward`` is called directly, so hooks on these modules
+    # (including the caller's own) do not fire and cannot recurse.
+    def block_norm(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """Block ``layer``'s attention (``which="attn"``) or MLP (``"mlp"``) input norm applied to ``x``."""
+        if which not in ("attn", "mlp"):
+            raise InterventionError(f"which must be 'attn' or 'mlp'; got {which!r}")
+        path = self.table.attn_norm if which == "attn" else self.table.mlp_norm
+        return get_path(self.blocks[layer], path).forward(x)
+
+    def project(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        """Output of the projection of ``site`` (kind q, k, v or qkv) for a normed input ``x`` (..., d_model)."""
+        if site.kind not in ("q", "k", "v", "qkv"):
+            raise InterventionError(f"project() takes a q, k, v or qkv site; got {site}")
+        mod, _ = self.module_of(site)
+        return mod.forward(x)
+
+    @contextlib.contextmanager
+    def norm_hooks(
+        self, fns: Mapping[tuple[int, str], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    ) -> Iterator[dict[tuple[int, str], int]]:
+        """Edit the output of block norms: ``fns[(layer, which)](norm_input, norm_output) -> new output``.
+
+        ``which`` is ``"attn"`` or ``"mlp"`` (the block's pre-attention /
+        pre-MLP norm). Yields a dict counting how often each hook fired;
+        removes exactly the hooks it added, also on error.
+        """
+        fired = {key: 0 for key in fns}
+        handles = []
+
+        def make(key):
+            fn = fns[key]
+
+            def post(mod, args, kwargs, out):
+                fired[key] += 1
+                inp = args[0] if args else next(iter(kwargs.values()))
+                if isinstance(out, tuple):
+                    return (fn(inp, out[0]), *out[1:])
+                return fn(inp, out)
+            return post
+
+        try:
+            for key in sorted(fns):
+                layer, which = key
+                if which not in ("attn", "mlp"):
+                    raise InterventionError(f"norm hook kind must be 'attn' or 'mlp'; got {which!r}")
+                path = self.table.attn_norm if which == "attn" else self.table.mlp_norm
+                mod = get_path(self.blocks[layer], path)
+                handles.append(mod.register_forward_hook(make(key), with_kwargs=True))
+            yield fired
+        finally:
+            for h in handles:
+                h.remove()
+
+    def final_sigma(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm's scale of residual vectors ``x`` (..., d) -> (...), float64."""
+        _, _, eps = self.norm_params()
+        x = x.to(torch.float64)
+        if self.table.norm_kind == "layernorm":
+            return torch.sqrt(x.var(-1, unbiased=False) + eps)
+        return torch.sqrt(x.pow(2).mean(-1) + eps)
+
+    def logits_frozen(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x + delta`` with the final norm's scale held at that of ``x``.
+
+        ``N(x) + gamma * P(delta) / sigma(x)``, then the unembedding: the
+        final norm is linear in ``delta`` once its scale is frozen.
+        """
+        gamma, _, _ = self.norm_params()
+        d = delta.to(torch.float64)
+        if self.table.norm_kind == "layernorm":
+            d = d - d.mean(-1, keepdim=True)
+        extra = gamma.to(torch.float64) * d / self.final_sigma(x)[..., None]
+        return self.unembed(self.final_norm(x) + extra.to(x.dtype))
+
+    def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """One full forward of ``ids`` (B, T); logits at the last position (B, vocab).
+
+        Runs in the caller's grad mode (attribution patching differentiates it).
+        """
+        out = self.base(input_ids=ids.to(self.device), use_cache=False)
+        h = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return self.unembed(h[:, -1])
+
 
 def _check_fired(fired: Mapping[Site, int], edits: Mapping[Site, Any]) -> None:
     dead = [str(s) for s in edits if fired.get(s, 0) == 0]

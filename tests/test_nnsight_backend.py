@@ -1,0 +1,115 @@
+"""The nnsight backend (one trace per run) gives the local backend's numbers."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hydra_probe as hp
+import tiny
+from hydra_probe.models import nnsight_backend
+
+nnsight = pytest.importorskip("nnsight")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """Count nnsight traces, so a test knows the nnsight path really ran."""
+    calls = [0]
+    real = nnsight_backend.trace_run
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(nnsight_backend, "trace_run", counted)
+    return calls
+
+
+def _pair(family: str):
+    hf = tiny.hf_model(family)
+    tok = tiny.tokenizer(bos=family in ("llama", "mistral", "gemma"))
+    local = hp.load_model(hf, tokenizer=tok)
+    nn = hp.load_model(hf, tokenizer=tok, backend="nnsight")
+    return local, nn, tiny.ioi(local, 4)
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame, atol: float = 1e-5) -> None:
+    assert list(a.columns) == list(b.columns)
+    for c in a.columns:
+        if a[c].dtype.kind == "f":
+            np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), atol=atol, rtol=0, err_msg=c)
+        else:
+            assert list(a[c]) == list(b[c]), c
+
+
+def _no_hooks(hf) -> bool:
+    return not any(mod._forward_hooks or mod._forward_pre_hooks for mod in hf.modules())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_backends_agree(family, traces):
+    local, nn, t = _pair(family)
+    comps = ["L0H1", "ATTN1", "MLP2"]
+    n_traces = 0
+    for value in ("zero", "mean", "resample"):
+        a = hp.ablate(local, t, comps, value).to_frame()
+        assert traces[0] == n_traces  # the local backend never traces
+        b = hp.ablate(nn, t, comps, value).to_frame()
+        assert traces[0] > n_traces
+        n_traces = traces[0]
+        _same(a, b)
+        assert (a.total_effect.abs() > 1e-7).any()
+    sa = hp.self_repair(local, t, comps, "mean")
+    sb = hp.self_repair(nn, t, comps, "mean")
+    _same(sa.to_frame(), sb.to_frame())
+    _same(sa.contributions(), sb.contributions())
+    for direction in ("denoise", "noise"):
+        pa = hp.activation_patch(local, t, ["L1H2", "MLP0", "RESID1", "RESID3"], direction, per_position=False)
+        pb = hp.activation_patch(nn, t, ["L1H2", "MLP0", "RESID1", "RESID3"], direction, per_position=False)
+        _same(pa.to_frame(), pb.to_frame())
+    pa = hp.activation_patch(local, t, ["RESID2"], "denoise", positions=[0, -1], per_position=False)
+    pb = hp.activation_patch(nn, t, ["RESID2"], "denoise", positions=[0, -1], per_position=False)
+    _same(pa.to_frame(), pb.to_frame())
+    assert traces[0] > n_traces
+    assert _no_hooks(local.hf_model)
+
+
+def test_load_from_an_nnsight_language_model(traces):
+    hf = tiny.hf_model("gpt2")
+    tok = tiny.tokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nnsight 0.8 deprecates LanguageModel in favour of TransformersModel
+        lm = nnsight.LanguageModel(hf, tokenizer=tok)
+    m = hp.load_model(lm)
+    assert isinstance(m, hp.HookedModel)
+    assert m.hf_model is hf and m.tokenizer is tok and m.family == "GPT-2"
+    assert m.nnsight is lm  # the user's LanguageModel is reused, not wrapped again
+    mn = hp.load_model(lm, backend="nnsight")
+    assert mn.backend == "nnsight" and mn.nnsight is lm
+    t = tiny.ioi(m, 4)
+    a = hp.ablate(m, t, ["L1H0", "MLP1"], "zero").to_frame()
+    assert traces[0] == 0
+    b = hp.ablate(mn, t, ["L1H0", "MLP1"], "zero").to_frame()
+    assert traces[0] > 0
+    _same(a, b)
+    # the LanguageModel still works on its own afterwards
+    ids = t.batch(t.groups()[0], "clean")
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+    with lm.trace(ids):
+        out = lm.lm_head.output.save()
+    got = out.value if hasattr(out, "value") else out
+    torch.testing.assert_close(got, want)

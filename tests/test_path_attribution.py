@@ -1,0 +1,298 @@
+"""Path patching and attribution patching: exact consequences on tiny float64 models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hydra_probe as hp
+import tiny
+
+FAMILIES = ["gpt2", "neox", "llama"]  # neox: parallel residual; llama: grouped-query attention
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(family: str, **kw) -> hp.HookedModel:
+    hf = tiny.hf_model(family, **kw).double()
+    return hp.load_model(hf, tokenizer=tiny.tokenizer(bos=family in ("llama", "mistral", "gemma")))
+
+
+_CACHE: dict[str, tuple] = {}
+
+
+def _mt(family: str):
+    if family not in _CACHE:
+        m = _model(family)
+        _CACHE[family] = (m, tiny.ioi(m, 4))
+    return _CACHE[family]
+
+
+def _no_hooks(hf) -> bool:
+    return not any(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks for mod in hf.modules())
+
+
+# ------------------------------------------------------------------------------------ path patching
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2"])
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_path_to_everything_downstream_is_activation_patching(family, direction):
+    m, t = _mt(family)
+    senders = ["L0H1", "MLP0", "ATTN1", "L1H2"]
+    pp = hp.path_patch(m, t, senders, ["all", "logits"], direction, scale="recomputed").to_frame()
+    ap = hp.activation_patch(m, t, senders, direction).to_frame()
+    assert list(pp.sender) == list(ap.component)
+    assert set(pp.receiver) == {"all+logits"}
+    np.testing.assert_allclose(pp.patched_metric, ap.patched_metric, atol=1e-10, rtol=0)
+    # and the patch did something
+    assert (pp.patched_metric - pp.baseline_metric).abs().max() > 1e-6
+    assert _no_hooks(m.hf_model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_path_to_logits_is_the_change_of_direct_effect(family):
+    m, t = _mt(family)
+    senders = ["L1H2", "MLP1", "ATTN0"]
+    # noise: baseline clean; the corrupted sender's direct effect at the clean scale
+    pl = hp.path_patch(m, t, senders, "logits", "noise", scale="frozen").to_frame()
+    dc = hp.direct_effects(m, t, senders, run="clean").to_frame()
+    dx = hp.direct_effects(m, t, senders, run="corrupted", scale="frozen").to_frame()
+    np.testing.assert_allclose(pl.patched_metric - pl.baseline_metric, dx.direct_effect - dc.direct_effect,
+                               atol=1e-10, rtol=0)
+    # denoise: baseline corrupted; the clean sender's direct effect at the corrupted run's scale
+    pl = hp.path_patch(m, t, senders, "logits", "denoise", scale="frozen").to_frame()
+    rx = hp.direct_effects(m, t, senders, run="corrupted", scale="recomputed")
+    sig_c = hp.direct_effects(m, t, senders, run="clean").constant["sigma"].to_numpy()
+    sig_x = rx.constant["sigma"].to_numpy()
+    n = len(t)
+    want = dc.direct_effect.to_numpy() * np.tile(sig_c / sig_x, len(senders)) - rx.to_frame().direct_effect.to_numpy()
+    assert len(want) == len(senders) * n
+    np.testing.assert_allclose(pl.patched_metric - pl.baseline_metric, want, atol=1e-10, rtol=0)
+    # recomputed scale differs from frozen, but only through the norm
+    pr = hp.path_patch(m, t, senders, "logits", "denoise", scale="recomputed").to_frame()
+    assert not np.allclose(pr.patched_metric, pl.patched_metric, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_receivers_not_downstream_change_nothing(family):
+    m, t = _mt(family)
+    # upstream of the sender, the sender's own layer, and (neox) the same parallel layer's MLP
+    pp = hp.path_patch(m, t, ["L1H2", "ATTN1"], [["L0H1", "MLP0"], ["L1H0", "L1H2"], "ATTN1"], "noise")
+    f = pp.to_frame()
+    assert list(dict.fromkeys(f.receiver)) == ["L0H1+MLP0", "L1H0+L1H2", "ATTN1"]
+    np.testing.assert_array_equal(f.patched_metric, f.baseline_metric)
+    same_layer_mlp = hp.path_patch(m, t, ["L1H2"], ["MLP1"], "noise").to_frame()
+    if m.parallel_residual:
+        np.testing.assert_array_equal(same_layer_mlp.patched_metric, same_layer_mlp.baseline_metric)
+    else:
+        assert (same_layer_mlp.patched_metric - same_layer_mlp.baseline_metric).abs().max() > 0
+
+
+def _capture_z(m: hp.HookedModel, layer: int) -> tuple[list[torch.Tensor], object]:
+    """Record the (edited) input of layer ``layer``'s attention output projection (test-only module paths)."""
+    hf = m.hf_model
+    if m.family == "GPT-2":
+        mod = hf.transformer.h[layer].attn.c_proj
+    elif m.family == "GPT-NeoX":
+        mod = hf.gpt_neox.layers[layer].attention.dense
+    else:
+        mod = hf.model.layers[layer].self_attn.o_proj
+    seen: list[torch.Tensor] = []
+    # a forward hook sees the input after every pre-hook edit (ours copies the shadow's z)
+    h = mod.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
+    return seen, h
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_receiver_input_reaches_that_head_only(family, which):
+    m, t = _mt(family)
+    t1 = t.subset(t.groups()[0])  # one length group: one stacked forward
+    B, dh, H = len(t1), m.head_dim, m.n_heads
+    seen, h = _capture_z(m, 2)
+    try:
+        hp.path_patch(m, t1, ["L0H1"], ["L2H1"], "noise", receiver_input=which)
+    finally:
+        h.remove()
+    base = seen[0]  # the clean prefix forward comes first
+    path = [s for s in seen if s.shape[0] >= B][-1][:B]  # the path forward (main rows first; a shadow copy after)
+    changed = [(path[..., i * dh:(i + 1) * dh] - base[..., i * dh:(i + 1) * dh]).abs().max().item() for i in range(H)]
+    assert changed[1] > 1e-8, changed
+    assert max(changed[:1] + changed[2:]) == 0, changed
+    if which != "q" and m.n_kv_heads < m.n_heads:
+        assert any(s.shape[0] == 2 * B for s in seen), "a GQA k/v receiver needs a shadow copy"
+
+
+def test_gqa_key_patch_matches_a_plain_two_forward_reference():
+    """Patch k of one head of a group: the patched k reaches that head, the group's other head keeps its z."""
+    m, t = _mt("llama")
+    assert m.n_kv_heads < m.n_heads
+    hf = m.hf_model
+    t1 = t.subset(t.groups()[0])
+    got = hp.path_patch(m, t1, ["L0H1"], ["L2H2", "L1H0"], "noise", receiver_input="k").to_frame()
+    dh = m.head_dim
+    ids_c, ids_x = t1.batch(range(len(t1)), "clean"), t1.batch(range(len(t1)), "corrupted")
+    lay = hf.model.layers
+
+    def z_of(ids, layer):
+        out = []
+        hh = lay[layer].self_attn.o_proj.register_forward_pre_hook(lambda _m, a: out.append(a[0].clone()))
+        with torch.no_grad():
+            hf(input_ids=ids)
+        hh.remove()
+        return out[0]
+
+    cols = slice(dh, 2 * dh)
+    delta = (z_of(ids_x, 0)[..., cols] - z_of(ids_c, 0)[..., cols]) @ lay[0].self_attn.o_proj.weight[:, cols].T
+
+    def k_hook(layer, x_store):
+        def fn(_m, _a, out):
+            return lay[layer].self_attn.k_proj.forward(lay[layer].input_layernorm.forward(x_store[0] + delta))
+        return fn
+
+    # reference, layer by layer: forward A patches the whole k of layer 1 and keeps L1H0's z; forward B uses it;
+    # then the same for layer 2 (L2H2), on top of B's stream
+    zs = {}
+    handles = []
+    try:
+        for layer, head in ((1, 0), (2, 2)):
+            x_store: list[torch.Tensor] = []
+            ha = [lay[layer].register_forward_pre_hook(lambda _m, a: x_store.append(a[0]) or None),
+                  lay[layer].self_attn.k_proj.register_forward_hook(k_hook(layer, x_store)),
+                  lay[layer].self_attn.o_proj.register_forward_pre_hook(
+                      lambda _m, a, layer=layer, head=head:
+                      zs.__setitem__(layer, a[0][..., head * dh:(head + 1) * dh].clone()))]
+            with torch.no_grad():
+                hf(input_ids=ids_c)
+            for x in ha:
+                x.remove()
+
+            def put(_m, a, layer=layer, head=head):
+                z = a[0].clone()
+                z[..., head * dh:(head + 1) * dh] = zs[layer]
+                return (z,)
+            handles.append(lay[layer].self_attn.o_proj.register_forward_pre_hook(put))
+        with torch.no_grad():
+            lg = hf(input_ids=ids_c).logits[:, -1]
+    finally:
+        for x in handles:
+            x.remove()
+    want = (lg.gather(1, t1.answer_ids[:, None]) - lg.gather(1, t1.alternative_ids[:, None]))[:, 0]
+    np.testing.assert_allclose(got.patched_metric, want.numpy(), atol=1e-10, rtol=0)
+    assert _no_hooks(hf)
+
+
+def test_path_patch_result_and_errors(tmp_path):
+    m, t = _mt("gpt2")
+    r = hp.path_patch(m, t, ["L0H1", "MLP0+L1H1"], [["L2H0", "MLP2"], "logits"], "denoise", receiver_input="v",
+                      positions=[-1, -2])
+    f = r.to_frame()
+    for col in ("sender", "receiver", "prompt", "patched_metric", "direction", "baseline_metric", "clean_metric",
+                "corrupted_metric"):
+        assert col in f.columns
+    assert len(f) == 2 * 2 * len(t)
+    assert set(f.receiver) == {"L2H0+MLP2", "logits"}
+    assert set(f.sender) == {"L0H1", "MLP0+L1H1"}
+    p = r.provenance
+    assert p["receiver_input"] == "v" and p["scale"] == "frozen" and p["direction"] == "denoise"
+    assert p["positions"] == [-1, -2]
+    s = r.summary()
+    assert {"sender", "receiver", "patched_metric", "score", "score_lo", "score_hi"} <= set(s.columns)
+    g = f[(f.sender == "L0H1") & (f.receiver == "logits")]
+    want = ((g.patched_metric - g.corrupted_metric).mean()) / (g.clean_metric.mean() - g.corrupted_metric.mean())
+    got = s[(s.sender == "L0H1") & (s.receiver == "logits")].score.iloc[0]
+    assert abs(got - want) < 1e-9
+    back = hp.load_result(r.save(tmp_path / "pp.json"))
+    assert isinstance(back, hp.PathPatch)
+    np.testing.assert_allclose(back.to_frame().patched_metric, f.patched_metric)
+    with pytest.raises(hp.OptionError, match="receiver_input"):
+        hp.path_patch(m, t, ["L0H1"], ["L2H0"], receiver_input="x")
+    with pytest.raises(hp.ComponentError, match="sender"):
+        hp.path_patch(m, t, ["RESID1"], ["L2H0"])
+    with pytest.raises(hp.ComponentError, match="receiver"):
+        hp.path_patch(m, t, ["L0H1"], ["RESID2"])
+    with pytest.raises(hp.ComponentError):
+        hp.path_patch(m, t, ["L0H1"], [])
+    with pytest.raises(hp.OptionError):
+        hp.path_patch(m, t, ["L0H1"], ["L2H0"], scale="own")
+
+
+# ------------------------------------------------------------------------------- attribution patching
+def _linear_llama(zero_last_mlp: bool) -> hp.HookedModel:
+    """A Llama whose final norm has a constant scale (huge eps): the metric is linear in the last layer's writes."""
+    m = _model("llama")
+    hf = m.hf_model
+    with torch.no_grad():
+        hf.model.norm.variance_epsilon = 1e8
+        hf.model.norm.weight.mul_(1e4)
+        if zero_last_mlp:
+            hf.model.layers[-1].mlp.down_proj.weight.zero_()
+    return m
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_attribution_is_exact_when_the_metric_is_linear(direction):
+    cases = [(False, ["MLP2"]), (True, ["L2H0", "L2H1", "L2H2", "L2H3", "ATTN2"])]
+    for zero, comps in cases:
+        m = _linear_llama(zero)
+        t = tiny.ioi(m, 4)
+        for p in m.hf_model.parameters():
+            p.requires_grad_(False)  # deltas carry the gradient, not the parameters
+        at = hp.attribution_patch(m, t, comps, direction)
+        ap = hp.activation_patch(m, t, comps, direction).to_frame()
+        f = at.to_frame()
+        base = ap.corrupted_metric if direction == "denoise" else ap.clean_metric
+        exact = (ap.patched_metric - base).to_numpy()
+        assert np.abs(exact).max() > 1e-8
+        np.testing.assert_allclose(f.estimate, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+        np.testing.assert_allclose(f.baseline_metric, base)
+        ag = at.agreement(hp.activation_patch(m, t, comps, direction))
+        if len(comps) > 1:
+            assert ag["pearson"] > 0.9999 and ag["spearman"] > 0.99
+        assert list(ag["disagreements"].columns) == ["component", "estimate", "exact", "difference"]
+        assert _no_hooks(m.hf_model)
+        assert all(p.grad is None for p in m.hf_model.parameters())
+
+
+def test_attribution_result_residual_and_errors():
+    m, t = _mt("gpt2")
+    assert all(p.requires_grad for p in m.hf_model.parameters())
+    at = hp.attribution_patch(m, t, ["all", "layers"], "denoise")
+    f = at.to_frame()
+    assert {"component", "prompt", "estimate", "direction", "baseline_metric", "clean_metric",
+            "corrupted_metric"} <= set(f.columns)
+    assert "position" not in f.columns
+    assert all(p.grad is None for p in m.hf_model.parameters())
+    assert _no_hooks(m.hf_model)
+    np.testing.assert_allclose(f.baseline_metric, f.corrupted_metric)
+    s = at.summary()
+    assert (s.method == "attribution (first-order estimate)").all()
+    assert {"component", "estimate", "score", "estimated_metric"} <= set(s.columns)
+    row = s[s.component == "L1H1"].iloc[0]
+    g = f[f.component == "L1H1"]
+    gap = g.clean_metric.mean() - g.corrupted_metric.mean()
+    assert abs(row.score - g.estimate.mean() / gap) < 1e-9
+    # heads of a layer add up to the layer (the estimate is linear in the patch)
+    per = f[f.component.str.match(r"L1H\d")].groupby("prompt").estimate.sum().to_numpy()
+    np.testing.assert_allclose(per, f[f.component == "ATTN1"].estimate.to_numpy(), atol=1e-12)
+    # residual stream, per position (numbered as activation patching numbers them)
+    L = m.n_layers
+    atr = hp.attribution_patch(m, t, ["RESID0", f"RESID{L}", "MLP1"], "denoise")
+    fr = atr.to_frame()
+    assert sorted(set(fr.position)) == list(range(-min(t.lengths), 0))
+    final = fr[fr.component == f"RESID{L}"]
+    assert (final[final.position != -1].estimate == 0).all()  # the metric reads the last position only
+    ex = hp.activation_patch(m, t, [f"RESID{L}", "MLP1"], "denoise")
+    ag = atr.agreement(ex)
+    assert ag["n_components"] == 2 * min(t.lengths)
+    assert ag["pearson"] > 0.9
+    with pytest.raises(hp.InputError, match="direction"):
+        at.agreement(hp.activation_patch(m, t, ["L0H1"], "noise"))
+    noise = hp.attribution_patch(m, t, ["L0H1"], "noise").to_frame()
+    np.testing.assert_allclose(noise.baseline_metric, noise.clean_metric)
