@@ -141,7 +141,7 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     est = torch.zeros(len(plan), n, dtype=torch.float64)
     base_metric = torch.zeros(n, dtype=torch.float64)
     for g, idx in enumerate(runner.groups):
-        Po = runner.prefix(g, other)
+        Po = runner.local_prefix(g, other)
         ids = task.batch(idx, source)
         T = ids.shape[1]
         mask = torch.zeros(T, dtype=torch.float64)

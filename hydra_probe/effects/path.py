@@ -219,7 +219,7 @@ class _Deltas:
 
     def __init__(self, runner: Any, g: int, base: str, other: str, pos: tuple[int, ...] | None) -> None:
         self.runner, self.ad = runner, runner.ad
-        self.Pb, self.Po = runner.prefix(g, base), runner.prefix(g, other)
+        self.Pb, self.Po = runner.local_prefix(g, base), runner.local_prefix(g, other)
         T = self.Pb.resid[0].shape[1]
         mask = torch.zeros(T, dtype=self.ad.dtype, device=self.ad.device)
         if pos is None:
@@ -264,7 +264,7 @@ def _forward(runner: Any, g: int, source: str, plans: Sequence[_Plan], start: in
              which: tuple[str, ...], scale: str) -> torch.Tensor:
     """Metric (k, B) of one stacked forward of ``plans`` from layer ``start`` (see module doc)."""
     ad = runner.ad
-    P = runner.prefix(g, source)
+    P = runner.local_prefix(g, source)
     B, L, k = P.batch, ad.n_layers, len(plans)
     shadow_row: dict[int, int] = {}
     for ci, p in enumerate(plans):

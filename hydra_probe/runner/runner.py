@@ -113,12 +113,35 @@ class Runner:
             ids = self.task.batch(self.groups[g], source)
             try:
                 with self.model.evaluating():
-                    p = self.ad.prefix(ids, capture=self.capture_sites())
+                    if self.model.backend == "nnsight":
+                        p = self._prefix_nnsight(ids)
+                    else:
+                        p = self.ad.prefix(ids, capture=self.capture_sites())
             except (torch.OutOfMemoryError, MemoryError) as e:
                 raise ResourceError(_oom_advice(*ids.shape)) from e
             _check_finite(p.resid[-1], f"the {source} run")
             self._prefix[key] = p
         return self._prefix[key]
+
+    def local_prefix(self, g: int, source: str) -> Prefix:
+        """Like :meth:`prefix`, but always from the local path (with block calls, for restarting)."""
+        if self.model.backend != "nnsight":
+            return self.prefix(g, source)
+        key = (g, source + ":local")
+        if key not in self._prefix:
+            with self.model.evaluating():
+                self._prefix[key] = self.ad.prefix(self.task.batch(self.groups[g], source), capture=self.capture_sites())
+        return self._prefix[key]
+
+    def _prefix_nnsight(self, ids: torch.Tensor) -> Prefix:
+        """The unedited forward as one nnsight trace (no block calls: nothing restarts mid-model)."""
+        from ..models.nnsight_backend import trace_run
+
+        L = self.ad.n_layers
+        resid_sites = {Site(l, "resid_pre") for l in range(L + 1)}
+        saved = trace_run(self.model, ids, {}, self.capture_sites() | resid_sites)
+        return Prefix(resid=[saved[Site(l, "resid_pre")] for l in range(L + 1)], calls=[],
+                      captures={s: saved[s] for s in self.capture_sites()})
 
     @property
     def readout(self) -> Readout:
