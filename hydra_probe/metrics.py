@@ -36,7 +36,11 @@ class Metric:
                 f"({logits.shape[0]},), from logits of shape {tuple(logits.shape)}."
             )
         if not torch.isfinite(out).all():
-            raise NumericalError(f"metric {self.name!r} produced NaN or infinite values; check the model's activations and weights.")
+            bad = torch.nonzero(~torch.isfinite(out)).flatten().tolist()
+            raise NumericalError(
+                f"metric {self.name!r} produced NaN or infinite values ({len(bad)} of {len(out)} prompts in a batch); "
+                "check the metric function (e.g. a log of a non-positive number) and the model's weights and dtype."
+            )
         return out
 
 

@@ -131,7 +131,8 @@ class Result:
         try:
             obj = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"cannot read a saved result from {path}: {e}") from None
+            raise InputError(f"cannot read a saved result from {path} ({e}); give a .json file written by "
+                             "a result's save().") from None
         kind = _KINDS.get(obj.get("kind", ""), cls)
         if cls is not Result and not issubclass(kind, cls):
             raise InputError(f"{path} holds a {obj.get('kind')!r} result, not a {cls.kind!r} one.")

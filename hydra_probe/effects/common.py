@@ -29,14 +29,16 @@ def as_model(model: Any) -> HookedModel:
 
 def check_task(model: HookedModel, task: Any) -> None:
     if not hasattr(task, "pairs") or not hasattr(task, "clean_ids"):
-        raise TaskError(f"expected a hydra_probe Task (tasks.ioi / tasks.from_pairs); got {type(task).__name__}.")
+        raise TaskError(f"expected a hydra_probe Task; got {type(task).__name__}. Build one with "
+                        "tasks.ioi(model, n_prompts) or tasks.from_pairs(model, rows).")
     if len(task) == 0:
         raise TaskError("the task is empty; build it with at least one prompt pair "
                         "(tasks.ioi(model, n_prompts=8) or tasks.from_pairs(model, rows)).")
     top = int(max(task.answer_ids.max(), task.alternative_ids.max(), max(int(t.max()) for t in task.clean_ids)))
     if top >= model.adapter.vocab_size:
         raise TaskError(f"the task has token id {top}, beyond this model's vocabulary ({model.adapter.vocab_size}); "
-                        "was it built for another model?")
+                        "was it built for another model? Build the task with this model's tokenizer "
+                        "(tasks.ioi(model, ...) or tasks.from_pairs(model, rows)).")
 
 
 def check_writers(components: Any, what: str) -> None:
@@ -102,8 +104,8 @@ def make_runner(model: HookedModel, task: Any, metric: Any, value: Any = None, s
         lone = sorted({len(task.clean_ids[g[0]]) for g in task.groups() if len(g) < 2})
         if lone:
             raise TaskError(
-                f"resample ablation draws from other prompts of the same token length, but only one prompt has "
-                f"{' / '.join(map(str, lone))} tokens; add prompts of that length or use value='mean'."
+                f"resample ablation draws from other prompts of the same token length, but the task has a single "
+                f"prompt of {' and of '.join(map(str, lone))} tokens; add prompts of that length or use value='mean'."
             )
     return Runner(model, task, m, reference=reference, seed=seed, progress=progress), m
 

@@ -29,7 +29,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
         if not torch.cuda.is_available():
             raise OptionError(f"device {device!r} was asked for but CUDA is not available here; use 'cpu'.")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise OptionError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here.")
+            n = torch.cuda.device_count()
+            raise OptionError(f"device {device!r} does not exist: {n} CUDA device(s) here; use one of "
+                              f"cuda:0..cuda:{n - 1}, or 'cpu'.")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise OptionError(f"device {device!r} was asked for but MPS is not available here; use 'cpu'.")
     elif dev.type not in ("cpu", "cuda", "mps"):
@@ -172,10 +174,13 @@ def _check_causal(hf_model: nn.Module) -> None:
                  "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"):
         other |= _class_names(getattr(ma, name, {}))
     if mro & other:
+        from .tables import supported_model_types
+
         raise ArchitectureError(
-            f"{type(hf_model).__name__} is not a causal language model (no next-token head over a causal "
-            "decoder); hydra_probe needs one such as GPT2LMHeadModel or LlamaForCausalLM: load it with "
-            "AutoModelForCausalLM.from_pretrained(...)."
+            f"{type(hf_model).__name__} is not a causal LM (it is a base model, masked LM or classifier); "
+            "hydra_probe needs a decoder-only causal LM with its next-token head, e.g. GPT2LMHeadModel or "
+            "LlamaForCausalLM (AutoModelForCausalLM.from_pretrained(...)), of a supported model type: "
+            f"{', '.join(supported_model_types())} (others: hydra_probe.models.register_table)."
         )
 
 

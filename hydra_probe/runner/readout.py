@@ -68,21 +68,36 @@ class Readout:
         W = self.W_O[layer]
         return torch.einsum("nhk,hkd->nhd", z.to(torch.float64).reshape(z.shape[0], W.shape[0], W.shape[1]), W)
 
+    def read_vector(self, u: torch.Tensor) -> torch.Tensor:
+        """P(gamma * u): since P is symmetric, <gamma * P(v), u> = <v, P(gamma * u)>."""
+        return self.P(self.gamma * u.to(torch.float64))
+
     def projections(self, z: list[torch.Tensor], mlp: list[torch.Tensor], u: torch.Tensor | None = None
                     ) -> torch.Tensor:
         """Unscaled projections of every finest component: (N, C) in model order.
 
-        ``z[l]`` (N, H*dh) and ``mlp[l]`` (N, d) are last-position activations;
-        ``u`` (N, d) defaults to the readout's direction (N must equal B then).
+        ``z[l]`` (N, H*dh) and ``mlp[l]`` (N, d) are last-position activations
+        of N = k * B rows (k stacked copies of B prompts); ``u`` (B, d)
+        defaults to the readout's direction. Each head's projection is
+        ``z_h . (W_O[h] @ P(gamma * u))``, so no head output is materialised.
         """
         u = self.u if u is None else u
+        r = self.read_vector(u)                                   # (B, d)
+        B = r.shape[0]
+        N = z[0].shape[0]
+        k = N // B
         cols = []
         for l in range(len(self.W_O)):
-            heads = self.head_outputs(l, z[l])                       # (N, H, d)
-            cols.append(self.project(heads.transpose(0, 1), u).T)   # (N, H)
-            cols.append(self.project(mlp[l], u)[:, None])           # (N, 1)
+            W = self.W_O[l]                                       # (H, dh, d)
+            w = torch.einsum("hkd,bd->bhk", W, r)                 # (B, H, dh)
+            zl = z[l].to(torch.float64).reshape(k, B, W.shape[0], W.shape[1])
+            cols.append(torch.einsum("cbhk,bhk->cbh", zl, w).reshape(N, W.shape[0]))
+            cols.append((mlp[l].to(torch.float64).reshape(k, B, -1) * r).sum(-1).reshape(N, 1))
         return torch.cat(cols, dim=1)
 
     def const_projection(self, resid0: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
-        """Unscaled projection of embeddings plus attention output biases: (N,)."""
-        return self.project(resid0.to(torch.float64) + self.b_O_sum, self.u if u is None else u)
+        """Unscaled projection of embeddings plus attention output biases: (N,) for N = k * B rows; u (B, d)."""
+        r = self.read_vector(self.u if u is None else u)
+        B = r.shape[0]
+        v = resid0.to(torch.float64) + self.b_O_sum
+        return (v.reshape(-1, B, v.shape[-1]) * r).sum(-1).reshape(-1)

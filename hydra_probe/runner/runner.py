@@ -331,7 +331,7 @@ class Runner:
             mlp = [last[Site(l, "mlp_out")] if l >= start else P.captures[Site(l, "mlp_out")][:, -1].repeat(k, 1)
                    for l in range(L)]
             ro = self.readout
-            u = ro.u[torch.tensor(idx)].repeat(k, 1)
+            u = ro.u[torch.tensor(idx)]
             out["proj"] = ro.projections(z, mlp, u).view(k, B, -1)
             out["proj_const"] = ro.const_projection(P.resid[0][:, -1].repeat(k, 1), u).view(k, B)
         return out

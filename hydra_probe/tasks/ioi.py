@@ -61,8 +61,9 @@ def ioi(model: Any, n_prompts: int = 32, corruption: str = "swap", seed: int = 0
     """
     if corruption not in CORRUPTIONS:
         raise OptionError(f"unknown IOI corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}.")
-    if not isinstance(n_prompts, int) or n_prompts < 1:
-        raise TaskError(f"n_prompts must be a positive integer; got {n_prompts!r}.")
+    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
+        raise TaskError(f"n_prompts must be a positive integer; got {n_prompts!r}. Ask for at least one prompt "
+                        "(e.g. n_prompts=32, or --n-prompts 32 on the command line).")
     if names is None:
         pool: Sequence[str] = T.TRAIN_NAMES + T.HELDOUT_NAMES
     elif names == "heldout":

@@ -92,7 +92,8 @@ def _single_token(tokenizer: Any, text: str, what: str, row: int) -> int:
             "tokens as written (with the leading space, e.g. ' Mary'). Choose another word."
         )
     if unk is not None and ids[0] == unk:
-        raise TaskError(f"row {row}: the {what} {text!r} is not in the vocabulary (it maps to the unknown token).")
+        raise TaskError(f"row {row}: the {what} {text!r} is not in the vocabulary (it maps to the unknown token); "
+                        "choose a word the tokenizer knows.")
     return int(ids[0])
 
 
@@ -127,7 +128,8 @@ def from_pairs(model: Any, rows: Iterable[Mapping[str, Any]], *, name: str = "cu
         a = _single_token(tok, row["answer"], "answer", r)
         b = _single_token(tok, row["alternative"], "alternative", r)
         if a == b:
-            raise TaskError(f"row {r}: answer and alternative are the same token {row['answer']!r}.")
+            raise TaskError(f"row {r}: answer and alternative are the same token {row['answer']!r}; the metric "
+                            "compares two different tokens, so choose another alternative.")
         pairs.append({k2: row[k2] for k2 in FIELDS})
         clean.append(torch.tensor(c, dtype=torch.long))
         corr.append(torch.tensor(k, dtype=torch.long))
@@ -154,7 +156,8 @@ def from_jsonl(model: Any, path: str | os.PathLike, *, name: str | None = None) 
             raise TaskError(f"{p}:{i}: a line must be a JSON object with keys {', '.join(FIELDS)}.")
         lack = [k for k in FIELDS if not isinstance(obj.get(k), str)]
         if lack:
-            raise TaskError(f"{p}:{i}: missing or non-string field(s) {', '.join(lack)}.")
+            raise TaskError(f"{p}:{i}: missing or non-string field(s) {', '.join(lack)}; each line needs "
+                            f"{', '.join(FIELDS)} as strings.")
         rows.append(obj)
     if not rows:
         raise TaskError(f"task file {p} holds no rows.")

@@ -1,0 +1,134 @@
+"""Property tests over random tiny configs of all six families (hypothesis).
+
+For a random family, depth (1-3 layers), head count (1, 2, 4), width (16,
+32) and weight seed:
+
+* direct effects of the finest partition plus the constant equal the model's
+  own logit difference (closure), and the model is left unchanged;
+* the self-repair decomposition closes, for both scale policies and the three
+  ablation values: the contributions (downstream heads, MLPs and the norm row)
+  sum to SR = DEL - TE on every prompt;
+* no-op patches change nothing: mean or resample ablation on a task of one
+  repeated prompt, noising at the positions before the first token where
+  clean and corrupted differ; and patching the whole embedding stream (RESID0)
+  gives exactly the other run.
+
+Examples are derandomised (the same ones on every run) and nothing is saved to
+a hypothesis database; ``max_examples`` is small so the file runs in about a
+minute on two cores.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hydra_probe as hp
+import tiny
+from test_model_unchanged import State
+
+SETTINGS = dict(deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# the family is a pytest parameter (so every family is covered on every run); the rest is drawn
+configs = st.fixed_dictionaries({
+    "layers": st.integers(1, 3),
+    "heads": st.sampled_from([1, 2, 4]),
+    "d": st.sampled_from([16, 32]),
+    "seed": st.integers(0, 2**16),
+})
+
+
+@functools.lru_cache(maxsize=4)
+def build(family: str, layers: int, heads: int, d: int, seed: int):
+    m = tiny.model(family, seed=seed, layers=layers, heads=heads, d=d)
+    return m, tiny.ioi(m, 4, seed=seed)
+
+
+def model_logit_diff(m, task) -> np.ndarray:
+    out = []
+    for i in range(len(task)):
+        with torch.no_grad():
+            lg = m.hf_model(task.clean_ids[i][None]).logits[0, -1].double()
+        out.append(float(lg[task.answer_ids[i]] - lg[task.alternative_ids[i]]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+@settings(max_examples=3, **SETTINGS)
+@given(cfg=configs)
+def test_direct_effects_close_and_model_unchanged(family, cfg):
+    m, task = build(family, **cfg)
+    ids = task.clean_ids[0][None]
+    before = State(m.hf_model, ids)
+    de = hp.direct_effects(m, task, "all")
+    total = de.to_frame().groupby("prompt").direct_effect.sum().to_numpy() + de.constant.constant.to_numpy()
+    ref = model_logit_diff(m, task)
+    assert abs(total - ref).max() < 1e-4
+    assert abs(de.constant.metric.to_numpy() - ref).max() < 1e-4
+    before.assert_same(m.hf_model, ids)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+@settings(max_examples=3, **SETTINGS)
+@given(cfg=configs, pick=st.integers(0, 10**6))
+def test_self_repair_decomposition_closes(family, cfg, pick):
+    m, task = build(family, **cfg)
+    comps = [c.name for c in m.components("all")]
+    chosen = sorted({comps[pick % len(comps)], comps[(pick // 7) % len(comps)], "ATTN0"})
+    ids = task.clean_ids[0][None]
+    before = State(m.hf_model, ids)
+    de_lost = {}
+    for value in ("zero", "mean", "resample"):
+        for scale in ("frozen", "recomputed"):
+            sr = hp.self_repair(m, task, chosen, value=value, scale=scale, seed=cfg["seed"])
+            f = sr.to_frame().set_index(["component", "prompt"])
+            assert np.allclose(f.self_repair, f.de_lost - f.total_effect, atol=1e-10)
+            sums = sr.contributions().groupby(["component", "prompt"]).delta_de.sum()
+            assert abs(sums.reindex(f.index).to_numpy() - f.self_repair.to_numpy()).max() < 1e-6
+            norm = sr.contributions().query("downstream == 'NORM'").set_index(["component", "prompt"]).delta_de
+            assert np.allclose(norm.reindex(f.index).to_numpy(), f.norm_term.to_numpy(), atol=1e-9)
+            de_lost.setdefault(value, []).append(f.de_lost.to_numpy())
+    # DEL and SR are taken at the clean scale: they do not depend on the policy
+    for value, (frozen, recomputed) in de_lost.items():
+        assert np.allclose(frozen, recomputed, atol=1e-9)
+    before.assert_same(m.hf_model, ids)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+@settings(max_examples=3, **SETTINGS)
+@given(cfg=configs, pick=st.integers(0, 10**6))
+def test_noop_patches_change_nothing(family, cfg, pick):
+    m, task = build(family, **cfg)
+    comps = [c.name for c in m.components("all")]
+    c = comps[pick % len(comps)]
+    ids = task.clean_ids[0][None]
+    before = State(m.hf_model, ids)
+    # one prompt repeated: its mean (and any resampled donor) is its own activation
+    same = hp.tasks.from_pairs(m, [task.pairs[0]] * 3)
+    for value in ("mean", "resample"):
+        te = hp.ablate(m, same, [c, "ATTN0"], value=value).to_frame().total_effect.to_numpy()
+        assert abs(te).max() < 1e-5, (value, te)
+    # noising before the first differing token: the corrupted run equals the clean run there (causal model)
+    first = min(int((task.clean_ids[i] != task.corrupted_ids[i]).nonzero()[0, 0]) for i in range(len(task)))
+    if first > 0:
+        r = hp.activation_patch(m, task, [c, "RESID1"], direction="noise", positions=list(range(first))).to_frame()
+        assert abs(r.patched_metric - r.clean_metric).max() < 1e-5
+    # patching the whole embedding stream gives the other run exactly
+    for direction, other in (("denoise", "clean_metric"), ("noise", "corrupted_metric")):
+        r = hp.activation_patch(m, task, "RESID0", direction=direction, per_position=False).to_frame()
+        assert abs(r.patched_metric - r[other]).max() < 1e-5
+    before.assert_same(m.hf_model, ids)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_every_family_builds_at_the_extremes(family):
+    """The corners of the config space the properties draw from all load (1 head / 4 heads, d 16 / 32)."""
+    for layers, heads, d in ((1, 1, 16), (3, 4, 32)):
+        m, task = build(family, layers, heads, d, 0)
+        assert (m.n_layers, m.n_heads) == (layers, heads)
