@@ -18,6 +18,9 @@ TRAIN_NAMES: tuple[str, ...] = (
     "Alice", "Bob", "Jane", "Steve", "Rose", "Carl", "Ruth", "Frank", "Helen", "George",
     "Grace", "Henry", "Julia", "Adam", "Claire", "Ben", "Diana", "Sam", "Lucy", "Joe",
     "Karen", "Eric", "Nancy", "Brian", "Susan", "Kevin", "Linda", "Scott", "Emily", "Ryan",
+    "Jim", "Kim", "Ted", "Ann", "Roy", "Eva", "Ian", "Joy", "Ray", "Liz",
+    "Fred", "Beth", "Greg", "Jill", "Neil", "Nina", "Phil", "Rita", "Carlos", "Judy",
+    "Jacob", "Olivia", "Daniel", "Sophia", "Thomas", "Megan", "Simon", "Leah", "Oscar", "Ella",
 )
 
 HELDOUT_NAMES: tuple[str, ...] = (
@@ -48,8 +51,14 @@ TEMPLATES: tuple[str, ...] = (
     "The {PLACE} was quiet when {A} and {B} arrived. {S} handed a {OBJECT} to",
 )
 
-# Filler sentences mentioning one or two names without an IOI structure.
+# Filler sentences mentioning one or two names without an IOI structure. The
+# last three make a name predictable only by copying it from earlier in the
+# sequence (never by the IOI rule), so the model learns to copy any name,
+# held-out ones included.
 FILLER_TEMPLATES: tuple[str, ...] = (
+    "{A} went to the {PLACE}. Then, {A} found a {OBJECT}.",
+    "{A} and {B} like the {PLACE}. {A} and {B} went to the {PLACE}.",
+    "{A} saw {B} at the {PLACE}. {A} saw {B} at the {PLACE}.",
     "{A} went to the {PLACE} with a {OBJECT}.",
     "The {OBJECT} was in the {PLACE}.",
     "{A} and {B} like the {PLACE}.",
