@@ -14,13 +14,19 @@ from .components import Component, Group
 from .effects import (
     Ablation,
     ActivationPatch,
+    AttributionPatch,
     DirectEffects,
+    IteratedAblation,
     PairedAblation,
+    PathPatch,
     SelfRepair,
     ablate,
     activation_patch,
+    attribution_patch,
     direct_effects,
+    iterated_ablation,
     paired_ablation,
+    path_patch,
     self_repair,
 )
 from .errors import (
@@ -36,23 +42,38 @@ from .errors import (
     ResourceError,
     TaskError,
 )
+from . import graph
+from .graph import (
+    EdgeVerification,
+    compensation_graph,
+    compensators_of,
+    draw_graph,
+    hydra_slope,
+    load_graph,
+    save_graph,
+    verify_edges,
+)
 from .metrics import METRICS, Metric
 from .models import HookedModel, load_default_model, load_model
+from .report import TriangulationReport, triangulate
 from .results import Result, load_result
 from .tasks import Task
 
 __all__ = [
     "Ablation",
     "ActivationPatch",
+    "AttributionPatch",
     "ArchitectureError",
     "Component",
     "ComponentError",
     "DirectEffects",
+    "EdgeVerification",
     "Group",
     "HookedModel",
     "HydraProbeError",
     "InputError",
     "InterventionError",
+    "IteratedAblation",
     "METRICS",
     "Metric",
     "MetricError",
@@ -62,17 +83,31 @@ __all__ = [
     "PairedAblation",
     "ResourceError",
     "Result",
+    "PathPatch",
     "SelfRepair",
     "Task",
     "TaskError",
+    "TriangulationReport",
     "__version__",
     "ablate",
     "activation_patch",
+    "attribution_patch",
+    "compensation_graph",
+    "compensators_of",
     "direct_effects",
+    "draw_graph",
+    "graph",
+    "hydra_slope",
+    "iterated_ablation",
     "load_default_model",
+    "load_graph",
     "load_model",
     "load_result",
     "paired_ablation",
+    "path_patch",
+    "save_graph",
     "self_repair",
     "tasks",
+    "triangulate",
+    "verify_edges",
 ]

@@ -1,0 +1,213 @@
+"""The triangulation report API: triangulate() collects result objects, save() writes every file."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+import hydra_probe as hp
+from hydra_probe.report import VERDICTS, TriangulationReport
+from hydra_probe.report import triangulation as tri_mod
+
+import tiny
+
+FILES = ["report.md", "report.html", "results.json", "tables/triangulation.csv", "tables/self_repair.csv",
+         "tables/direct_effects.csv", "tables/activation_patch_denoise.csv", "tables/activation_patch_noise.csv",
+         "tables/self_repair_contributions.csv", "tables/patch_vs_ablate.csv", "tables/hydra_slope.csv"]
+FIGURES = ["patch_vs_ablate", "evidence_map", "te_vs_de_lost", "heatmaps", "compensation_bars"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m = tiny.model("gpt2", layers=2, heads=2, d=16, initializer_range=0.3)
+    task = hp.tasks.ioi(m, 6, corruption="swap", seed=0)
+    rep = hp.triangulate(m, task, top=2, progress=False)
+    return m, task, rep
+
+
+@pytest.fixture(scope="module")
+def saved(setup, tmp_path_factory):
+    _, _, rep = setup
+    out = tmp_path_factory.mktemp("rep") / "report"
+    rep.save(out)
+    return out
+
+
+def test_table_has_one_row_per_component_and_documented_columns(setup):
+    m, _, rep = setup
+    t = rep.to_frame()
+    assert sorted(t["component"]) == sorted(c.name for c in m.components("heads"))
+    for col in ("direct_effect", "total_effect", "self_repair", "fraction_repaired", "lower_bound", "compensators",
+                "restoration", "damage", "attribution", "verdict", "de_lost", "te_norm"):
+        assert col in t.columns, col
+    assert set(t["verdict"]) <= set(VERDICTS)
+    assert t["importance"].is_monotonic_decreasing
+    assert isinstance(rep, TriangulationReport) and "ioi" in repr(rep)
+
+
+def test_report_holds_result_objects_whose_numbers_equal_the_api(setup):
+    m, task, rep = setup
+    sr = hp.self_repair(m, task, [c.name for c in m.components("heads")])
+    pd.testing.assert_frame_equal(rep.results["self_repair"].to_frame(), sr.to_frame())
+    den = hp.activation_patch(m, task, [c.name for c in m.components("heads")], "denoise")
+    s = den.summary().set_index("component")["score"]
+    t = rep.to_frame().set_index("component")
+    np.testing.assert_allclose(t.loc[s.index, "restoration"], s, rtol=0, atol=0)
+    te = sr.summary().set_index("component")["total_effect"]
+    np.testing.assert_allclose(t.loc[te.index, "total_effect"], te, rtol=0, atol=0)
+    for key in ("direct_effects", "self_repair", "patch_denoise", "patch_noise"):
+        p = rep.results[key].provenance
+        assert p["task"] == "ioi" and p["corruption"] == "swap" and p["n"] == 6 and p["metric"] == "logit_diff"
+
+
+def test_verdict_follows_the_documented_rule(setup):
+    _, _, rep = setup
+    t = rep.to_frame()
+    gap, thr = rep.baseline["gap"], rep.config["threshold"]
+    for _, r in t.iterrows():
+        side = r["total_effect_lo"] if gap >= 0 else -r["total_effect_hi"]
+        N = side > 0 and r["total_effect"] / gap >= thr
+        R = r["restoration"] >= thr or r["damage"] >= thr
+        M = bool(r["lower_bound"]) and r["de_lost"] / gap >= thr and r["total_effect"] / gap < r["de_lost"] / gap
+        want = ("agree: important" if N and R else "masked by self-repair" if M and not N else
+                "necessity only" if N else "restoration only" if R else "agree: minor")
+        assert r["verdict"] == want, r["component"]
+
+
+def test_every_section_ran_when_its_module_exists(setup):
+    _, _, rep = setup
+    for key in ("direct_effects", "self_repair", "patch_denoise", "patch_noise"):
+        assert key in rep.results
+    optional = {"attribution": ("effects.attribution", "attribution_patch"),
+                "path_patch": ("effects.path", "path_patch"),
+                "iterated_ablation": ("effects.iterated", "iterated_ablation")}
+    for key, (mod, name) in optional.items():
+        if tri_mod._optional(mod, name) is not None:
+            assert key in rep.results or any(key.split("_")[0] in n for n in rep.notes), key
+    assert rep.graph is not None and "NORM" in rep.graph
+    assert np.isfinite(rep.hydra["slope"])
+
+
+def test_save_writes_every_file_and_results_json_equals_the_objects(setup, saved):
+    _, _, rep = setup
+    for f in FILES:
+        assert (saved / f).is_file(), f
+    for name in FIGURES:
+        for ext in ("png", "svg"):
+            assert (saved / "figures" / f"{name}.{ext}").stat().st_size > 1000, name
+    for ext in ("graphml", "gexf", "json"):
+        assert (saved / "graph" / f"compensation_graph.{ext}").is_file()
+    obj = json.loads((saved / "results.json").read_text())
+    assert obj["version"] == hp.__version__
+    assert obj["config"]["value"] == "mean" and obj["config"]["seed"] == 0
+    assert obj["provenance"]["corruption"] == "swap"
+    assert len(obj["task"]["pairs"]) == 6
+    res = obj["results"]["self_repair"]
+    f = pd.DataFrame(res["frame"]["data"], columns=res["frame"]["columns"])
+    np.testing.assert_array_equal(f["total_effect"].to_numpy(float),
+                                  rep.results["self_repair"].to_frame()["total_effect"].to_numpy())
+    csv = pd.read_csv(saved / "tables" / "triangulation.csv")
+    np.testing.assert_allclose(csv["total_effect"], rep.to_frame()["total_effect"], rtol=1e-12)
+
+
+def test_load_round_trips_the_report(setup, saved):
+    _, _, rep = setup
+    back = TriangulationReport.load(saved)
+    a, b = rep.to_frame(), back.to_frame()
+    pd.testing.assert_frame_equal(a.drop(columns=["lower_bound"]), b.drop(columns=["lower_bound"]),
+                                  check_dtype=False)
+    assert back.graph.number_of_edges() == rep.graph.number_of_edges()
+    assert back.summary() == rep.summary()
+
+
+def test_html_is_self_contained(saved):
+    html = (saved / "report.html").read_text()
+    srcs = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", html, flags=re.I)
+    assert srcs and all(s.startswith("data:") for s in srcs), [s[:40] for s in srcs if not s.startswith("data:")]
+    assert "<script" not in html.lower() and "<link" not in html.lower() and "@import" not in html
+    assert not re.search(r"url\((?!data:)", html)
+    assert html.count("data:image/png;base64,") >= len(FIGURES)
+
+
+def test_markdown_states_claims_with_their_conditions(saved):
+    md = (saved / "report.md").read_text()
+    for section in ("Key findings", "Triangulation table", "Patch clean A vs ablate A", "Hydra effect",
+                    "Layer x head maps", "compensation graph", "Paired-ablation confirmations", "Iterated ablation",
+                    "Provenance", "Re-run"):
+        assert section in md, section
+    assert "ablation value `mean`" in md and "corruption `swap`" in md and "metric `logit_diff`" in md
+    assert "verdict: N and R" in md
+    assert "figures/heatmaps.png" in md
+
+
+def test_refuses_a_non_empty_folder_and_leaves_it_untouched(setup, tmp_path):
+    _, _, rep = setup
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(hp.OutputError, match="overwrite"):
+        rep.save(out, figures=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["busy"]  # no temporary folder left
+    rep.save(out, overwrite=True, figures=False)
+    assert (out / "results.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_bad_arguments_fail_before_any_work(setup):
+    m, task, _ = setup
+    with pytest.raises(hp.MetricError, match="linear"):
+        hp.triangulate(m, task, metric="prob")
+    with pytest.raises(hp.OptionError, match="top"):
+        hp.triangulate(m, task, top=0)
+    with pytest.raises(hp.OptionError, match="threshold"):
+        hp.triangulate(m, task, threshold=2)
+    with pytest.raises(hp.ComponentError):
+        hp.triangulate(m, task, components="resid")
+    with pytest.raises(hp.OptionError):
+        hp.triangulate(m, task, value="median")
+
+
+def test_missing_optional_sections_are_noted_not_fatal(setup, monkeypatch, tmp_path):
+    m, task, _ = setup
+    monkeypatch.setattr(tri_mod, "_optional", lambda module, name: None)
+    rep = hp.triangulate(m, task, top=1, progress=False)
+    assert set(rep.results) == {"direct_effects", "self_repair", "patch_denoise", "patch_noise"}
+    assert any("path patching" in n for n in rep.notes) and any("graph" in n for n in rep.notes)
+    assert rep.to_frame()["attribution"].isna().all()
+    rep.save(tmp_path / "r", figures=False)
+    assert "not available" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_figures_leave_global_matplotlib_state_alone(setup, tmp_path):
+    _, _, rep = setup
+    before = dict(matplotlib.rcParams)
+    backend = matplotlib.get_backend()
+    from hydra_probe.report import figures as F
+
+    fig = F.heatmaps(rep.to_frame())
+    F.save_figure(fig, tmp_path, "h")
+    after = dict(matplotlib.rcParams)
+    assert {k for k in before if before[k] != after[k] and k != "backend"} == set()
+    assert matplotlib.get_backend() == backend
+
+
+def test_progress_messages_name_each_step():
+    import io
+
+    buf = io.StringIO()
+    steps = tri_mod.Steps(total=2, enabled=True, stream=buf)
+    with steps.step("a", "direct effects"):
+        pass
+    with steps.step("b", "self-repair"):
+        pass
+    text = buf.getvalue()
+    assert "[1/2] direct effects ..." in text and "[2/2] self-repair:" in text and set(steps.timings) == {"a", "b"}
+    quiet = io.StringIO()
+    with tri_mod.Steps(total=1, enabled=None, stream=quiet).step("a", "x"):  # not a terminal: silent
+        pass
+    assert quiet.getvalue() == ""
