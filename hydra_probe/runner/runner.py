@@ -28,13 +28,12 @@ import torch
 
 from ..errors import InterventionError, NumericalError, ResourceError, TaskError
 from ..interventions import Intervention
-from ..metrics import METRICS, Metric
+from ..metrics import Metric
 from ..models.adapter import Prefix, check_fired, get_path
 from ..models.sites import Site
 from .readout import Readout
 
 SOURCES = ("clean", "corrupted")
-_TWO_TOKEN = ("logit_diff", "logit")
 
 
 @dataclass
@@ -222,15 +221,6 @@ class Runner:
                                             for g in range(len(self.groups))])[self._inverse()]
         return self._clean_logits
 
-    def _two_logits(self, x_last: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Logits of tokens a and b only: (N, 2), from the final norm and two unembedding rows."""
-        with torch.no_grad():
-            h = self.ad.final_norm(x_last)
-            ids = torch.stack([a, b], 1).to(h.device)
-            out = torch.einsum("nd,nkd->nk", h, self.ad.W_U(ids).to(h.dtype))
-            bias = self.ad.b_U(ids)
-            return out if bias is None else out + bias
-
     def _logits_of(self, x_last: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.ad.logits(x_last)
@@ -331,11 +321,7 @@ class Runner:
         _check_finite(x_last, "an intervened run")
         a = self.task.answer_ids[idx].repeat(k)
         b = self.task.alternative_ids[idx].repeat(k)
-        if self.metric.name in _TWO_TOKEN and self.metric is METRICS[self.metric.name]:
-            # a logit metric needs two unembedding rows, not the whole vocabulary
-            logits, a, b = self._two_logits(x_last, a, b), torch.zeros_like(a), torch.ones_like(b)
-        else:
-            logits = self._logits_of(x_last)
+        logits = self._logits_of(x_last)
         clean = self.clean_logits()[idx].repeat(k, 1) if self.metric.needs_clean else None
         m = self.metric(logits, a, b, clean).detach().to(torch.float64)
         out = {"metric": m.view(k, B), "resid": x_last.detach().to(torch.float64).view(k, B, -1)}
