@@ -41,15 +41,6 @@ SRC_D, FIL_D, CARRY, FLAG, ANS_P, ANS_M, ZERO = 2, 3, 4, 5, 6, 7, 8
 A, B = "L0H0", "L1H0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run much faster on one thread on the shared machine (restored after the module)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tokenizer() -> tf.PreTrainedTokenizerFast:
     vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))

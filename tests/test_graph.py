@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import tiny
-import torch
 
 import hydra_probe as hp
 from hydra_probe import graph as hg
@@ -17,15 +16,6 @@ from hydra_probe import stats
 from hydra_probe.effects.iterated import IteratedAblation, iterated_ablation
 from hydra_probe.errors import ComponentError, InputError, OptionError, OutputError
 from hydra_probe.zoo import DEFAULT_MODEL_DIR
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run much faster on one thread on the shared machine (restored after the module)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

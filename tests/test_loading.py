@@ -3,7 +3,6 @@
 import warnings
 
 import pytest
-import torch
 import transformers as tf
 
 import hydra_probe as hp

@@ -16,14 +16,6 @@ from hydra_probe.models import nnsight_backend
 nnsight = pytest.importorskip("nnsight")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def traces(monkeypatch):
     """Count nnsight traces, so a test knows the nnsight path really ran."""

@@ -13,15 +13,6 @@ from hydra_probe.metrics import get_metric
 from hydra_probe.runner import Runner
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from threads, and the machine is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(family: str) -> hp.HookedModel:
     hf = tiny.hf_model(family).double()
     return hp.load_model(hf, tokenizer=tiny.tokenizer(bos=family in ("llama", "mistral", "gemma")))

@@ -12,14 +12,6 @@ import tiny
 FAMILIES = ["gpt2", "neox", "llama"]  # neox: parallel residual; llama: grouped-query attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(family: str, **kw) -> hp.HookedModel:
     hf = tiny.hf_model(family, **kw).double()
     return hp.load_model(hf, tokenizer=tiny.tokenizer(bos=family in ("llama", "mistral", "gemma")))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-import torch
 
 from ..components import select
 from ..results import Result, provenance

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from ..errors import InterventionError, NumericalError, ResourceError, TaskError
+from ..errors import NumericalError, ResourceError, TaskError
 from ..interventions import Intervention
 from ..metrics import Metric
-from ..models.adapter import Prefix, check_fired, get_path
+from ..models.adapter import Prefix, check_fired
 from ..models.sites import Site
 from .readout import Readout
 

@@ -73,6 +73,7 @@ class Recipe:
     n_layer: int = 4
     n_head: int = 8
     d_model: int = 128
+    mlp_ratio: int = 4
     n_positions: int = 64
     steps: int = 3000
     batch_size: int = 64
@@ -83,9 +84,12 @@ class Recipe:
     grad_clip: float = 1.0
     head_dropout: float = 0.2
     head_dropout_seq_frac: float = 1.0
+    mlp_dropout: float = 0.0
     ioi_frac: float = 0.5
     max_sentences: int = 8
+    filler_pool: int = 3
     io_weight: float = 5.0
+    io_smoothing: float = 0.0
     seed: int = 0
     threads: int = 2
     eval_every: int = 250
@@ -213,49 +217,67 @@ class SequenceSampler:
     def _ids(self, text: str) -> list[int]:
         return [self.vocab[w] for w in _words(text)]
 
-    def sentence(self) -> tuple[list[int], int | None]:
-        """Return (ids, index-in-ids of the IO name or None for filler)."""
+    def sentence(self, pool: Sequence[str]) -> tuple[list[int], tuple[int, int] | None]:
+        """Return (ids, (index-in-ids of the IO name, id of S)), or (ids, None) for filler.
+
+        Filler sentences take their names from ``pool`` (see :meth:`sequence`).
+        """
         rng = self.rng
         if rng.random() < self.r.ioi_frac:
             ex = ioi_example(rng, TRAIN_NAMES)
             ids = self._ids(ex["prompt"] + " " + ex["io"] + ".")
-            return ids, len(ids) - 2
-        a, b = rng.sample(ALL_NAMES, 2)
+            return ids, (len(ids) - 2, self.vocab[ex["s"]])
+        a, b = rng.sample(list(pool), 2)
         text = fill(rng.choice(FILLER_TEMPLATES), a, b, a, rng.choice(PLACES), rng.choice(OBJECTS))
         return self._ids(text), None
 
-    def sequence(self) -> tuple[list[int], list[int]]:
-        """Return (ids, positions whose *next* token is an IO name).
+    def sequence(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """Return (ids, [(position whose *next* token is an IO name, id of S)]).
 
         Sentences are packed until the next one would not fit (or
-        ``max_sentences`` is reached), so batches carry little padding.
+        ``max_sentences`` is reached), so batches carry little padding. If
+        ``filler_pool >= 2``, the filler sentences of one sequence draw their
+        names from a pool of 2..``filler_pool`` names (from *all* names), so
+        names recur within a sequence and the model practises detecting and
+        copying repeated names for held-out names too (``{A} saw`` -> the
+        other pool name). ``filler_pool = 0`` samples names independently.
         """
+        rng = self.rng
+        k = rng.randint(2, self.r.filler_pool) if self.r.filler_pool >= 2 else len(ALL_NAMES)
+        pool = rng.sample(ALL_NAMES, k)
         ids: list[int] = []
-        io_pred: list[int] = []
+        io_pred: list[tuple[int, int]] = []
         for _ in range(self.r.max_sentences):
-            sent, io_idx = self.sentence()
+            sent, io_info = self.sentence(pool)
             if len(ids) + len(sent) + 1 > self.r.n_positions:
                 break
-            if io_idx is not None:
-                io_pred.append(len(ids) + io_idx - 1)
+            if io_info is not None:
+                io_pred.append((len(ids) + io_info[0] - 1, io_info[1]))
             ids.extend(sent)
         ids.append(self.eos)
         return ids, io_pred
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return right-padded ``input_ids``, ``labels`` (-100 = ignore), loss weights."""
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return right-padded ``input_ids``, ``labels`` (-100 = ignore), loss weights
+        and ``s_targets`` (the S id at positions that predict an IO name, else -100).
+
+        ``weights`` and ``s_targets`` are aligned with the shifted targets
+        (``labels[:, 1:]``).
+        """
         seqs = [self.sequence() for _ in range(size)]
         length = max(len(s) for s, _ in seqs)
         input_ids = torch.full((size, length), self.pad, dtype=torch.long)
         labels = torch.full((size, length), -100, dtype=torch.long)
         weights = torch.zeros((size, length - 1))
+        s_targets = torch.full((size, length - 1), -100, dtype=torch.long)
         for i, (ids, io_pred) in enumerate(seqs):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(ids)] = torch.tensor(ids)
             weights[i, : len(ids) - 1] = 1.0
-            for p in io_pred:
+            for p, s_id in io_pred:
                 weights[i, p] = self.r.io_weight
-        return input_ids, labels, weights
+                s_targets[i, p] = s_id
+        return input_ids, labels, weights, s_targets
 
 
 # --------------------------------------------------------------------------- #
@@ -264,9 +286,10 @@ class SequenceSampler:
 def add_head_dropout(model: Any, p: float, seq_frac: float, generator: torch.Generator) -> list[Any]:
     """Register head-dropout pre-hooks on every ``attn.c_proj``; return handles.
 
-    In training mode, a fraction ``seq_frac`` of the sequences in a batch gets
-    head dropout; in those, each head's slice of ``z`` is zeroed with
-    probability ``p`` for the whole sequence (all positions). No rescaling.
+    In training mode, for each layer a random fraction ``seq_frac`` of the
+    sequences in a batch gets head dropout; in those, each head's slice of
+    ``z`` is zeroed with probability ``p`` for the whole sequence (all
+    positions). No rescaling.
     """
     n_head = model.config.n_head
     handles = []
@@ -284,6 +307,27 @@ def add_head_dropout(model: Any, p: float, seq_frac: float, generator: torch.Gen
 
     for block in model.transformer.h:
         handles.append(block.attn.c_proj.register_forward_pre_hook(hook))
+    return handles
+
+
+def add_mlp_dropout(model: Any, p: float, generator: torch.Generator) -> list[Any]:
+    """Register forward hooks that zero a whole MLP's output per sequence.
+
+    In training mode each layer's MLP output is zeroed (all positions, no
+    rescaling) with probability ``p`` independently per sequence and layer.
+    This keeps the MLPs from being the only path that writes the answer, so
+    attention heads keep a sizeable direct effect.
+    """
+    handles = []
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
+        if not module.training or p <= 0:
+            return None
+        keep = (torch.rand((out.shape[0], 1, 1), generator=generator) >= p).to(out.dtype)
+        return out * keep
+
+    for block in model.transformer.h:
+        handles.append(block.mlp.register_forward_hook(hook))
     return handles
 
 
@@ -308,12 +352,14 @@ def run_group(model: Any, input_ids: torch.Tensor,
 
     ``z_override = (layer, head, value)`` replaces that head's z slice with
     ``value`` (shape (seq, head_dim)) at every position of every prompt.
-    Returns last-position logits, z (layers, batch, seq, d) and the final
-    residual (input of ``ln_f``) at the last position.
+    Returns last-position logits, z (layers, batch, seq, d), the MLP outputs
+    at the last position (layers, batch, d) and the final residual (input of
+    ``ln_f``) at the last position.
     """
     cfg = model.config
     dh = cfg.n_embd // cfg.n_head
     zs: list[torch.Tensor] = []
+    mlps: list[torch.Tensor] = []
     resid: list[torch.Tensor] = []
     handles = []
 
@@ -330,6 +376,8 @@ def run_group(model: Any, input_ids: torch.Tensor,
 
     for i, block in enumerate(model.transformer.h):
         handles.append(block.attn.c_proj.register_forward_pre_hook(make_hook(i)))
+        handles.append(block.mlp.register_forward_hook(
+            lambda m, args, out: mlps.append(out[:, -1].detach().clone())))
     handles.append(model.transformer.ln_f.register_forward_pre_hook(
         lambda m, args: resid.append(args[0][:, -1].detach().clone())))
     try:
@@ -337,7 +385,15 @@ def run_group(model: Any, input_ids: torch.Tensor,
     finally:
         for h in handles:
             h.remove()
-    return {"logits": logits, "z": torch.stack(zs), "resid": resid[0]}
+    return {"logits": logits, "z": torch.stack(zs), "mlp": torch.stack(mlps), "resid": resid[0]}
+
+
+def vector_direct_effects(model: Any, vectors: torch.Tensor, direction: torch.Tensor,
+                          sigma: torch.Tensor) -> torch.Tensor:
+    """DE of residual-stream writes ``vectors`` (..., batch, d): same formula as for heads."""
+    gamma = model.transformer.ln_f.weight
+    centred = vectors - vectors.mean(-1, keepdim=True)
+    return (gamma * centred * direction).sum(-1) / sigma
 
 
 def head_direct_effects(model: Any, z_last: torch.Tensor, direction: torch.Tensor,
@@ -426,6 +482,7 @@ def self_check(model: Any, tok: Any, names: Sequence[str] = HELDOUT_NAMES,
         g["dir"] = w_u[g["io"]] - w_u[g["s"]]
         g["z"] = res["z"]
         g["de"] = head_direct_effects(model, res["z"][:, :, -1], g["dir"], g["sigma"])
+        g["mlp_de"] = vector_direct_effects(model, res["mlp"], g["dir"], g["sigma"]).T  # (batch, layers)
 
     ld = torch.cat([g["ld"] for g in groups])
     baba = torch.cat([g["baba"] for g in groups])
@@ -434,12 +491,13 @@ def self_check(model: Any, tok: Any, names: Sequence[str] = HELDOUT_NAMES,
     top_layer, top_head = divmod(int(mean_de.argmax()), n_head)
     sl = slice(top_head * dh, (top_head + 1) * dh)
 
-    ld_abl, de_abl, de_meanval, sigma_ratio = [], [], [], []
+    ld_abl, de_abl, mlp_de_abl, de_meanval, sigma_ratio = [], [], [], [], []
     for g in groups:
         z_mean = g["z"][top_layer][:, :, sl].mean(0)  # (seq, dh): per-position mean
         res = run_group(model, g["ids"], (top_layer, top_head, z_mean))
         ld_abl.append(_logit_diff(res["logits"], g["io"], g["s"]))
         de_abl.append(head_direct_effects(model, res["z"][:, :, -1], g["dir"], g["sigma"]))
+        mlp_de_abl.append(vector_direct_effects(model, res["mlp"], g["dir"], g["sigma"]).T)
         sigma_abl = torch.sqrt(res["resid"].var(-1, unbiased=False) + eps)
         sigma_ratio.append(g["sigma"] / sigma_abl)
         z_mv = g["z"][:, :, -1].clone()
@@ -451,6 +509,8 @@ def self_check(model: Any, tok: Any, names: Sequence[str] = HELDOUT_NAMES,
     te = float((ld - ld_abl_t).mean())
     del_ = float((de[:, top_layer, top_head] - torch.cat(de_meanval)).mean())
     delta = (de_abl_t - de).mean(0)  # (layers, heads)
+    mlp_de = torch.cat([g["mlp_de"] for g in groups]).mean(0)  # (layers,)
+    mlp_delta = (torch.cat(mlp_de_abl) - torch.cat([g["mlp_de"] for g in groups])).mean(0)
     downstream = sorted(
         (
             {
@@ -474,6 +534,9 @@ def self_check(model: Any, tok: Any, names: Sequence[str] = HELDOUT_NAMES,
         "accuracy_abba": float((ld[~baba] > 0).float().mean()),
         "mean_logit_diff": float(ld.mean()),
         "mean_de_per_head": [[round(float(x), 4) for x in row] for row in mean_de],
+        "mean_de_per_mlp": [round(float(x), 4) for x in mlp_de],
+        "sum_head_de": round(float(mean_de.sum()), 4),
+        "sum_mlp_de": round(float(mlp_de.sum()), 4),
         "top_heads_by_de": [{"head": n, "mean_de": round(v, 4)} for v, n in ranking[:6]],
         "top_head": f"L{top_layer}H{top_head}",
         "top_head_mean_de": float(mean_de[top_layer, top_head]),
@@ -489,6 +552,8 @@ def self_check(model: Any, tok: Any, names: Sequence[str] = HELDOUT_NAMES,
             "downstream_delta_de": downstream,
             "compensating_heads": [d["head"] for d in downstream if d["delta_de"] > 0.05],
             "sum_downstream_delta_de": round(sum(d["delta_de"] for d in downstream), 4),
+            "mlp_delta_de": {f"MLP{layer}": round(float(mlp_delta[layer]), 4)
+                             for layer in range(top_layer, cfg.n_layer)},
         },
     }
 
@@ -518,6 +583,7 @@ def make_model(recipe: Recipe, vocab: dict[str, int]) -> Any:
         n_embd=recipe.d_model,
         n_layer=recipe.n_layer,
         n_head=recipe.n_head,
+        n_inner=recipe.mlp_ratio * recipe.d_model,
         activation_function="gelu_new",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -551,6 +617,7 @@ def train(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Any, Any,
     model = make_model(recipe, vocab)
     model.train()
     handles = add_head_dropout(model, recipe.head_dropout, recipe.head_dropout_seq_frac, gen)
+    handles += add_mlp_dropout(model, recipe.mlp_dropout, gen)
     sampler = SequenceSampler(vocab, recipe, rng)
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -563,29 +630,38 @@ def train(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Any, Any,
 
     curve: list[dict[str, float]] = []
     recent: list[tuple[float, float, float]] = []  # (weighted loss, LM loss, IO loss)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(recipe.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
-        input_ids, labels, weights = sampler.batch(recipe.batch_size)
+        input_ids, labels, weights, s_targets = sampler.batch(recipe.batch_size)
         attention_mask = (labels != -100).long()  # right padding: masks only the pads
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+        flat = logits.reshape(-1, logits.size(-1))
+        ce = F.cross_entropy(flat, labels[:, 1:].reshape(-1),
                              ignore_index=-100, reduction="none").view_as(weights)
-        loss = (ce * weights).sum() / weights.sum()
+        io_mask = s_targets != -100
+        token_loss = ce
+        if recipe.io_smoothing > 0:
+            # Soft target at IO positions: (1 - eps) on IO, eps on S. The optimal
+            # IO-S logit difference is then finite, log((1 - eps) / eps), so the
+            # model is rewarded for *holding* it there whichever heads are dropped.
+            ce_s = F.cross_entropy(flat, s_targets.reshape(-1), ignore_index=-100,
+                                   reduction="none").view_as(weights)
+            token_loss = ce + recipe.io_smoothing * (ce_s - ce) * io_mask
+        loss = (token_loss * weights).sum() / weights.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
 
         with torch.no_grad():
-            valid = weights > 0
-            io_mask = weights > 1 if recipe.io_weight > 1 else None
-            lm_loss = float(ce[valid].mean())
-            io_loss = float(ce[io_mask].mean()) if io_mask is not None and io_mask.any() else float("nan")
+            lm_loss = float(ce[weights > 0].mean())
+            io_loss = float(ce[io_mask].mean()) if io_mask.any() else float("nan")
         recent = (recent + [(loss.item(), lm_loss, io_loss)])[-100:]
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
             ev = quick_eval(model, tok, HELDOUT_NAMES)
+            ev_train = quick_eval(model, tok, TRAIN_NAMES)
             elapsed = time.perf_counter() - t0
             point = {
                 "step": step + 1,
@@ -594,15 +670,19 @@ def train(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Any, Any,
                 "io_loss": sum(r[2] for r in recent) / len(recent),
                 "heldout_accuracy": ev["accuracy"],
                 "heldout_logit_diff": ev["mean_logit_diff"],
+                "train_names_accuracy": ev_train["accuracy"],
                 "elapsed_s": round(elapsed, 1),
+                "cpu_s": round(time.process_time() - c0, 1),
             }
             curve.append(point)
             eta = elapsed / (step + 1) * (recipe.steps - step - 1)
             log(f"step {step + 1:5d}/{recipe.steps}  loss {point['loss']:.3f}  lm {point['lm_loss']:.3f}  "
-                f"io {point['io_loss']:.3f}  heldout acc {ev['accuracy']:.3f}  ld {ev['mean_logit_diff']:.2f}  "
+                f"io {point['io_loss']:.3f}  acc train/heldout {ev_train['accuracy']:.3f}/{ev['accuracy']:.3f}  "
+                f"ld {ev['mean_logit_diff']:.2f}  "
                 f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left")
 
     train_time = time.perf_counter() - t0
+    cpu_time = time.process_time() - c0
     for h in handles:
         h.remove()
     model.eval()
@@ -613,6 +693,7 @@ def train(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Any, Any,
         "final_lm_loss": curve[-1]["lm_loss"],
         "final_io_loss": curve[-1]["io_loss"],
         "train_time_s": round(train_time, 1),
+        "train_cpu_time_s": round(cpu_time, 1),
         "n_params": sum(p.numel() for p in model.parameters()),
     }
     return model, tok, info
@@ -658,6 +739,8 @@ def _print_check(check: dict[str, Any]) -> None:
     print(f"mean-ablate {abl['head']}: TE {abl['TE']:.3f}  DEL {abl['DEL']:.3f}  "
           f"TE/DEL {abl['TE_over_DEL']:.3f}  ablated acc {abl['ablated_accuracy']:.3f}  "
           f"LN scale ratio {abl['mean_ln_scale_ratio_clean_over_ablated']:.3f}")
+    print(f"sum DE heads {check['sum_head_de']:.2f}, MLPs {check['sum_mlp_de']:.2f}; MLP dDE:",
+          abl["mlp_delta_de"])
     print("downstream dDE:", ", ".join(f"{d['head']}={d['delta_de']:+.2f}"
                                       for d in abl["downstream_delta_de"][:8]))
 
@@ -671,6 +754,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=d.n_layer)
     p.add_argument("--heads", type=int, default=d.n_head)
     p.add_argument("--d-model", type=int, default=d.d_model)
+    p.add_argument("--mlp-ratio", type=int, default=d.mlp_ratio, help="MLP width / d_model")
     p.add_argument("--n-positions", type=int, default=d.n_positions)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -683,10 +767,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="probability of zeroing each head (per sequence)")
     p.add_argument("--head-dropout-seq-frac", type=float, default=d.head_dropout_seq_frac,
                    help="fraction of sequences that get head dropout at all")
+    p.add_argument("--mlp-dropout", type=float, default=d.mlp_dropout,
+                   help="probability of zeroing a whole MLP output (per sequence and layer)")
     p.add_argument("--ioi-frac", type=float, default=d.ioi_frac, help="share of IOI sentences")
     p.add_argument("--max-sentences", type=int, default=d.max_sentences)
+    p.add_argument("--filler-pool", type=int, default=d.filler_pool,
+                   help="names per sequence for filler sentences (0 = independent)")
     p.add_argument("--io-weight", type=float, default=d.io_weight,
                    help="loss weight of the position that predicts the IO name")
+    p.add_argument("--io-smoothing", type=float, default=d.io_smoothing,
+                   help="target mass moved from IO to S at IO positions (0 = plain next-token loss)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -712,11 +802,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
 
     recipe = Recipe(
-        n_layer=args.layers, n_head=args.heads, d_model=args.d_model, n_positions=args.n_positions,
+        n_layer=args.layers, n_head=args.heads, d_model=args.d_model, mlp_ratio=args.mlp_ratio, n_positions=args.n_positions,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr_frac=args.min_lr_frac,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        head_dropout=args.head_dropout, head_dropout_seq_frac=args.head_dropout_seq_frac,
-        ioi_frac=args.ioi_frac, max_sentences=args.max_sentences, io_weight=args.io_weight,
+        head_dropout=args.head_dropout, head_dropout_seq_frac=args.head_dropout_seq_frac, mlp_dropout=args.mlp_dropout,
+        ioi_frac=args.ioi_frac, max_sentences=args.max_sentences, filler_pool=args.filler_pool, io_weight=args.io_weight, io_smoothing=args.io_smoothing,
         seed=args.seed, threads=args.threads, eval_every=args.eval_every,
     )
     print("recipe:", json.dumps(asdict(recipe)))
@@ -740,7 +830,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                "with probability head_dropout (in a head_dropout_seq_frac share "
                                "of sequences); no rescaling; hooks removed before saving",
         "loss": "next-token cross-entropy over all non-pad positions; the position predicting "
-                "the IO name is weighted io_weight",
+                "the IO name is weighted io_weight and, if io_smoothing > 0, its target is "
+                "(1 - io_smoothing) on IO and io_smoothing on S (optimal IO-S logit diff "
+                "log((1 - io_smoothing) / io_smoothing))",
         **info,
         "versions": _versions(),
         "self_check": check,
