@@ -11,20 +11,28 @@ What it does
   vocabulary is the special tokens ``[UNK] [PAD] [EOS]`` plus every word and
   punctuation mark of :mod:`hydra_probe.tasks.ioi_templates`. It is saved as a
   ``PreTrainedTokenizerFast`` (no BOS is ever added; ``" Mary"`` is one token).
-* **Data.** Generated on the fly. Each training sequence concatenates a few
-  sentences: IOI sentences built from ``TEMPLATES`` with ``TRAIN_NAMES`` only,
-  completed with the indirect object and a period ("... John gave a ring to
-  Mary."), and filler sentences from ``FILLER_TEMPLATES`` that use *all* names
-  (train and held-out), so held-out names get trained embeddings as names but
-  never occur in an IOI sentence. The loss is the ordinary next-token loss;
-  the position that predicts the IO name can be up-weighted (``--io-weight``).
+* **Data.** Generated on the fly. Each training sequence packs a few
+  sentences (the first one at position 0, like evaluation prompts): IOI
+  sentences built from ``TEMPLATES`` with ``TRAIN_NAMES`` only, completed with
+  the indirect object and a period ("... John gave a ring to Mary."), and
+  filler sentences from ``FILLER_TEMPLATES`` that use *all* names (train and
+  held-out), drawn from a small per-sequence pool so that names recur. Held-out
+  names thus get trained embeddings, and practise being copied, but never occur
+  in an IOI sentence. The loss is the ordinary next-token loss; the position
+  that predicts the IO name is up-weighted (``--io-weight``) and can optionally
+  get a soft target (``--io-smoothing``).
 * **Head dropout.** A forward pre-hook on every layer's ``attn.c_proj`` (whose
   input is the concatenation ``z`` of the head outputs) zeroes whole heads,
-  independently per sequence and head, with probability ``--head-dropout``.
-  The surviving heads are *not* rescaled: training sees exactly what a zero
-  ablation looks like, which rewards downstream heads that step in when an
-  upstream head is missing (the Hydra / self-repair effect). The hooks are
-  removed before saving.
+  independently per sequence and head, with probability ``--head-dropout`` (in
+  a ``--head-dropout-seq-frac`` share of the sequences). The surviving heads
+  are *not* rescaled: training sees exactly what a zero ablation looks like,
+  which rewards downstream heads that step in when an upstream head is missing
+  (the Hydra / self-repair effect).
+* **MLP dropout.** A forward hook zeroes a whole MLP output per sequence with
+  probability ``--mlp-dropout``. Without it (and with narrow heads) the MLPs
+  end up writing almost all of the answer and attention heads have next to no
+  direct effect; with it, name-mover heads carry the logit difference. All
+  hooks are removed before saving.
 * **Self-check.** On IOI prompts built from ``HELDOUT_NAMES`` the script
   measures accuracy and logit difference, per-head direct effects (DE) at the
   last position, and mean-ablates the head with the largest mean DE to get the
@@ -37,6 +45,7 @@ The run is deterministic given ``--seed`` and ``--threads``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -68,23 +77,27 @@ PLACEHOLDERS: tuple[str, ...] = ("{A}", "{B}", "{S}", "{PLACE}", "{OBJECT}")
 # --------------------------------------------------------------------------- #
 @dataclass
 class Recipe:
-    """All hyperparameters of one training run (stored in ``training.json``)."""
+    """All hyperparameters of one training run (stored in ``training.json``).
+
+    The defaults are the recipe of the shipped model (see the ``attempts`` list
+    in ``default/training.json`` for what else was tried).
+    """
 
     n_layer: int = 4
     n_head: int = 8
     d_model: int = 128
-    mlp_ratio: int = 4
+    mlp_ratio: int = 1  # MLP width = mlp_ratio * d_model
     n_positions: int = 64
     steps: int = 3000
-    batch_size: int = 64
-    lr: float = 1e-3
+    batch_size: int = 32
+    lr: float = 2e-3
     min_lr_frac: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     head_dropout: float = 0.2
-    head_dropout_seq_frac: float = 1.0
-    mlp_dropout: float = 0.0
+    head_dropout_seq_frac: float = 0.5
+    mlp_dropout: float = 0.6
     ioi_frac: float = 0.5
     max_sentences: int = 8
     filler_pool: int = 3
@@ -98,11 +111,16 @@ class Recipe:
 # --------------------------------------------------------------------------- #
 # Tokenizer
 # --------------------------------------------------------------------------- #
-def _words(text: str) -> list[str]:
-    """Split ``text`` exactly like the tokenizer's ``Whitespace`` pre-tokenizer."""
+@functools.lru_cache(maxsize=None)
+def _pre_tokenizer() -> Any:
     from tokenizers import pre_tokenizers
 
-    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+    return pre_tokenizers.Whitespace()
+
+
+def _words(text: str) -> list[str]:
+    """Split ``text`` exactly like the tokenizer's ``Whitespace`` pre-tokenizer."""
+    return [w for w, _ in _pre_tokenizer().pre_tokenize_str(text)]
 
 
 def build_vocab() -> dict[str, int]:
@@ -135,7 +153,7 @@ def build_vocab() -> dict[str, int]:
     return vocab
 
 
-def build_tokenizer(vocab: dict[str, int]) -> Any:
+def build_tokenizer(vocab: dict[str, int], max_length: int = 64) -> Any:
     """Wrap a ``WordLevel`` tokenizer for ``vocab`` as a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -152,23 +170,40 @@ def build_tokenizer(vocab: dict[str, int]) -> Any:
         unk_token="[UNK]",
         pad_token="[PAD]",
         eos_token="[EOS]",
-        model_max_length=64,
+        model_max_length=max_length,
     )
 
 
 def check_tokenizer(tok: Any) -> dict[str, Any]:
-    """Assert the properties the analysis code relies on; return a summary."""
+    """Check the properties the analysis code relies on; return a summary.
+
+    Raises ``ValueError`` if a clean prompt does not tokenize word by word,
+    contains an unknown word, does not decode back to itself, gets a BOS/EOS
+    added, or if any name is not a single token whose id is the same alone
+    (``" Name"``) and inside a prompt.
+    """
+    def fail(msg: str) -> None:
+        raise ValueError(f"tokenizer check failed: {msg}")
+
     prompt = "Then, Mary and John went to the store. John gave a ring to"
     ids = tok(prompt, add_special_tokens=True).input_ids
-    words = _words(prompt)
-    expected = [tok.convert_tokens_to_ids(w) for w in words]
-    assert ids == expected, (ids, expected)
-    assert tok.unk_token_id not in ids, "prompt contains unknown words"
+    if ids != [tok.convert_tokens_to_ids(w) for w in _words(prompt)]:
+        fail(f"{prompt!r} -> {tok.convert_ids_to_tokens(ids)}")
+    rng = random.Random(0)
+    for template in TEMPLATES:
+        ex = ioi_example(rng, HELDOUT_NAMES, template)
+        ex_ids = tok(ex["prompt"], add_special_tokens=True).input_ids
+        if tok.unk_token_id in ex_ids or len(ex_ids) != len(_words(ex["prompt"])):
+            fail(f"{ex['prompt']!r} -> {tok.convert_ids_to_tokens(ex_ids)}")
+        if tok.decode(ex_ids) != ex["prompt"]:
+            fail(f"decode({ex['prompt']!r}) = {tok.decode(ex_ids)!r}")
     for name in ALL_NAMES:
         one = tok(" " + name, add_special_tokens=False).input_ids
-        assert len(one) == 1 and one[0] != tok.unk_token_id, (name, one)
+        if len(one) != 1 or one[0] == tok.unk_token_id:
+            fail(f"{name!r} -> {one}")
         inside = tok(f"Then, {name} and John", add_special_tokens=False).input_ids
-        assert inside[2] == one[0], (name, inside, one)
+        if inside[2] != one[0]:
+            fail(f"{name!r}: {one} alone but {inside} in a prompt")
     return {
         "vocab_size": len(tok),
         "example_prompt": prompt,
@@ -583,7 +618,7 @@ def make_model(recipe: Recipe, vocab: dict[str, int]) -> Any:
         n_embd=recipe.d_model,
         n_layer=recipe.n_layer,
         n_head=recipe.n_head,
-        n_inner=recipe.mlp_ratio * recipe.d_model,
+        n_inner=int(recipe.mlp_ratio * recipe.d_model),
         activation_function="gelu_new",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -612,7 +647,7 @@ def train(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Any, Any,
     gen = torch.Generator().manual_seed(recipe.seed + 1)
 
     vocab = build_vocab()
-    tok = build_tokenizer(vocab)
+    tok = build_tokenizer(vocab, recipe.n_positions)
     tok_info = check_tokenizer(tok)
     model = make_model(recipe, vocab)
     model.train()
@@ -754,7 +789,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=d.n_layer)
     p.add_argument("--heads", type=int, default=d.n_head)
     p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--mlp-ratio", type=int, default=d.mlp_ratio, help="MLP width / d_model")
+    p.add_argument("--mlp-ratio", type=float, default=d.mlp_ratio, help="MLP width / d_model")
     p.add_argument("--n-positions", type=int, default=d.n_positions)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
