@@ -32,8 +32,6 @@ def test_heldout_accuracy_and_logit_diff(shipped):
     assert ld.mean() > 1.0
 
 
-@pytest.mark.xfail(reason="issue 3 open: on the shipped model the top head's mean-ablation TE/DEL is ~0.85 "
-                          "(the bar is <= 0.8); see hydra_probe/zoo/default/README.md", strict=False)
 def test_top_head_is_compensated(shipped):
     m, task = shipped
     de = hp.direct_effects(m, task, components="heads").summary()

@@ -298,7 +298,7 @@ def iterated_curve(summary: pd.DataFrame, *, caption: str = "") -> Any:
     """Total effect as the target's compensators are ablated with it, step by step.
 
     ``summary``: ``IteratedAblation.summary()`` (``step``, ``ablated``,
-    ``added``, ``total_effect`` with interval, ``target_de_lost``).
+    ``added``, ``total_effect`` with interval, ``target_de_lost``, ``de_lost``).
     """
     with _style():
         fig = new_figure(4.8, 3.4)
@@ -310,6 +310,9 @@ def iterated_curve(summary: pd.DataFrame, *, caption: str = "") -> Any:
         ax.plot(x, y, marker="o", color="#0072B2", label="total effect (TE)")
         d = float(summary["target_de_lost"].iloc[0])
         ax.axhline(d, color="black", linestyle="--", linewidth=0.8, label="target's DE lost")
+        if "de_lost" in summary:
+            ax.plot(x, summary["de_lost"].to_numpy(float), marker="s", color="#D55E00", linestyle=":",
+                    label="DE lost of all ablated")
         target = str(summary["ablated"].iloc[0])
         labels = [target] + [f"+{a}" for a in summary["added"].iloc[1:]]
         ax.set_xticks(x, labels, rotation=20)
