@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import tempfile
@@ -25,11 +26,25 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if unavailable."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextlib.contextmanager
 def atomic_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path``, on error it is removed.
 
     A refused or failed run leaves no ``path`` behind (and an existing one untouched).
+    Overwriting swaps the folders atomically where the OS can (Linux); elsewhere
+    the old folder is moved aside to ``.NAME.old`` for the instant before the
+    new one is renamed into place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +59,9 @@ def atomic_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(path)
+        if _exchange(tmp, path):          # path now holds the new run, tmp the old one
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)

@@ -260,3 +260,18 @@ def test_atomic_folder_leaves_nothing_on_error_and_keeps_an_existing_folder(tmp_
     with atomic_folder(out, overwrite=True) as tmp:
         (tmp / "report.md").write_text("new")
     assert files_under(tmp_path) == {"report", "report/report.md"}
+
+
+@pytest.mark.parametrize("can_swap", [True, False])
+def test_atomic_folder_overwrite_swaps_or_falls_back(tmp_path, monkeypatch, can_swap):
+    from hydra_probe import io
+
+    if not can_swap:
+        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with io.atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert files_under(tmp_path) == {"report", "report/new.txt"}
+    assert (out / "new.txt").read_text() == "new"
