@@ -355,8 +355,9 @@ def _findings(rep: Any) -> list[str]:
         out.append(f"Iterated ablation of {s['ablated'].iloc[0]}: total effect {fmt(s['total_effect'].iloc[0])} alone, "
                    f"{fmt(s['total_effect'].iloc[-1])} with {', '.join(s['added'].iloc[1:])} "
                    f"(its DE lost is {fmt(s['target_de_lost'].iloc[0])}; the DE lost of everything ablated at the "
-                   f"last step is {fmt(s['de_lost'].iloc[-1])}, so a closure above the target's DE lost includes "
-                   "the compensators' own direct effects).")
+                   f"last step is {fmt(s['de_lost'].iloc[-1])}"
+                   + (", so the closure above the target's DE lost includes the compensators' own direct effects"
+                      if s["total_effect"].iloc[-1] > s["target_de_lost"].iloc[0] else "") + ").")
     return out
 
 
