@@ -31,6 +31,29 @@ def test_bos_is_added_for_bos_tokenizers():
     assert all(int(c[0]) == m.tokenizer.bos_token_id for c in t.clean_ids)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_dummy_prefix_tokenizer_reads_names_in_context(family):
+    """Llama-2/Mistral SentencePiece tokenizers split " Mary" alone into ["▁", "▁Mary"]; inside a prompt the
+    name is one token. IOI names and answers must be the in-prompt ids."""
+    tok = tiny.sp_tokenizer()
+    assert len(tok(" Mary", add_special_tokens=False)["input_ids"]) == 2      # the trap is really there
+    m = hp.load_model(tiny.hf_model(family, vocab=len(tok.get_vocab())), tokenizer=tok)
+    t = hp.tasks.ioi(m, n_prompts=8, corruption="abc", seed=0)
+    for p, c, a, b in zip(t.pairs, t.clean_ids, t.answer_ids, t.alternative_ids):
+        assert int(c[0]) == tok.bos_token_id
+        ids = c.tolist()
+        assert ids.count(int(a)) == 1 and ids.count(int(b)) == 2          # IO once, S twice, as written
+        assert tok.decode([int(a)]).strip() == p["answer"].strip()
+    de = hp.direct_effects(m, t, components="all")
+    f = de.to_frame()
+    total = f.groupby("prompt").direct_effect.sum().to_numpy() + de.constant.constant.to_numpy()
+    assert abs(total - de.constant.metric.to_numpy()).max() < 1e-4
+    j = hp.tasks.from_pairs(m, [{"clean": "Then, Mary and John went to the store. John gave a ring to",
+                                 "corrupted": "Then, Mary and John went to the store. Mary gave a ring to",
+                                 "answer": " Mary", "alternative": " John"}])
+    assert int(j.answer_ids[0]) == tok.convert_tokens_to_ids("▁Mary")
+
+
 def test_mixed_lengths_read_each_prompts_last_token():
     m = tiny.model("llama")
     t = hp.tasks.ioi(m, 16, seed=0)   # several templates of different lengths

@@ -6,7 +6,7 @@ import re
 
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 import hydra_probe as hp
 from hydra_probe.tasks import ioi_templates as T
@@ -33,10 +33,29 @@ def tokenizer(bos: bool = False) -> tf.PreTrainedTokenizerFast:
 VOCAB = len(WORDS) + 3
 
 
-def hf_model(family: str, seed: int = 0, layers: int = 3, heads: int = 4, d: int = 32, **kw) -> torch.nn.Module:
+def sp_tokenizer() -> tf.PreTrainedTokenizerFast:
+    """A Llama-2-style tokenizer: SentencePiece word pieces ("▁Mary"), a dummy-prefix normalizer that puts "▁"
+    before every text, and a BOS token. Like Llama-2's, it tokenizes " Mary" *alone* as two tokens ["▁", "▁Mary"]
+    while inside a prompt the name is the single token "▁Mary"."""
+    words = [w for w in WORDS if re.match(r"\w", w)]
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "▁": 3, **{"▁" + w: i + 4 for i, w in enumerate(words)}}
+    for w in WORDS:
+        if not re.match(r"\w", w):
+            vocab[w] = len(vocab)
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+                                               pre_tokenizers.Punctuation()])
+    t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", pad_token="<pad>", bos_token="<s>")
+
+
+def hf_model(family: str, seed: int = 0, layers: int = 3, heads: int = 4, d: int = 32, vocab: int = VOCAB,
+             **kw) -> torch.nn.Module:
     """A random-weight causal LM of ``family`` (eval mode)."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, bos_token_id=2, eos_token_id=1, pad_token_id=1)
+    common = dict(vocab_size=vocab, bos_token_id=2, eos_token_id=1, pad_token_id=1)
     if family == "gpt2":
         cfg = tf.GPT2Config(n_layer=layers, n_head=heads, n_embd=d, n_positions=64, **common, **kw)
         m = tf.GPT2LMHeadModel(cfg)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import OptionError, TaskError
 from . import ioi_templates as T
-from .task import Task, from_pairs
+from .task import Task, from_pairs, in_context_ids
 
 CORRUPTIONS = {
     "swap": "the repeated subject (S2) is replaced by the indirect object, so the correct answer flips",
@@ -21,7 +21,7 @@ def _single_token_names(tokenizer: Any, names: Sequence[str]) -> list[str]:
     out, seen = [], set()
     unk = getattr(tokenizer, "unk_token_id", None)
     for n in names:
-        ids = tokenizer(" " + n, add_special_tokens=False)["input_ids"]
+        ids = in_context_ids(tokenizer, " " + n)
         if len(ids) == 1 and ids[0] != unk and ids[0] not in seen and tokenizer.decode(ids).strip() == n:
             out.append(n)
             seen.add(ids[0])

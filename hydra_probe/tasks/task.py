@@ -83,8 +83,28 @@ class Task:
         return {"task": self.name, "corruption": self.corruption, "n": len(self), "seed": self.seed}
 
 
+_CONTEXT = "and"
+
+
+def in_context_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` as it reads after a word inside a prompt.
+
+    ``" Mary"`` is tokenized after a context word and the context's ids are
+    removed, so the ids are those the model sees (and predicts) mid-sentence.
+    This matters for SentencePiece tokenizers with a dummy prefix (Llama-2,
+    Mistral): alone, ``" Mary"`` becomes two tokens ``["▁", "▁Mary"]``; in a
+    prompt it is the single token ``"▁Mary"``. Falls back to tokenizing
+    ``text`` alone when the context does not split off cleanly.
+    """
+    pre = tokenizer(_CONTEXT, add_special_tokens=False)["input_ids"]
+    both = tokenizer(_CONTEXT + text, add_special_tokens=False)["input_ids"]
+    if len(both) > len(pre) and both[:len(pre)] == pre:
+        return list(both[len(pre):])
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _single_token(tokenizer: Any, text: str, what: str, row: int) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = in_context_ids(tokenizer, text)
     unk = getattr(tokenizer, "unk_token_id", None)
     if len(ids) != 1:
         raise TaskError(
@@ -102,7 +122,8 @@ def from_pairs(model: Any, rows: Iterable[Mapping[str, Any]], *, name: str = "cu
     """Build a task from rows of ``{"clean", "corrupted", "answer", "alternative"}`` strings.
 
     Prompts are tokenized with the tokenizer's special tokens (a BOS token is
-    added where the tokenizer adds one); answers without. Clean and corrupted
+    added where the tokenizer adds one); answers without, as they read after a
+    word inside a prompt (see :func:`in_context_ids`). Clean and corrupted
     prompts of one pair must have the same token length.
     """
     tok = model.tokenizer
