@@ -105,3 +105,18 @@ def test_load_from_an_nnsight_language_model(traces):
         out = lm.lm_head.output.save()
     got = out.value if hasattr(out, "value") else out
     torch.testing.assert_close(got, want)
+
+
+def test_load_from_an_nnsight_transformers_model(traces):
+    """nnsight 0.8's replacement for LanguageModel wraps a loaded model too; the nnsight path runs through it."""
+    TransformersModel = pytest.importorskip("nnsight.modeling.transformers").TransformersModel
+    hf = tiny.hf_model("llama")
+    tok = tiny.tokenizer(bos=True)
+    tm = TransformersModel(hf, tokenizer=tok, task="text-generation")
+    m = hp.load_model(tm, backend="nnsight")
+    assert m.nnsight is tm and m.hf_model is hf
+    t = tiny.ioi(m, 4)
+    got = hp.self_repair(m, t, ["L1H0", "MLP0"], value="mean").to_frame()
+    assert traces[0] > 0
+    want = hp.self_repair(hp.load_model(hf, tokenizer=tok), t, ["L1H0", "MLP0"], value="mean").to_frame()
+    _same(got, want)

@@ -200,7 +200,7 @@ def load_model(
 ) -> HookedModel:
     """Wrap a model for hydra_probe.
 
-    ``x`` is an nnsight ``LanguageModel``, a transformers causal LM (then
+    ``x`` is an nnsight ``LanguageModel`` or ``TransformersModel``, a transformers causal LM (then
     ``tokenizer`` is required), a hub name or local folder (safetensors
     weights only), or ``"default"`` for the shipped model. ``device`` moves a
     loaded model (for a model object it is moved in place, as ``.to`` does).
