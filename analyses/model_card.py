@@ -90,13 +90,15 @@ def render(m: dict, training: dict) -> str:
         f"context {r.get('n_positions')}, MLP width {r.get('mlp_ratio')} x d_model",
         f"- steps {r.get('steps')}, batch {r.get('batch_size')}, lr {r.get('lr')}, head dropout "
         f"{r.get('head_dropout')} (on a {r.get('head_dropout_seq_frac')} share of sequences), MLP dropout "
-        f"{r.get('mlp_dropout')} (whole MLP outputs, per sequence and layer), IOI share {r.get('ioi_frac')}, seed {r.get('seed')}, threads {r.get('threads')}",
+        f"{r.get('mlp_dropout')} (whole MLP outputs, per sequence and layer), IOI share {r.get('ioi_frac')}, "
+        f"seed {r.get('seed')}, threads {r.get('threads')}",
         f"- training time: {training.get('train_time_s', '?')} s of wall clock "
         f"on this recipe's threads (command: `{training.get('command', '')}`)",
         *([f"- reproduction ({training['reproduction'].get('date')}): {training['reproduction'].get('result')}, "
            f"{training['reproduction'].get('train_time_s')} s on 2 CPU cores"] if training.get("reproduction") else []),
         "",
-        f"## Held-out IOI ({m['n_prompts']} prompts, names never seen in IOI sentences, corruption '{m['corruption']}', seed {m['seed']})",
+        f"## Held-out IOI ({m['n_prompts']} prompts, names never seen in IOI sentences, "
+        f"corruption '{m['corruption']}', seed {m['seed']})",
         "",
         f"- accuracy (logit of IO > logit of S): **{m['accuracy']:.3f}**",
         f"- logit difference IO - S: mean **{m['logit_diff_mean']:.2f}** (sd {m['logit_diff_std']:.2f})",
@@ -108,14 +110,16 @@ def render(m: dict, training: dict) -> str:
     ]
     lines += [f"| {h['component']} | {h['direct_effect']:.3f} |" for h in m["top_heads"]]
     lines += ["", f"## Self-repair when the top head ({m['top_head']}) is ablated", "",
-              "| value | DE lost | total effect | TE / DEL | self-repair (95% CI) | final-norm part | compensators (delta DE) |",
+              "| value | DE lost | total effect | TE / DEL | self-repair (95% CI) | final-norm part "
+              "| compensators (delta DE) |",
               "|---|---|---|---|---|---|---|"]
     for v, a in m["ablations"].items():
         comp = ", ".join(f"{c['component']} (+{c['delta_de']:.2f})" for c in a["compensators"]) or "none"
         lines.append(f"| {v} | {a['de_lost']:.3f} | {a['total_effect']:.3f} | {a['te_over_del']:.2f} | "
                      f"{a['self_repair']:.3f} [{a['self_repair_ci'][0]:.3f}, {a['self_repair_ci'][1]:.3f}] | "
                      f"{a['norm_term']:.3f} | {comp} |")
-    lines += ["", "Self-repair split (mean over prompts, frozen clean scale; the rows sum to the self-repair): " + "; ".join(
+    lines += ["", "Self-repair split (mean over prompts, frozen clean scale; the rows sum to the self-repair): "
+              + "; ".join(
         f"{v}: downstream heads {a['split']['heads']:+.3f}, MLPs {a['split']['mlps']:+.3f}, final norm "
         f"{a['split']['norm']:+.3f}" for v, a in m["ablations"].items()) + ". Positive parts restore the metric, "
         "negative ones (components that amplified the ablated head's signal) deepen the loss; the paired ablations "
@@ -134,8 +138,8 @@ def render(m: dict, training: dict) -> str:
         lines += ["", "## What was tried", "", LESSONS, "",
                   "Each training attempt, from the training record (held-out numbers from the training script's own "
                   "check: top head by DE, then mean ablation of it):", "",
-                  "| attempt | steps | MLP ratio | head dropout (seq. share) | MLP dropout | seed / threads | accuracy | "
-                  "logit diff | top head | TE / DEL | heads whose DE rises | bars met | train time (s) |",
+                  "| attempt | steps | MLP ratio | head dropout (seq. share) | MLP dropout | seed / threads "
+                  "| accuracy | logit diff | top head | TE / DEL | heads whose DE rises | bars met | train time (s) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for a in att:
             r = a.get("recipe", {})
@@ -147,7 +151,8 @@ def render(m: dict, training: dict) -> str:
                 f"| {a.get('note', '')} | {r.get('steps')} | {r.get('mlp_ratio') or 4} | {r.get('head_dropout')} "
                 f"({r.get('head_dropout_seq_frac')}) | {r.get('mlp_dropout') or 0} | {r.get('seed')} / "
                 f"{r.get('threads')} | {f(a.get('accuracy'), '{:.3f}')} | {f(a.get('mean_logit_diff'))} | "
-                f"{a.get('top_head')} | {f(a.get('TE_over_DEL'))} | {', '.join(a.get('compensating_heads') or []) or '-'} "
+                f"{a.get('top_head')} | {f(a.get('TE_over_DEL'))} | "
+                f"{', '.join(a.get('compensating_heads') or []) or '-'} "
                 f"| {'yes' if a.get('accepted') else 'no'} | {a.get('train_time_s')} |")
     lines += ["", "Files: `config.json`, `model.safetensors`, `tokenizer.json` (standard transformers layout; "
               "`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` open them), "
