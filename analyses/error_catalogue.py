@@ -127,6 +127,8 @@ ENTRIES: list[Entry] = [
     Entry("not-a-device", "Models", "A device name torch does not know",
           "hp.load_model(tiny.hf_model('gpt2', layers=1), tokenizer=tiny.tokenizer(), device='gpu')",
           "OptionError", ("'gpu'", "not a torch device", "cuda:0")),
+    Entry("unknown-dtype", "Models", "A dtype name that is not one of the supported ones",
+          "hp.load_model('default', dtype='fp8')", "OptionError", ("unknown dtype", "bfloat16", "auto")),
     Entry("unknown-backend", "Models", "An unknown backend",
           "hp.load_model(tiny.hf_model('gpt2', layers=1), tokenizer=tiny.tokenizer(), backend='remote')",
           "OptionError", ("unknown backend", "nnsight")),

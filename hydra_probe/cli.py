@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final-norm scale policy for direct effects: frozen (the clean run's) or recomputed (each "
                         "run's own). Default: frozen")
     g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: where the model is)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
+                   help="weights' dtype for a hub name or folder: float32 (default; exact decompositions), "
+                        "bfloat16, float16, or auto (the checkpoint's own)")
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads for torch (default: 1 for small models, d_model < 512, whose many tiny "
                         "operations run faster on one thread; torch's own default otherwise)")
@@ -270,7 +273,7 @@ def load_inputs(args: Any) -> tuple[Any, Any, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_model(args.model if args.model == "default" else str(Path(args.model).expanduser()),
-                           device=args.device)
+                           device=args.device, dtype=args.dtype)
     _set_threads(args, model)
     if args.task == "ioi":
         task = ioi(model, args.n_prompts, corruption=args.corruption or "swap", seed=args.seed)

@@ -38,6 +38,7 @@ def provenance(model: Any, task: Any, *, metric: Any, value: Any = None, directi
         ref, value = getattr(value, "name", "reference"), "mean"
     p = {
         "model": getattr(model, "name", str(model)),
+        "dtype": str(getattr(getattr(model, "adapter", None), "dtype", "")).replace("torch.", ""),
         "task": task.name,
         "corruption": task.corruption,
         "value": value,

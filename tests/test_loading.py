@@ -3,10 +3,12 @@
 import warnings
 
 import pytest
+import torch
 import transformers as tf
 
 import hydra_probe as hp
 import tiny
+from hydra_probe.errors import OptionError
 
 
 @pytest.mark.parametrize("family", ["gpt2", "neox", "qwen2"])
@@ -77,3 +79,20 @@ def test_evaluating_restores_training_flags():
     task = tiny.ioi(m, 4)
     hp.ablate(m, task, ["L0H0"], value="zero")
     assert all(mod.training for mod in hf.modules())
+
+
+def test_checkpoint_dtype_float32_by_default(tmp_path):
+    """transformers 5 keeps a checkpoint's bfloat16; hydra_probe loads float32 unless asked (dtype='auto')."""
+    hf = tiny.hf_model("llama").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    tiny.tokenizer(bos=True).save_pretrained(tmp_path)
+    m = hp.load_model(str(tmp_path))
+    assert next(m.hf_model.parameters()).dtype == torch.float32
+    t = tiny.ioi(m, 4)
+    assert hp.ablate(m, t, ["L0H1"], value="zero").provenance["dtype"] == "float32"
+    assert next(hp.load_model(str(tmp_path), dtype="auto").hf_model.parameters()).dtype == torch.bfloat16
+    assert next(hp.load_model(str(tmp_path), dtype=torch.float16).hf_model.parameters()).dtype == torch.float16
+    with pytest.raises(OptionError, match="unknown dtype"):
+        hp.load_model(str(tmp_path), dtype="fp8")
+    with pytest.raises(OptionError, match="floating"):
+        hp.load_model(str(tmp_path), dtype=torch.int8)

@@ -193,7 +193,7 @@ def load_model(
     tokenizer: Any = None,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     backend: str = "local",
     remote: bool = False,
     trust_remote_code: bool = False,
@@ -204,8 +204,13 @@ def load_model(
     ``tokenizer`` is required), a hub name or local folder (safetensors
     weights only), or ``"default"`` for the shipped model. ``device`` moves a
     loaded model (for a model object it is moved in place, as ``.to`` does).
+    ``dtype`` applies to names and folders: None loads in float32 (exact
+    decompositions and comparable numbers; transformers 5 would otherwise keep
+    a checkpoint's bfloat16), ``"auto"`` keeps the checkpoint's dtype, or give
+    a torch dtype. A model object keeps its dtype.
     """
     dev = resolve_device(device)
+    resolve_dtype(dtype)  # a bad dtype fails before anything loads
     if isinstance(x, HookedModel):
         return x
     if isinstance(x, (str, os.PathLike)) and str(x) == "default":
@@ -233,7 +238,23 @@ def load_model(
     return HookedModel(hf, tokenizer, name=name, backend=backend, nnsight_model=nn_model, remote=remote)
 
 
-def _from_pretrained(path: str, dtype: torch.dtype | None, trust_remote_code: bool):
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """The dtype to load weights in: None -> float32; a name from :data:`DTYPES`; or a torch floating dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise OptionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)} (or a torch dtype).")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise OptionError(f"dtype must be a floating torch dtype or one of {', '.join(DTYPES)}, not {dtype!r}.")
+    return dtype
+
+
+def _from_pretrained(path: str, dtype: torch.dtype | str | None, trust_remote_code: bool):
     import transformers as tf
 
     p = Path(path)
@@ -248,9 +269,8 @@ def _from_pretrained(path: str, dtype: torch.dtype | None, trust_remote_code: bo
             f"{path} holds no .safetensors weights; hydra_probe loads safetensors only "
             "(re-save the model with save_pretrained(..., safe_serialization=True))."
         )
-    kw: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        kw["dtype"] = dtype
+    kw: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
+                          "dtype": resolve_dtype(dtype)}
     try:
         hf = tf.AutoModelForCausalLM.from_pretrained(path, **kw)
     except ValueError as e:
