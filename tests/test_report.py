@@ -211,3 +211,24 @@ def test_progress_messages_name_each_step():
     with tri_mod.Steps(total=1, enabled=None, stream=quiet).step("a", "x"):  # not a terminal: silent
         pass
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("family", ["llama", "neox"])
+def test_whole_report_on_other_families(family, tmp_path):
+    """The main job on a Llama-2-style model (dummy-prefix tokenizer with BOS, grouped-query attention, RMSNorm)
+    and on a parallel-residual GPT-NeoX: every section runs and the self-repair rows close."""
+    if family == "llama":
+        tok = tiny.sp_tokenizer()
+        m = hp.load_model(tiny.hf_model("llama", layers=2, vocab=len(tok.get_vocab())), tokenizer=tok)
+    else:
+        m = tiny.model("neox", layers=2)
+    task = hp.tasks.ioi(m, 6, corruption="abc", seed=0)
+    rep = hp.triangulate(m, task, top=2, progress=False)
+    for key in ("direct_effects", "self_repair", "patch_denoise", "patch_noise", "attribution", "path_patch"):
+        assert key in rep.results, (key, rep.notes)
+    sr = rep.results["self_repair"]
+    rows = sr.contributions().groupby(["component", "prompt"]).delta_de.sum()
+    want = sr.to_frame().set_index(["component", "prompt"]).self_repair
+    assert (rows - want.loc[rows.index]).abs().max() < 1e-4
+    rep.save(tmp_path / "rep")
+    assert (tmp_path / "rep" / "report.html").exists()
