@@ -29,7 +29,9 @@ from ..results import _jsonable, frame_from_json, frame_to_json, package_version
 
 VALUE_TEXT = {
     "zero": "zero ablation (the component's output set to 0)",
-    "mean": "mean ablation (the per-position mean of the component's output over the task's clean prompts)",
+    "mean": "mean ablation (the per-position mean of the component's output over the task's clean prompts; "
+            "positions count from the start, so prompts of different lengths are averaged over the positions "
+            "they share)",
     "resample": "resample ablation (the component's output from another prompt of the task, seeded)",
 }
 
