@@ -278,7 +278,11 @@ def _from_pretrained(path: str, dtype: torch.dtype | str | None, trust_remote_co
             raise ArchitectureError(f"{path} is not a causal language model ({str(e).splitlines()[0]}).") from None
         raise
     except OSError as e:
-        raise InputError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+        hint = ""
+        if not p.exists():
+            hint = (" A hub name must be in the local Hugging Face cache when there is no network: download it "
+                    "where there is one (e.g. `hf download NAME`) or save it with save_pretrained and pass the folder.")
+        raise InputError(f"cannot load model {path!r}: {str(e).splitlines()[0]}{hint}") from None
     tok = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return hf.eval(), tok, path
 
