@@ -81,6 +81,8 @@ def test_self_repair_decomposition_closes(family, cfg, pick):
     m, task = build(family, **cfg)
     comps = [c.name for c in m.components("all")]
     chosen = sorted({comps[pick % len(comps)], comps[(pick // 7) % len(comps)], "ATTN0"})
+    # a joint group across layers: components between its members change too and must have rows
+    chosen.append(f"L0H{pick % m.n_heads}+MLP{m.n_layers - 1}")
     ids = task.clean_ids[0][None]
     before = State(m.hf_model, ids)
     de_lost = {}

@@ -6,6 +6,9 @@ For an ablated component (or group) c, on each prompt (DESIGN.md section 2):
     TE  = m(clean) - m(c ablated)
     SR  = DEL - TE = sum_{d downstream of c} dDE_d + dNorm
 
+For a joint group, "downstream" means every non-member that some member can
+reach, including components between members in different layers.
+
 with ``frozen`` scale: ``dDE_d = <gamma P(out_d' - out_d), u> / sigma`` and
 ``dNorm = m'(sigma') - m'(sigma)``; with ``recomputed`` scale:
 ``dDE_d = DE_d(ablated; sigma') - DE_d(clean; sigma)`` and the norm row holds
@@ -129,7 +132,8 @@ def _decompose(g: Group, fin: list, parallel: bool, base, o, sigma0: torch.Tenso
     de_lost = clean_de - repl_de
     te = base.metric - o.metric
     sr = de_lost - te
-    down = [i for i, d in enumerate(fin) if i not in cols and all(is_downstream(d, c, parallel) for c in g.members)]
+    # every non-member that any member can reach (for a group across layers, also those between its members)
+    down = [i for i, d in enumerate(fin) if i not in cols and any(is_downstream(d, c, parallel) for c in g.members)]
     if scale == "frozen":
         delta = (o.proj[:, down] - base.proj[:, down]) / sigma0[:, None]
         total1 = o.proj.sum(1) + o.proj_const
