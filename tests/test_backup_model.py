@@ -154,6 +154,11 @@ def test_paired_ablation_confirms_the_edge(full):
     assert G.edges[A, B]["verified"] == "untested"    # the input graph is left alone
     assert res.paired.provenance["value"] == "zero"   # same ablation value as the graph
     assert compensators_of(res.graph, A) == [B]
+    # the interaction is the edge itself: B's rise when A is gone, with no other part
+    r = res.tested.iloc[0]
+    assert r["interaction_edge"] == pytest.approx(G.edges[A, B]["weight"], rel=1e-6)
+    assert r["interaction_edge"] == pytest.approx(r["interaction"], rel=0.01)
+    assert abs(r["interaction_others"]) + abs(r["interaction_norm"]) < 0.01 * del_a and r["interaction_reverse"] == 0
 
 
 def test_iterated_ablation_closes_the_gap(full):

@@ -318,6 +318,21 @@ def test_shipped_model_compensators_confirmed():
     for _, r in res.tested.iterrows():
         if r["interaction_lo"] > 0 or r["interaction_hi"] < 0:
             assert math.copysign(1, r["interaction"]) == math.copysign(1, r["weight"]), r.to_dict()
-    # the verdicts are written into the returned graph
+    # the verdicts are written into the returned graph; the interaction splits exactly, and its edge part is
+    # the graph's own weight (same prompts, value and scale)
     for _, r in res.tested.iterrows():
         assert res.graph.edges[r["source"], r["target"]]["verified"] == r["verified"]
+        parts = r[["interaction_edge", "interaction_reverse", "interaction_others", "interaction_norm"]].sum()
+        assert parts == pytest.approx(r["interaction"], abs=1e-5)
+        assert r["interaction_edge"] == pytest.approx(r["weight"], abs=1e-6)
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="the shipped model is not trained yet")
+def test_shipped_amplification_edge_is_flipped_by_the_norm():
+    """An amplification edge into the last MLP: edge < 0, but the final norm's part of the interaction is larger
+    and positive, so the paired interaction has the opposite sign (why only compensation edges are verified)."""
+    m = hp.load_default_model()
+    t = hp.tasks.ioi(m, n_prompts=24, names="heldout")
+    s = hp.interaction_parts(m, t, [("L2H1", "MLP3")], value="zero").summary().iloc[0]
+    assert s["edge_hi"] < 0 and s["norm_lo"] > 0 and s["norm"] > -s["edge"]
+    assert s["interaction"] == pytest.approx(s[["edge", "reverse", "others", "norm"]].sum(), abs=1e-6)

@@ -134,3 +134,22 @@ def test_every_family_builds_at_the_extremes(family):
     for layers, heads, d in ((1, 1, 16), (3, 4, 32)):
         m, task = build(family, layers, heads, d, 0)
         assert (m.n_layers, m.n_heads) == (layers, heads)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "qwen2"])
+@pytest.mark.parametrize("value", ["zero", "mean", "resample"])
+def test_interaction_splits_exactly(family, value):
+    """I = TE_cd - TE_c - TE_d = edge + reverse + others + norm per prompt (frozen scale, float error), and I
+    equals paired_ablation's; the edge part is the self-repair row of d when c is ablated."""
+    m, task = build(family, layers=3, heads=4, d=32, seed=1)
+    pairs = [("L0H1", "L2H0"), ("L2H0", "L0H1"), ("ATTN0", "MLP1"), ("L1H0+L1H1", "MLP2"), ("MLP0", "ATTN2")]
+    r = hp.interaction_parts(m, task, pairs, value=value, seed=1).to_frame()
+    parts = r[["edge", "reverse", "others", "norm"]].sum(axis=1)
+    assert (r["interaction"] - parts).abs().max() < 1e-5
+    pa = hp.paired_ablation(m, task, pairs, value=value, seed=1).to_frame()
+    assert np.abs(r["interaction"].to_numpy() - pa["interaction"].to_numpy()).max() < 1e-5
+    sr = hp.self_repair(m, task, ["L0H1"], value=value, seed=1).contributions()
+    want = sr[sr.downstream == "L2H0"].delta_de.to_numpy()
+    got = r[(r["first"] == "L0H1") & (r["second"] == "L2H0")]
+    assert np.abs(got["edge"].to_numpy() - want).max() < 1e-9
+    assert (got["reverse"] == 0).all()          # L0H1 cannot react to L2H0

@@ -3,6 +3,7 @@
 from .ablation import Ablation, PairedAblation, ablate, paired_ablation
 from .attribution import AttributionPatch, attribution_patch
 from .direct import DirectEffects, direct_effects
+from .interaction import InteractionParts, interaction_parts
 from .iterated import IteratedAblation, iterated_ablation
 from .path import PathPatch, path_patch
 from .patching import ActivationPatch, activation_patch
@@ -13,6 +14,7 @@ __all__ = [
     "ActivationPatch",
     "AttributionPatch",
     "DirectEffects",
+    "InteractionParts",
     "IteratedAblation",
     "PairedAblation",
     "PathPatch",
@@ -21,6 +23,7 @@ __all__ = [
     "activation_patch",
     "attribution_patch",
     "direct_effects",
+    "interaction_parts",
     "iterated_ablation",
     "paired_ablation",
     "path_patch",

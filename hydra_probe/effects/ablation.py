@@ -69,13 +69,8 @@ def ablate(model: Any, task: Any, components: Any = "heads", value: Any = "mean"
     return Ablation(pd.concat(rows, ignore_index=True), prov)
 
 
-def paired_ablation(model: Any, task: Any, pairs: Sequence[Sequence[Any]], value: Any = "mean", *,
-                    metric: Any = "logit_diff", positions: Any = None, seed: int = 0,
-                    progress: bool | None = None) -> PairedAblation:
-    """For each pair (c, d): TE of c, of d, of both, and the interaction TE_cd - TE_c - TE_d."""
-    model = as_model(model)
-    vname = value_name(value)
-    pos = positions_of(positions)
+def parse_pairs(model: Any, pairs: Sequence[Sequence[Any]]) -> list[tuple[Group, Group]]:
+    """Parse ``[(c, d), ...]`` (names, ``"A+B"`` or lists) into disjoint group pairs; raises ComponentError."""
     if not pairs:
         raise ComponentError("pairs is empty; give a list of (first, second) component pairs.")
     parsed = []
@@ -88,6 +83,17 @@ def paired_ablation(model: Any, task: Any, pairs: Sequence[Sequence[Any]], value
             raise ComponentError(f"pair {a.name}, {b.name} overlaps; pair two distinct components.")
         parsed.append((a, b))
     check_writers([g for ab in parsed for g in ab], "ablation")
+    return parsed
+
+
+def paired_ablation(model: Any, task: Any, pairs: Sequence[Sequence[Any]], value: Any = "mean", *,
+                    metric: Any = "logit_diff", positions: Any = None, seed: int = 0,
+                    progress: bool | None = None) -> PairedAblation:
+    """For each pair (c, d): TE of c, of d, of both, and the interaction TE_cd - TE_c - TE_d."""
+    model = as_model(model)
+    vname = value_name(value)
+    pos = positions_of(positions)
+    parsed = parse_pairs(model, pairs)
     runner, m = make_runner(model, task, metric, value, seed, progress, positions=pos)
     singles: list[Group] = []
     for a, b in parsed:

@@ -18,7 +18,8 @@ from typing import Any
 import networkx as nx
 import pandas as pd
 
-from ..effects.ablation import PairedAblation, paired_ablation
+from ..effects.ablation import PairedAblation
+from ..effects.interaction import PARTS, interaction_parts
 from ..effects.iterated import IteratedAblation, iterated_ablation
 from ..errors import ComponentError, InputError, OptionError
 from .build import NORM, edge_frame, scalar
@@ -36,7 +37,10 @@ class EdgeVerification:
             (per prompt), or None when the graph had no positive edge to test.
         tested: one row per tested edge (``source``, ``target``, ``weight``,
             ``interaction``, ``interaction_lo``, ``interaction_hi``,
-            ``interaction_p``, ``verified``).
+            ``interaction_p``, ``verified``, and the interaction's exact parts
+            ``interaction_edge``, ``interaction_reverse``,
+            ``interaction_others``, ``interaction_norm``; see
+            :mod:`hydra_probe.effects.interaction`).
     """
 
     graph: nx.DiGraph
@@ -106,7 +110,8 @@ def verify_edges(model: Any, task: Any, G: nx.DiGraph, *, top: int = 5, value: A
     """Test the ``top`` strongest positive (compensation) edges with paired ablations.
 
     For each edge ``c -> d`` (``d`` not ``NORM``, which cannot be ablated),
-    runs ``paired_ablation(model, task, [(c, d), ...])`` under the graph's own
+    runs the paired ablations ``(c, d), ...`` (with the exact split of each
+    interaction, :func:`~hydra_probe.effects.interaction_parts`) under the graph's own
     conditions: the ablation value, metric, seed and positions are read from
     the graph's provenance, so the verification makes the same claim as the
     graph (passing a different ``value`` or ``metric`` raises). The task may
@@ -117,7 +122,11 @@ def verify_edges(model: Any, task: Any, G: nx.DiGraph, *, top: int = 5, value: A
     interaction ``I = TE_cd - TE_c - TE_d`` has its ``level`` t-interval lower
     bound above 0; otherwise ``"refuted"``. Edge attributes added:
     ``interaction``, ``interaction_lo``, ``interaction_hi``, ``interaction_p``
-    (one-sided t test of I > 0), ``te_source``, ``te_target``, ``te_pair``.
+    (one-sided t test of I > 0), ``te_source``, ``te_target``, ``te_pair``,
+    and the means of the interaction's exact parts ``interaction_edge`` (d's
+    change of DE when c is ablated, on the verification prompts),
+    ``interaction_reverse``, ``interaction_others`` and ``interaction_norm``
+    (they sum to ``interaction``; split with the graph's scale policy).
 
     The input graph is not modified; the result holds a copy. Returns an
     :class:`EdgeVerification` (``.graph``, ``.paired``, ``.tested``).
@@ -141,9 +150,12 @@ def verify_edges(model: Any, task: Any, G: nx.DiGraph, *, top: int = 5, value: A
         return EdgeVerification(H, None, pd.DataFrame(columns=["source", "target", "weight", "interaction",
                                                                "interaction_lo", "interaction_hi",
                                                                "interaction_p", "verified"]))
-    pa = paired_ablation(model, task, [(u, v) for u, v, _ in cands], value=cond["value"], metric=cond["metric"],
-                         seed=cond["seed"], positions=cond["positions"], progress=progress)
-    f = pa.to_frame()
+    parts = interaction_parts(model, task, [(u, v) for u, v, _ in cands], value=cond["value"],
+                              scale=G.graph.get("scale", "frozen"), metric=cond["metric"], seed=cond["seed"],
+                              positions=cond["positions"], progress=progress)
+    f = parts.to_frame()
+    pa = PairedAblation(f[["first", "second", "prompt", "te_first", "te_second", "te_both", "interaction"]],
+                        {k: v for k, v in parts.provenance.items() if k not in ("scale", "method")})
     rows = []
     for u, v, w in cands:
         g = f[(f["first"] == u) & (f["second"] == v)]
@@ -153,9 +165,10 @@ def verify_edges(model: Any, task: Any, G: nx.DiGraph, *, top: int = 5, value: A
         m, lo, hi = t_interval(g["interaction"].to_numpy(), level)
         p = one_sample_p(g["interaction"].to_numpy())
         verdict = "confirmed" if (w > 0 and lo == lo and lo > 0) else "refuted"
+        split = {f"interaction_{k}": g[k].mean() for k in PARTS}
         attrs = {"interaction": m, "interaction_lo": lo, "interaction_hi": hi, "interaction_p": p,
                  "te_source": g["te_first"].mean(), "te_target": g["te_second"].mean(),
-                 "te_pair": g["te_both"].mean()}
+                 "te_pair": g["te_both"].mean(), **split}
         e = H.edges[u, v]
         for k, x in attrs.items():
             sx = scalar(x)
@@ -165,7 +178,7 @@ def verify_edges(model: Any, task: Any, G: nx.DiGraph, *, top: int = 5, value: A
                 e[k] = sx
         e["verified"] = verdict
         rows.append({"source": u, "target": v, "weight": w, "interaction": m, "interaction_lo": lo,
-                     "interaction_hi": hi, "interaction_p": p, "verified": verdict})
+                     "interaction_hi": hi, "interaction_p": p, "verified": verdict, **split})
     return EdgeVerification(H, pa, pd.DataFrame(rows))
 
 
