@@ -498,13 +498,19 @@ def build_doc(rep: Any, figures: dict[str, Path], max_rows: int = 40) -> Doc:
         e = rep.edges_tested
         d.p(f"The strongest compensation edges c → d, tested by ablating c and d together ({val} ablation): the "
             "interaction I = TE(c,d) - TE(c) - TE(d) is positive when d was compensating for c. An edge is confirmed "
-            "when ΔDE > 0 and the interaction's 95% interval lies above 0.")
-        d.table(pd.DataFrame({"edge": [f"{a} → {b_}" for a, b_ in zip(e["source"], e["target"])],
-                              "ΔDE (weight)": [fmt(x) for x in e["weight"]],
-                              "interaction [95% CI]": [ci(a, lo, hi) for a, lo, hi in
-                                                       zip(e["interaction"], e["interaction_lo"], e["interaction_hi"])],
-                              "p (I > 0)": [fmt(x) for x in e["interaction_p"]],
-                              "verdict": e["verified"]}), f"Conditions: {_claim(prov)}.")
+            "when ΔDE > 0 and the interaction's 95% interval lies above 0. The interaction splits exactly into "
+            "d's rise when c is ablated (the edge itself), c's reaction to d (reverse), the non-additive reactions "
+            "of all other components (others) and of the final norm's scale (norm).")
+        table = {"edge": [f"{a} → {b_}" for a, b_ in zip(e["source"], e["target"])],
+                 "ΔDE (weight)": [fmt(x) for x in e["weight"]],
+                 "interaction [95% CI]": [ci(a, lo, hi) for a, lo, hi in
+                                          zip(e["interaction"], e["interaction_lo"], e["interaction_hi"])],
+                 "p (I > 0)": [fmt(x) for x in e["interaction_p"]]}
+        for part in ("edge", "reverse", "others", "norm"):
+            if f"interaction_{part}" in e:
+                table[f"I: {part}"] = [fmt(x) for x in e[f"interaction_{part}"]]
+        table["verdict"] = e["verified"]
+        d.table(pd.DataFrame(table), f"Conditions: {_claim(prov)}.")
     else:
         d.p("No compensation edge was tested (see the notes).")
 
