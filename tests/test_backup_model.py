@@ -173,6 +173,13 @@ def test_iterated_ablation_closes_the_gap(full):
     assert abs(s.loc[1, "gap"]) < 0.01 * del_a and s.loc[0, "gap"] > 0.9 * del_a
     f = it.to_frame()
     assert (f["gap"] == f["target_de_lost"] - f["total_effect"]).all()
+    # B alone costs nothing (it is silent while A works), so removing A once B is gone costs A's whole role
+    assert s.loc[1, "target_marginal"] == pytest.approx(del_a, rel=0.01)
+    assert s.loc[0, "marginal_recovered"] < 0.01 and s.loc[1, "marginal_recovered"] == pytest.approx(1, abs=0.01)
+    te_b = hp.ablate(m, t, [B], value="zero").to_frame()["total_effect"].to_numpy()
+    step1 = f[f["step"] == 1]
+    assert step1["compensators_te"].to_numpy() == pytest.approx(te_b, abs=1e-6)
+    assert (step1["target_marginal"] - (step1["total_effect"] - step1["compensators_te"])).abs().max() < 1e-12
     # the graph convenience picks B (after verification) and runs under the graph's conditions
     v = verify_edges(m, t, G)
     it2 = iterated_from_graph(m, t, v.graph, A)

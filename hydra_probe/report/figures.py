@@ -295,29 +295,32 @@ def compensation_bars(contrib: pd.DataFrame, table: pd.DataFrame, components: Se
 
 # ------------------------------------------------------------------ iterated ablation
 def iterated_curve(summary: pd.DataFrame, *, caption: str = "") -> Any:
-    """Total effect as the target's compensators are ablated with it, step by step.
+    """The target's marginal effect as its compensators are ablated with it, step by step.
 
     ``summary``: ``IteratedAblation.summary()`` (``step``, ``ablated``,
-    ``added``, ``total_effect`` with interval, ``target_de_lost``, ``de_lost``).
+    ``added``, ``target_marginal`` and ``total_effect`` with intervals,
+    ``target_de_lost``).
     """
     with _style():
         fig = new_figure(4.8, 3.4)
         ax = fig.add_subplot()
         x = summary["step"].to_numpy()
-        y = summary["total_effect"].to_numpy(float)
-        ax.fill_between(x, summary["total_effect_lo"].to_numpy(float), summary["total_effect_hi"].to_numpy(float),
+        key = "target_marginal" if "target_marginal" in summary else "total_effect"
+        y = summary[key].to_numpy(float)
+        ax.fill_between(x, summary[f"{key}_lo"].to_numpy(float), summary[f"{key}_hi"].to_numpy(float),
                         color="#0072B2", alpha=0.2, linewidth=0)
-        ax.plot(x, y, marker="o", color="#0072B2", label="total effect (TE)")
-        d = float(summary["target_de_lost"].iloc[0])
-        ax.axhline(d, color="black", linestyle="--", linewidth=0.8, label="target's DE lost")
-        if "de_lost" in summary:
-            ax.plot(x, summary["de_lost"].to_numpy(float), marker="s", color="#D55E00", linestyle=":",
-                    label="DE lost of all ablated")
         target = str(summary["ablated"].iloc[0])
+        ax.plot(x, y, marker="o", color="#0072B2",
+                label=f"cost of removing {target}" if key == "target_marginal" else "total effect (TE)")
+        if key == "target_marginal":
+            ax.plot(x, summary["total_effect"].to_numpy(float), marker="s", color="#999999", linestyle=":",
+                    label="TE of everything ablated")
+        d = float(summary["target_de_lost"].iloc[0])
+        ax.axhline(d, color="black", linestyle="--", linewidth=0.8, label=f"{target}'s DE lost")
         labels = [target] + [f"+{a}" for a in summary["added"].iloc[1:]]
         ax.set_xticks(x, labels, rotation=20)
         ax.set_xlabel("components ablated together (cumulative)")
-        ax.set_ylabel("total effect")
+        ax.set_ylabel("metric units")
         _title(ax, f"Iterated ablation of {target} and its compensators")
         ax.legend(loc="best", frameon=False)
         _caption(fig, caption)

@@ -354,12 +354,16 @@ def _findings(rep: Any) -> list[str]:
                       else "") + ".")
     if "iterated_ablation" in rep.results:
         s = rep.results["iterated_ablation"].summary()
-        out.append(f"Iterated ablation of {s['ablated'].iloc[0]}: total effect {fmt(s['total_effect'].iloc[0])} alone, "
-                   f"{fmt(s['total_effect'].iloc[-1])} with {', '.join(s['added'].iloc[1:])} "
-                   f"(its DE lost is {fmt(s['target_de_lost'].iloc[0])}; the DE lost of everything ablated at the "
-                   f"last step is {fmt(s['de_lost'].iloc[-1])}"
-                   + (", so the closure above the target's DE lost includes the compensators' own direct effects"
-                      if s["total_effect"].iloc[-1] > s["target_de_lost"].iloc[0] else "") + ").")
+        d0 = s["target_de_lost"].iloc[0]
+        if "target_marginal" in s:
+            out.append(f"Iterated ablation of {s['ablated'].iloc[0]}: removing it costs {fmt(s['total_effect'].iloc[0])} "
+                       f"alone and {fmt(s['target_marginal'].iloc[-1])} once {', '.join(s['added'].iloc[1:])} are "
+                       f"ablated too (its DE lost is {fmt(d0)}; {fmt(100 * s['marginal_recovered'].iloc[0])}% -> "
+                       f"{fmt(100 * s['marginal_recovered'].iloc[-1])}%).")
+        else:
+            out.append(f"Iterated ablation of {s['ablated'].iloc[0]}: total effect {fmt(s['total_effect'].iloc[0])} "
+                       f"alone, {fmt(s['total_effect'].iloc[-1])} with {', '.join(s['added'].iloc[1:])} "
+                       f"(its DE lost is {fmt(d0)}).")
     return out
 
 
@@ -519,15 +523,24 @@ def build_doc(rep: Any, figures: dict[str, Path], max_rows: int = 40) -> Doc:
     if "iterated_ablation" in r:
         s = r["iterated_ablation"].summary()
         d.p(f"The most self-repaired component, {s['ablated'].iloc[0]}, ablated alone and then together with its "
-            "compensators one by one. If they were restoring its contribution, the total effect climbs towards its "
-            f"direct effect lost ({fmt(s['target_de_lost'].iloc[0])}).")
-        d.table(pd.DataFrame({"step": s["step"], "ablated": s["ablated"],
-                              "TE [95% CI]": [ci(a, lo, hi) for a, lo, hi in
-                                              zip(s["total_effect"], s["total_effect_lo"], s["total_effect_hi"])],
-                              "TE / target DE lost": [pct(x) for x in s["recovered"]]}),
-                f"Conditions: {_claim(r['iterated_ablation'].provenance)}.")
+            "compensators one by one. The cost of removing it once the compensators are gone, TE(target + "
+            "compensators) - TE(compensators), climbs towards its direct effect lost "
+            f"({fmt(s['target_de_lost'].iloc[0])}) when they were covering for it; the TE of everything ablated "
+            "also counts the compensators' own direct effects.")
+        table = {"step": s["step"], "ablated": s["ablated"],
+                 "TE [95% CI]": [ci(a, lo, hi) for a, lo, hi in
+                                 zip(s["total_effect"], s["total_effect_lo"], s["total_effect_hi"])]}
+        if "target_marginal" in s:
+            table["cost of removing the target [95% CI]"] = [
+                ci(a, lo, hi) for a, lo, hi in zip(s["target_marginal"], s["target_marginal_lo"],
+                                                   s["target_marginal_hi"])]
+            table["cost / target DE lost"] = [pct(x) for x in s["marginal_recovered"]]
+        else:
+            table["TE / target DE lost"] = [pct(x) for x in s["recovered"]]
+        d.table(pd.DataFrame(table), f"Conditions: {_claim(r['iterated_ablation'].provenance)}.")
         if "iterated_ablation" in figures:
-            d.fig("iterated_ablation", "Iterated ablation: total effect as compensators are ablated with the target.")
+            d.fig("iterated_ablation", "Iterated ablation: the cost of removing the target as its compensators are "
+                                       "ablated with it, against its direct effect lost.")
     else:
         d.p("Not run (see the notes).")
 
