@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -153,3 +154,13 @@ def test_interaction_splits_exactly(family, value):
     got = r[(r["first"] == "L0H1") & (r["second"] == "L2H0")]
     assert np.abs(got["edge"].to_numpy() - want).max() < 1e-9
     assert (got["reverse"] == 0).all()          # L0H1 cannot react to L2H0
+
+
+
+def test_interaction_parts_round_trip(tmp_path):
+    m, task = build("llama", layers=2, heads=4, d=32, seed=0)
+    r = hp.interaction_parts(m, task, [("L0H1", "MLP1")], value="zero")
+    back = hp.load_result(r.save(tmp_path / "parts.json"))
+    assert isinstance(back, hp.InteractionParts) and back.provenance == r.provenance
+    pd.testing.assert_frame_equal(back.to_frame(), r.to_frame())
+    assert list(back.summary()["first"]) == ["L0H1"]
