@@ -292,8 +292,11 @@ def component_sentence(row: pd.Series, prov: dict[str, Any], rep: Any) -> str:
         who = row["compensators"] or "no single downstream component significantly (see the contributions table)"
         s += (f" **The total effect is only a lower bound**: downstream components restore "
               f"{ci(row['self_repair'], row['self_repair_lo'], row['self_repair_hi'])} "
-              f"({pct(row['fraction_repaired'])} of DE lost; final-norm share {fmt(row['norm_term'])}); "
-              f"compensators: {who}.")
+              f"({pct(row['fraction_repaired'])} of DE lost; final-norm share {fmt(row['norm_term'])}"
+              + (f"; {pct(row['fraction_repaired_top'])} on the quarter of prompts where its direct effect is "
+                 "highest" if isinstance(row.get("fraction_repaired_top"), float)
+                 and not math.isnan(row["fraction_repaired_top"]) else "")
+              + f"); compensators: {who}.")
     elif row["self_repair"] < 0 and row["self_repair_hi"] < 0:
         s += (f" Downstream components amplify the loss (self-repair {fmt(row['self_repair'])} < 0), so the "
               "total effect exceeds the direct effect lost.")

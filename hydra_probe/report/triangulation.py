@@ -155,6 +155,9 @@ class TriangulationReport:
         (clean, frozen scale) with ``_lo``/``_hi``; ``total_effect`` (single
         ablation) with interval; ``de_lost``; ``self_repair`` with interval;
         ``norm_term``; ``fraction_repaired`` (= SR / DE lost);
+        ``de_lost_top``, ``self_repair_top``, ``fraction_repaired_top``: the
+        same on the quarter of prompts where the component's clean DE is
+        highest (self-repair concentrates there);
         ``lower_bound`` (self-repair positive beyond its interval: the total
         effect understates the role); ``q_self_repair`` (BH);
         ``compensators`` (who supplied the repair, strongest first, at most
@@ -210,6 +213,9 @@ class TriangulationReport:
         return load_report(folder)
 
 
+TOP_FRACTION = 0.25
+
+
 def _assemble(rep: TriangulationReport) -> pd.DataFrame:
     """Join the results' summaries into the per-component table and apply the verdict rule."""
     cfg = rep.config
@@ -225,6 +231,10 @@ def _assemble(rep: TriangulationReport) -> pd.DataFrame:
     sr = sr[["component", "total_effect", "total_effect_lo", "total_effect_hi", "de_lost", "de_lost_lo",
              "de_lost_hi", "self_repair", "self_repair_lo", "self_repair_hi", "norm_term", "fraction_repaired",
              "lower_bound", "q_self_repair"]]
+    # self-repair concentrates on the prompts where the component matters most: the top quarter by clean DE
+    top = sr_res.summary(top_fraction=TOP_FRACTION)[["component", "de_lost", "self_repair", "fraction_repaired"]]
+    sr = sr.merge(top.rename(columns={"de_lost": "de_lost_top", "self_repair": "self_repair_top",
+                                      "fraction_repaired": "fraction_repaired_top"}), on="component", how="left")
     cs = rep.contribution_summary()
     e = rep.edges_tested
     confirmed = (set() if e is None or e.empty else
