@@ -60,6 +60,8 @@ def test_report_holds_result_objects_whose_numbers_equal_the_api(setup):
     np.testing.assert_allclose(t.loc[s.index, "restoration"], s, rtol=0, atol=0)
     te = sr.summary().set_index("component")["total_effect"]
     np.testing.assert_allclose(t.loc[te.index, "total_effect"], te, rtol=0, atol=0)
+    top = sr.summary(top_fraction=0.25).set_index("component")
+    np.testing.assert_allclose(t.loc[top.index, "self_repair_top"], top["self_repair"], rtol=0, atol=0)
     for key in ("direct_effects", "self_repair", "patch_denoise", "patch_noise"):
         p = rep.results[key].provenance
         assert p["task"] == "ioi" and p["corruption"] == "swap" and p["n"] == 6 and p["metric"] == "logit_diff"
