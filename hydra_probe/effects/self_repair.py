@@ -76,21 +76,12 @@ class SelfRepair(Result):
         return out
 
     def contribution_summary(self, level: float = 0.95) -> pd.DataFrame:
-        """Per (component, downstream): mean delta_de with t interval and one-sided p (two-sided for sign)."""
-        from ..stats import bh, t_interval
-        from scipy import stats as sps
+        """Per (component, downstream): mean delta_de with t interval, two-sided p and BH q (vectorised)."""
+        from ..stats import bh, grouped_t
 
-        rows = []
-        for (c, d), g in self.extras["contributions"].groupby(["component", "downstream"], sort=False):
-            x = g["delta_de"].to_numpy()
-            m, lo, hi = t_interval(x, level)
-            if len(x) > 1 and x.std() > 0:
-                p = float(sps.ttest_1samp(x, 0.0).pvalue)
-            else:
-                p = 0.0 if len(x) and abs(x.mean()) > 0 else 1.0
-            rows.append({"component": c, "downstream": d, "n": len(x), "delta_de": m, "delta_de_lo": lo,
-                         "delta_de_hi": hi, "p": p})
-        out = pd.DataFrame(rows)
+        g = grouped_t(self.extras["contributions"], ["component", "downstream"], "delta_de", level)
+        out = g.rename(columns={"mean": "delta_de", "lo": "delta_de_lo", "hi": "delta_de_hi"})
+        out = out[["component", "downstream", "n", "delta_de", "delta_de_lo", "delta_de_hi", "p"]]
         rej, q = bh(out["p"].to_numpy())
         out["q"] = q
         return out
