@@ -79,7 +79,11 @@ def test_receivers_not_downstream_change_nothing(family):
     f = pp.to_frame()
     assert list(dict.fromkeys(f.receiver)) == ["L0H1+MLP0", "L1H0+L1H2", "ATTN1"]
     np.testing.assert_array_equal(f.patched_metric, f.baseline_metric)
+    assert (f.receivers_reached == 0).all()                     # and the result says so
     same_layer_mlp = hp.path_patch(m, t, ["L1H2"], ["MLP1"], "noise").to_frame()
+    assert (same_layer_mlp.receivers_reached == (0 if m.parallel_residual else 1)).all()
+    reach = hp.path_patch(m, t, ["L0H1"], [["L1H0", "L2H1", "MLP0", "logits"]], "noise").to_frame()
+    assert (reach.receivers_reached == (3 if m.parallel_residual else 4)).all()
     if m.parallel_residual:
         np.testing.assert_array_equal(same_layer_mlp.patched_metric, same_layer_mlp.baseline_metric)
     else:

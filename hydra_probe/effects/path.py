@@ -99,7 +99,10 @@ class PathPatch(Result):
     Columns: ``sender``, ``receiver`` (the receiver set, its items joined by
     ``+``), ``prompt``, ``patched_metric``, ``direction``,
     ``baseline_metric`` (the unpatched baseline run: clean for noise,
-    corrupted for denoise), ``clean_metric``, ``corrupted_metric``.
+    corrupted for denoise), ``clean_metric``, ``corrupted_metric``,
+    ``receivers_reached`` (how many items of the receiver set are downstream
+    of the sender and so receive its change; 0 means the row is the baseline
+    by construction).
     """
 
     kind = "path_patch"
@@ -190,6 +193,11 @@ class _Plan:
     def start(self) -> int:
         layers = list(self.heads) + list(self.mlps)
         return min(layers) if layers else -1
+
+
+def _reached(p: _Plan) -> int:
+    """Receivers of the set that get the sender's change (downstream heads and MLPs, and the logits)."""
+    return sum(len(h) for h in p.heads.values()) + len(p.mlps) + int(p.rset.logits)
 
 
 def _plan(model: Any, sender: Group, rset: ReceiverSet, which: tuple[str, ...]) -> _Plan:
@@ -461,7 +469,7 @@ def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: s
     rows = [pd.DataFrame({"sender": p.sender.name, "receiver": p.rset.name, "prompt": range(n),
                           "patched_metric": result[i].numpy(), "direction": direction,
                           "baseline_metric": baseline.numpy(), "clean_metric": clean.numpy(),
-                          "corrupted_metric": corr.numpy()})
+                          "corrupted_metric": corr.numpy(), "receivers_reached": _reached(p)})
             for i, p in enumerate(plans)]
     prov = provenance(model, task, metric=m, direction=direction, scale=scale, receiver_input=receiver_input,
                       positions=None if pos is None else list(pos), method="path patching")
