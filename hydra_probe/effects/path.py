@@ -464,7 +464,7 @@ def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: s
                 weight += w
                 i += 1
             out = _forward(runner, g, source, [plans[j] for j in chunk], starts[chunk[0]], deltas, which, scale)
-            result[torch.tensor(chunk)[:, None], it[None, :]] = out
+            result[torch.tensor(chunk)[:, None], it[None, :]] = out.cpu()
             bar.update(len(chunk))
     rows = [pd.DataFrame({"sender": p.sender.name, "receiver": p.rset.name, "prompt": range(n),
                           "patched_metric": result[i].numpy(), "direction": direction,

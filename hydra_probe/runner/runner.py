@@ -252,11 +252,12 @@ class Runner:
             it = torch.tensor(idx)
             for chunk, out in self._run_group(g, source, copies, readout, bar):
                 ci = torch.tensor(chunk)
-                metric[ci[:, None], it[None, :]] = out["metric"]
-                resid[ci[:, None], it[None, :]] = out["resid"]
+                # results live on the CPU whatever the model's device
+                metric[ci[:, None], it[None, :]] = out["metric"].cpu()
+                resid[ci[:, None], it[None, :]] = out["resid"].cpu()
                 if readout:
-                    proj[ci[:, None], it[None, :]] = out["proj"]
-                    pconst[ci[:, None], it[None, :]] = out["proj_const"]
+                    proj[ci[:, None], it[None, :]] = out["proj"].cpu()
+                    pconst[ci[:, None], it[None, :]] = out["proj_const"].cpu()
         return [CopyOutput(metric[i], resid[i], None if proj is None else proj[i], None if pconst is None else pconst[i])
                 for i in range(len(copies))]
 
