@@ -114,12 +114,12 @@ def _oom_after(ad, max_rows: int, log: list):
     """Make ``ad.run_blocks`` fail like a full device when the stacked batch exceeds ``max_rows``."""
     real = ad.run_blocks
 
-    def run_blocks(prefix, start, copies, hidden=None, stop=None):
+    def run_blocks(prefix, start, copies, hidden=None, stop=None, **kw):
         rows = copies * prefix.batch
         log.append(rows)
         if rows > max_rows:
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {rows} rows)")
-        return real(prefix, start, copies, hidden, stop)
+        return real(prefix, start, copies, hidden, stop, **kw)
 
     return run_blocks
 

@@ -330,20 +330,40 @@ class Adapter:
         copies: int,
         hidden: torch.Tensor | None = None,
         stop: int | None = None,
+        last_position_mlp: bool = False,
     ) -> torch.Tensor:
         """Run blocks ``start..stop-1`` on ``copies`` stacked copies of the prefix batch.
 
         ``hidden`` (copies*B, T, d) overrides the stacked block input. Returns
         the residual after the last block run: (copies*B, T, d). Hooks
         registered with :meth:`hooks` fire as in a full forward.
+
+        ``last_position_mlp``: when the run ends at the final block, its MLP
+        sees only the last position (its output broadcasts in the residual
+        add), so only the last position of the result is exact. For callers
+        that read nothing else and edit nothing in or after that MLP; saves
+        about one MLP per copy.
         """
         B = prefix.batch
         stop = self.n_layers if stop is None else stop
         h = prefix.resid[start].repeat(copies, 1, 1) if hidden is None else hidden
-        for i in range(start, stop):
-            args, kw = prefix.calls[i]
-            out = self.blocks[i](h, *_tile(args, B, copies), **_tile(kw, B, copies))
-            h = out[0] if isinstance(out, tuple) else out
+        handle = None
+        if last_position_mlp and stop == self.n_layers and start < stop:
+            def last_only(mod, args, kwargs):
+                if args:
+                    return (args[0][:, -1:], *args[1:]), kwargs
+                key = next(iter(kwargs))
+                return args, {**kwargs, key: kwargs[key][:, -1:]}
+            handle = get_path(self.blocks[stop - 1], self.table.mlp).register_forward_pre_hook(
+                last_only, with_kwargs=True, prepend=True)
+        try:
+            for i in range(start, stop):
+                args, kw = prefix.calls[i]
+                out = self.blocks[i](h, *_tile(args, B, copies), **_tile(kw, B, copies))
+                h = out[0] if isinstance(out, tuple) else out
+        finally:
+            if handle is not None:
+                handle.remove()
         return h
 
     # ------------------------------------------------------------------ module-level operations

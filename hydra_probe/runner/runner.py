@@ -306,7 +306,11 @@ class Runner:
                     s = Site(l, kind)
                     caps[s] = (lambda x, s=s: last.__setitem__(s, x[:, -1].detach()))
         with self.model.evaluating(), torch.no_grad(), self.ad.hooks(edits, caps) as fired:
-            x = self.ad.run_blocks(P, start, k) if start < L else P.resid[L].repeat(k, 1, 1).clone()
+            # only the last position is read: the final MLP may skip the others unless something edits it
+            # or the final residual
+            skip = not any(s.layer >= L - 1 and s.kind != "z" for s in edits)
+            x = (self.ad.run_blocks(P, start, k, last_position_mlp=skip) if start < L
+                 else P.resid[L].repeat(k, 1, 1).clone())
             if Site(L, "resid_pre") in edits:
                 x = edits[Site(L, "resid_pre")](x)
                 fired[Site(L, "resid_pre")] += 1
