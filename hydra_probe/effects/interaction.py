@@ -26,10 +26,11 @@ from typing import Any
 
 import pandas as pd
 
-from ..components import Component, Group
+from ..components import Group, finest
 from ..results import Result
 from .ablation import parse_pairs
 from .common import as_model
+from .direct import component_columns
 from .self_repair import self_repair
 
 PARTS = ("edge", "reverse", "others", "norm")
@@ -60,13 +61,6 @@ class InteractionParts(Result):
         return out
 
 
-def _rows_of(c: Component, n_heads: int) -> list[str]:
-    """Contribution rows (heads and MLPs) that make up ``c``."""
-    if c.kind == "attn":
-        return [f"L{c.layer}H{h}" for h in range(n_heads)]
-    return [c.name]
-
-
 def interaction_parts(model: Any, task: Any, pairs: Sequence[Sequence[Any]], value: Any = "mean",
                       scale: str = "frozen", *, metric: Any = "logit_diff", positions: Any = None, seed: int = 0,
                       progress: bool | None = None) -> InteractionParts:
@@ -86,26 +80,32 @@ def interaction_parts(model: Any, task: Any, pairs: Sequence[Sequence[Any]], val
                 groups.append(g)
     sr = self_repair(model, task, [list(g.members) for g in groups], value=value, scale=scale, metric=metric,
                      positions=positions, seed=seed, progress=progress)
+    frame = sr.to_frame()
     # self_repair may order a group's members its own way: map our groups to its names by position
-    names = dict(zip(groups, dict.fromkeys(sr.to_frame()["component"])))
-    main = sr.to_frame().set_index(["component", "prompt"])
+    names = dict(zip(groups, dict.fromkeys(frame["component"])))
+    main = frame.set_index(["component", "prompt"])
     con = sr.contributions().pivot_table(index=["component", "prompt"], columns="downstream", values="delta_de",
                                          aggfunc="sum", fill_value=0.0)
-    n_heads = model.n_heads
+    fin = finest(model)
+
+    def rows(g: Group) -> list[str]:
+        """Contribution rows (heads and MLPs) that make up ``g``."""
+        return [fin[i].name for c in g.members for i in component_columns(fin, c)]
+
+    def total(g: Group, columns: list[str]) -> pd.Series:
+        """Per prompt: the sum of ``columns`` of ``g``'s contribution rows (absent rows count 0)."""
+        return con.loc[names[g]].reindex(columns=columns, fill_value=0.0).sum(axis=1)
+
     frames = []
     for a, b in parsed:
         ab = Group(a.members + b.members)
-        ra = [r for c in a.members for r in _rows_of(c, n_heads)]
-        rb = [r for c in b.members for r in _rows_of(c, n_heads)]
+        ra, rb = rows(a), rows(b)
         te = {g.name: main.loc[names[g], "total_effect"] for g in (a, b, ab)}
         sr_ = {g.name: main.loc[names[g], "self_repair"] for g in (a, b, ab)}
-        ca, cb, cab = con.loc[names[a]], con.loc[names[b]], con.loc[names[ab]]
-        edge = ca.reindex(columns=rb, fill_value=0.0).sum(axis=1)
-        reverse = cb.reindex(columns=ra, fill_value=0.0).sum(axis=1)
-        norm = ca["NORM"] + cb["NORM"] - cab["NORM"]
+        edge, reverse = total(a, rb), total(b, ra)
+        norm = total(a, ["NORM"]) + total(b, ["NORM"]) - total(ab, ["NORM"])
         rest = [x for x in con.columns if x != "NORM" and x not in ra and x not in rb]
-        others = (ca.reindex(columns=rest, fill_value=0.0).sum(axis=1) + cb.reindex(columns=rest, fill_value=0.0)
-                  .sum(axis=1) - cab.reindex(columns=rest, fill_value=0.0).sum(axis=1))
+        others = total(a, rest) + total(b, rest) - total(ab, rest)
         inter = te[ab.name] - te[a.name] - te[b.name]
         frames.append(pd.DataFrame({
             "first": a.name, "second": b.name, "prompt": inter.index.to_numpy(),

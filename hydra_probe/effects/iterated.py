@@ -109,13 +109,17 @@ def iterated_ablation(model: Any, task: Any, target: Any, compensators: Sequence
                      metric=metric, positions=positions, seed=seed, progress=progress)
     f = sr.to_frame()
     n = len(task)
-    target_del = f["de_lost"].to_numpy()[:n]
+
+    def group(i: int) -> pd.DataFrame:
+        """Rows of the i-th group passed to self_repair (groups come in order, n prompts each)."""
+        return f.iloc[i * n:(i + 1) * n]
+
+    target_del = group(0)["de_lost"].to_numpy()
     rows = []
     for k, s in enumerate(steps):
-        part = f.iloc[k * n:(k + 1) * n]
+        part = group(k)
         te = part["total_effect"].to_numpy()
-        te_comps = 0.0 * te if k == 0 else f.iloc[(len(steps) + k - 1) * n:(len(steps) + k) * n][
-            "total_effect"].to_numpy()
+        te_comps = 0.0 * te if k == 0 else group(len(steps) + k - 1)["total_effect"].to_numpy()
         rows.append(pd.DataFrame({
             "step": k, "ablated": s.name, "added": "" if k == 0 else comps[k - 1].name, "prompt": range(n),
             "total_effect": te, "target_de_lost": target_del, "gap": target_del - te,

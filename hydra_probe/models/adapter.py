@@ -255,12 +255,7 @@ class Adapter:
 
             if io == "input":
                 def pre(mod, args, kwargs):
-                    if args:
-                        return (apply(args[0]), *args[1:]), kwargs
-                    key = next(iter(kwargs))
-                    kwargs = dict(kwargs)
-                    kwargs[key] = apply(kwargs[key])
-                    return args, kwargs
+                    return _map_first_input(args, kwargs, apply)
                 return pre
             def post(mod, args, out):
                 if isinstance(out, tuple):
@@ -350,10 +345,7 @@ class Adapter:
         handle = None
         if last_position_mlp and stop == self.n_layers and start < stop:
             def last_only(mod, args, kwargs):
-                if args:
-                    return (args[0][:, -1:], *args[1:]), kwargs
-                key = next(iter(kwargs))
-                return args, {**kwargs, key: kwargs[key][:, -1:]}
+                return _map_first_input(args, kwargs, lambda x: x[:, -1:])
             handle = get_path(self.blocks[stop - 1], self.table.mlp).register_forward_pre_hook(
                 last_only, with_kwargs=True, prepend=True)
         try:
@@ -451,6 +443,15 @@ class Adapter:
         out = self.base(input_ids=ids.to(self.device), use_cache=False)
         h = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return self.unembed(h[:, -1])
+
+
+def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:
+    """A forward pre-hook's (args, kwargs) with the module's first input (positional, else the first
+    keyword) replaced by ``fn(input)``."""
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: fn(kwargs[key])}
 
 
 def _check_fired(fired: Mapping[Site, int], edits: Mapping[Site, Any]) -> None:
