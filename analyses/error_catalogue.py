@@ -277,11 +277,11 @@ def namespace() -> dict[str, Any]:
     """The names every entry's code may use."""
     import json
 
+    import tiny
     import torch
     import transformers as tf
 
     import hydra_probe as hp
-    import tiny
 
     ns: dict[str, Any] = {"hp": hp, "tiny": tiny, "tf": tf, "torch": torch, "json": json, "Path": Path}
     exec(TINY, ns)
@@ -394,9 +394,8 @@ def files_under(folder: Path) -> dict[str, bytes]:
 def namespace_light() -> dict[str, Any]:
     import json
 
-    import torch
-
     import tiny
+    import torch
 
     return {"tiny": tiny, "torch": torch, "json": json, "Path": Path}
 

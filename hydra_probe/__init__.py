@@ -7,9 +7,8 @@ the final norm, verifies compensation with paired ablations, and sets
 ablation results beside activation, path and attribution patching.
 """
 
-__version__ = "0.1.0"
-
-from . import tasks
+from . import graph, tasks
+from ._version import __version__
 from .components import Component, Group
 from .effects import (
     Ablation,
@@ -44,7 +43,6 @@ from .errors import (
     ResourceError,
     TaskError,
 )
-from . import graph
 from .graph import (
     EdgeVerification,
     compensation_graph,

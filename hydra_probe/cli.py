@@ -84,7 +84,7 @@ def _nonneg_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
     from .interventions import ABLATION_VALUES
     from .metrics import METRICS
     from .tasks import CORRUPTIONS

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from ._version import __version__
 from .errors import InputError
 from .io import atomic_write_text
 
@@ -25,8 +26,6 @@ _KINDS: dict[str, type[Result]] = {}
 
 
 def package_version() -> str:
-    from . import __version__
-
     return __version__
 
 

@@ -12,10 +12,9 @@ import subprocess
 
 import numpy as np
 import pytest
+import tiny
 
 import hydra_probe as hp
-
-import tiny
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 BROWSER = next((b for b in map(shutil.which, BROWSERS) if b), None)

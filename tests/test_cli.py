@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tiny
 
 import hydra_probe as hp
 from hydra_probe import cli
 from hydra_probe.zoo import DEFAULT_MODEL_DIR
-
-import tiny
 
 FLAGS = ["--model", "--task", "--n-prompts", "--seed", "--value", "--corruption", "--metric", "--components",
          "--scale", "--device", "--out", "--overwrite"]

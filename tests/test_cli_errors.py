@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_errors import CAT, DOC, _norm
 
 cli = pytest.importorskip("hydra_probe.cli")

@@ -1,10 +1,10 @@
 """Direct effects close exactly on every family; per-head outputs sum to the attention output."""
 
 import pytest
+import tiny
 import torch
 
 import hydra_probe as hp
-import tiny
 from hydra_probe.models.sites import Site
 
 

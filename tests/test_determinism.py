@@ -12,12 +12,12 @@ import random
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
 import hydra_probe as hp
-import tiny
-from hydra_probe.runner import Runner
 from hydra_probe.metrics import get_metric
+from hydra_probe.runner import Runner
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 
 import hydra_probe as hp
-import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("error_catalogue", ROOT / "analyses" / "error_catalogue.py")

@@ -53,7 +53,7 @@ def test_edges_equal_contribution_summary(setup):
         assert nd["te"] == pytest.approx(summ.loc[c, "total_effect"])
         # closure: all out-edges (downstream heads, MLPs, NORM) sum to the self-repair (TE is float32)
         assert sum(d["weight"] for _, _, d in G.out_edges(c, data=True)) == pytest.approx(nd["sr"], abs=1e-6)
-        for _, v, d in G.out_edges(c, data=True):
+        for _, _v, d in G.out_edges(c, data=True):
             assert d["fraction"] == pytest.approx(d["weight"] / summ.loc[c, "de_lost"])
 
 
@@ -153,7 +153,7 @@ def test_exports_round_trip(setup, tmp_path):
         if graph_attrs:
             assert G.graph == H.graph
 
-    for fmt, p in paths.items():
+    for _fmt, p in paths.items():
         H = hg.load_graph(p)
         assert isinstance(H, nx.DiGraph)
         same(H)

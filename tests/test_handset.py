@@ -13,11 +13,11 @@ SR = 1/sqrt(2.125) - 0.5.
 
 import math
 
+import tiny
 import torch
 import transformers as tf
 
 import hydra_probe as hp
-import tiny
 
 
 def handset_model():

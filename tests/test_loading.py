@@ -3,11 +3,11 @@
 import warnings
 
 import pytest
+import tiny
 import torch
 import transformers as tf
 
 import hydra_probe as hp
-import tiny
 from hydra_probe.errors import OptionError
 
 

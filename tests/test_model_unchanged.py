@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import tiny
 import torch
 
 import hydra_probe as hp
-import tiny
 
 HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",

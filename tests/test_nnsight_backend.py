@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import tiny
 import torch
 
 import hydra_probe as hp
-import tiny
 from hydra_probe.models import nnsight_backend
 
 nnsight = pytest.importorskip("nnsight")

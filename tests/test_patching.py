@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 
 import hydra_probe as hp
-import tiny
 from hydra_probe.components import select
 from hydra_probe.interventions import interventions_for
 from hydra_probe.metrics import get_metric

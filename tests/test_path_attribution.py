@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
 import hydra_probe as hp
-import tiny
 
 FAMILIES = ["gpt2", "neox", "llama"]  # neox: parallel residual; llama: grouped-query attention
 
@@ -159,7 +159,7 @@ def test_gqa_key_patch_matches_a_plain_two_forward_reference():
     try:
         for layer, head in ((1, 0), (2, 2)):
             x_store: list[torch.Tensor] = []
-            ha = [lay[layer].register_forward_pre_hook(lambda _m, a: x_store.append(a[0]) or None),
+            ha = [lay[layer].register_forward_pre_hook(lambda _m, a, x_store=x_store: x_store.append(a[0]) or None),
                   lay[layer].self_attn.k_proj.register_forward_hook(k_hook(layer, x_store)),
                   lay[layer].self_attn.o_proj.register_forward_pre_hook(
                       lambda _m, a, layer=layer, head=head:

@@ -25,13 +25,13 @@ import functools
 import numpy as np
 import pandas as pd
 import pytest
+import tiny
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_model_unchanged import State
 
 import hydra_probe as hp
-import tiny
-from test_model_unchanged import State
 
 SETTINGS = dict(deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -98,7 +98,7 @@ def test_self_repair_decomposition_closes(family, cfg, pick):
             assert np.allclose(norm.reindex(f.index).to_numpy(), f.norm_term.to_numpy(), atol=1e-9)
             de_lost.setdefault(value, []).append(f.de_lost.to_numpy())
     # DEL and SR are taken at the clean scale: they do not depend on the policy
-    for value, (frozen, recomputed) in de_lost.items():
+    for frozen, recomputed in de_lost.values():
         assert np.allclose(frozen, recomputed, atol=1e-9)
     before.assert_same(m.hf_model, ids)
 

@@ -9,12 +9,11 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+import tiny
 
 import hydra_probe as hp
 from hydra_probe.report import VERDICTS, TriangulationReport
 from hydra_probe.report import triangulation as tri_mod
-
-import tiny
 
 FILES = ["report.md", "report.html", "results.json", "tables/triangulation.csv", "tables/self_repair.csv",
          "tables/direct_effects.csv", "tables/activation_patch_denoise.csv", "tables/activation_patch_noise.csv",

@@ -1,10 +1,10 @@
 import json
 
 import pytest
+import tiny
 import torch
 
 import hydra_probe as hp
-import tiny
 
 
 def test_ioi_pairs_equal_lengths_both_orders():

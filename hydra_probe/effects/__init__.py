@@ -5,8 +5,8 @@ from .attribution import AttributionPatch, attribution_patch
 from .direct import DirectEffects, direct_effects
 from .interaction import InteractionParts, interaction_parts
 from .iterated import IteratedAblation, iterated_ablation
-from .path import PathPatch, path_patch
 from .patching import ActivationPatch, activation_patch
+from .path import PathPatch, path_patch
 from .self_repair import SelfRepair, self_repair
 
 __all__ = [

@@ -152,7 +152,7 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
         deltas: dict[Site, torch.Tensor] = {}
         acts: dict[Site, torch.Tensor] = {}
 
-        def make(site: Site):
+        def make(site: Site, acts=acts, deltas=deltas):
             def edit(x: torch.Tensor) -> torch.Tensor:
                 acts[site] = x.detach()
                 deltas[site] = torch.zeros_like(x, requires_grad=True)

@@ -23,7 +23,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
         return None
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError):
         raise OptionError(f"device {device!r} is not a torch device; use e.g. 'cpu', 'cuda:0' or 'mps'.") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
