@@ -27,8 +27,7 @@ import torch
 
 from ..components import Component, select
 from ..errors import InputError
-from ..interventions import check_direction, site_of
-from ..models.adapter import check_fired
+from ..interventions import GradientRead, check_direction, site_of
 from ..models.sites import Site
 from ..results import Result, provenance
 from .common import as_model, make_runner, positions_of
@@ -130,59 +129,34 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     comps = select(model, components)
     pos = positions_of(positions)
     runner, m = make_runner(model, task, metric, progress=progress, positions=pos)
-    ad = runner.ad
     source, other = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
     per_pos = any(c.kind == "resid" for c in comps) if per_position is None else per_position
     T_min = min(task.lengths)
     pos_list = list(range(-T_min, 0)) if per_pos and len(set(task.lengths)) > 1 else list(range(T_min))
     plan = [(c, p) for c in comps for p in pos_list] if per_pos and pos is None else [(c, None) for c in comps]
-    sites = {_site(c, model.head_dim)[0] for c in comps}
+    sites = tuple(sorted({_site(c, model.head_dim)[0] for c in comps}, key=lambda s: s.order))
     n = len(task)
+    read, = runner.gradients(source, [GradientRead(sites)], label=f"attribution ({direction})")
+    other_run, = runner.run(other, [()], capture=sites, capture_positions="all")
     est = torch.zeros(len(plan), n, dtype=torch.float64)
-    base_metric = torch.zeros(n, dtype=torch.float64)
+    base_metric = read.metric
     for g, idx in enumerate(runner.groups):
-        Po = runner.local_prefix(g, other)
-        ids = task.batch(idx, source)
-        T = ids.shape[1]
+        T = len(task.clean_ids[idx[0]])
         mask = torch.zeros(T, dtype=torch.float64)
         if pos is None:
             mask[:] = 1
         else:
             mask[list(pos)] = 1
-        deltas: dict[Site, torch.Tensor] = {}
-        acts: dict[Site, torch.Tensor] = {}
-
-        def make(site: Site, acts=acts, deltas=deltas):
-            def edit(x: torch.Tensor) -> torch.Tensor:
-                acts[site] = x.detach()
-                deltas[site] = torch.zeros_like(x, requires_grad=True)
-                return x + deltas[site]
-            return edit
-
-        edits = {s: make(s) for s in sites}
-        with runner.model.evaluating(), torch.enable_grad():
-            with ad.hooks(edits) as fired:
-                logits = ad.last_logits(ids)
-            check_fired(fired, edits)
-            a = task.answer_ids[idx]
-            b = task.alternative_ids[idx]
-            clean_lg = runner.clean_logits()[idx] if runner.metric.needs_clean else None
-            mvals = runner.metric(logits, a, b, clean_lg)
-            order = sorted(sites, key=lambda s: s.order)
-            grads = torch.autograd.grad(mvals.sum(), [deltas[s] for s in order], allow_unused=True)
-        grad = {s: (torch.zeros_like(deltas[s]) if gr is None else gr).detach() for s, gr in zip(order, grads)}
-        base_metric[torch.tensor(idx)] = mvals.detach().to(torch.float64).cpu()
         it = torch.tensor(idx)
         for i, (c, p) in enumerate(plan):
             site, cols = _site(c, model.head_dim)
-            other_act = Po.resid[site.layer] if site.kind == "resid_pre" else Po.captures[site]
-            diff = (other_act[..., cols] - acts[site][..., cols]).to(torch.float64)
-            prod = (diff * grad[site][..., cols].to(torch.float64)).sum(-1)  # (B, T)
+            diff = (other_run.captures[site][g][..., cols] - read.acts[site][g][..., cols]).to(torch.float64)
+            prod = (diff * read.grads[site][g][..., cols].to(torch.float64)).sum(-1)  # (B, T)
             w = mask
             if p is not None:
                 w = torch.zeros(T, dtype=torch.float64)
                 w[p] = 1
-            est[i, it] = (prod * w.to(prod.device)).sum(-1).cpu()
+            est[i, it] = (prod * w).sum(-1)
     clean_m = base_metric if source == "clean" else runner.baseline("clean").metric
     corr_m = base_metric if source == "corrupted" else runner.baseline("corrupted").metric
     check_separable(clean_m.numpy(), corr_m.numpy())

@@ -88,6 +88,24 @@ def _tile(obj: Any, batch: int, copies: int) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def temporary_hooks() -> Iterator[Callable[..., None]]:
+    """The one register-then-remove pattern: yields ``register(module, fn, pre=False, **kw)``, which
+    adds a forward hook (``pre=True``: a forward pre-hook; ``kw`` as torch takes them); every hook
+    added is removed on exit, also on error."""
+    handles: list[Any] = []
+
+    def register(module: nn.Module, fn: Callable[..., Any], pre: bool = False, **kw: Any) -> None:
+        add = module.register_forward_pre_hook if pre else module.register_forward_hook
+        handles.append(add(fn, **kw))
+
+    try:
+        yield register
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class Adapter:
     """Architecture-aware access to a Hugging Face causal LM (see module doc)."""
 
@@ -166,42 +184,40 @@ class Adapter:
         return self.unembed(self.final_norm(x))
 
     # ------------------------------------------------------------------ sites
-    def module_of(self, site: Site) -> tuple[nn.Module, str]:
-        """The module of ``site`` and whether its ``"input"`` or ``"output"`` is meant."""
+    def path_of(self, site: Site) -> tuple[str, str]:
+        """Dotted module path (from the model's root) of ``site`` and whether its ``"input"`` or
+        ``"output"`` is meant. The one site resolver: :meth:`module_of` and the nnsight path use it.
+
+        Raises :class:`~hydra_probe.errors.InterventionError` for a layer out of range or a kind this
+        architecture does not have.
+        """
         t, L = self.table, site.layer
         if not 0 <= L <= self.n_layers or (L == self.n_layers and site.kind != "resid_pre"):
             raise InterventionError(f"site {site} is outside layers 0..{self.n_layers - 1}")
         if site.kind == "resid_pre":
-            return (self.final_norm if L == self.n_layers else self.blocks[L]), "input"
-        block = self.blocks[L]
+            return (t.final_norm if L == self.n_layers else f"{t.blocks}.{L}"), "input"
+        rel: str
         if site.kind == "z":
-            return get_path(block, t.o_proj), "input"
-        if site.kind == "mlp_out":
-            return get_path(block, t.mlp), "output"
-        if site.kind == "mlp_in":
-            return get_path(block, t.mlp), "input"
-        if site.kind == "attn_in":
-            return get_path(block, t.attn_norm), "output"
-        if site.kind == "qkv":
+            rel, io = t.o_proj, "input"
+        elif site.kind in ("mlp_out", "mlp_in"):
+            rel, io = t.mlp, "output" if site.kind == "mlp_out" else "input"
+        elif site.kind == "attn_in":
+            rel, io = t.attn_norm, "output"
+        elif site.kind == "qkv":
             if t.qkv_layout == "separate":
                 raise InterventionError(f"{t.family} has separate q/k/v projections; use sites q, k, v")
-            return get_path(block, t.qkv[0]), "output"
-        if site.kind in ("q", "k", "v"):
-            if t.qkv_layout != "separate":
-                return get_path(block, t.qkv[0]), "output"
-            return get_path(block, t.qkv["qkv".index(site.kind)]), "output"
-        raise InterventionError(f"unknown site kind {site.kind}")
-
-    def path_of(self, site: Site) -> tuple[str, str]:
-        """Dotted module path and ``"input"``/``"output"`` of ``site`` (for nnsight)."""
-        t, L = self.table, site.layer
-        if site.kind == "resid_pre":
-            return (t.final_norm if L == self.n_layers else f"{t.blocks}.{L}"), "input"
-        rel = {"z": t.o_proj, "mlp_out": t.mlp, "mlp_in": t.mlp, "attn_in": t.attn_norm}.get(site.kind)
-        io = {"z": "input", "mlp_out": "output", "mlp_in": "input", "attn_in": "output"}.get(site.kind, "output")
-        if rel is None:
-            rel = t.qkv[0] if t.qkv_layout != "separate" or site.kind == "qkv" else t.qkv["qkv".index(site.kind)]
+            rel, io = t.qkv[0], "output"
+        elif site.kind in ("q", "k", "v"):
+            rel = t.qkv[0] if t.qkv_layout != "separate" else t.qkv["qkv".index(site.kind)]
+            io = "output"
+        else:
+            raise InterventionError(f"unknown site kind {site.kind}")
         return f"{t.blocks}.{L}.{rel}", io
+
+    def module_of(self, site: Site) -> tuple[nn.Module, str]:
+        """The module of ``site`` and whether its ``"input"`` or ``"output"`` is meant (see :meth:`path_of`)."""
+        path, io = self.path_of(site)
+        return get_path(self.model, path), io
 
     def head_slice(self, head: int) -> slice:
         """Columns of head ``head`` in the ``z`` site."""
@@ -239,7 +255,6 @@ class Adapter:
         edits = dict(edits or {})
         captures = dict(captures or {})
         fired: dict[Site, int] = {s: 0 for s in set(edits) | set(captures)}
-        handles = []
 
         def make(site: Site, io: str):
             edit = edits.get(site)
@@ -263,18 +278,11 @@ class Adapter:
                 return apply(out)
             return post
 
-        try:
+        with temporary_hooks() as register:
             for site in sorted(fired, key=lambda s: s.order):
                 mod, io = self.module_of(site)
-                fn = make(site, io)
-                if io == "input":
-                    handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True))
-                else:
-                    handles.append(mod.register_forward_hook(fn))
+                register(mod, make(site, io), pre=io == "input", **({"with_kwargs": True} if io == "input" else {}))
             yield fired
-        finally:
-            for h in handles:
-                h.remove()
 
     # ------------------------------------------------------------------ fast path
     def prefix(
@@ -290,7 +298,6 @@ class Adapter:
         L = self.n_layers
         resid: list[torch.Tensor | None] = [None] * (L + 1)
         calls: list[Any] = [None] * L
-        handles = []
         caps: dict[Site, torch.Tensor] = {}
 
         def block_pre(i: int):
@@ -306,16 +313,13 @@ class Adapter:
             resid[L] = args[0]
 
         cap_fns = {s: (lambda x, s=s: caps.__setitem__(s, x)) for s in capture}
-        try:
+        with temporary_hooks() as register:
             for i, b in enumerate(self.blocks):
-                handles.append(b.register_forward_pre_hook(block_pre(i), with_kwargs=True))
-            handles.append(self.final_norm.register_forward_pre_hook(norm_pre))
+                register(b, block_pre(i), pre=True, with_kwargs=True)
+            register(self.final_norm, norm_pre, pre=True)
             with self.hooks(edits, cap_fns) as fired, torch.no_grad():
                 self.base(input_ids=ids.to(self.device), use_cache=False)
             _check_fired(fired, edits or {})
-        finally:
-            for h in handles:
-                h.remove()
         return Prefix(resid=resid, calls=calls, captures=caps)  # type: ignore[arg-type]
 
     def run_blocks(
@@ -342,20 +346,16 @@ class Adapter:
         B = prefix.batch
         stop = self.n_layers if stop is None else stop
         h = prefix.resid[start].repeat(copies, 1, 1) if hidden is None else hidden
-        handle = None
-        if last_position_mlp and stop == self.n_layers and start < stop:
-            def last_only(mod, args, kwargs):
-                return _map_first_input(args, kwargs, lambda x: x[:, -1:])
-            handle = get_path(self.blocks[stop - 1], self.table.mlp).register_forward_pre_hook(
-                last_only, with_kwargs=True, prepend=True)
-        try:
+        with temporary_hooks() as register:
+            if last_position_mlp and stop == self.n_layers and start < stop:
+                def last_only(mod, args, kwargs):
+                    return _map_first_input(args, kwargs, lambda x: x[:, -1:])
+                register(get_path(self.blocks[stop - 1], self.table.mlp), last_only, pre=True, with_kwargs=True,
+                         prepend=True)
             for i in range(start, stop):
                 args, kw = prefix.calls[i]
                 out = self.blocks[i](h, *_tile(args, B, copies), **_tile(kw, B, copies))
                 h = out[0] if isinstance(out, tuple) else out
-        finally:
-            if handle is not None:
-                handle.remove()
         return h
 
     # ------------------------------------------------------------------ module-level operations
@@ -388,7 +388,6 @@ class Adapter:
         removes exactly the hooks it added, also on error.
         """
         fired = {key: 0 for key in fns}
-        handles = []
 
         def make(key):
             fn = fns[key]
@@ -401,18 +400,14 @@ class Adapter:
                 return fn(inp, out)
             return post
 
-        try:
+        with temporary_hooks() as register:
             for key in sorted(fns):
                 layer, which = key
                 if which not in ("attn", "mlp"):
                     raise InterventionError(f"norm hook kind must be 'attn' or 'mlp'; got {which!r}")
                 path = self.table.attn_norm if which == "attn" else self.table.mlp_norm
-                mod = get_path(self.blocks[layer], path)
-                handles.append(mod.register_forward_hook(make(key), with_kwargs=True))
+                register(get_path(self.blocks[layer], path), make(key), with_kwargs=True)
             yield fired
-        finally:
-            for h in handles:
-                h.remove()
 
     def final_sigma(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm's scale of residual vectors ``x`` (..., d) -> (...), float64."""
