@@ -410,7 +410,11 @@ class Adapter:
             yield fired
 
     def final_sigma(self, x: torch.Tensor) -> torch.Tensor:
-        """The final norm's scale of residual vectors ``x`` (..., d) -> (...), float64."""
+        """The final norm's scale sigma(x) of residual vectors ``x`` (..., d) -> (...), float64:
+        ``sqrt(var(x) + eps)`` for LayerNorm, ``sqrt(mean(x^2) + eps)`` for RMSNorm.
+
+        The package's one final-norm scale function (the readout and the
+        training script should call this rather than restate it)."""
         _, _, eps = self.norm_params()
         x = x.to(torch.float64)
         if self.table.norm_kind == "layernorm":
@@ -429,15 +433,6 @@ class Adapter:
             d = d - d.mean(-1, keepdim=True)
         extra = gamma.to(torch.float64) * d / self.final_sigma(x)[..., None]
         return self.unembed(self.final_norm(x) + extra.to(x.dtype))
-
-    def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """One full forward of ``ids`` (B, T); logits at the last position (B, vocab).
-
-        Runs in the caller's grad mode (attribution patching differentiates it).
-        """
-        out = self.base(input_ids=ids.to(self.device), use_cache=False)
-        h = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        return self.unembed(h[:, -1])
 
 
 def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:
