@@ -182,6 +182,7 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     pos = positions_of(positions)
     runner, m = make_runner(model, task, metric, progress=progress, positions=pos)
     _check_method(method, m, direction, exact)
+    runner.check_local("attribution patching")
     star = method == "atp*"
     source, other = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
     per_pos = any(c.kind == "resid" for c in comps) if per_position is None else per_position

@@ -261,6 +261,7 @@ def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: s
     rsets = receiver_sets(model, receivers)
     pos = positions_of(positions)
     runner, m = make_runner(model, task, metric, progress=progress, positions=pos)
+    runner.check_local("path patching")
     clean = runner.baseline("clean").metric
     corr = runner.baseline("corrupted").metric
     check_separable(clean.numpy(), corr.numpy())

@@ -341,7 +341,7 @@ class Runner:
         cap = self.check_capture(capture, capture_positions)
         paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
         if paths:
-            self._check_local("path patching (deliveries of a sender's change)")
+            self.check_local("path patching (deliveries of a sender's change)")
             if readout:
                 raise OptionError("readout=True does not combine with deliveries; run the readout separately.")
         every = capture_positions == "all"
@@ -398,7 +398,8 @@ class Runner:
                                   [r[i] for r in resid_all] if every else None))
         return outs
 
-    def _check_local(self, what: str) -> None:
+    def check_local(self, what: str) -> None:
+        """Refuse ``what`` (an analysis that runs on the local hook path) for a remote model, at once."""
         if getattr(self.model, "remote", False):
             raise OptionError(f"{what} runs on the local hook path and cannot run remotely yet; load the model "
                               "without remote=True (backend='nnsight' locally gives the same numbers).")
@@ -646,6 +647,7 @@ class Runner:
             for dv in c:
                 if not isinstance(dv, Delivery):
                     continue
+                self.sender_change(g, source, dv.change)  # now, not inside a hook (it may run a forward)
                 if dv.target == "logits":
                     logits.append((ci, dv))
                 elif dv.target == "mlp":
@@ -760,7 +762,7 @@ class Runner:
         """
         if source not in SOURCES:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
-        self._check_local("attribution patching (gradient reads)")
+        self.check_local("attribution patching (gradient reads)")
         L = self.ad.n_layers
         for r in reads:
             for s in r.sites:
