@@ -473,3 +473,55 @@ def test_atp_star_bad_input_fails_before_any_work(monkeypatch):
     with pytest.raises(hp.InputError, match="ActivationPatch"):
         hp.attribution_patch(m, t, "heads", exact="not a result")
     assert ran == []
+
+
+def _pattern_only_model() -> tuple[hp.HookedModel, hp.Task]:
+    """A hand-set 2-layer GPT-2 in which L0H0 acts on the metric only through L1H0's attention pattern: it
+    writes along e4 - e5, which only L1H0's keys read; L1H0's query is a constant and its values are the
+    tokens' values along e6 - e7 (1 for the first token, 0 otherwise); the metric reads L1H0's output
+    linearly (norms made linear by a huge eps). So exact patching of L0H0 is a change of softmax, which
+    plain AtP linearises and AtP*'s QK fix recomputes exactly."""
+    import transformers as tf
+
+    tok = tiny.tokenizer()
+    cfg = tf.GPT2Config(n_layer=2, n_head=2, n_embd=8, n_inner=4, n_positions=16, vocab_size=tiny.VOCAB,
+                        activation_function="relu", layer_norm_epsilon=1e8, tie_word_embeddings=False,
+                        bos_token_id=2, eos_token_id=1, pad_token_id=1)
+    hf = tf.GPT2LMHeadModel(cfg).double().eval()
+    ids = {w: tok.convert_tokens_to_ids(w) for w in ("w3", "w5", "w6", "w10")}
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        for name, p in hf.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.fill_(1e4)
+        wte = hf.transformer.wte.weight
+        wte[ids["w3"], 2], wte[ids["w3"], 3] = 4.0, -4.0       # the signal (clean only)
+        wte[ids["w10"], 6], wte[ids["w10"], 7] = 1.0, -1.0     # the first token's value
+        a0, a1 = hf.transformer.h[0].attn, hf.transformer.h[1].attn
+        a0.c_attn.weight[2, 16], a0.c_attn.weight[3, 16] = 0.5, -0.5  # L0H0 value: the signal
+        a0.c_proj.weight[0, 4], a0.c_proj.weight[0, 5] = 1.0, -1.0    # ... written along e4 - e5
+        a1.c_attn.bias[0] = 1.0                                        # L1H0 query: constant
+        a1.c_attn.weight[4, 8], a1.c_attn.weight[5, 8] = 2.0, -2.0    # L1H0 key: reads e4 - e5
+        a1.c_attn.weight[6, 16], a1.c_attn.weight[7, 16] = 0.5, -0.5  # L1H0 value: the token value
+        a1.c_proj.weight[0, 0], a1.c_proj.weight[0, 1] = 1.0, -1.0    # ... written along the metric
+        hf.lm_head.weight[ids["w5"], 0] = 1.0
+        hf.lm_head.weight[ids["w6"], 1] = 1.0
+    m = hp.load_model(hf, tokenizer=tok)
+    rows = [{"clean": f"w10 w3 w{a} w{b}", "corrupted": f"w10 w4 w{a} w{b}", "answer": " w5", "alternative": " w6"}
+            for a, b in [(11, 12), (13, 14), (15, 16)]]
+    return m, hp.tasks.from_pairs(m, rows, name="pattern")
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_qk_fix_recomputes_the_softmax_exactly(direction):
+    m, t = _pattern_only_model()
+    exact = hp.activation_patch(m, t, ["L0H0"], direction).to_frame()
+    base = exact.corrupted_metric if direction == "denoise" else exact.clean_metric
+    want = (exact.patched_metric - base).to_numpy()
+    plain = hp.attribution_patch(m, t, ["L0H0"], direction).to_frame().estimate.to_numpy()
+    star = hp.attribution_patch(m, t, ["L0H0"], direction, method="atp*").to_frame()
+    assert np.abs(want).min() > 0.2
+    np.testing.assert_allclose(star.estimate, want, atol=1e-6, rtol=0)   # the softmax, recomputed
+    assert np.abs(plain - want).min() > 0.05                              # the softmax, linearised
+    assert (star.dropped_layer == -1).all()
