@@ -43,12 +43,15 @@ class CopyOutput:
     ``metric`` (n,); ``resid`` (n, d) final residual at the last position;
     ``proj`` (n, C) unscaled projections of the finest components and
     ``proj_const`` (n,) when a readout was asked for, else None.
+    ``post_sigma`` (n, L): each layer's post-attention norm scale (families
+    with post norms, when a readout was asked for), else None.
     """
 
     metric: torch.Tensor
     resid: torch.Tensor
     proj: torch.Tensor | None = None
     proj_const: torch.Tensor | None = None
+    post_sigma: torch.Tensor | None = None
 
 
 class Progress:
@@ -247,6 +250,8 @@ class Runner:
         resid = torch.empty(len(copies), n, d, dtype=torch.float64)
         proj = torch.empty(len(copies), n, C, dtype=torch.float64) if readout else None
         pconst = torch.empty(len(copies), n, dtype=torch.float64) if readout else None
+        psig = (torch.empty(len(copies), n, self.ad.n_layers, dtype=torch.float64)
+                if readout and self.readout.has_post_norms else None)
         bar = Progress(len(copies) * len(self.groups), label, self.progress)
         for g, idx in enumerate(self.groups):
             it = torch.tensor(idx)
@@ -258,7 +263,10 @@ class Runner:
                 if readout:
                     proj[ci[:, None], it[None, :]] = out["proj"].cpu()
                     pconst[ci[:, None], it[None, :]] = out["proj_const"].cpu()
-        return [CopyOutput(metric[i], resid[i], None if proj is None else proj[i], None if pconst is None else pconst[i])
+                    if psig is not None:
+                        psig[ci[:, None], it[None, :]] = out["post_sigma"].cpu()
+        return [CopyOutput(metric[i], resid[i], None if proj is None else proj[i], None if pconst is None else pconst[i],
+                           None if psig is None else psig[i])
                 for i in range(len(copies))]
 
     def _run_group(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], readout: bool,
@@ -337,7 +345,10 @@ class Runner:
                    for l in range(L)]
             ro = self.readout
             u = ro.u[torch.tensor(idx)]
-            out["proj"] = ro.projections(z, mlp, u).view(k, B, -1)
+            ps = ro.post_sigma(z)
+            out["proj"] = ro.projections(z, mlp, u, ps).view(k, B, -1)
+            if ps is not None:
+                out["post_sigma"] = ps.view(k, B, -1)
             out["proj_const"] = ro.const_projection(P.resid[0][:, -1].repeat(k, 1), u).view(k, B)
         return out
 
