@@ -197,7 +197,9 @@ def check_args(args: Any) -> None:
     from .models import resolve_device
 
     if args.out is not None:
-        from .io import check_output_folder
+        from .io import check_output_folder, check_output_location
+
+        check_output_location(args.out, args.overwrite)
 
         check_output_folder(args.out, args.overwrite)
     resolve_device(args.device)
@@ -424,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import InputError, NumericalError
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    restore = _on_sigterm_interrupt()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -450,6 +453,24 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _err(f"unexpected {type(e).__name__}: {e} (run again with --debug for the traceback)")
         return 1
+    finally:
+        restore()
+
+
+def _on_sigterm_interrupt() -> Any:
+    """Handle SIGTERM like Ctrl-C (KeyboardInterrupt: atomic writes remove their temporary files) while
+    :func:`main` runs; returns the function that restores the previous handler (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

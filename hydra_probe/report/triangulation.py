@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..checks import public
 from ..claims import VERDICT_RULE, VERDICTS, verdict_table
 from ..components import select
 from ..effects import activation_patch, attribution_patch, direct_effects, iterated_ablation, path_patch, self_repair
@@ -212,6 +213,7 @@ def _assemble(rep: TriangulationReport) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- main entry
+@public
 def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "frozen", metric: Any = "logit_diff",
                 components: Any = "heads", top: int = 5, seed: int = 0, threshold: float = 0.1,
                 graph_threshold: float | None = None, graph_top_k: int = 5, iterate: int = 3,
