@@ -465,6 +465,8 @@ class Adapter:
             for attr, kind in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
                                ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook")):
                 for fn in getattr(m, attr, {}).values():
+                    if getattr(fn, "__hydra_probe_read_only__", False):  # marked by hydra_probe.checks.read_only
+                        continue
                     fname = getattr(fn, "__qualname__", None) or type(fn).__name__
                     out.append(f"{names.get(id(m), type(m).__name__)} ({kind} {fname})")
         return out
