@@ -82,7 +82,7 @@ def test_table_verdicts_are_the_verdict_module_applied_to_the_table(setup):
     frames in test_verdicts.py)."""
     _, _, rep = setup
     t = rep.to_frame()
-    want = classify(t, rep.config["threshold"], rep.baseline["gap"])
+    want = classify(t, rep.config["threshold"], rep.baseline["verdict_scale"])
     assert list(t["verdict"]) == list(want["verdict"])
 
 
@@ -134,7 +134,8 @@ def test_markdown_states_claims_with_their_conditions(saved):
                     "Provenance", "Re-run"):
         assert section in md, section
     assert "ablation value `mean`" in md and "corruption `swap`" in md and "metric `logit_diff`" in md
-    assert "verdict: N and R" in md
+    assert "verdict: B -> \"masked by self-repair\"" in md and "scale = |clean| kept between" in md
+    assert "verdict scale (TE, DE lost)" in md
     assert "figures/heatmaps.png" in md
 
 
