@@ -126,6 +126,7 @@ def test_threshold_is_relative_to_the_scale():
     (0.01, -2.0, 1.005),   # clean near 0: at least half the gap
     (20.0, 17.0, 3.0),     # a metric with an offset (a raw logit): at most the gap
     (-1.0, 1.0, -1.0),     # clean below corrupted: signed like the gap
+    (2.0, 2.0, 2.0),       # a corruption that changes nothing: the clean metric alone
 ])
 def test_verdict_scale(clean, corrupted, want):
     assert verdict_scale(clean, corrupted) == pytest.approx(want)

@@ -20,7 +20,7 @@ from ..formatting import pct
 VERDICTS = ("agree: important", "masked by self-repair", "necessity only", "restoration only", "agree: minor")
 
 #: How the scale of TE and DE lost is chosen (also in :data:`VERDICT_RULE`).
-SCALE_RULE = "|mean clean metric|, kept between |gap| / 2 and |gap|, with the sign of gap"
+SCALE_RULE = "|mean clean metric|, kept between |gap| / 2 and |gap|, with the sign of gap (|clean| where gap = 0)"
 
 VERDICT_RULE = """\
 Let clean, corrupted = the mean metrics, gap = clean - corrupted, t = the threshold (default 0.1) and
@@ -53,9 +53,12 @@ def verdict_scale(clean: float, corrupted: float) -> float:
 
     ``clean``, ``corrupted``: the mean clean and corrupted metric. ``|clean|`` clipped to
     ``[|gap| / 2, |gap|]``: under a swap corruption (corrupted = -clean) it is ``|clean|`` = |gap| / 2, under an
-    abc one (corrupted = 0) ``|clean|`` = |gap|; it never doubles with the corruption.
+    abc one (corrupted = 0) ``|clean|`` = |gap|; it never doubles with the corruption. Where the gap is 0 (a
+    corruption that leaves the metric unchanged) it is ``|clean|``.
     """
     gap = clean - corrupted
+    if abs(gap) <= 1e-9 * max(abs(clean), 1.0):  # a corruption that leaves the metric unchanged: only clean remains
+        return float(abs(clean))
     mag = min(max(abs(clean), abs(gap) / 2), abs(gap))
     return float(mag if gap >= 0 else -mag)
 
