@@ -32,8 +32,8 @@ from .prose import findings_text
 from .store import read_report
 from .writer import save_report
 
-#: Sections of the report, in order, with what each one runs.
-SECTIONS = {
+#: The analyses ``triangulate`` runs, in order, with the call each one makes.
+ANALYSES = {
     "direct_effects": "direct_effects(model, task, components, scale)",
     "self_repair": "self_repair(model, task, components, value, scale): total effect, DE lost, self-repair",
     "patch_denoise": "activation_patch(..., direction='denoise'): clean activation into the corrupted run",
@@ -381,4 +381,4 @@ def _model_info(model: Any) -> dict[str, Any]:
             "d_model": model.d_model}
 
 
-__all__ = ["SECTIONS", "VERDICTS", "VERDICT_RULE", "TriangulationReport", "triangulate"]
+__all__ = ["ANALYSES", "VERDICTS", "VERDICT_RULE", "TriangulationReport", "triangulate"]
