@@ -197,7 +197,7 @@ def check_args(args: Any) -> None:
     from .models import resolve_device
 
     if args.out is not None:
-        from .report.render import check_output_folder
+        from .io import check_output_folder
 
         check_output_folder(args.out, args.overwrite)
     resolve_device(args.device)
@@ -321,8 +321,8 @@ def cmd_ablate(args: Any) -> int:
     import pandas as pd
 
     from .effects import ablate, paired_ablation, self_repair
+    from .formatting import ci, fmt, pct
     from .metrics import METRICS
-    from .report.render import ci, fmt, pct
 
     model, task, comps = load_inputs(args)
     progress = False if args.quiet else None
@@ -402,7 +402,7 @@ def cmd_graph(args: Any) -> int:
     print(_conditions(sr))
     if len(e):
         e = e.reindex(e["weight"].abs().sort_values(ascending=False, kind="stable").index).head(20)
-        from .report.render import fmt
+        from .formatting import fmt
 
         print(text_table(e.assign(weight=[fmt(x) for x in e["weight"]],
                                   fraction=[fmt(x) for x in e.get("fraction", [float("nan")] * len(e))],

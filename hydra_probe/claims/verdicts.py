@@ -9,6 +9,8 @@ functions of frames: nothing here runs a model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 
@@ -70,4 +72,92 @@ def classify(frame: pd.DataFrame, threshold: float, scale: float) -> pd.DataFram
     return pd.DataFrame({"necessity": N, "restoring": R, "masked": M, "verdict": verdict}, index=f.index)
 
 
-__all__ = ["CLASSIFY_COLUMNS", "VERDICTS", "VERDICT_RULE", "classify"]
+def confirmed_edges(edges_tested: pd.DataFrame | None) -> set[tuple[str, str]]:
+    """The (ablated, compensator) pairs a paired ablation confirmed (``verified == "confirmed"``)."""
+    e = edges_tested
+    if e is None or e.empty:
+        return set()
+    return {(a, b) for a, b, v in zip(e["source"], e["target"], e["verified"]) if v == "confirmed"}
+
+
+def compensator_text(contributions: pd.DataFrame, confirmed: set[tuple[str, str]], k: int = 3) -> dict[str, str]:
+    """Per ablated component: its compensators, strongest first, at most ``k``, as text.
+
+    A compensator is a downstream row (component or NORM) of the contribution
+    summary (``component``, ``downstream``, ``delta_de``, ``q``) with positive
+    mean ΔDE and BH q < 0.05, or whose edge a paired ablation confirmed
+    (marked ", confirmed"): ``"L2H1 (+0.31, confirmed), NORM (+0.05)"``.
+    """
+    out = {}
+    for c, g in contributions.groupby("component", sort=False):
+        conf = np.array([(c, d) in confirmed for d in g["downstream"]], dtype=bool)
+        keep = (g["delta_de"].to_numpy() > 0) & ((g["q"].to_numpy() < 0.05) | conf)
+        g = g[keep].sort_values("delta_de", ascending=False, kind="stable").head(k)
+        out[c] = ", ".join(f"{d} ({v:+.3g}{', confirmed' if (c, d) in confirmed else ''})"
+                           for d, v in zip(g["downstream"], g["delta_de"]))
+    return out
+
+
+def _scores(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    s = frame[["component", "score", "score_lo", "score_hi"]]
+    return s.rename(columns={"score": name, "score_lo": f"{name}_lo", "score_hi": f"{name}_hi"})
+
+
+def verdict_table(*, components: pd.DataFrame, direct: pd.DataFrame, self_repair: pd.DataFrame,
+                  self_repair_top: pd.DataFrame, contributions: pd.DataFrame, denoise: pd.DataFrame,
+                  noise: pd.DataFrame, baseline: Mapping[str, float], threshold: float,
+                  attribution: pd.DataFrame | None = None, edges_tested: pd.DataFrame | None = None,
+                  iterated: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The per-component triangulation table with verdicts, from the analyses' summaries.
+
+    Args:
+        components: ``component``, ``layer``, ``head``, ``kind``, one row per component (their order is kept
+            for ties).
+        direct: ``DirectEffects.summary()`` (``direct_effect`` with ``_lo``/``_hi``).
+        self_repair: ``SelfRepair.summary()``; ``self_repair_top``: the same on the top fraction of prompts
+            by clean DE (``SelfRepair.summary(top_fraction=...)``).
+        contributions: ``SelfRepair.contribution_summary()`` (``component``, ``downstream``, ``delta_de``, ``q``).
+        denoise, noise: ``ActivationPatch.summary()`` of each direction (``score`` with ``_lo``/``_hi``).
+        baseline: ``clean_metric``, ``corrupted_metric`` and ``gap`` (means, metric units).
+        threshold: the verdict threshold t (see :data:`VERDICT_RULE`).
+        attribution: ``AttributionPatch.to_frame()`` (per-prompt ``estimate``), or None.
+        edges_tested: ``EdgeVerification.tested`` (``source``, ``target``, ``verified``), or None.
+        iterated: ``IteratedAblation.summary()``, or None.
+
+    Returns:
+        One row per component, most important first, with the columns documented in
+        ``TriangulationReport.to_frame`` and ``necessity``, ``restoring``, ``masked``, ``verdict``.
+    """
+    gap = baseline["gap"]
+    de = direct[["component", "direct_effect", "direct_effect_lo", "direct_effect_hi"]]
+    sr = self_repair[["component", "total_effect", "total_effect_lo", "total_effect_hi", "de_lost", "de_lost_lo",
+                      "de_lost_hi", "self_repair", "self_repair_lo", "self_repair_hi", "norm_term",
+                      "fraction_repaired", "lower_bound", "q_self_repair"]]
+    top = self_repair_top[["component", "de_lost", "self_repair", "fraction_repaired"]]
+    sr = sr.merge(top.rename(columns={"de_lost": "de_lost_top", "self_repair": "self_repair_top",
+                                      "fraction_repaired": "fraction_repaired_top"}), on="component", how="left")
+    comp_text = compensator_text(contributions, confirmed_edges(edges_tested))
+
+    t = components[["component", "layer", "head", "kind"]].merge(de, on="component", how="left")
+    t = t.merge(sr, on="component", how="left")
+    t = t.merge(_scores(denoise, "restoration"), on="component", how="left")
+    t = t.merge(_scores(noise, "damage"), on="component", how="left")
+    if attribution is not None:
+        a = attribution.groupby("component", sort=False)["estimate"].mean()
+        t["attribution"] = t["component"].map(a) / gap
+    else:
+        t["attribution"] = np.nan
+    t["compensators"] = t["component"].map(comp_text).fillna("")
+    t.loc[~t["self_repair"].gt(0), "compensators"] = ""
+    t["te_norm"] = t["total_effect"] / gap
+    t["del_norm"] = t["de_lost"] / gap
+    t["importance"] = t[["te_norm", "del_norm", "restoration", "damage"]].abs().max(axis=1)
+    v = classify(t, threshold, gap)
+    for col in v.columns:
+        t[col] = v[col]
+    t = t.sort_values(["importance", "layer", "head"], ascending=[False, True, True], kind="stable")
+    return t.reset_index(drop=True)
+
+
+__all__ = ["CLASSIFY_COLUMNS", "VERDICTS", "VERDICT_RULE", "classify", "compensator_text", "confirmed_edges",
+           "verdict_table"]
