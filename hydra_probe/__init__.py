@@ -9,6 +9,7 @@ ablation results beside activation, path and attribution patching.
 
 from . import graph, tasks
 from ._version import __version__
+from .claims.conditions import ConditionComparison, compare_conditions, compare_tasks
 from .components import Component, Group
 from .effects import (
     Ablation,
@@ -65,6 +66,7 @@ __all__ = [
     "AttributionPatch",
     "ArchitectureError",
     "Component",
+    "ConditionComparison",
     "ComponentError",
     "DirectEffects",
     "EdgeVerification",
@@ -94,6 +96,8 @@ __all__ = [
     "activation_patch",
     "attribution_patch",
     "compensation_graph",
+    "compare_conditions",
+    "compare_tasks",
     "compensators_of",
     "direct_effects",
     "draw_graph",

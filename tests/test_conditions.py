@@ -139,7 +139,8 @@ def test_handset_verdict_changes_with_the_ablation_value_and_the_summary_names_i
         assert summ.loc[c, "disagree"] and summ.loc[c, "factors"] == "value"
         assert summ.loc[c, "holds"] == 1 and summ.loc[c, "n_conditions"] == 3
     assert "value: zero → necessity only; mean → agree: minor; resample → agree: minor" in summ.loc["L0H0", "changes"]
-    assert "never with value=mean, value=resample" in cmp.sentences(["L0H0"])[0]
+    assert cmp.sentences(["L0H0"]) == ['L0H0: "necessity only" in 1 of 3 conditions; always with value zero; never with '
+                                       'value mean or resample; otherwise agree: minor (2); changed by value.']
 
 
 def test_no_disagreement_is_not_flagged_and_families_are_a_factor():
@@ -209,3 +210,51 @@ def test_a_jsonl_task_has_only_its_own_corruption(no_forward, tmp_path):
         compare_conditions(model, task, ["L0H1"])
     with pytest.raises(hp.OptionError, match="prompt families"):
         compare_tasks(model, {})
+
+
+# ---------------------------------------------------------------------- the report's section and the command line
+def test_report_section_agrees_with_the_triangulation_table(tmp_path):
+    from hydra_probe.report.document import build_doc
+    from hydra_probe.report.render import to_markdown
+
+    model = hp.load_default_model()
+    comps = ["L1H5", "L2H1", "L3H5", "L0H2"]
+    task = hp.tasks.ioi(model, n_prompts=6, seed=4, names="heldout")
+    rep = hp.triangulate(model, task, components=comps, top=2, iterate=0, progress=False)
+    cmp = compare_conditions(model, task, comps, corruptions=("swap", "abc"), values=("mean", "zero"),
+                             progress=False)
+    # the reference condition is the report's own, and its verdicts are the report's
+    ref = cmp.to_frame().query("corruption == 'swap' and value == 'mean' and metric == 'logit_diff'")
+    table = rep.to_frame().set_index("component")
+    assert dict(zip(ref.component, ref.verdict)) == dict(table.loc[comps, "verdict"])
+    np.testing.assert_allclose(ref.set_index("component").loc[comps, "restoration"], table.loc[comps, "restoration"],
+                               rtol=1e-9)
+    rep.results["conditions"] = cmp
+    md = to_markdown(build_doc(rep, {}))
+    assert "## Does the claim survive another counterfactual?" in md
+    assert "Under which choices does each claim hold?" in md and "differs from the triangulation" not in md
+    for c in rep.top_components():
+        assert f"- {c}: \"" in md
+    back = hp.TriangulationReport.load(rep.save(tmp_path / "rep", figures=False))
+    assert isinstance(back.results["conditions"], hp.ConditionComparison)
+    pd.testing.assert_frame_equal(back.results["conditions"].summary(), cmp.summary())
+
+
+def test_cli_conditions_writes_a_folder_and_refuses_bad_lists(tmp_path, capsys):
+    from hydra_probe.cli import main
+
+    out = tmp_path / "cond"
+    assert main(["conditions", "--n-prompts", "4", "--components", "L1H5,L2H1", "--conditions", "abc,zero,logprob",
+                 "--out", str(out), "--no-figures", "--quiet"]) == 0
+    f = pd.read_csv(out / "conditions.csv")
+    assert set(f.corruption) == {"swap", "abc"} and set(f.value) == {"mean", "zero"}
+    assert set(f.metric) == {"logit_diff", "logprob"} and len(f) == 2 * 8
+    assert (out / "conditions.md").read_text().count("Does the claim survive another counterfactual?") == 1
+    assert "L1H5" in capsys.readouterr().out
+    assert main(["conditions", "--conditions", "abc,median", "--out", str(tmp_path / "x")]) == 2
+    assert "'median' is neither a corruption" in capsys.readouterr().err
+    path = tmp_path / "pairs.jsonl"
+    hp.tasks.ioi(hp.load_default_model(), n_prompts=4).to_jsonl(path)
+    assert main(["report", "--task", str(path), "--conditions", "swap", "--out", str(tmp_path / "r")]) == 2
+    assert "cannot make the corruption 'swap'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "r").exists()
