@@ -9,6 +9,7 @@ ablation results beside activation, path and attribution patching.
 
 from . import graph, tasks
 from ._version import __version__
+from .claims.conditions import ConditionComparison, compare_conditions, compare_tasks
 from .components import Component, Group
 from .effects import (
     Ablation,
@@ -67,6 +68,7 @@ __all__ = [
     "AttributionPatch",
     "ArchitectureError",
     "Component",
+    "ConditionComparison",
     "ComponentError",
     "ConcurrencyError",
     "DirectEffects",
@@ -98,6 +100,8 @@ __all__ = [
     "activation_patch",
     "attribution_patch",
     "compensation_graph",
+    "compare_conditions",
+    "compare_tasks",
     "compensators_of",
     "direct_effects",
     "draw_graph",

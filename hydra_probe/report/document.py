@@ -23,6 +23,7 @@ from ..claims import SCALE_RULE
 from ..formatting import ci, fmt, pct
 from ..results import _jsonable
 from .blocks import Doc
+from .conditions_section import conditions_section
 from .prose import (
     VALUE_TEXT,
     claim_conditions,
@@ -358,6 +359,7 @@ SECTIONS: list[Callable[[Doc, Context], None]] = [
     key_findings,
     task_and_baseline,
     triangulation_table,
+    conditions_section,
     patch_vs_ablate,
     hydra_effect,
     layer_head_maps,
