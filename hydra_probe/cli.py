@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = common.add_argument_group("model and task")
     g.add_argument("--model", default="default", metavar="MODEL",
                    help="'default' (the shipped IOI model, offline), a local folder with safetensors weights and a "
-                        "tokenizer, or a Hugging Face hub name already in the local cache (default: default)")
+                        "tokenizer, a .gguf file (needs the gguf extra), or a Hugging Face hub name already in the "
+                        "local cache (default: default)")
     g.add_argument("--task", default="ioi", metavar="TASK",
                    help="'ioi' (generated IOI prompts) or a JSONL file of {clean, corrupted, answer, alternative} "
                         "rows (default: ioi)")
@@ -240,7 +241,10 @@ def check_args(args: Any) -> None:
                           f"are defined for it); --metric {args.metric} is not. Use --metric logit_diff or logit.")
     if args.model != "default":
         p = Path(args.model).expanduser()
-        if p.exists() and not p.is_dir():
+        gguf = args.model.lower().endswith(".gguf")
+        if gguf and not p.is_file():
+            raise OptionError(f"--model {args.model!r}: no such GGUF file; give the path of a .gguf file.")
+        if p.exists() and not p.is_dir() and not gguf:
             raise OptionError(f"--model {args.model!r} is a file; give 'default' or a folder written by "
                               "save_pretrained (safetensors weights and a tokenizer).")
         if not p.exists() and args.model.startswith((".", "/", "~")):
