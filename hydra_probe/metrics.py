@@ -25,6 +25,9 @@ class Metric:
     fn: Callable[..., torch.Tensor]
     needs_clean: bool = False
     description: str = ""
+    #: for a linear metric other than ``logit_diff`` / ``logit``: ``fn(adapter, answer, alternative) -> (u, bias)``
+    #: with ``u`` (B, d) and ``bias`` (B,) such that metric = N(x) . u + bias (e.g. a task's set-of-tokens proxy)
+    readout: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __call__(self, logits: torch.Tensor, answer: torch.Tensor, alternative: torch.Tensor,
                  clean_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,6 +114,9 @@ def direction(adapter, metric: Metric, answer: torch.Tensor, alternative: torch.
             "Use metric='logit_diff'."
         )
     a, b = answer.to(adapter.device), alternative.to(adapter.device)
+    if metric.readout is not None:
+        u, bias = metric.readout(adapter, a, b)
+        return u.detach(), bias.detach()
     bu = adapter.b_U(a)
     if metric.name == "logit_diff":
         u = adapter.W_U(a) - adapter.W_U(b)

@@ -289,7 +289,7 @@ class TextSelfRepair(Result):
             rows.append(row)
         out = pd.DataFrame(rows)
         out.attrs["interval"] = (f"{int(level * 100)}% percentile bootstrap, resampling texts ({n_boot} draws, seed "
-                                 f"{seed}); top {f:g} of positions by clean direct effect, per component")
+                                 f"{seed}); top {100 * f:g} % of positions by clean direct effect, per component")
         return out
 
     def hydra_slope(self, top_fraction: float | None = None, level: float = 0.95) -> dict[str, float]:
@@ -298,6 +298,77 @@ class TextSelfRepair(Result):
 
         s = self.summary(top_fraction, level, n_boot=1)
         return hydra_slope(s["total_effect"].to_numpy(), s["de_lost"].to_numpy(), level)
+
+
+    def markdown(self, top_fraction: float | None = None, rows: int = 15) -> str:
+        """A short Markdown summary: conditions, the rule, the Hydra slope and the components with most self-repair."""
+        p = self.provenance
+        f = check_fraction(p.get("top_fraction", 0.02) if top_fraction is None else top_fraction)
+        s = self.summary(f)
+        hs = self.hydra_slope(f)
+        val = p.get("value")
+        lines = [
+            "# Self-repair on natural text", "",
+            f"- model: `{p.get('model')}` ({p.get('dtype')})",
+            f"- texts: {p.get('n_texts')} ({p.get('n_runs')} runs, {p.get('n_positions')} positions read"
+            + (f"; windows of {p.get('window')} tokens" if p.get("window") else "")
+            + (f"; {p.get('positions_dropped')} position(s) dropped where no donor reached" if p.get("positions_dropped")
+               else "") + ")",
+            f"- metric: {NEXT_TOKEN_LOGIT.description}",
+            f"- ablation: {val}" + (f" ({p.get('donors')})" if val == "resample" else ""),
+            f"- final-norm scale: {p.get('scale')} (splits off the norm term only; DE lost and SR are at the clean "
+            "scale)",
+            f"- seed: {p.get('seed')}; package version {p.get('version')}", "",
+            f"Per component, only its top {100 * f:g} % of positions by clean direct effect count (Rushing & Nanda 2024). "
+            "TE = logit(clean) - logit(ablated); DE lost = clean DE - DE of the replacement; self-repair = DE lost "
+            "- TE; SR/DE lost: median over those positions; norm share: the final norm's part of the self-repair "
+            f"(sum over sum). Intervals: {s.attrs.get('interval', '')}.", "",
+            f"Hydra slope across components (OLS of mean TE on mean DE lost): {_fmt(hs['slope'])} "
+            f"[{_fmt(hs['slope_lo'])}, {_fmt(hs['slope_hi'])}] over {hs['n']} components; below 1, single ablations "
+            "understate roles.", "",
+            f"## The {min(rows, len(s))} components with the most self-repair", "",
+            "| component | positions | DE | DE lost | TE | self-repair | SR / DE lost | norm share | Hydra slope |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in s.sort_values("self_repair", ascending=False, kind="stable").head(rows).itertuples():
+            lines.append(f"| {r.component} | {r.n_top} of {r.n_positions} | {_fmt(r.direct_effect)} | "
+                         f"{_fmt(r.de_lost)} | {_fmt(r.total_effect)} | "
+                         f"{_ci(r.self_repair, r.self_repair_lo, r.self_repair_hi)} | "
+                         f"{_ci(r.sr_over_de_lost, r.sr_over_de_lost_lo, r.sr_over_de_lost_hi)} | "
+                         f"{_ci(r.norm_share, r.norm_share_lo, r.norm_share_hi)} | "
+                         f"{_ci(r.hydra_slope, r.hydra_slope_lo, r.hydra_slope_hi)} |")
+        return "\n".join(lines) + "\n"
+
+    def write_report(self, folder: str | os.PathLike, overwrite: bool = False, top_fraction: float | None = None
+                     ) -> Path:
+        """Write ``folder`` atomically: ``text_self_repair.json`` (this result), ``positions.csv`` (the frame),
+        ``summary.csv``, ``runs.csv`` and ``summary.md``. Refuses a non-empty folder unless ``overwrite``."""
+        from ..errors import OutputError
+        from ..io import atomic_folder
+
+        out = Path(folder)
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+            raise OutputError(f"the output folder {str(out)!r} exists and is not empty (or is a file); pass "
+                              "overwrite=True (--overwrite) or choose another folder.")
+        with atomic_folder(out, overwrite=out.exists()) as tmp:
+            self.save(tmp / "text_self_repair.json")
+            self._frame.to_csv(tmp / "positions.csv", index=False)
+            self.summary(top_fraction).to_csv(tmp / "summary.csv", index=False)
+            self.runs().to_csv(tmp / "runs.csv", index=False)
+            (tmp / "summary.md").write_text(self.markdown(top_fraction), encoding="utf-8")
+        return out
+
+
+def _fmt(x: Any) -> str:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return "" if math.isnan(v) else f"{v:.3g}"
+
+
+def _ci(m: Any, lo: Any, hi: Any) -> str:
+    return _fmt(m) if not np.isfinite(lo) else f"{_fmt(m)} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
 def check_fraction(top_fraction: Any) -> float:
