@@ -261,7 +261,9 @@ def check_args(args: Any) -> None:
     from .models import resolve_device
 
     if args.out is not None:
-        from .report.render import check_output_folder
+        from .io import check_output_folder, check_output_location
+
+        check_output_location(args.out, args.overwrite)
 
         check_output_folder(args.out, args.overwrite)
     resolve_device(args.device)
@@ -397,8 +399,8 @@ def cmd_ablate(args: Any) -> int:
     import pandas as pd
 
     from .effects import ablate, paired_ablation, self_repair
+    from .formatting import ci, fmt, pct
     from .metrics import get_metric
-    from .report.render import ci, fmt, pct
 
     model, task, comps = load_inputs(args)
     progress = False if args.quiet else None
@@ -478,7 +480,7 @@ def cmd_graph(args: Any) -> int:
     print(_conditions(sr))
     if len(e):
         e = e.reindex(e["weight"].abs().sort_values(ascending=False, kind="stable").index).head(20)
-        from .report.render import fmt
+        from .formatting import fmt
 
         print(text_table(e.assign(weight=[fmt(x) for x in e["weight"]],
                                   fraction=[fmt(x) for x in e.get("fraction", [float("nan")] * len(e))],
@@ -534,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import InputError, NumericalError
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    restore = _on_sigterm_interrupt()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -560,6 +563,24 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _err(f"unexpected {type(e).__name__}: {e} (run again with --debug for the traceback)")
         return 1
+    finally:
+        restore()
+
+
+def _on_sigterm_interrupt() -> Any:
+    """Handle SIGTERM like Ctrl-C (KeyboardInterrupt: atomic writes remove their temporary files) while
+    :func:`main` runs; returns the function that restores the previous handler (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

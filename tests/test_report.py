@@ -12,6 +12,7 @@ import pytest
 import tiny
 
 import hydra_probe as hp
+from hydra_probe.claims import classify
 from hydra_probe.report import VERDICTS, TriangulationReport
 from hydra_probe.report import triangulation as tri_mod
 
@@ -66,32 +67,23 @@ def test_report_holds_result_objects_whose_numbers_equal_the_api(setup):
         assert p["task"] == "ioi" and p["corruption"] == "swap" and p["n"] == 6 and p["metric"] == "logit_diff"
 
 
-def test_verdict_follows_the_documented_rule(setup):
+def test_every_section_ran(setup):
     _, _, rep = setup
-    t = rep.to_frame()
-    gap, thr = rep.baseline["gap"], rep.config["threshold"]
-    for _, r in t.iterrows():
-        side = r["total_effect_lo"] if gap >= 0 else -r["total_effect_hi"]
-        N = side > 0 and r["total_effect"] / gap >= thr
-        R = r["restoration"] >= thr or r["damage"] >= thr
-        M = bool(r["lower_bound"]) and r["de_lost"] / gap >= thr and r["total_effect"] / gap < r["de_lost"] / gap
-        want = ("agree: important" if N and R else "masked by self-repair" if M and not N else
-                "necessity only" if N else "restoration only" if R else "agree: minor")
-        assert r["verdict"] == want, r["component"]
-
-
-def test_every_section_ran_when_its_module_exists(setup):
-    _, _, rep = setup
-    for key in ("direct_effects", "self_repair", "patch_denoise", "patch_noise"):
-        assert key in rep.results
-    optional = {"attribution": ("effects.attribution", "attribution_patch"),
-                "path_patch": ("effects.path", "path_patch"),
-                "iterated_ablation": ("effects.iterated", "iterated_ablation")}
-    for key, (mod, name) in optional.items():
-        if tri_mod._optional(mod, name) is not None:
-            assert key in rep.results or any(key.split("_")[0] in n for n in rep.notes), key
+    for key in ("direct_effects", "self_repair", "patch_denoise", "patch_noise", "attribution", "path_patch"):
+        assert key in rep.results, key
+    assert "iterated_ablation" in rep.results or any("iterated ablation" in n for n in rep.notes)
+    assert "paired_ablation" in rep.results or any("paired ablation" in n for n in rep.notes)
     assert rep.graph is not None and "NORM" in rep.graph
     assert np.isfinite(rep.hydra["slope"])
+
+
+def test_table_verdicts_are_the_verdict_module_applied_to_the_table(setup):
+    """The report's verdicts are claims.classify on its own table (the rule itself is tested on hand-made
+    frames in test_verdicts.py)."""
+    _, _, rep = setup
+    t = rep.to_frame()
+    want = classify(t, rep.config["threshold"], rep.baseline["gap"])
+    assert list(t["verdict"]) == list(want["verdict"])
 
 
 def test_save_writes_every_file_and_results_json_equals_the_objects(setup, saved):
@@ -171,17 +163,6 @@ def test_bad_arguments_fail_before_any_work(setup):
         hp.triangulate(m, task, components="resid")
     with pytest.raises(hp.OptionError):
         hp.triangulate(m, task, value="median")
-
-
-def test_missing_optional_sections_are_noted_not_fatal(setup, monkeypatch, tmp_path):
-    m, task, _ = setup
-    monkeypatch.setattr(tri_mod, "_optional", lambda module, name: None)
-    rep = hp.triangulate(m, task, top=1, progress=False)
-    assert set(rep.results) == {"direct_effects", "self_repair", "patch_denoise", "patch_noise"}
-    assert any("path patching" in n for n in rep.notes) and any("graph" in n for n in rep.notes)
-    assert rep.to_frame()["attribution"].isna().all()
-    rep.save(tmp_path / "r", figures=False)
-    assert "not available" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_figures_leave_global_matplotlib_state_alone(setup, tmp_path):

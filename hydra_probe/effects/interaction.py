@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..checks import public
 from ..components import Group, finest
 from ..results import Result
 from .ablation import parse_pairs
@@ -61,6 +62,7 @@ class InteractionParts(Result):
         return out
 
 
+@public
 def interaction_parts(model: Any, task: Any, pairs: Sequence[Sequence[Any]], value: Any = "mean",
                       scale: str = "frozen", *, metric: Any = "logit_diff", positions: Any = None, seed: int = 0,
                       progress: bool | None = None) -> InteractionParts:

@@ -53,10 +53,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..components import Group, finest, is_downstream, select_groups
+from ..components import finest, is_downstream, select_groups
 from ..errors import OptionError, TaskError
-from ..interventions import check_value, interventions_for
+from ..interventions import Intervention, check_value, interventions_for
 from ..metrics import Metric, direction, get_metric
+from ..models.sites import Site
 from ..results import Result, provenance
 from ..runner import Readout, Runner
 from ..tasks.task import Task
@@ -492,11 +493,17 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
     ivalue = "corrupted" if vname == "resample" else vname
     copies = [interventions_for(g.members, ivalue, model.head_dim, None) for g in groups]
     tok = model.tokenizer
+    clean = [_clean_side(model, runner, gi, idx, units, ivalue) for gi, idx in enumerate(runner.groups)]
     frames = []
-    for gi, idx in enumerate(runner.groups):
-        fr = _group_frames(model, runner, gi, idx, units, groups, cols, down, copies, ivalue, scale,
-                           batch_components)
-        frames.extend(fr)
+    for s in range(0, len(groups), batch_components):
+        chunk = list(range(s, min(s + batch_components, len(groups))))
+        # one forward per copy over whole texts; the runner returns the final residual at every position
+        outs = runner.run("clean", [copies[k] for k in chunk], label="text self-repair", capture_positions="all")
+        for gi, cs in enumerate(clean):
+            if cs is None:
+                continue
+            for k, o in zip(chunk, outs):
+                frames.append(_rows(cs, o.resid_all[gi], groups[k].name, cols[k], down[k], scale))
     frame = pd.concat(frames, ignore_index=True)
     ids = frame["token_id"].to_numpy()
     uniq = np.unique(ids)
@@ -518,10 +525,10 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
     return TextSelfRepair(frame, prov, {"runs": runs})
 
 
-def _group_frames(model: Any, runner: Runner, gi: int, idx: list[int], units: list[Unit], groups: list[Group],
-                  cols: list[list[int]], down: list[list[int]], copies: list[tuple], ivalue: str, scale: str,
-                  batch_components: int) -> list[pd.DataFrame]:
-    """Rows of every component for the units of one equal-length group."""
+def _clean_side(model: Any, runner: Runner, gi: int, idx: list[int], units: list[Unit], ivalue: str
+                ) -> dict[str, Any] | None:
+    """Everything of length group ``gi`` that does not depend on the ablated component: the positions read
+    (N rows), their readout, the clean metric, scale and projections, and the replacement's projections."""
     ad = model.adapter
     L = ad.n_layers
     P = runner.prefix(gi, "clean")
@@ -530,87 +537,61 @@ def _group_frames(model: Any, runner: Runner, gi: int, idx: list[int], units: li
     first = torch.tensor([units[i].first for i in idx])
     mask = (tgt >= 0) & (torch.arange(T)[None, :] >= first[:, None])
     if not mask.any():
-        return []
+        return None
     bi, pi = torch.nonzero(mask, as_tuple=True)
     targets = tgt[bi, pi]
     u, bias = direction(ad, get_metric("logit"), targets, targets)
     ro = Readout.build(model, u, bias)
-    dev = ro.u.device
-    bd, pd_ = bi.to(P.resid[0].device), pi.to(P.resid[0].device)
+    dev = P.resid[0].device
 
     def rows(x: torch.Tensor) -> torch.Tensor:                                # (B, T, w) -> (N, w)
-        return x[bd, pd_]
+        return x.to(dev)[bi.to(dev), pi.to(dev)]
 
-    x0 = rows(P.resid[L]).to(torch.float64).to(dev)
+    x0 = rows(P.resid[L]).to(torch.float64).to(ro.u.device)
     sig0 = ro.sigma(x0)
     tot0 = ro.project(x0)
-    m0 = tot0 / sig0 + ro.beta_u
-    z0 = [rows(P.captures[_site(l, "z")]) for l in range(L)]
-    mlp0 = [rows(P.captures[_site(l, "mlp_out")]) for l in range(L)]
-    proj0 = ro.projections(z0, mlp0)                                          # (N, C)
-    const0 = ro.const_projection(rows(P.resid[0]))                           # (N,)
-    # projections of the replacement activations, for every finest component
+    proj0 = ro.projections([rows(P.captures[_site(l, "z")]) for l in range(L)],
+                           [rows(P.captures[_site(l, "mlp_out")]) for l in range(L)])     # (N, C)
     if ivalue == "zero":
         projr = torch.zeros_like(proj0)
-    else:
-        from ..interventions import Intervention
-
-        zr, mr = [], []
-        for l in range(L):
-            for kind, acc in (("z", zr), ("mlp_out", mr)):
-                v = runner.value(Intervention(_site(l, kind), None, None, ivalue), gi, "clean")
-                acc.append(rows(v))
+    else:  # the replacement the runner writes (the per-position mean, or the donor text's activation)
+        zr = [rows(runner.value(Intervention(_site(l, "z"), None, None, ivalue), gi, "clean")) for l in range(L)]
+        mr = [rows(runner.value(Intervention(_site(l, "mlp_out"), None, None, ivalue), gi, "clean"))
+              for l in range(L)]
         projr = ro.projections(zr, mr)
-    text_of = torch.tensor([units[i].text for i in idx])[bi]
-    pos = torch.tensor([units[i].offset for i in idx])[bi] + pi
-    C = proj0.shape[1]
-    out = []
-    for s in range(0, len(groups), batch_components):
-        chunk = list(range(s, min(s + batch_components, len(groups))))
-        resid = _final_resid_all(runner, gi, [copies[k] for k in chunk])      # (k, B, T, d)
-        for j, k in enumerate(chunk):
-            x1 = rows(resid[j]).to(torch.float64).to(dev)
-            sig1 = ro.sigma(x1)
-            tot1 = ro.project(x1)
-            m1 = tot1 / sig1 + ro.beta_u
-            cc = cols[k]
-            de = proj0[:, cc].sum(1) / sig0
-            dl = de - projr[:, cc].sum(1) / sig0
-            te = m0 - m1
-            sr = dl - te
-            if scale == "frozen":
-                norm = tot1 * (1 / sig1 - 1 / sig0)
-            else:
-                up = [i for i in range(C) if i not in set(cc) and i not in set(down[k])]
-                fixed = const0 + proj0[:, up].sum(1)
-                s1 = tot1 - fixed - projr[:, cc].sum(1)
-                s0 = tot0 - fixed - proj0[:, cc].sum(1)
-                norm = sr - (s1 / sig1 - s0 / sig0)
-            out.append(pd.DataFrame({
-                "component": groups[k].name, "text": text_of.numpy(), "position": pos.numpy(), "token": "",
-                "token_id": targets.numpy(), "direct_effect": de.cpu().numpy(), "de_lost": dl.cpu().numpy(),
-                "total_effect": te.cpu().numpy(), "self_repair": sr.cpu().numpy(), "norm_term": norm.cpu().numpy(),
-                "clean_logit": m0.cpu().numpy(), "ablated_logit": m1.cpu().numpy()}))
-    return out
+    return {"ro": ro, "rows": rows, "sig0": sig0, "tot0": tot0, "m0": tot0 / sig0 + ro.beta_u, "proj0": proj0,
+            "projr": projr, "const0": ro.const_projection(rows(P.resid[0])), "targets": targets,
+            "text": torch.tensor([units[i].text for i in idx])[bi],
+            "position": torch.tensor([units[i].offset for i in idx])[bi] + pi}
 
 
-def _site(layer: int, kind: str):
-    from ..models.sites import Site
+def _rows(cs: dict[str, Any], resid_all: torch.Tensor, name: str, cc: list[int], down: list[int], scale: str
+          ) -> pd.DataFrame:
+    """One component's rows on one length group, from its ablated run's final residual (B, T, d)."""
+    ro, sig0, tot0, m0, proj0, projr = cs["ro"], cs["sig0"], cs["tot0"], cs["m0"], cs["proj0"], cs["projr"]
+    x1 = cs["rows"](resid_all).to(torch.float64).to(ro.u.device)
+    sig1 = ro.sigma(x1)
+    tot1 = ro.project(x1)
+    m1 = tot1 / sig1 + ro.beta_u
+    de = proj0[:, cc].sum(1) / sig0
+    dl = de - projr[:, cc].sum(1) / sig0
+    te = m0 - m1
+    sr = dl - te
+    if scale == "frozen":
+        norm = tot1 * (1 / sig1 - 1 / sig0)
+    else:  # SR minus the downstream components' recomputed-scale changes; the rest of the run is unchanged
+        C = proj0.shape[1]
+        fixed_cols = [i for i in range(C) if i not in set(cc) and i not in set(down)]
+        fixed = cs["const0"] + proj0[:, fixed_cols].sum(1)
+        s1 = tot1 - fixed - projr[:, cc].sum(1)
+        s0 = tot0 - fixed - proj0[:, cc].sum(1)
+        norm = sr - (s1 / sig1 - s0 / sig0)
+    return pd.DataFrame({
+        "component": name, "text": cs["text"].numpy(), "position": cs["position"].numpy(), "token": "",
+        "token_id": cs["targets"].numpy(), "direct_effect": de.cpu().numpy(), "de_lost": dl.cpu().numpy(),
+        "total_effect": te.cpu().numpy(), "self_repair": sr.cpu().numpy(), "norm_term": norm.cpu().numpy(),
+        "clean_logit": m0.cpu().numpy(), "ablated_logit": m1.cpu().numpy()})
 
+
+def _site(layer: int, kind: str) -> Site:
     return Site(layer, kind)
-
-
-def _final_resid_all(runner: Runner, gi: int, copies: list[tuple]) -> torch.Tensor:
-    """Final residual (k, B, T, d) at every position of each copy on group ``gi`` (clean source).
-
-    TEMPORARY: a local stand-in for the runner's ``capture_positions="all"``.
-    """
-    model, ad = runner.model, runner.ad
-    P = runner.prefix(gi, "clean")
-    B, T = P.batch, P.resid[0].shape[1]
-    k = len(copies)
-    edits = runner._edits(gi, "clean", copies, B)
-    start = min(iv.site.layer for c in copies for iv in c)
-    with model.evaluating(), torch.no_grad(), ad.hooks(edits, {}):
-        x = ad.run_blocks(P, start, k)
-    return x.detach().view(k, B, T, -1)

@@ -444,6 +444,31 @@ class Adapter:
         h = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return self.unembed(h[:, -1])
 
+    def foreign_hooks(self) -> list[str]:
+        """Forward (pre-)hooks and backward hooks present on the modules the package reads through, as
+        ``"path (forward hook fn)"`` strings: the model, its base, every block, attention module, output
+        projection and MLP, the final norm and the unembedding. Called before any analysis registers its own
+        hooks, so every one found belongs to someone else. Read-only."""
+        t = self.table
+        mods: list[Any] = [self.model, self.base, *self.blocks, self.final_norm, self.unembed]
+        for b in self.blocks:
+            for rel in (t.attn, t.o_proj, t.mlp):
+                with contextlib.suppress(AttributeError, IndexError):
+                    mods.append(get_path(b, rel))
+        names = {id(m): n or "<model>" for n, m in self.model.named_modules()}
+        out: list[str] = []
+        seen: set[int] = set()
+        for m in mods:
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            for attr, kind in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+                               ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook")):
+                for fn in getattr(m, attr, {}).values():
+                    fname = getattr(fn, "__qualname__", None) or type(fn).__name__
+                    out.append(f"{names.get(id(m), type(m).__name__)} ({kind} {fname})")
+        return out
+
 
 def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:
     """A forward pre-hook's (args, kwargs) with the module's first input (positional, else the first

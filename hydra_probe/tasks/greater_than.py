@@ -14,7 +14,8 @@ self-repair need a linear metric, so this task's default metric is the
     GT = mean_{y > YY} logit(y) - mean_{y <= YY} logit(y)
 
 the mean logit of the correct years minus that of the incorrect years, with
-direction ``u = mean W_U[y > YY] - mean W_U[y <= YY]``. Both metrics move the
+direction ``u = mean W_U[y > YY] - mean W_U[y <= YY]`` (read off the metric by
+:func:`hydra_probe.metrics.readout`). Both metrics move the
 same way when mass shifts from years at or before YY to later ones; GT weighs
 every year equally where PD weighs them by probability. Years whose tokens
 do not split that way for the tokenizer are left out of both sets
@@ -86,7 +87,7 @@ def greater_than_metrics(years: dict[int, int]) -> tuple[Metric, Metric]:
 
     def gt(logits: torch.Tensor, answer: torch.Tensor, alternative: torch.Tensor) -> torch.Tensor:
         ids_all, good = masks(alternative, logits.device)
-        lg = logits[:, ids_all].to(torch.float32)
+        lg = logits[:, ids_all]
         g = good.to(lg.dtype)
         return (lg * g).sum(1) / g.sum(1) - (lg * (1 - g)).sum(1) / (1 - g).sum(1)
 
@@ -95,17 +96,7 @@ def greater_than_metrics(years: dict[int, int]) -> tuple[Metric, Metric]:
         p = torch.softmax(logits.float(), -1)[:, ids_all]
         return (p * good).sum(1) - (p * ~good).sum(1)
 
-    def readout(adapter: Any, answer: torch.Tensor, alternative: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids_all, good = masks(alternative, adapter.device)
-        g = good.to(torch.float64)
-        w = g / g.sum(1, keepdim=True) - (1 - g) / (1 - g).sum(1, keepdim=True)   # (B, Y), rows sum to 0
-        W = adapter.W_U(ids_all).detach().to(torch.float64)                         # (Y, d)
-        u = (w @ W).to(adapter.dtype)
-        b = adapter.b_U(ids_all)
-        bias = torch.zeros(len(alternative), device=adapter.device) if b is None else (w @ b.detach().double()).float()
-        return u, bias
-
-    lin = Metric("greater_than_logit", True, gt, readout=readout,
+    lin = Metric("greater_than_logit", True, gt,
                  description="mean logit of the years after YY minus mean logit of the years up to YY (linear proxy "
                              "of the probability difference)")
     prob = Metric("greater_than_prob_diff", False, pd,
