@@ -38,9 +38,12 @@ def _reference(m, texts, comps, value, scale, runs):
             for ti, x in enumerate(ids):
                 d = int(runs.loc[runs.text == ti, "donor_text"].iloc[0])
                 if len(x) > p + 1 and len(ids[d]) > p:
-                    items.append(([ti], _task([ids[d][: p + 1]], [0])))
+                    items.append(([ti], _task([ids[d][: p + 1]] * 2, [0, 0])))  # mean of two copies
         else:
-            tis = [ti for ti, x in enumerate(ids) if len(x) > p + 1]
+            second = sorted(len(x) for x in ids)[-2]  # mean: positions one text alone reaches are not read
+            tis = [ti for ti, x in enumerate(ids) if len(x) > p + 1 and (value != "mean" or p < second)]
+            if not tis:
+                continue
             val = _task(ids, [0] * len(ids)) if value == "mean" else value  # mean over the texts reaching q
             items = [(tis, val)]
         for tis, val in items:
@@ -111,6 +114,12 @@ def test_resample_donors_are_other_texts_at_least_as_long_and_seeded():
     assert r1.provenance["positions_dropped"] == (max(full) - 1) - second  # read 0..second-1 of 0..max-2
     r2 = text_self_repair(m, texts, components=["L0H0"], value="resample", seed=3)
     pd.testing.assert_frame_equal(r1.to_frame(), r2.to_frame())
+    # mean: the positions only the longest text reaches are not read (a one-text mean is the text itself)
+    rm = text_self_repair(m, texts, components=["L0H0"], value="mean")
+    assert rm.provenance["positions_dropped"] == (max(full) - 1) - second
+    assert rm.to_frame().query(f"text == {longest}")["position"].max() == second - 1
+    with pytest.raises(hp.TaskError, match="at least two texts"):
+        text_self_repair(m, texts[:1], components=["L0H0"], value="mean")
 
 
 def test_long_text_refused_or_windowed():

@@ -20,7 +20,10 @@ equals a run on the prefix ``t_0 .. t_p`` (causal attention) read at its end.
 Ablation values:
 
 * ``zero``: zeros.
-* ``mean``: per position q, the mean over the texts that reach q.
+* ``mean``: per position q, the mean over the texts that reach q; positions
+  that only one text reaches are not read (the longest text is cut where the
+  second-longest ends, counted in ``provenance["positions_dropped"]``), since
+  a mean over one text would replace its activation by itself.
 * ``resample`` (default): each text takes one donor, another text drawn with
   the seed among those at least as long; the donor's activation at the same
   position replaces the component's. A text longer than every other text takes
@@ -236,6 +239,21 @@ def _build_task(model: Any, units: list[Unit], value: str, seed: int
             cut.append(Unit(u.text, u.ids[:T], u.offset, u.targets[:T], u.first))
         corr = [units[j].ids[: len(c.ids)] for c, j in zip(cut, donors)]
         units = cut
+    if value == "mean":
+        # a per-position mean over a single run would replace that run's activation by itself (TE = SR = 0):
+        # positions only one run reaches are not read (cut where the second-longest run ends)
+        if len(units) < 2:
+            raise TaskError("value='mean' averages over the texts at each position; give at least two texts, or use "
+                            "value='zero'.")
+        second = sorted(len(u.ids) for u in units)[-2]
+        cut = []
+        for u in units:
+            if len(u.ids) > second:
+                dropped += int((u.targets[second:] >= 0).sum())
+            cut.append(Unit(u.text, u.ids[:second], u.offset, u.targets[:second], u.first)
+                       if len(u.ids) > second else u)
+        units = cut
+        corr = [u.ids for u in units]
     clean = [u.ids for u in units]
     ans = torch.tensor([int(u.ids[-1]) for u in units])
     pairs = [{"clean": "", "corrupted": "", "answer": "", "alternative": ""} for _ in units]
