@@ -153,6 +153,16 @@ def test_windows_with_bos_skip_their_added_bos():
     assert sorted(g["position"]) == list(range(30))  # 31 tokens with BOS: positions 0..29 read once each
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_nnsight_backend_gives_the_same_rows(family):
+    hf = tiny.hf_model(family)
+    tok = tiny.tokenizer(bos=family == "llama")
+    a = text_self_repair(hp.load_model(hf, tokenizer=tok), TEXTS, ["L0H1", "MLP1"], value="resample").to_frame()
+    b = text_self_repair(hp.load_model(hf, tokenizer=tok, backend="nnsight"), TEXTS, ["L0H1", "MLP1"],
+                         value="resample").to_frame()
+    pd.testing.assert_frame_equal(a, b, atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------- the summary
 def _hand(de, dl, te, nt, texts, comp="L0H0"):
     n = len(de)

@@ -498,6 +498,7 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
         raise OptionError(f"seed must be an integer; got {seed!r}.")
     if isinstance(batch_components, bool) or not isinstance(batch_components, int) or batch_components < 1:
         raise OptionError(f"batch_components must be a positive integer; got {batch_components!r}.")
+    _check_family(model)
     groups = select_groups(model, components)
     check_writers(groups, "self-repair")
     units, _, ctx = _tokenize(model, texts, window)
@@ -609,6 +610,20 @@ def _rows(cs: dict[str, Any], resid_all: torch.Tensor, name: str, cc: list[int],
         "token_id": cs["targets"].numpy(), "direct_effect": de.cpu().numpy(), "de_lost": dl.cpu().numpy(),
         "total_effect": te.cpu().numpy(), "self_repair": sr.cpu().numpy(), "norm_term": norm.cpu().numpy(),
         "clean_logit": m0.cpu().numpy(), "ablated_logit": m1.cpu().numpy()})
+
+
+def _check_family(model: Any) -> None:
+    """Refuse what text mode does not decompose yet: post-attention (sandwich) norms and logit soft-capping."""
+    from ..errors import ArchitectureError
+
+    fam = getattr(model, "family", "?")
+    if getattr(model.adapter, "has_post_attn_norm", False):
+        raise ArchitectureError(f"text mode does not yet handle post-attention (sandwich) norms ({fam}): a head's "
+                                "write depends on its layer's normalisation in each run. Use self_repair on a prompt "
+                                "task (its decomposition handles them) or a model without post-attention norms.")
+    if getattr(getattr(model.hf_model, "config", None), "final_logit_softcapping", None):
+        raise ArchitectureError(f"text mode does not yet handle final logit soft-capping ({fam}); use self_repair on "
+                                "a prompt task (it adds a SOFTCAP row) or a model without soft-capping.")
 
 
 def _site(layer: int, kind: str) -> Site:
