@@ -21,6 +21,7 @@ from .effects import (
     PairedAblation,
     PathPatch,
     SelfRepair,
+    TextSelfRepair,
     ablate,
     activation_patch,
     attribution_patch,
@@ -29,7 +30,9 @@ from .effects import (
     iterated_ablation,
     paired_ablation,
     path_patch,
+    read_texts,
     self_repair,
+    text_self_repair,
 )
 from .errors import (
     ArchitectureError,
@@ -94,6 +97,7 @@ __all__ = [
     "SelfRepair",
     "Task",
     "TaskError",
+    "TextSelfRepair",
     "TriangulationReport",
     "__version__",
     "ablate",
@@ -115,9 +119,11 @@ __all__ = [
     "load_result",
     "paired_ablation",
     "path_patch",
+    "read_texts",
     "save_graph",
     "self_repair",
     "tasks",
+    "text_self_repair",
     "triangulate",
     "verify_edges",
 ]

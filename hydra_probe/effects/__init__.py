@@ -8,6 +8,7 @@ from .iterated import IteratedAblation, iterated_ablation
 from .patching import ActivationPatch, activation_patch
 from .path import PathPatch, path_patch
 from .self_repair import SelfRepair, self_repair
+from .text import TextSelfRepair, read_texts, text_self_repair
 
 __all__ = [
     "Ablation",
@@ -19,6 +20,7 @@ __all__ = [
     "PairedAblation",
     "PathPatch",
     "SelfRepair",
+    "TextSelfRepair",
     "ablate",
     "activation_patch",
     "attribution_patch",
@@ -27,5 +29,7 @@ __all__ = [
     "iterated_ablation",
     "paired_ablation",
     "path_patch",
+    "read_texts",
     "self_repair",
+    "text_self_repair",
 ]
