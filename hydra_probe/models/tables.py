@@ -47,6 +47,11 @@ class ArchTable:
         parallel_default: the value when the config lacks ``parallel_attr``.
         n_heads_attr / n_kv_heads_attr: config attributes for head counts.
         embed_scaled: the base model multiplies embeddings by sqrt(d_model).
+        mlp_out_proj: path of the MLP's output (down) projection inside a
+            block, whose input is the neuron basis ``a_n`` with
+            ``mlp_out = sum_n a_n W_out[n] + b`` (gated MLPs: the input of
+            ``down_proj``); same weight layout as ``o_proj_kind``. ``None``:
+            no neuron basis is known (``neuron_contributions`` refuses).
     """
 
     family: str
@@ -70,6 +75,7 @@ class ArchTable:
     n_heads_attr: str = "num_attention_heads"
     n_kv_heads_attr: str | None = "num_key_value_heads"
     embed_scaled: bool = False
+    mlp_out_proj: str | None = None
     notes: str = field(default="", compare=False)
 
 
@@ -90,6 +96,7 @@ GPT2 = ArchTable(
     norm_kind="layernorm",
     n_heads_attr="n_head",
     n_kv_heads_attr=None,
+    mlp_out_proj="mlp.c_proj",
 )
 
 GPT_NEOX = ArchTable(
@@ -111,6 +118,7 @@ GPT_NEOX = ArchTable(
     parallel_attr="use_parallel_residual",
     parallel_default=True,
     n_kv_heads_attr=None,
+    mlp_out_proj="mlp.dense_4h_to_h",
     notes="Pythia; parallel residual by default",
 )
 
@@ -131,6 +139,7 @@ def _llama_like(family: str, model_types: tuple[str, ...], **kw: object) -> Arch
         mlp_norm="post_attention_layernorm",
         final_norm="model.norm",
         norm_kind="rmsnorm",
+        mlp_out_proj="mlp.down_proj",
     )
     base.update(kw)
     return ArchTable(**base)  # type: ignore[arg-type]
