@@ -30,6 +30,14 @@ from .effects import (
     path_patch,
     self_repair,
 )
+from .effects import (  # the mechanisms of self-repair
+    LayerRegression,
+    NeuronContributions,
+    RepairMechanisms,
+    layer_regression,
+    neuron_contributions,
+    repair_mechanisms,
+)
 from .errors import (
     ArchitectureError,
     ComponentError,
@@ -110,6 +118,13 @@ __all__ = [
     "save_graph",
     "self_repair",
     "tasks",
+    # the mechanisms of self-repair
+    "LayerRegression",
+    "NeuronContributions",
+    "RepairMechanisms",
+    "layer_regression",
+    "neuron_contributions",
+    "repair_mechanisms",
     "triangulate",
     "verify_edges",
 ]
