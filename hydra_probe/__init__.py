@@ -10,15 +10,18 @@ ablation results beside activation, path and attribution patching.
 from . import graph, tasks
 from ._version import __version__
 from .components import Component, Group
-from .effects import (
+from .effects import (  # the mechanisms of self-repair
     Ablation,
     ActivationPatch,
     AttributionPatch,
     DirectEffects,
     InteractionParts,
     IteratedAblation,
+    LayerRegression,
+    NeuronContributions,
     PairedAblation,
     PathPatch,
+    RepairMechanisms,
     SelfRepair,
     ablate,
     activation_patch,
@@ -26,17 +29,12 @@ from .effects import (
     direct_effects,
     interaction_parts,
     iterated_ablation,
-    paired_ablation,
-    path_patch,
-    self_repair,
-)
-from .effects import (  # the mechanisms of self-repair
-    LayerRegression,
-    NeuronContributions,
-    RepairMechanisms,
     layer_regression,
     neuron_contributions,
+    paired_ablation,
+    path_patch,
     repair_mechanisms,
+    self_repair,
 )
 from .errors import (
     ArchitectureError,
