@@ -301,3 +301,17 @@ def test_nnsight_backend_is_refused():
     m.backend = "nnsight"
     with pytest.raises(hp.OptionError, match="backend='local'"):
         hp.repair_mechanisms(m, tiny.ioi(m, 4), "L0H0")
+
+
+def test_figures_draw_from_result_frames():
+    from hydra_probe.report import mechanism_figures as mf
+
+    m = _handset()
+    t = _handset_task(m)
+    r = hp.repair_mechanisms(m, t, "all", value="zero")
+    reg = hp.layer_regression(r)
+    f1 = mf.mechanism_bars(r.summary(), [T_HEAD, "MLP0"], caption="c")
+    f2 = mf.layer_regression_figure(reg.points(), reg.to_frame(), reg.shares(), caption="c")
+    n = hp.neuron_contributions(m, t, T_HEAD, "MLP1", value="zero")
+    f3 = mf.top_neurons(n.summary(top=4), mlp="MLP1", component=T_HEAD)
+    assert len(f1.axes) == 1 and len(f2.axes) == 2 and len(f3.axes) == 1
