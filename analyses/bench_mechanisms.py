@@ -72,15 +72,19 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     for shape in a.shapes.split(","):
-        m, task = make(shape, a.prompts, a.tokens)
-        kw = dict(value="mean", progress=False)
-        sr = best(lambda: hp.self_repair(m, task, a.components, **kw), a.repeats)
-        for order in ("pattern_first", "values_first", "symmetric"):
-            mech = best(lambda o=order: hp.repair_mechanisms(m, task, a.components, order=o, **kw), a.repeats)
-            sys.stdout.write(f"shape={shape} op=repair_mechanisms[{order}] components={a.components} "
-                             f"prompts={a.prompts} tokens={a.tokens} self_repair_s={sr:.3f} mechanisms_s={mech:.3f} "
-                             f"ratio={mech / sr:.2f}\n")
-            sys.stdout.flush()
+        bench(shape, a)
+
+
+def bench(shape: str, a: argparse.Namespace) -> None:
+    m, task = make(shape, a.prompts, a.tokens)
+    kw = dict(value="mean", progress=False)
+    sr = best(lambda: hp.self_repair(m, task, a.components, **kw), a.repeats)
+    for order in ("pattern_first", "values_first", "symmetric"):
+        mech = best(lambda o=order: hp.repair_mechanisms(m, task, a.components, order=o, **kw), a.repeats)
+        sys.stdout.write(f"shape={shape} op=repair_mechanisms[{order}] components={a.components} "
+                         f"prompts={a.prompts} tokens={a.tokens} self_repair_s={sr:.3f} mechanisms_s={mech:.3f} "
+                         f"ratio={mech / sr:.2f}\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
