@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import select
 from ..results import Result, provenance
 from .common import as_model, check_scale, check_writers, make_runner
@@ -45,6 +46,7 @@ def component_columns(readout_components: list, comp) -> list[int]:
     return [names.index(comp.name)]
 
 
+@public
 def direct_effects(model: Any, task: Any, components: Any = "all", scale: str = "frozen",
                    metric: Any = "logit_diff", run: str = "clean") -> DirectEffects:
     """Direct effect of each component on the metric in the ``run`` ("clean"/"corrupted") prompts.

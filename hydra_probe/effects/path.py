@@ -60,6 +60,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import Component, Group, is_downstream, select, select_groups
 from ..errors import ComponentError, OptionError
 from ..interventions import check_direction
@@ -413,6 +414,7 @@ def _forward(runner: Any, g: int, source: str, plans: Sequence[_Plan], start: in
     return m.view(k, B)
 
 
+@public
 def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: str = "noise", *,
                receiver_input: str = "qkv", scale: str = "frozen", metric: Any = "logit_diff",
                positions: Any = None, progress: bool | None = None) -> PathPatch:

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import Group, is_downstream, select_groups
 from ..results import Result, provenance
 from .ablation import ablation_copies
@@ -110,6 +111,7 @@ class SelfRepair(Result):
         return out
 
 
+@public
 def self_repair(model: Any, task: Any, components: Any = "heads", value: Any = "mean", scale: str = "frozen", *,
                 metric: Any = "logit_diff", positions: Any = None, seed: int = 0,
                 progress: bool | None = None) -> SelfRepair:

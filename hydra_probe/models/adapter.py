@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ArchitectureError, InterventionError
-from .sites import Site
+from .sites import READ_ONLY_KINDS, Site
 from .tables import ArchTable, table_for
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
@@ -190,11 +190,16 @@ class Adapter:
             if t.qkv_layout != "separate":
                 return get_path(block, t.qkv[0]), "output"
             return get_path(block, t.qkv["qkv".index(site.kind)]), "output"
+        if site.kind in ("values", "attn_last", "mlp_act"):
+            return self.mechanism_module_of(site)
         raise InterventionError(f"unknown site kind {site.kind}")
 
     def path_of(self, site: Site) -> tuple[str, str]:
         """Dotted module path and ``"input"``/``"output"`` of ``site`` (for nnsight)."""
         t, L = self.table, site.layer
+        if site.kind in READ_ONLY_KINDS + ("mlp_act",):
+            raise InterventionError(f"site kind {site.kind!r} is read by local hooks only; load the model with "
+                                    "backend='local' to capture it.")
         if site.kind == "resid_pre":
             return (t.final_norm if L == self.n_layers else f"{t.blocks}.{L}"), "input"
         rel = {"z": t.o_proj, "mlp_out": t.post_mlp_norm or t.mlp, "mlp_in": t.mlp,
@@ -247,6 +252,13 @@ class Adapter:
         def make(site: Site, io: str):
             edit = edits.get(site)
             cap = captures.get(site)
+            view = self.site_view(site)
+            if view is not None:  # a read-only view of the module's output (see the end of this class)
+                def post_view(mod, args, out):
+                    fired[site] += 1
+                    if cap is not None:
+                        cap(view(out))
+                return post_view
 
             def apply(x: torch.Tensor) -> torch.Tensor:
                 fired[site] += 1
@@ -266,6 +278,10 @@ class Adapter:
                 return apply(out)
             return post
 
+        bad = [str(s) for s in edits if s.kind in READ_ONLY_KINDS]
+        if bad:
+            raise InterventionError(f"{', '.join(bad)} can be captured but not edited (read-only site kinds: "
+                                    f"{', '.join(READ_ONLY_KINDS)}).")
         try:
             for site in sorted(fired, key=lambda s: s.order):
                 mod, io = self.module_of(site)
@@ -529,6 +545,121 @@ def _identity_norm_hook(post: Callable) -> Callable:
     def pre(mod, args, kwargs):
         return _map_first_input(args, kwargs, lambda x: post(mod, (x,), {}, x))
     return pre
+
+    def foreign_hooks(self) -> list[str]:
+        """Forward (pre-)hooks and backward hooks present on the modules the package reads through, as
+        ``"path (forward hook fn)"`` strings: the model, its base, every block, attention module, output
+        projection and MLP, the final norm and the unembedding. Called before any analysis registers its own
+        hooks, so every one found belongs to someone else. Read-only."""
+        t = self.table
+        mods: list[Any] = [self.model, self.base, *self.blocks, self.final_norm, self.unembed]
+        for b in self.blocks:
+            for rel in (t.attn, t.o_proj, t.mlp):
+                with contextlib.suppress(AttributeError, IndexError):
+                    mods.append(get_path(b, rel))
+        names = {id(m): n or "<model>" for n, m in self.model.named_modules()}
+        out: list[str] = []
+        seen: set[int] = set()
+        for m in mods:
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            for attr, kind in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+                               ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook")):
+                for fn in getattr(m, attr, {}).values():
+                    if getattr(fn, "__hydra_probe_read_only__", False):  # marked by hydra_probe.checks.read_only
+                        continue
+                    fname = getattr(fn, "__qualname__", None) or type(fn).__name__
+                    out.append(f"{names.get(id(m), type(m).__name__)} ({kind} {fname})")
+        return out
+
+    # ------------------------------------------------------------------ mechanisms of self-repair
+    # (owned by the mechanisms analyses: attention weights, value vectors and neuron activations;
+    # the read-only site kinds of :mod:`.sites` resolve here.)
+    def mechanism_module_of(self, site: Site) -> tuple[nn.Module, str]:
+        """Module and ``"input"``/``"output"`` of the ``values``, ``attn_last`` and ``mlp_act`` sites."""
+        t, block = self.table, self.blocks[site.layer]
+        if site.kind == "values":
+            path = t.qkv[2] if t.qkv_layout == "separate" else t.qkv[0]
+            return get_path(block, path), "output"
+        if site.kind == "attn_last":
+            return get_path(block, t.attn), "output"
+        if site.kind == "mlp_act":
+            self.check_neuron_basis()
+            return get_path(block, t.mlp_out_proj), "input"
+        raise InterventionError(f"unknown site kind {site.kind}")
+
+    def check_neuron_basis(self) -> None:
+        """Raise :class:`ArchitectureError` when the table names no MLP output projection (no neuron basis)."""
+        if not self.table.mlp_out_proj:
+            raise ArchitectureError(
+                f"the {self.table.family} table names no MLP output projection (ArchTable.mlp_out_proj), so its "
+                "MLPs have no neuron basis here; add the path of the down projection to the table "
+                "(dataclasses.replace(table, mlp_out_proj=...) and register_table) to split MLPs over neurons."
+            )
+
+    def site_view(self, site: Site) -> Callable[[Any], torch.Tensor] | None:
+        """For read-only kinds, a function of the module's raw output giving the site (B, T, width); else None."""
+        if site.kind == "attn_last":
+            def weights(out: Any) -> torch.Tensor:
+                w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+                if w is None:
+                    raise InterventionError(
+                        f"the attention module of layer {site.layer} returned no attention weights; read "
+                        "attn_last sites inside Adapter.eager_attention() (the eager implementation returns them)."
+                    )
+                return w[:, :, -1, :].transpose(1, 2)  # (B, H, Tq, Tk) -> (B, Tk, H) for the last query
+            return weights
+        if site.kind == "values" and self.table.qkv_layout != "separate":
+            H, dh, layout = self.n_heads, self.head_dim, self.table.qkv_layout
+
+            def values(out: Any) -> torch.Tensor:
+                x = out[0] if isinstance(out, tuple) else out
+                if layout == "gpt2":  # [q | k | v]
+                    return x[..., 2 * H * dh: 3 * H * dh]
+                B, T = x.shape[:2]    # neox: per head [q | k | v]
+                return x.view(B, T, H, 3 * dh)[..., 2 * dh:].reshape(B, T, H * dh)
+            return values
+        return None
+
+    def site_width(self, site: Site) -> int:
+        """Width of a read-only or neuron site: ``values`` n_kv_heads * head_dim, ``attn_last`` n_heads,
+        ``mlp_act`` d_mlp."""
+        if site.kind == "values":
+            return self.n_kv_heads * self.head_dim
+        if site.kind == "attn_last":
+            return self.n_heads
+        if site.kind == "mlp_act":
+            return self.W_out(site.layer).shape[0]
+        raise InterventionError(f"site_width covers values, attn_last and mlp_act; got {site}")
+
+    def kv_group(self) -> torch.Tensor:
+        """For each query head, the index of the key/value group whose values it mixes: (n_heads,)."""
+        return torch.arange(self.n_heads) // (self.n_heads // self.n_kv_heads)
+
+    def W_out(self, layer: int) -> torch.Tensor:
+        """The MLP output projection of ``layer`` as (d_mlp, d_model) rows ``W_out[n]`` (neuron n's write)."""
+        self.check_neuron_basis()
+        w = get_path(self.blocks[layer], self.table.mlp_out_proj).weight
+        return w if self.table.o_proj_kind == "conv1d" else w.T
+
+    @contextlib.contextmanager
+    def eager_attention(self) -> Iterator[None]:
+        """Run attention with the eager implementation (which returns attention weights) inside the block.
+
+        Switches ``config._attn_implementation`` (and sub-configs) and restores the
+        previous implementation on exit, also on error. Numbers equal the other
+        implementations' to floating-point error.
+        """
+        old = getattr(self.config, "_attn_implementation", None)
+        if old == "eager" or not hasattr(self.model, "set_attn_implementation"):
+            yield
+            return
+        try:
+            self.model.set_attn_implementation("eager")
+            yield
+        finally:
+            self.model.set_attn_implementation(old)
 
 
 def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:

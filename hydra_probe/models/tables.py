@@ -48,9 +48,12 @@ class ArchTable:
         post_mlp_norm: the norm applied to the MLP's output before the
             residual add, or ``None``. The MLP and this norm are one unit: the
             ``mlp_out`` site is this norm's output.
-        mlp_out_proj: path (inside a block) of the MLP's output projection;
-            its input holds the neuron activations (also for fused
-            gate/up projections such as Phi-3's ``gate_up_proj``).
+        mlp_out_proj: path (inside a block) of the MLP's output (down)
+            projection, whose input is the neuron basis ``a_n`` with
+            ``mlp_out = sum_n a_n W_out[n] + b`` (gated MLPs, fused gate/up
+            projections such as Phi-3's ``gate_up_proj`` included); same
+            weight layout as ``o_proj_kind``. ``None``: no neuron basis is
+            known (``neuron_contributions`` refuses).
         softcap_attr: config attribute holding the final logit soft-cap c
             (logits = c * tanh(raw / c)), or ``None``. A value of ``None`` in
             the config means no cap.
@@ -112,6 +115,7 @@ GPT2 = ArchTable(
     norm_kind="layernorm",
     n_heads_attr="n_head",
     n_kv_heads_attr=None,
+    mlp_out_proj="mlp.c_proj",
 )
 
 GPT_NEOX = ArchTable(
@@ -133,6 +137,7 @@ GPT_NEOX = ArchTable(
     parallel_attr="use_parallel_residual",
     parallel_default=True,
     n_kv_heads_attr=None,
+    mlp_out_proj="mlp.dense_4h_to_h",
     notes="Pythia; parallel residual by default",
 )
 
