@@ -51,7 +51,7 @@ from ..models.sites import Site
 from ..results import Result, provenance
 from .ablation import ablation_copies
 from .common import as_model, check_scale, check_writers, make_runner, positions_of, value_name
-from .self_repair import _decompose
+from .self_repair import decompose
 
 ORDERS = ("pattern_first", "values_first", "symmetric")
 MECHANISMS = ("pattern", "values", "mlp", "norm", "block_norm", "softcap")
@@ -195,8 +195,8 @@ def repair_mechanisms(model: Any, task: Any, components: Any = "heads", value: A
                 outs = runner.run("clean", [copies[i] for i in chunk], readout=True, label="repair mechanisms",
                                   capture=sites, capture_positions="all" if sites else "last")
                 for i, o in zip(chunk, outs):
-                    sr, con = _decompose(groups[i], fin, model.parallel_residual, base, o, sigma0,
-                                         ro.sigma(o.resid), scale, n)
+                    sr, con = decompose(groups[i], ro, parallel=model.parallel_residual, clean_run=base,
+                                        ablated_run=o, scale=scale, softcap=ad.softcap is not None)
                     parts = clean.split(o, lm, order) if sites else {}
                     frames[i] = _rows(groups[i], con, parts, base, o, sigma0, col_of, n, scale)
                     srs[i], cons[i] = sr, con
