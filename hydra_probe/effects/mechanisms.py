@@ -225,7 +225,11 @@ class _CleanHeads:
         for g, idx in enumerate(groups):
             r = ro.read_vector(ro.u[torch.tensor(idx)])
             for l in range(1, self.L):
-                w = torch.einsum("hkd,bd->bhk", ro.W_O[l], r)
+                if ro.has_post_norms:  # through the layer's post-attention norm, at the clean run's scale
+                    w = torch.einsum("hkd,bd->bhk", ro.W_O[l], r * ro.post_gamma[l])
+                    w = w / base.post_sigma[torch.tensor(idx), l].to(w.device)[:, None, None]
+                else:
+                    w = torch.einsum("hkd,bd->bhk", ro.W_O[l], r)
                 self.w[g, l] = w
                 self.vw[g, l] = self.read_values(base.captures[Site(l, "values")][g], w)
                 self.A[g, l] = base.captures[Site(l, "attn_last")][g].to(torch.float64)

@@ -596,12 +596,12 @@ class Adapter:
                 return w[:, :, -1, :].transpose(1, 2)  # (B, H, Tq, Tk) -> (B, Tk, H) for the last query
             return weights
         if site.kind == "values" and self.table.qkv_layout != "separate":
-            H, dh, layout = self.n_heads, self.head_dim, self.table.qkv_layout
+            H, KV, dh, layout = self.n_heads, self.n_kv_heads, self.head_dim, self.table.qkv_layout
 
             def values(out: Any) -> torch.Tensor:
                 x = out[0] if isinstance(out, tuple) else out
-                if layout == "gpt2":  # [q | k | v]
-                    return x[..., 2 * H * dh: 3 * H * dh]
+                if layout in ("gpt2", "fused"):  # [q (H*dh) | k (KV*dh) | v (KV*dh)]
+                    return x[..., (H + KV) * dh: (H + 2 * KV) * dh]
                 B, T = x.shape[:2]    # neox: per head [q | k | v]
                 return x.view(B, T, H, 3 * dh)[..., 2 * dh:].reshape(B, T, H * dh)
             return values
@@ -645,6 +645,7 @@ class Adapter:
             yield
         finally:
             self.model.set_attn_implementation(old)
+
 
 def _eps_of(n: nn.Module) -> float:
     eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
