@@ -239,7 +239,7 @@ def test_degenerate_means_are_refused_and_answerable_ones_run():
     refused(hp.TaskError, lambda: hp.self_repair(m, one, ["L0H0"], value="mean"), "degenerate", "only one prompt")
     refused(hp.TaskError, lambda: hp.ablate(m, task, ["L0H0"], value=task.subset([task.lengths.index(19)])), "degenerate",
             "reference task")
-    lone = task.subset([0, 1, 2, 3, 6])  # one 19-token prompt: positions 15..18 have a single prompt
+    lone = task.subset([0, 1, 3, 4])  # lengths 15, 19, 15, 15: positions 15..18 have a single prompt
     refused(hp.TaskError, lambda: hp.ablate(m, lone, ["L0H0"]), "degenerate at position(s) 15, 16, 17, 18")
     refused(hp.TaskError, lambda: hp.ablate(m, lone, ["L0H0"], positions="last"), "18")
     # positions every prompt reaches are answerable: the right number
