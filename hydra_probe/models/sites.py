@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import InterventionError
+
 SITE_KINDS = ("resid_pre", "attn_in", "q", "k", "v", "qkv", "z", "mlp_in", "mlp_out")
 # Order of execution inside a block; used to sort edits for nnsight traces.
 _ORDER = {k: i for i, k in enumerate(SITE_KINDS)}
@@ -33,7 +35,7 @@ class Site:
 
     def __post_init__(self) -> None:
         if self.kind not in _ORDER:
-            raise ValueError(f"unknown site kind {self.kind!r}; known: {', '.join(SITE_KINDS)}")
+            raise InterventionError(f"unknown site kind {self.kind!r}; known: {', '.join(SITE_KINDS)}")
 
     @property
     def order(self) -> tuple[int, int]:

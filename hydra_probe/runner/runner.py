@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import NumericalError, ResourceError, TaskError
+from ..errors import InterventionError, NumericalError, ResourceError, TaskError
 from ..interventions import Intervention
 from ..metrics import Metric
 from ..models.adapter import Prefix, check_fired
@@ -240,7 +240,7 @@ class Runner:
             label: str = "running") -> list[CopyOutput]:
         """Run every copy on every prompt; see the module doc."""
         if source not in SOURCES:
-            raise ValueError(source)
+            raise InterventionError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
         n, C = len(self.task), len(self.readout.components) if readout else 0
         d = self.ad.d_model
         metric = torch.empty(len(copies), n, dtype=torch.float64)
