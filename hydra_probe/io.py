@@ -154,3 +154,26 @@ def atomic_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_folder(folder: Path | str, overwrite: bool) -> Path:
+    """Refuse an output location that cannot be written safely, before any computation.
+
+    Raises :class:`~hydra_probe.errors.OutputError` when ``folder`` is a file, a
+    non-empty folder without ``overwrite``, or under a folder we cannot write to.
+    Returns ``folder`` as a Path.
+    """
+    from .errors import OutputError
+
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"the output path {str(p)!r} is a file; choose a folder (e.g. --out hydra_report/).")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise OutputError(f"the output folder {str(p)!r} exists and is not empty; pass --overwrite "
+                          "(overwrite=True) to replace it, or choose another folder.")
+    parent = p.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write to {str(parent)!r} (permission denied); choose another --out folder.")
+    return p
