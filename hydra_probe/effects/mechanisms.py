@@ -51,7 +51,7 @@ from ..models.sites import Site
 from ..results import Result, provenance
 from .ablation import ablation_copies
 from .common import as_model, check_scale, check_writers, make_runner, positions_of, value_name
-from .self_repair import _decompose
+from .self_repair import SelfRepair, _decompose
 
 ORDERS = ("pattern_first", "values_first", "symmetric")
 MECHANISMS = ("pattern", "values", "mlp", "norm", "block_norm", "softcap")
@@ -79,6 +79,12 @@ class RepairMechanisms(Result):
     def contributions(self) -> pd.DataFrame:
         """The self-repair contributions of the same forwards (as ``SelfRepair.contributions()``)."""
         return self.extras["contributions"].copy()
+
+    def as_self_repair(self) -> SelfRepair:
+        """The same forwards' self-repair as a :class:`~hydra_probe.effects.SelfRepair` (numbers equal
+        ``self_repair(...)``'s to floating-point error; attention ran eager here)."""
+        prov = {k: v for k, v in self.provenance.items() if k not in ("order", "split", "attention")}
+        return SelfRepair(self.extras["self_repair"], prov, {"contributions": self.extras["contributions"]})
 
     def per_mechanism(self) -> pd.DataFrame:
         """Amounts summed over downstream components: ``component``, ``prompt``, one column per mechanism
@@ -216,25 +222,29 @@ class _CleanHeads:
 
     def __init__(self, ad: Any, ro: Any, groups: list[list[int]], base: Any) -> None:
         self.ad, self.ro, self.groups = ad, ro, groups
-        self.kv = ad.kv_group()
         self.n = sum(len(g) for g in groups)
         self.L, self.H = ad.n_layers, ad.n_heads
         self.w: dict[tuple[int, int], torch.Tensor] = {}    # (g, l) -> (B, H, dh) W_O^h P(gamma u)
         self.vw: dict[tuple[int, int], torch.Tensor] = {}   # (g, l) -> (B, T, H) v_j . w_h (clean)
         self.A: dict[tuple[int, int], torch.Tensor] = {}    # (g, l) -> (B, T, H) clean weights of the last query
+        self.v: dict[tuple[int, int], torch.Tensor] = {}    # (g, l) -> (B, T, n_kv * dh) clean values
         for g, idx in enumerate(groups):
             r = ro.read_vector(ro.u[torch.tensor(idx)])
             for l in range(1, self.L):
                 w = torch.einsum("hkd,bd->bhk", ro.W_O[l], r)
                 self.w[g, l] = w
-                self.vw[g, l] = self.read_values(base.captures[Site(l, "values")][g], w)
+                self.v[g, l] = base.captures[Site(l, "values")][g]
+                self.vw[g, l] = self.read_values(self.v[g, l], w)
                 self.A[g, l] = base.captures[Site(l, "attn_last")][g].to(torch.float64)
 
     def read_values(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """v (B, T, n_kv * dh), w (B, H, dh) -> (B, T, H): each query head's group value read by its w."""
+        """v (B, T, n_kv * dh), w (B, H, dh) -> (B, T, H): each query head's group value read by its w.
+
+        Query heads of one key/value group are consecutive (head h uses group h // (H / n_kv))."""
         B, T, _ = v.shape
-        v = v.to(torch.float64).view(B, T, self.ad.n_kv_heads, self.ad.head_dim)[:, :, self.kv]
-        return torch.einsum("bjhk,bhk->bjh", v, w)
+        G = self.ad.n_kv_heads
+        v = v.to(torch.float64).view(B, T, G, self.ad.head_dim)
+        return torch.einsum("bjgk,bgqk->bjgq", v, w.view(B, G, self.H // G, -1)).reshape(B, T, self.H)
 
     def split(self, o: Any, lmin: int, order: str) -> dict[str, torch.Tensor]:
         """Unscaled ``pattern_pf`` = sum_j (A'-A) v.w and/or ``values_vf`` = sum_j A (v'-v).w: (n, L, H) each."""
@@ -250,9 +260,9 @@ class _CleanHeads:
                 if "pattern_pf" in out:
                     A1 = o.captures[Site(l, "attn_last")][g].to(torch.float64)
                     out["pattern_pf"][it, l] = ((A1 - A0) * vw0).sum(1)
-                if "values_vf" in out:
-                    vw1 = self.read_values(o.captures[Site(l, "values")][g], self.w[g, l])
-                    out["values_vf"][it, l] = (A0 * (vw1 - vw0)).sum(1)
+                if "values_vf" in out:  # (v' - v) in the model's dtype, then read in float64
+                    dv = o.captures[Site(l, "values")][g] - self.v[g, l]
+                    out["values_vf"][it, l] = (A0 * self.read_values(dv, self.w[g, l])).sum(1)
         return out
 
 
