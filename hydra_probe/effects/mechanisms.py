@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from ..components import Group, select_groups
-from ..errors import InputError, OptionError
+from ..errors import ArchitectureError, InputError, OptionError
 from ..models.sites import Site
 from ..results import Result, provenance
 from .ablation import ablation_copies
@@ -184,6 +184,7 @@ def repair_mechanisms(model: Any, task: Any, components: Any = "heads", value: A
                           capture_positions="all" if clean_sites else "last")[0]
         sigma0 = ro.sigma(base.resid)
         clean = _CleanHeads(ad, ro, runner.groups, base)
+        clean.check(base, col_of)
         copies = ablation_copies(model, groups, vname, pos)
         lmin = [g.layer for g in groups]
         need_v = order != "pattern_first"
@@ -236,6 +237,23 @@ class _CleanHeads:
                 self.v[g, l] = base.captures[Site(l, "values")][g]
                 self.vw[g, l] = self.read_values(self.v[g, l], w)
                 self.A[g, l] = base.captures[Site(l, "attn_last")][g].to(torch.float64)
+
+    def check(self, base: Any, col_of: dict[str, int]) -> None:
+        """The clean heads' outputs read from their weights and values must equal the readout's (else this
+        family writes heads through something the split does not model, e.g. a block norm)."""
+        for g, idx in enumerate(self.groups):
+            for l in range(1, self.L):
+                mine = (self.A[g, l] * self.vw[g, l]).sum(1)                                  # (B, H)
+                cols = [col_of[f"L{l}H{h}"] for h in range(self.H)]
+                ref = base.proj[torch.tensor(idx)][:, cols]
+                tol = 1e-4 * float(ref.abs().max()) + 1e-6
+                if not torch.allclose(mine.cpu(), ref, rtol=1e-3, atol=tol):
+                    raise ArchitectureError(
+                        f"layer {l}'s head outputs rebuilt from attention weights and values differ from their "
+                        f"direct-effect readout (max gap {float((mine.cpu() - ref).abs().max()):.3g}); the "
+                        f"{self.ad.table.family} table writes heads through something the pattern/values split "
+                        "does not model (a block norm?), so repair_mechanisms cannot split it."
+                    )
 
     def read_values(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """v (B, T, n_kv * dh), w (B, H, dh) -> (B, T, H): each query head's group value read by its w.

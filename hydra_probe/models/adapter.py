@@ -544,6 +544,12 @@ class Adapter:
             return
         try:
             self.model.set_attn_implementation("eager")
+            if getattr(self.config, "_attn_implementation", None) != "eager":
+                raise ArchitectureError(
+                    f"{type(self.model).__name__} cannot switch to the eager attention implementation, which "
+                    "returns attention weights; load it with attn_implementation='eager' "
+                    "(from_pretrained(..., attn_implementation='eager')) to read attention patterns."
+                )
             yield
         finally:
             self.model.set_attn_implementation(old)
