@@ -9,6 +9,7 @@ ablation results beside activation, path and attribution patching.
 
 from . import graph, tasks
 from ._version import __version__
+from .claims.conditions import ConditionComparison, compare_conditions, compare_tasks
 from .components import Component, Group
 from .effects import (  # the mechanisms of self-repair
     Ablation,
@@ -23,6 +24,7 @@ from .effects import (  # the mechanisms of self-repair
     PathPatch,
     RepairMechanisms,
     SelfRepair,
+    TextSelfRepair,
     ablate,
     activation_patch,
     attribution_patch,
@@ -33,12 +35,16 @@ from .effects import (  # the mechanisms of self-repair
     neuron_contributions,
     paired_ablation,
     path_patch,
+    read_texts,
     repair_mechanisms,
     self_repair,
+    text_self_repair,
 )
 from .errors import (
     ArchitectureError,
     ComponentError,
+    ConcurrencyError,
+    ForeignHookError,
     HydraProbeError,
     InputError,
     InterventionError,
@@ -71,9 +77,12 @@ __all__ = [
     "AttributionPatch",
     "ArchitectureError",
     "Component",
+    "ConditionComparison",
     "ComponentError",
+    "ConcurrencyError",
     "DirectEffects",
     "EdgeVerification",
+    "ForeignHookError",
     "Group",
     "HookedModel",
     "HydraProbeError",
@@ -94,12 +103,15 @@ __all__ = [
     "SelfRepair",
     "Task",
     "TaskError",
+    "TextSelfRepair",
     "TriangulationReport",
     "__version__",
     "ablate",
     "activation_patch",
     "attribution_patch",
     "compensation_graph",
+    "compare_conditions",
+    "compare_tasks",
     "compensators_of",
     "direct_effects",
     "draw_graph",
@@ -113,9 +125,11 @@ __all__ = [
     "load_result",
     "paired_ablation",
     "path_patch",
+    "read_texts",
     "save_graph",
     "self_repair",
     "tasks",
+    "text_self_repair",
     # the mechanisms of self-repair
     "LayerRegression",
     "NeuronContributions",

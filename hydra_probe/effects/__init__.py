@@ -10,6 +10,7 @@ from .neurons import NeuronContributions, neuron_contributions
 from .patching import ActivationPatch, activation_patch
 from .path import PathPatch, path_patch
 from .self_repair import SelfRepair, self_repair
+from .text import TextSelfRepair, read_texts, text_self_repair
 
 __all__ = [
     "Ablation",
@@ -24,6 +25,7 @@ __all__ = [
     "PathPatch",
     "RepairMechanisms",
     "SelfRepair",
+    "TextSelfRepair",
     "ablate",
     "activation_patch",
     "attribution_patch",
@@ -34,6 +36,8 @@ __all__ = [
     "neuron_contributions",
     "paired_ablation",
     "path_patch",
+    "read_texts",
     "repair_mechanisms",
     "self_repair",
+    "text_self_repair",
 ]

@@ -63,8 +63,10 @@ def component_attrs(name: str, n_layers: int | None = None) -> dict[str, Any]:
     ``A+B``; its layer is the lowest member's) and ``norm`` (``NORM``, placed
     at layer ``n_layers``).
     """
-    if name == NORM:
+    if name == NORM or name == "SOFTCAP":
         return {"kind": "norm", "layer": int(n_layers if n_layers is not None else 0)}
+    if name.startswith("POSTNORM") and name[8:].isdigit():  # a block's post-attention norm (Gemma-2/3, OLMo-2)
+        return {"kind": "norm", "layer": int(name[8:])}
     m = _HEAD.match(name)
     if m:
         return {"kind": "head", "layer": int(m.group(1)), "head": int(m.group(2))}

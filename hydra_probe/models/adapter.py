@@ -162,8 +162,8 @@ class Adapter:
         return None if b is None else b[ids]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm then unembedding of residual vectors x (..., d) -> (..., vocab)."""
-        return self.unembed(self.final_norm(x))
+        """Final norm then unembedding of residual vectors x (..., d) -> (..., vocab); soft-capped where the model caps."""
+        return self.apply_softcap(self.unembed(self.final_norm(x)))
 
     # ------------------------------------------------------------------ sites
     def module_of(self, site: Site) -> tuple[nn.Module, str]:
@@ -177,11 +177,11 @@ class Adapter:
         if site.kind == "z":
             return get_path(block, t.o_proj), "input"
         if site.kind == "mlp_out":
-            return get_path(block, t.mlp), "output"
+            return get_path(block, t.post_mlp_norm or t.mlp), "output"
         if site.kind == "mlp_in":
             return get_path(block, t.mlp), "input"
         if site.kind == "attn_in":
-            return get_path(block, t.attn_norm), "output"
+            return (get_path(block, t.attn), "input") if t.attn_norm is None else (get_path(block, t.attn_norm), "output")
         if site.kind == "qkv":
             if t.qkv_layout == "separate":
                 raise InterventionError(f"{t.family} has separate q/k/v projections; use sites q, k, v")
@@ -202,8 +202,10 @@ class Adapter:
                                     "backend='local' to capture it.")
         if site.kind == "resid_pre":
             return (t.final_norm if L == self.n_layers else f"{t.blocks}.{L}"), "input"
-        rel = {"z": t.o_proj, "mlp_out": t.mlp, "mlp_in": t.mlp, "attn_in": t.attn_norm}.get(site.kind)
-        io = {"z": "input", "mlp_out": "output", "mlp_in": "input", "attn_in": "output"}.get(site.kind, "output")
+        rel = {"z": t.o_proj, "mlp_out": t.post_mlp_norm or t.mlp, "mlp_in": t.mlp,
+               "attn_in": t.attn_norm or t.attn}.get(site.kind)
+        io = {"z": "input", "mlp_out": "output", "mlp_in": "input",
+              "attn_in": "output" if t.attn_norm else "input"}.get(site.kind, "output")
         if rel is None:
             rel = t.qkv[0] if t.qkv_layout != "separate" or site.kind == "qkv" else t.qkv["qkv".index(site.kind)]
         return f"{t.blocks}.{L}.{rel}", io
@@ -220,13 +222,14 @@ class Adapter:
         """
         dh, H = self.head_dim, self.n_heads
         layout = self.table.qkv_layout
-        if layout == "gpt2":
-            off = "qkv".index(which) * H * dh
-            return Site(layer, "qkv"), slice(off + head * dh, off + (head + 1) * dh)
+        g = head if which == "q" else head // (H // self.n_kv_heads)
+        if layout in ("gpt2", "fused"):
+            # [q (H*dh) | k (KV*dh) | v (KV*dh)]; GPT-2 has KV = H
+            off = {"q": 0, "k": H * dh, "v": (H + self.n_kv_heads) * dh}[which]
+            return Site(layer, "qkv"), slice(off + g * dh, off + (g + 1) * dh)
         if layout == "neox":
             off = head * 3 * dh + "qkv".index(which) * dh
             return Site(layer, "qkv"), slice(off, off + dh)
-        g = head if which == "q" else head // (H // self.n_kv_heads)
         return Site(layer, which), slice(g * dh, (g + 1) * dh)
 
     @contextlib.contextmanager
@@ -384,6 +387,8 @@ class Adapter:
         if which not in ("attn", "mlp"):
             raise InterventionError(f"which must be 'attn' or 'mlp'; got {which!r}")
         path = self.table.attn_norm if which == "attn" else self.table.mlp_norm
+        if path is None:  # no pre-norm (OLMo-2): the sublayer reads the residual itself
+            return x
         return get_path(self.blocks[layer], path).forward(x)
 
     def project(self, site: Site, x: torch.Tensor) -> torch.Tensor:
@@ -423,6 +428,10 @@ class Adapter:
                 if which not in ("attn", "mlp"):
                     raise InterventionError(f"norm hook kind must be 'attn' or 'mlp'; got {which!r}")
                 path = self.table.attn_norm if which == "attn" else self.table.mlp_norm
+                if path is None:  # no pre-norm (OLMo-2): edit the sublayer's input, the "norm" is the identity
+                    sub = get_path(self.blocks[layer], self.table.attn if which == "attn" else self.table.mlp)
+                    handles.append(sub.register_forward_pre_hook(_identity_norm_hook(make(key)), with_kwargs=True))
+                    continue
                 mod = get_path(self.blocks[layer], path)
                 handles.append(mod.register_forward_hook(make(key), with_kwargs=True))
             yield fired
@@ -449,7 +458,7 @@ class Adapter:
         if self.table.norm_kind == "layernorm":
             d = d - d.mean(-1, keepdim=True)
         extra = gamma.to(torch.float64) * d / self.final_sigma(x)[..., None]
-        return self.unembed(self.final_norm(x) + extra.to(x.dtype))
+        return self.apply_softcap(self.unembed(self.final_norm(x) + extra.to(x.dtype)))
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """One full forward of ``ids`` (B, T); logits at the last position (B, vocab).
@@ -458,7 +467,111 @@ class Adapter:
         """
         out = self.base(input_ids=ids.to(self.device), use_cache=False)
         h = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        return self.unembed(h[:, -1])
+        return self.apply_softcap(self.unembed(h[:, -1]))
+
+
+    # ------------------------------------------------------------------ block (post) norms and soft-capping
+    # Added for the sandwich / post-norm families (Gemma-2/3, OLMo-2) and Gemma-2's final logit soft-cap;
+    # the readout and effects read these, nothing here registers hooks.
+    def post_norm(self, layer: int, which: str = "attn") -> nn.Module | None:
+        """The norm block ``layer`` applies to its attention (``"attn"``) or MLP (``"mlp"``) output before
+        the residual add, or None when the family has none."""
+        path = self.table.post_attn_norm if which == "attn" else self.table.post_mlp_norm
+        return None if path is None else get_path(self.blocks[layer], path)
+
+    @property
+    def has_post_attn_norm(self) -> bool:
+        """Whether blocks normalise the attention output before adding it (sandwich / post norms)."""
+        return self.table.post_attn_norm is not None
+
+    def post_norm_params(self, layer: int, which: str = "attn") -> tuple[torch.Tensor, float] | None:
+        """(gamma (d,), eps) of block ``layer``'s post-attention / post-MLP norm (RMS norms: no shift), or None.
+
+        gamma includes Gemma's ``1 + w``. A post norm that centres or shifts is refused.
+        """
+        n = self.post_norm(layer, which)
+        if n is None:
+            return None
+        if self.table.norm_kind != "rmsnorm" or getattr(n, "bias", None) is not None:
+            raise ArchitectureError(f"{self.table.family}: post-sublayer norms must be RMS norms without a shift "
+                                    f"(layer {layer} has {type(n).__name__}); describe the family with "
+                                    "norm_kind='rmsnorm' or without post norms.")
+        return n.weight + self.table.gamma_offset, _eps_of(n)
+
+    @property
+    def softcap(self) -> float | None:
+        """The final logit soft-cap c (logits = c * tanh(raw / c)), or None when the model does not cap."""
+        attr = self.table.softcap_attr
+        c = getattr(self.config, attr, None) if attr else None
+        return float(c) if c else None
+
+    def apply_softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """``c * tanh(logits / c)`` as the model's head computes it (identity without a cap)."""
+        c = self.softcap
+        return logits if c is None else torch.tanh(logits / c) * c
+
+    def head_writes(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """What each head of ``layer`` adds to the residual stream: z (..., H*dh) -> (..., H, d).
+
+        ``W_O^h z_h``, and with a post-attention norm ``gamma_post * W_O^h z_h / sigma_post`` with
+        sigma_post the RMS of the whole attention output of this ``z`` (its own scale). The output
+        projection's bias (when there is one) is not included. Model dtype.
+        """
+        W = self.W_O(layer)
+        zh = z.reshape(*z.shape[:-1], self.n_heads, self.head_dim)
+        out = torch.einsum("...hk,hkd->...hd", zh, W)
+        pn = self.post_norm_params(layer, "attn")
+        if pn is None:
+            return out
+        gamma, eps = pn
+        a = out.sum(-2)
+        b = self.b_O(layer)
+        if b is not None:
+            a = a + b
+        sigma = torch.sqrt(a.to(torch.float32).pow(2).mean(-1) + eps)
+        return (out.to(torch.float32) * gamma.to(torch.float32) / sigma[..., None, None]).to(out.dtype)
+
+
+def _eps_of(n: nn.Module) -> float:
+    eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
+    if eps is None:
+        raise ArchitectureError(f"cannot read eps of norm {type(n).__name__}")
+    return eps
+
+
+def _identity_norm_hook(post: Callable) -> Callable:
+    """A forward pre-hook that edits a sublayer's input as a norm hook ``post(mod, args, kwargs, out)`` would
+    edit the output of an identity norm in front of it."""
+    def pre(mod, args, kwargs):
+        return _map_first_input(args, kwargs, lambda x: post(mod, (x,), {}, x))
+    return pre
+
+    def foreign_hooks(self) -> list[str]:
+        """Forward (pre-)hooks and backward hooks present on the modules the package reads through, as
+        ``"path (forward hook fn)"`` strings: the model, its base, every block, attention module, output
+        projection and MLP, the final norm and the unembedding. Called before any analysis registers its own
+        hooks, so every one found belongs to someone else. Read-only."""
+        t = self.table
+        mods: list[Any] = [self.model, self.base, *self.blocks, self.final_norm, self.unembed]
+        for b in self.blocks:
+            for rel in (t.attn, t.o_proj, t.mlp):
+                with contextlib.suppress(AttributeError, IndexError):
+                    mods.append(get_path(b, rel))
+        names = {id(m): n or "<model>" for n, m in self.model.named_modules()}
+        out: list[str] = []
+        seen: set[int] = set()
+        for m in mods:
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            for attr, kind in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+                               ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook")):
+                for fn in getattr(m, attr, {}).values():
+                    if getattr(fn, "__hydra_probe_read_only__", False):  # marked by hydra_probe.checks.read_only
+                        continue
+                    fname = getattr(fn, "__qualname__", None) or type(fn).__name__
+                    out.append(f"{names.get(id(m), type(m).__name__)} ({kind} {fname})")
+        return out
 
     # ------------------------------------------------------------------ mechanisms of self-repair
     # (owned by the mechanisms analyses: attention weights, value vectors and neuron activations;
