@@ -531,21 +531,6 @@ class Adapter:
         sigma = torch.sqrt(a.to(torch.float32).pow(2).mean(-1) + eps)
         return (out.to(torch.float32) * gamma.to(torch.float32) / sigma[..., None, None]).to(out.dtype)
 
-
-def _eps_of(n: nn.Module) -> float:
-    eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
-    if eps is None:
-        raise ArchitectureError(f"cannot read eps of norm {type(n).__name__}")
-    return eps
-
-
-def _identity_norm_hook(post: Callable) -> Callable:
-    """A forward pre-hook that edits a sublayer's input as a norm hook ``post(mod, args, kwargs, out)`` would
-    edit the output of an identity norm in front of it."""
-    def pre(mod, args, kwargs):
-        return _map_first_input(args, kwargs, lambda x: post(mod, (x,), {}, x))
-    return pre
-
     def foreign_hooks(self) -> list[str]:
         """Forward (pre-)hooks and backward hooks present on the modules the package reads through, as
         ``"path (forward hook fn)"`` strings: the model, its base, every block, attention module, output
@@ -590,7 +575,14 @@ def _identity_norm_hook(post: Callable) -> Callable:
         raise InterventionError(f"unknown site kind {site.kind}")
 
     def check_neuron_basis(self) -> None:
-        """Raise :class:`ArchitectureError` when the table names no MLP output projection (no neuron basis)."""
+        """Raise :class:`ArchitectureError` when the MLP has no linear neuron basis: the table names no MLP
+        output projection, or the MLP writes through a post norm (its write is not linear in the neurons)."""
+        if getattr(self.table, "post_mlp_norm", None):
+            raise ArchitectureError(
+                f"{self.table.family} MLPs write through a post-MLP norm ({self.table.post_mlp_norm}), so an MLP's "
+                "write is not a sum over its neurons and neuron_contributions cannot split it exactly; the MLP "
+                "stays one unit (its 'mlp' row in repair_mechanisms)."
+            )
         if not self.table.mlp_out_proj:
             raise ArchitectureError(
                 f"the {self.table.family} table names no MLP output projection (ArchTable.mlp_out_proj), so its "
@@ -611,12 +603,12 @@ def _identity_norm_hook(post: Callable) -> Callable:
                 return w[:, :, -1, :].transpose(1, 2)  # (B, H, Tq, Tk) -> (B, Tk, H) for the last query
             return weights
         if site.kind == "values" and self.table.qkv_layout != "separate":
-            H, dh, layout = self.n_heads, self.head_dim, self.table.qkv_layout
+            H, KV, dh, layout = self.n_heads, self.n_kv_heads, self.head_dim, self.table.qkv_layout
 
             def values(out: Any) -> torch.Tensor:
                 x = out[0] if isinstance(out, tuple) else out
-                if layout == "gpt2":  # [q | k | v]
-                    return x[..., 2 * H * dh: 3 * H * dh]
+                if layout in ("gpt2", "fused"):  # [q (H*dh) | k (KV*dh) | v (KV*dh)]
+                    return x[..., (H + KV) * dh: (H + 2 * KV) * dh]
                 B, T = x.shape[:2]    # neox: per head [q | k | v]
                 return x.view(B, T, H, 3 * dh)[..., 2 * dh:].reshape(B, T, H * dh)
             return values
@@ -666,6 +658,21 @@ def _identity_norm_hook(post: Callable) -> Callable:
             yield
         finally:
             self.model.set_attn_implementation(old)
+
+
+def _eps_of(n: nn.Module) -> float:
+    eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
+    if eps is None:
+        raise ArchitectureError(f"cannot read eps of norm {type(n).__name__}")
+    return eps
+
+
+def _identity_norm_hook(post: Callable) -> Callable:
+    """A forward pre-hook that edits a sublayer's input as a norm hook ``post(mod, args, kwargs, out)`` would
+    edit the output of an identity norm in front of it."""
+    def pre(mod, args, kwargs):
+        return _map_first_input(args, kwargs, lambda x: post(mod, (x,), {}, x))
+    return pre
 
 
 def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:
