@@ -18,7 +18,10 @@ For an ablated component c and each prompt (DESIGN.md section 2), self-repair
 * each downstream MLP is one ``mlp`` row (split over neurons by
   :func:`~hydra_probe.effects.neurons.neuron_contributions`);
 * the final-norm scale change is ``norm``; block norms' (``POSTNORM{L}``)
-  are ``block_norm``, the logit soft-cap's ``softcap``.
+  are ``block_norm``, the logit soft-cap's ``softcap``. With post-attention
+  norms (Gemma-2/3, OLMo-2) a head writes ``gamma_l W_O^h z_h / sigma_l``:
+  pattern and values are read at the clean sigma_l, whose change is the
+  layer's ``block_norm`` row.
 
 Per (component, prompt) the amounts sum to ``self_repair`` exactly. With
 ``scale="frozen"`` a head's ``pattern + values`` is its
@@ -26,8 +29,10 @@ Per (component, prompt) the amounts sum to ``self_repair`` exactly. With
 its ``delta_de``. With ``scale="recomputed"`` the head and MLP rows stay at the
 clean scale (the mechanism does not depend on the scale policy) and each
 downstream component's rescaling, ``DE_d(ablated; sigma') - DE_d(ablated; sigma)``,
-is a ``norm`` row with that component as ``downstream``; the rows of d still
-sum to its recomputed ``delta_de``.
+is a ``norm`` row with that component as ``downstream`` (with post-attention
+norms, a head's rescaling by its own layer's scale is a ``block_norm`` row
+with the head as ``downstream``); the rows of d still sum to its recomputed
+``delta_de``.
 
 Everything comes from the forwards :func:`~hydra_probe.effects.self_repair`
 runs (one stacked ablated forward per component, restarted at its layer),
