@@ -312,6 +312,19 @@ ENTRIES: list[Entry] = [
     Entry("unreadable-result", "Results", "Loading a saved result from a file that is not one",
           "hp.load_result('notes.json')", "InputError", ("cannot read a saved result", "notes.json"),
           setup="Path('notes.json').write_text('not json')"),
+    # ------------------------------------------------------------------ mechanisms of self-repair
+    Entry("mlp-not-downstream", "Mechanisms", "Neurons of an MLP that does not read the ablated component",
+          "hp.neuron_contributions(m, task, 'L1H0', 'MLP0')", "ComponentError",
+          ("MLP0 is not downstream of L1H0", "later layer")),
+    Entry("neurons-of-attention-layer", "Mechanisms", "Neuron contributions for a component that is not a head or MLP",
+          "hp.neuron_contributions(m, task, 'ATTN0', 'MLP1')", "ComponentError", ("ATTN0", "not a head or an MLP")),
+    Entry("no-neuron-basis", "Mechanisms", "Neurons of a model whose table names no MLP output projection",
+          "hp.neuron_contributions(nb, task, 'L0H0', 'MLP1')", "ArchitectureError", ("no neuron basis", "mlp_out_proj"),
+          setup="import dataclasses\nnb = tiny.model('gpt2', layers=2, heads=2, d=16)\n"
+                "nb.adapter.table = dataclasses.replace(nb.adapter.table, mlp_out_proj=None)"),
+    Entry("unknown-split-order", "Mechanisms", "An unknown split order of the mechanisms",
+          "hp.repair_mechanisms(m, task, 'heads', order='both')", "OptionError",
+          ("'both'", "pattern_first", "symmetric")),
 ]
 
 CLI_ENTRIES: list[CliEntry] = [

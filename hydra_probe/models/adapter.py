@@ -575,7 +575,14 @@ class Adapter:
         raise InterventionError(f"unknown site kind {site.kind}")
 
     def check_neuron_basis(self) -> None:
-        """Raise :class:`ArchitectureError` when the table names no MLP output projection (no neuron basis)."""
+        """Raise :class:`ArchitectureError` when the MLP has no linear neuron basis: the table names no MLP
+        output projection, or the MLP writes through a post norm (its write is not linear in the neurons)."""
+        if getattr(self.table, "post_mlp_norm", None):
+            raise ArchitectureError(
+                f"{self.table.family} MLPs write through a post-MLP norm ({self.table.post_mlp_norm}), so an MLP's "
+                "write is not a sum over its neurons and neuron_contributions cannot split it exactly; the MLP "
+                "stays one unit (its 'mlp' row in repair_mechanisms)."
+            )
         if not self.table.mlp_out_proj:
             raise ArchitectureError(
                 f"the {self.table.family} table names no MLP output projection (ArchTable.mlp_out_proj), so its "
@@ -642,6 +649,12 @@ class Adapter:
             return
         try:
             self.model.set_attn_implementation("eager")
+            if getattr(self.config, "_attn_implementation", None) != "eager":
+                raise ArchitectureError(
+                    f"{type(self.model).__name__} cannot switch to the eager attention implementation, which "
+                    "returns attention weights; load it with attn_implementation='eager' "
+                    "(from_pretrained(..., attn_implementation='eager')) to read attention patterns."
+                )
             yield
         finally:
             self.model.set_attn_implementation(old)
