@@ -467,7 +467,7 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 # ============================================================================ computation
 def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads", value: str = "resample",
                      top_fraction: float = 0.02, scale: str = "frozen", seed: int = 0, *,
-                     window: int | None = None, batch_components: int = 32,
+                     window: int | None = None, batch_components: int = 8,
                      progress: bool | None = None) -> TextSelfRepair:
     """Self-repair at every position of every text (see module doc).
 
