@@ -9,16 +9,20 @@ ablation results beside activation, path and attribution patching.
 
 from . import graph, tasks
 from ._version import __version__
+from .claims.conditions import ConditionComparison, compare_conditions, compare_tasks
 from .components import Component, Group
-from .effects import (
+from .effects import (  # the mechanisms of self-repair
     Ablation,
     ActivationPatch,
     AttributionPatch,
     DirectEffects,
     InteractionParts,
     IteratedAblation,
+    LayerRegression,
+    NeuronContributions,
     PairedAblation,
     PathPatch,
+    RepairMechanisms,
     SelfRepair,
     TextSelfRepair,
     ablate,
@@ -27,9 +31,12 @@ from .effects import (
     direct_effects,
     interaction_parts,
     iterated_ablation,
+    layer_regression,
+    neuron_contributions,
     paired_ablation,
     path_patch,
     read_texts,
+    repair_mechanisms,
     self_repair,
     text_self_repair,
 )
@@ -70,6 +77,7 @@ __all__ = [
     "AttributionPatch",
     "ArchitectureError",
     "Component",
+    "ConditionComparison",
     "ComponentError",
     "ConcurrencyError",
     "DirectEffects",
@@ -102,6 +110,8 @@ __all__ = [
     "activation_patch",
     "attribution_patch",
     "compensation_graph",
+    "compare_conditions",
+    "compare_tasks",
     "compensators_of",
     "direct_effects",
     "draw_graph",
@@ -120,6 +130,13 @@ __all__ = [
     "self_repair",
     "tasks",
     "text_self_repair",
+    # the mechanisms of self-repair
+    "LayerRegression",
+    "NeuronContributions",
+    "RepairMechanisms",
+    "layer_regression",
+    "neuron_contributions",
+    "repair_mechanisms",
     "triangulate",
     "verify_edges",
 ]

@@ -52,8 +52,10 @@ from .errors import ComponentError, ConcurrencyError, ForeignHookError, MetricEr
 from .metrics import check_linear, get_metric
 
 F = TypeVar("F", bound=Callable[..., Any])
+H = TypeVar("H", bound=Callable[..., Any])
 
 SEED_MAX = 2**32 - 1
+READ_ONLY_ATTR = "__hydra_probe_read_only__"  # read by Adapter.foreign_hooks
 SELECTORS = ("heads", "mlps", "layers", "resid", "all")
 
 # functions whose numbers are direct-effect decompositions: their metric must be linear in the logits
@@ -136,6 +138,16 @@ def _release(lk: _ModelLock) -> None:
 
 
 # ============================================================================ hooks
+def read_only(hook: H) -> H:
+    """Mark a hook function as one that only reads (returns None, edits nothing in place), so analyses accept it.
+
+    ``module.register_forward_hook(hp.checks.read_only(fn))``: the package trusts the mark; a marked hook that
+    changes an output makes the numbers wrong without a word.
+    """
+    setattr(hook, READ_ONLY_ATTR, True)
+    return hook
+
+
 def check_hooks(model: Any) -> None:
     """Refuse forward (pre-)hooks that the package did not register on the modules it reads through."""
     found = model.adapter.foreign_hooks()
@@ -361,7 +373,7 @@ def check_pairs(model: Any, pairs: Any) -> None:
     pairs = list(pairs)
     if not pairs:
         raise ComponentError("pairs is empty; give a list of (first, second) component pairs.")
-    seen: dict[frozenset, str] = {}
+    seen: dict[tuple, str] = {}
     for p in pairs:
         if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2:
             raise ComponentError(f"each pair is two components, e.g. ('L9H9', 'L10H7'); got {p!r}.")
@@ -375,11 +387,12 @@ def check_pairs(model: Any, pairs: Any) -> None:
                         f"({_describe(x, y)}); pair two distinct components, or the interaction would count the "
                         "shared part twice."
                     )
-        k = frozenset({frozenset((c.kind, c.layer, c.head) for c in a), frozenset((c.kind, c.layer, c.head) for c in b)})
+        # ordered: (c, d) and (d, c) share the interaction but not its split (edge vs reverse), so both may be asked
+        k = (frozenset((c.kind, c.layer, c.head) for c in a), frozenset((c.kind, c.layer, c.head) for c in b))
         name = f"({'+'.join(c.name for c in a)}, {'+'.join(c.name for c in b)})"
         if k in seen:
-            raise ComponentError(f"pairs: {name} is given more than once (as {seen[k]} before; the interaction is "
-                                 "symmetric); name each pair once.")
+            raise ComponentError(f"pairs: {name} is given more than once; each copy would add the same prompts "
+                                 "again and narrow every interval. Name each pair once.")
         seen[k] = name
 
 
@@ -507,5 +520,5 @@ def check_triangulate(a: dict[str, Any]) -> None:
                           f"defined for it); {get_metric(m).name!r} is not. Use metric='logit_diff' or 'logit'.")
 
 
-__all__ = ["check_arguments", "check_components", "check_hooks", "check_iterated", "check_pairs",
+__all__ = ["read_only", "check_arguments", "check_components", "check_hooks", "check_iterated", "check_pairs",
            "check_positions", "check_seed", "check_task", "check_value", "public"]

@@ -1,4 +1,4 @@
-"""The ``hydra-probe`` command line: ``report``, ``ablate``, ``graph`` and ``text``.
+"""The ``hydra-probe`` command line: ``report``, ``ablate``, ``graph``, ``conditions`` and ``text``.
 
 Exit codes: 0 on success; 2 on bad input (unknown flag or value, missing
 file, non-empty output folder without ``--overwrite``, unknown component,
@@ -18,7 +18,8 @@ from typing import Any, NoReturn
 
 PROG = "hydra-probe"
 DEFAULT_N_PROMPTS = 32
-DEFAULT_OUT = {"report": "hydra_report/", "graph": "hydra_graph/", "ablate": None, "text": "hydra_text/"}
+DEFAULT_OUT = {"report": "hydra_report/", "graph": "hydra_graph/", "ablate": None, "conditions": "hydra_conditions/",
+               "text": "hydra_text/"}
 # generated tasks besides ioi, with their fixed corruption
 TASKS = {"ioi": "IOI's corruption is --corruption swap|abc",
          "pronoun": "the pronoun task swaps the name for one of the other gender",
@@ -33,6 +34,8 @@ examples:
   hydra-probe ablate --components L2H3,L3H0+L3H1      # single and set (joint) ablations
   hydra-probe ablate --pair L2H3 L3H1 --pair L2H3 L3H0  # paired ablations and interactions
   hydra-probe graph --top-k 3 --verify 5 --out hydra_graph/
+  hydra-probe conditions --conditions all             # every verdict across corruptions, ablation values, metrics
+  hydra-probe report --conditions abc,zero,logprob    # the report plus its 'another counterfactual' section
   hydra-probe ablate --task pronoun                   # also greater_than, induction, or a JSONL file
   hydra-probe text --texts corpus.txt --top-fraction 0.02 --out hydra_text/
 """
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = common.add_argument_group("model and task")
     g.add_argument("--model", default="default", metavar="MODEL",
                    help="'default' (the shipped IOI model, offline), a local folder with safetensors weights and a "
-                        "tokenizer, or a Hugging Face hub name already in the local cache (default: default)")
+                        "tokenizer, a .gguf file (needs the gguf extra), or a Hugging Face hub name already in the "
+                        "local cache (default: default)")
     g.add_argument("--task", default="ioi", metavar="TASK",
                    help="'ioi', 'pronoun' (gendered pronoun), 'greater_than' (Hanna et al. years; measured with its "
                         "linear proxy, the mean logit of the later years minus that of the others), 'induction' "
@@ -141,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "ablations as lower bounds, beside activation, path and attribution patching.",
                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{report,ablate,graph,text}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{report,ablate,graph,conditions,text}", parser_class=_Parser)
 
     r = sub.add_parser("report", parents=[common], help="write the full triangulation report (md, html, json, csv, "
                                                         "figures, graph)",
@@ -157,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verdict threshold as a share of the clean-corrupted gap (default: 0.1)")
     r.add_argument("--no-figures", action="store_true",
                    help="skip the figures (faster); report.md/html then have tables only")
+    r.add_argument("--conditions", default=None, metavar="all|LIST",
+                   help="add the section 'Does the claim survive another counterfactual?': 'all' (every corruption "
+                        "the task can make x zero, mean, resample x logit_diff, logprob) or a comma-separated list "
+                        "of corruptions, ablation values and metrics added to the report's own (default: none)")
 
     a = sub.add_parser("ablate", parents=[common], help="single, set or paired ablations; a table on the terminal",
                        description="Ablate components one at a time (or jointly with A+B) and print total effect, "
@@ -184,6 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep at most K strongest edges per ablated component (default: 5)")
     gr.add_argument("--verify", type=_nonneg_int, default=5, metavar="N",
                     help="confirm the N strongest compensation edges with paired ablations; 0 skips (default: 5)")
+    c = sub.add_parser("conditions", parents=[common], help="every verdict across corruptions, ablation values and "
+                                                            "metrics (tables, figure, md/html)",
+                       description="Measure every component's evidence (total effect, DE lost and self-repair where "
+                                   "the metric is linear, restoration, damage) and verdict under every condition "
+                                   "(corruption x ablation value x metric); say which factor changes a verdict. The "
+                                   "reference condition is --corruption, --value and --metric.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--conditions", default="all", metavar="all|LIST",
+                   help="'all' (every corruption the task can make x zero, mean, resample x logit_diff, logprob; "
+                        "default) or a comma-separated list of corruptions, values and metrics added to the "
+                        "reference ones")
+    c.add_argument("--out", default=DEFAULT_OUT["conditions"], metavar="FOLDER",
+                   help="output folder (default: hydra_conditions/); refused if non-empty unless --overwrite")
+    c.add_argument("--top", type=_positive_int, default=10, metavar="K",
+                   help="components in the figure, the printed table and the sentences (default: 10)")
+    c.add_argument("--threshold", type=_fraction, default=0.1, metavar="T",
+                   help="verdict threshold as a share of the clean-corrupted gap (default: 0.1)")
+    c.add_argument("--no-figures", action="store_true", help="skip the figure")
     _add_text_parser(sub)
     return p
 
@@ -285,7 +311,10 @@ def check_args(args: Any) -> None:
                           f"are defined for it); --metric {args.metric} is not. Use --metric logit_diff or logit.")
     if args.model != "default":
         p = Path(args.model).expanduser()
-        if p.exists() and not p.is_dir():
+        gguf = args.model.lower().endswith(".gguf")
+        if gguf and not p.is_file():
+            raise OptionError(f"--model {args.model!r}: no such GGUF file; give the path of a .gguf file.")
+        if p.exists() and not p.is_dir() and not gguf:
             raise OptionError(f"--model {args.model!r} is a file; give 'default' or a folder written by "
                               "save_pretrained (safetensors weights and a tokenizer).")
         if not p.exists() and args.model.startswith((".", "/", "~")):
@@ -370,8 +399,18 @@ def cmd_report(args: Any) -> int:
     model, task, comps = load_inputs(args)
     t0 = time.perf_counter()
     _say(args, f"triangulating {task.name} (n={len(task)}, corruption {task.corruption}) on {model.name} ...")
+    spec = _condition_lists(args, task) if args.conditions else None
     rep = triangulate(model, task, value=args.value, scale=args.scale, metric=args.metric, components=comps,
                       top=args.top, seed=args.seed, threshold=args.threshold, progress=False if args.quiet else None)
+    if spec is not None:
+        from .claims.conditions import compare_conditions
+
+        _say(args, "comparing conditions: " + "; ".join(f"{k} {', '.join(v)}" for k, v in spec.items()) + " ...")
+        t1 = time.perf_counter()
+        rep.results["conditions"] = compare_conditions(model, task, comps, seed=args.seed, scale=args.scale,
+                                                       threshold=args.threshold,
+                                                       progress=False if args.quiet else None, **spec)
+        rep.timings["conditions"] = time.perf_counter() - t1
     _say(args, f"writing {args.out} ...")
     out = rep.save(args.out, overwrite=args.overwrite, figures=not args.no_figures)
     print(rep.summary())
@@ -493,6 +532,56 @@ def cmd_graph(args: Any) -> int:
     return 0
 
 
+def _condition_lists(args: Any, task: Any) -> dict[str, list[str]]:
+    """``--conditions`` as the lists of compare_conditions, checked against the task (before any forward)."""
+    from .claims.conditions import check_corruptions
+    from .report.conditions_section import parse_conditions
+
+    spec = parse_conditions(args.conditions, task, args.value, args.metric)
+    check_corruptions({task.name: task}, spec["corruptions"])
+    return spec
+
+
+def cmd_conditions(args: Any) -> int:
+    from .claims.conditions import compare_conditions
+    from .io import atomic_folder
+    from .report import render
+    from .report.blocks import Doc
+    from .report.conditions_section import conditions_blocks, conditions_grid, conditions_tables
+    from .report.figures import save_figure
+
+    model, task, comps = load_inputs(args)
+    spec = _condition_lists(args, task)
+    t0 = time.perf_counter()
+    _say(args, "comparing conditions: " + "; ".join(f"{k} {', '.join(v)}" for k, v in spec.items()) + " ...")
+    cmp = compare_conditions(model, task, comps, seed=args.seed, scale=args.scale, threshold=args.threshold,
+                             progress=False if args.quiet else None, **spec)
+    top = cmp.top_components(args.top)
+    out = Path(args.out)
+    with atomic_folder(out, overwrite=out.exists()) as tmp:
+        cmp.save(tmp / "conditions.json")
+        for name, f in conditions_tables(cmp).items():
+            f.to_csv(tmp / f"{name}.csv", index=False)
+        figs = {}
+        if not args.no_figures:
+            figs["conditions_grid"] = save_figure(conditions_grid(cmp, top), tmp / "figures", "conditions_grid")["png"]
+        doc = Doc()
+        doc.h(1, f"Conditions: {model.name} on {task.name} (n={len(task)})")
+        conditions_blocks(doc, cmp, top, figs)
+        (tmp / "conditions.md").write_text(render.to_markdown(doc), encoding="utf-8")
+        (tmp / "conditions.html").write_text(render.to_html(doc, figs, f"hydra_probe conditions: {model.name}"),
+                                             encoding="utf-8")
+    s = cmp.summary().set_index("component").loc[top].reset_index()
+    print(f"model {model.name} | task {task.name} (n={len(task)}) | reference: "
+          + ", ".join(f"{k} {v}" for k, v in cmp.reference.items() if k != "family"))
+    print(text_table(s.assign(holds=[f"{h}/{n}" for h, n in zip(s["holds"], s["n_conditions"])])
+                     [["component", "verdict", "holds", "factors"]]))
+    print("\n".join(cmp.sentences(top)))
+    print(f"written to {out}/ (conditions.md, conditions.html, conditions.csv, conditions_summary.csv, "
+          f"conditions.json) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_text(args: Any) -> int:
     """``hydra-probe text``: read and check the texts, load the model, measure, write the folder."""
     import warnings
@@ -527,7 +616,8 @@ def cmd_text(args: Any) -> int:
     return 0
 
 
-COMMANDS = {"report": cmd_report, "ablate": cmd_ablate, "graph": cmd_graph, "text": cmd_text}
+COMMANDS = {"report": cmd_report, "ablate": cmd_ablate, "graph": cmd_graph, "conditions": cmd_conditions,
+            "text": cmd_text}
 
 
 # ============================================================================ main
@@ -541,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError(f"choose a command: report, ablate, graph or text (see '{PROG} --help')")
+            raise UsageError(f"choose a command: report, ablate, graph, conditions or text (see '{PROG} --help')")
         debug = args.debug
         check_args(args)
         return COMMANDS[args.command](args)

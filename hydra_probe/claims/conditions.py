@@ -153,17 +153,24 @@ class ConditionComparison(Result):
             row = s.loc[c]
             g = f[f["component"] == c]
             claim, n = row["verdict"], int(row["n_conditions"])
-            if not row["disagree"]:
-                out.append(f"{c}: \"{claim}\" under every condition ({_levels_text(g, varying)}; {n} in all).")
-                continue
             holds = g["verdict"] == claim
-            always = [f"{k}={lvl}" for k in varying for lvl, h in holds.groupby(g[k], sort=False) if h.all()]
-            never = [f"{k}={lvl}" for k in varying for lvl, h in holds.groupby(g[k], sort=False) if not h.any()]
+            if holds.all():
+                text = f"{c}: \"{claim}\" under every condition ({_levels_text(g, varying)}; {n} in all)"
+                if row["disagree"]:  # only the patching direction changes it
+                    text += f"; {row['changes'].split(' | ')[-1]} (one direction alone)"
+                out.append(text + ".")
+                continue
             parts = [f"{c}: \"{claim}\" in {int(holds.sum())} of {n} conditions"]
-            if always:
-                parts.append(f"it holds whenever {', '.join(always)}")
-            if never:
-                parts.append(f"never with {', '.join(never)}")
+            for k in varying:
+                by = holds.groupby(g[k], sort=False)
+                if by.all().all() or not by.any().any():
+                    continue  # this factor alone decides nothing
+                always = [str(lvl) for lvl, h in by if h.all()]
+                never = [str(lvl) for lvl, h in by if not h.any()]
+                if always:
+                    parts.append(f"always with {k} {' or '.join(always)}")
+                if never:
+                    parts.append(f"never with {k} {' or '.join(never)}")
             other = [v for v in row["verdicts"].split(", ") if not v.startswith(claim + " (")]
             if other:
                 parts.append(f"otherwise {', '.join(other)}")
@@ -171,6 +178,17 @@ class ConditionComparison(Result):
                 parts.append(f"changed by {row['factors']}")
             out.append("; ".join(parts) + ".")
         return out
+
+    def top_components(self, k: int = 10) -> list[str]:
+        """The ``k`` most important components under the reference condition (importance as in the report: the
+        largest of |TE| / gap, |DE lost| / gap, |restoration|, |damage|)."""
+        f = self._frame
+        for key, lvl in self.reference.items():
+            f = f[f[key] == lvl]
+        imp = pd.concat([(f["total_effect"] / f["gap"]).abs(), (f["de_lost"] / f["gap"]).abs(),
+                         f["restoration"].abs(), f["damage"].abs()], axis=1).max(axis=1)
+        order = imp.sort_values(ascending=False, kind="stable").index
+        return list(f.loc[order, "component"].head(k))
 
     def grid(self, components: Sequence[str] | None = None) -> pd.DataFrame:
         """Component x condition table of verdicts (columns ``family/corruption/value/metric``, varying parts only)."""

@@ -67,6 +67,9 @@ def derived_tables(rep: Any) -> dict[str, pd.DataFrame]:
     per, summ = patch_ablate_frames(rep, top)
     t["patch_vs_ablate"] = per
     t["patch_vs_ablate_summary"] = summ
+    if "conditions" in r:  # compare_conditions attached by `hydra-probe report --conditions`
+        c = r["conditions"]
+        t["conditions"], t["conditions_summary"], t["conditions_grid"] = c.to_frame(), c.summary(), c.grid().reset_index()
     if rep.graph is not None:
         t["graph_edges"] = edge_frame(rep.graph)
         t["graph_nodes"] = node_frame(rep.graph)

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..checks import public
-from ..claims import VERDICT_RULE, VERDICTS, verdict_table
+from ..claims import VERDICT_RULE, VERDICTS, verdict_scale, verdict_table
 from ..components import select
 from ..effects import activation_patch, attribution_patch, direct_effects, iterated_ablation, path_patch, self_repair
 from ..effects.common import as_model, check_scale, check_task, make_runner, value_name
@@ -33,8 +33,8 @@ from .prose import findings_text
 from .store import read_report
 from .writer import save_report
 
-#: Sections of the report, in order, with what each one runs.
-SECTIONS = {
+#: The analyses ``triangulate`` runs, in order, with the call each one makes.
+ANALYSES = {
     "direct_effects": "direct_effects(model, task, components, scale)",
     "self_repair": "self_repair(model, task, components, value, scale): total effect, DE lost, self-repair",
     "patch_denoise": "activation_patch(..., direction='denoise'): clean activation into the corrupted run",
@@ -125,13 +125,15 @@ class TriangulationReport:
 
     @property
     def baseline(self) -> dict[str, float]:
-        """Mean clean and corrupted metric and their gap (from the denoising result's frame)."""
+        """Mean clean and corrupted metric, their gap, accuracies, and the scale the verdict rule reads TE and
+        DE lost against (:func:`~hydra_probe.claims.verdict_scale`), from the denoising result's frame."""
         f = self.results["patch_denoise"].to_frame()
         g = f.drop_duplicates("prompt")
         clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
         return {"clean_metric": clean, "corrupted_metric": corr, "gap": clean - corr,
                 "clean_accuracy": float((g["clean_metric"] > 0).mean()),
-                "corrupted_accuracy": float((g["corrupted_metric"] > 0).mean())}
+                "corrupted_accuracy": float((g["corrupted_metric"] > 0).mean()),
+                "verdict_scale": verdict_scale(clean, corr)}
 
     def to_frame(self) -> pd.DataFrame:
         """The per-component triangulation table (one row per component, ranked by importance).
@@ -150,9 +152,16 @@ class TriangulationReport:
         q < 0.05, or whose edge a paired ablation confirmed);
         ``restoration`` (denoising score) and ``damage`` (noising score)
         with intervals; ``attribution`` (estimate / gap, comparable with
-        restoration); ``te_norm``, ``del_norm`` (TE and DE lost / gap);
-        ``importance`` (the largest of |te_norm|, |del_norm|, |restoration|,
-        |damage|) and ``verdict`` (see :data:`VERDICT_RULE`).
+        restoration); ``confirmed_backups`` (compensators a paired ablation
+        confirmed), ``iterated_cost`` (the cost of removing the iterated
+        ablation's target once its compensators are ablated too; NaN for
+        other components) and ``iterated_backups`` (those compensators);
+        ``te_norm``, ``del_norm`` (TE and DE lost / the verdict scale,
+        ``baseline["verdict_scale"]``); ``importance`` (the largest of
+        |te_norm|, |del_norm|, |restoration|, |damage|); the rule's
+        ``necessity``, ``restoring``, ``backed_up``, ``masked``; ``verdict``
+        and ``backups`` (the backups behind a "masked" verdict, with their
+        evidence). See :data:`VERDICT_RULE`.
         """
         if self._table is None:
             self._table = _assemble(self)
@@ -233,8 +242,9 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         top: how many of the most important components get the expensive
             follow-ups (path patching, paired confirmations, figures).
         seed: seeds resample donors (the task has its own seed).
-        threshold: the verdict threshold, as a fraction of the clean -
-            corrupted gap (see :data:`VERDICT_RULE`).
+        threshold: the verdict threshold t: TE and DE lost are compared with
+            t x the verdict scale (the clean metric, see :data:`VERDICT_RULE`),
+            restoration and damage (shares of the gap) with t.
         graph_threshold: keep compensation edges with ``|weight|`` above this
             (default: 0.5 % of ``|gap|``); ``graph_top_k`` per ablated component.
         iterate: compensators added in the iterated ablation of the most
@@ -251,7 +261,8 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise OptionError(f"top must be a positive integer; got {top!r}.")
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
-        raise OptionError(f"threshold must be a fraction of the clean - corrupted gap in (0, 1); got {threshold!r}.")
+        raise OptionError(f"threshold must be a fraction in (0, 1) (of the verdict scale for TE and DE lost, "
+                          f"of the clean - corrupted gap for restoration and damage); got {threshold!r}.")
     if isinstance(iterate, bool) or not isinstance(iterate, (int, np.integer)) or iterate < 0:
         raise OptionError(f"iterate must be an integer >= 0; got {iterate!r}.")
     comps = select(model, components)
@@ -372,4 +383,4 @@ def _model_info(model: Any) -> dict[str, Any]:
             "d_model": model.d_model}
 
 
-__all__ = ["SECTIONS", "VERDICTS", "VERDICT_RULE", "TriangulationReport", "triangulate"]
+__all__ = ["ANALYSES", "VERDICTS", "VERDICT_RULE", "TriangulationReport", "triangulate"]

@@ -16,6 +16,7 @@ from ..graph import draw_graph, save_graph
 from ..io import atomic_folder, check_output_folder
 from . import figures as F
 from . import render
+from .conditions_section import conditions_grid
 from .document import build_doc
 from .store import results_json
 from .tables import derived_tables
@@ -38,6 +39,8 @@ def make_figures(rep: Any, tables: dict[str, pd.DataFrame], folder: Path) -> dic
         figs["iterated_ablation"] = F.iterated_curve(tables["iterated_ablation_summary"], caption=cap)
     if t["attribution"].notna().any():
         figs["attribution_vs_exact"] = F.attribution_vs_exact(t, caption=cap)
+    if "conditions" in rep.results:
+        figs["conditions_grid"] = conditions_grid(rep.results["conditions"], top)
     return {name: F.save_figure(fig, folder, name)["png"] for name, fig in figs.items()}
 
 

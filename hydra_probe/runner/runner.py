@@ -66,6 +66,8 @@ class RunOutput:
             (B_g, T_g, width) tensor]}``. Empty when nothing was captured.
         resid_all: with ``capture_positions="all"``, the final residual at
             every position, per group g (B_g, T_g, d) (model dtype, CPU); else None.
+        post_sigma: (n, L) float64 each layer's post-attention norm scale
+            (families with post norms, ``readout=True``), else None.
     """
 
     metric: torch.Tensor
@@ -74,6 +76,7 @@ class RunOutput:
     proj_const: torch.Tensor | None = None
     captures: dict[Site, Any] = field(default_factory=dict)
     resid_all: list[torch.Tensor] | None = None
+    post_sigma: torch.Tensor | None = None
 
 
 class Progress:
@@ -304,6 +307,8 @@ class Runner:
         caps_last: dict[Site, torch.Tensor] = {}
         caps_all: dict[Site, list[torch.Tensor]] = {s: [] for s in cap}
         resid_all: list[torch.Tensor] = []
+        psig = (torch.empty(K, n, self.ad.n_layers, dtype=torch.float64)
+                if readout and self.readout.has_post_norms else None)
         bar = Progress(K * len(self.groups), label, self.progress)
         for g, idx in enumerate(self.groups):
             it = torch.tensor(idx)
@@ -318,6 +323,8 @@ class Runner:
                 if readout:
                     proj[ci[:, None], it[None, :]] = out["proj"].cpu()
                     pconst[ci[:, None], it[None, :]] = out["proj_const"].cpu()
+                    if psig is not None:
+                        psig[ci[:, None], it[None, :]] = out["post_sigma"].cpu()
                 for s, v in out.get("captures", {}).items():
                     if every:
                         if len(caps_all[s]) == g:
@@ -337,7 +344,8 @@ class Runner:
                 c = {s: v[i] for s, v in caps_last.items()}
             outs.append(RunOutput(metric[i], resid[i], None if proj is None else proj[i],
                                   None if pconst is None else pconst[i], c,
-                                  [r[i] for r in resid_all] if every else None))
+                                  [r[i] for r in resid_all] if every else None,
+                                  None if psig is None else psig[i]))
         return outs
 
     def _start(self, copy: tuple[Intervention, ...], capture: frozenset[Site]) -> int:
@@ -435,7 +443,10 @@ class Runner:
                    for l in range(L)]
             ro = self.readout
             u = ro.u[torch.tensor(idx)]
-            out["proj"] = ro.projections(z, mlp, u).view(k, B, -1)
+            ps = ro.post_sigma(z)
+            out["proj"] = ro.projections(z, mlp, u, ps).view(k, B, -1)
+            if ps is not None:
+                out["post_sigma"] = ps.view(k, B, -1)
             out["proj_const"] = ro.const_projection(P.resid[0][:, -1].repeat(k, 1), u).view(k, B)
         return out
 
