@@ -531,21 +531,6 @@ class Adapter:
         sigma = torch.sqrt(a.to(torch.float32).pow(2).mean(-1) + eps)
         return (out.to(torch.float32) * gamma.to(torch.float32) / sigma[..., None, None]).to(out.dtype)
 
-
-def _eps_of(n: nn.Module) -> float:
-    eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
-    if eps is None:
-        raise ArchitectureError(f"cannot read eps of norm {type(n).__name__}")
-    return eps
-
-
-def _identity_norm_hook(post: Callable) -> Callable:
-    """A forward pre-hook that edits a sublayer's input as a norm hook ``post(mod, args, kwargs, out)`` would
-    edit the output of an identity norm in front of it."""
-    def pre(mod, args, kwargs):
-        return _map_first_input(args, kwargs, lambda x: post(mod, (x,), {}, x))
-    return pre
-
     def foreign_hooks(self) -> list[str]:
         """Forward (pre-)hooks and backward hooks present on the modules the package reads through, as
         ``"path (forward hook fn)"`` strings: the model, its base, every block, attention module, output
@@ -661,6 +646,20 @@ def _identity_norm_hook(post: Callable) -> Callable:
         finally:
             self.model.set_attn_implementation(old)
 
+
+def _eps_of(n: nn.Module) -> float:
+    eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
+    if eps is None:
+        raise ArchitectureError(f"cannot read eps of norm {type(n).__name__}")
+    return eps
+
+
+def _identity_norm_hook(post: Callable) -> Callable:
+    """A forward pre-hook that edits a sublayer's input as a norm hook ``post(mod, args, kwargs, out)`` would
+    edit the output of an identity norm in front of it."""
+    def pre(mod, args, kwargs):
+        return _map_first_input(args, kwargs, lambda x: post(mod, (x,), {}, x))
+    return pre
 
 def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:
     """A forward pre-hook's (args, kwargs) with the module's first input (positional, else the first
