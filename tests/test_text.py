@@ -18,7 +18,10 @@ TEXTS = ["Then , Mary and John went to the store", "Tom gave a ring to Amy at th
          "Kate found a book at the school"]
 COMPS = ["L0H1", "L1H2", "MLP0", "L2H0+MLP1", "ATTN1"]
 COLS = {"direct_effect": "clean_de", "de_lost": "de_lost", "total_effect": "total_effect",
-        "self_repair": "self_repair", "norm_term": "norm_term"}
+        "self_repair": "self_repair", "norm_term": "norm_term", "postnorm_term": "postnorm_term",
+        "softcap_term": "softcap_term"}
+# the issue-12 families (post-attention norms, logit soft-cap, q/k norms, fused projections): one setting each
+NEW = [(f, v, s) for f, v, s in zip(tiny.NEW_FAMILIES, ["resample", "mean"] * 3, ["recomputed", "frozen"] * 3)]
 
 
 def _task(prompts: list[torch.Tensor], answers: list[int]) -> Task:
@@ -55,8 +58,9 @@ def _reference(m, texts, comps, value, scale, runs):
     return pd.concat(rows, ignore_index=True)
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-@pytest.mark.parametrize("value,scale", [("zero", "frozen"), ("mean", "recomputed"), ("resample", "frozen")])
+@pytest.mark.parametrize("family,value,scale",
+                         [(f, v, s) for f in tiny.FAMILIES
+                          for v, s in [("zero", "frozen"), ("mean", "recomputed"), ("resample", "frozen")]] + NEW)
 def test_text_mode_equals_prefix_by_prefix(family, value, scale):
     m = tiny.model(family)
     res = text_self_repair(m, TEXTS, components=COMPS, value=value, scale=scale)
