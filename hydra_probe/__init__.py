@@ -40,6 +40,7 @@ from .errors import (
     NumericalError,
     OptionError,
     OutputError,
+    RemoteError,
     ResourceError,
     TaskError,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "OptionError",
     "OutputError",
     "PairedAblation",
+    "RemoteError",
     "ResourceError",
     "Result",
     "PathPatch",

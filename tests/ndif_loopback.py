@@ -139,10 +139,6 @@ class Subscribe(tornado.websocket.WebSocketHandler):
         self.server = server
         self.session_id = ""
 
-    def prepare(self):
-        if self.server.api_key and self.request.headers.get("ndif-api-key") != self.server.api_key:
-            raise tornado.web.HTTPError(401)
-
     def open(self) -> None:
         self.session_id = uuid.uuid4().hex
         self.server.sessions[self.session_id] = self

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError, InterventionError
+from ..errors import ArchitectureError, InterventionError, OptionError
 from .sites import Site
 from .tables import ArchTable, table_for
 
@@ -122,6 +122,15 @@ class Adapter:
         self.head_dim = width // self.n_heads
         self.parallel = bool(getattr(config, t.parallel_attr, t.parallel_default)) if t.parallel_attr else False
         self.vocab_size = self.unembed.weight.shape[0]
+        #: set by a remote HookedModel: local hooks would run here, not on the server, so they refuse
+        self.remote = False
+
+    def _refuse_remote(self) -> None:
+        if self.remote:
+            raise OptionError(
+                "this analysis runs local hooks, which a remote model ignores, so it cannot run with remote=True yet; "
+                "run it on a local model (remote=False), or use ablate, self_repair, direct_effects or "
+                "activation_patch, which run remotely.")
 
     # ------------------------------------------------------------------ weights
     @property
@@ -236,6 +245,7 @@ class Adapter:
         receives it (after any edit). Yields a dict counting how often each
         site fired. Removes exactly the hooks it added, also on error.
         """
+        self._refuse_remote()
         edits = dict(edits or {})
         captures = dict(captures or {})
         fired: dict[Site, int] = {s: 0 for s in set(edits) | set(captures)}
@@ -287,6 +297,7 @@ class Adapter:
 
         ``capture`` sites are kept whole (B, T, width) in ``Prefix.captures``.
         """
+        self._refuse_remote()
         L = self.n_layers
         resid: list[torch.Tensor | None] = [None] * (L + 1)
         calls: list[Any] = [None] * L
@@ -339,6 +350,7 @@ class Adapter:
         that read nothing else and edit nothing in or after that MLP; saves
         about one MLP per copy.
         """
+        self._refuse_remote()
         B = prefix.batch
         stop = self.n_layers if stop is None else stop
         h = prefix.resid[start].repeat(copies, 1, 1) if hidden is None else hidden
@@ -387,6 +399,7 @@ class Adapter:
         pre-MLP norm). Yields a dict counting how often each hook fired;
         removes exactly the hooks it added, also on error.
         """
+        self._refuse_remote()
         fired = {key: 0 for key in fns}
         handles = []
 
@@ -440,6 +453,7 @@ class Adapter:
 
         Runs in the caller's grad mode (attribution patching differentiates it).
         """
+        self._refuse_remote()
         out = self.base(input_ids=ids.to(self.device), use_cache=False)
         h = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return self.unembed(h[:, -1])

@@ -60,12 +60,11 @@ class HookedModel:
         name: str | None = None,
         backend: str = "local",
         nnsight_model: Any = None,
-        remote: bool = False,
+        remote: bool | str = False,
     ) -> None:
         if backend not in BACKENDS:
             raise OptionError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
-        if remote and backend != "nnsight":
-            raise OptionError("remote=True runs through nnsight; pass backend='nnsight' too.")
+        remote = check_remote(remote, backend)
         if tokenizer is None:
             raise InputError(
                 "a tokenizer is needed: pass tokenizer=AutoTokenizer.from_pretrained(...) "
@@ -80,7 +79,12 @@ class HookedModel:
         self.adapter = Adapter(hf_model)
         self.name = name or str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
         self.backend = backend
+        #: False (run here), True (nnsight's configured NDIF host), a host URL, or "local" (nnsight's simulation)
         self.remote = remote
+        self.adapter.remote = bool(remote)
+        if remote and remote != "local" and any(p.device.type == "meta" for p in hf_model.parameters()):
+            raise OptionError("remote runs need the model's weights here too (the metric's unembedding and the "
+                              "readout are computed locally); load the weights (not on the meta device).")
         self._nnsight = nnsight_model
 
     # shapes -------------------------------------------------------------
@@ -135,6 +139,14 @@ class HookedModel:
                 self._nnsight = nnsight.LanguageModel(self.hf_model, tokenizer=self.tokenizer)
         return self._nnsight
 
+    def require_local(self, analysis: str) -> None:
+        """Raise :class:`~hydra_probe.errors.OptionError` at once when ``analysis`` cannot run on this remote model."""
+        if self.remote:
+            raise OptionError(
+                f"{analysis} runs local hooks (a remote server ignores them), so it cannot run with remote=True yet; "
+                "run it on a local model (remote=False), or use ablate, self_repair, direct_effects or "
+                "activation_patch, which run remotely.")
+
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
         """Put every module in eval mode for the block, restoring each flag after."""
@@ -149,6 +161,25 @@ class HookedModel:
     def __repr__(self) -> str:
         return (f"HookedModel({self.name!r}, family={self.family}, layers={self.n_layers}, "
                 f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, d_model={self.d_model}, backend={self.backend!r})")
+
+
+def check_remote(remote: Any, backend: str) -> bool | str:
+    """Validate a ``remote`` setting before any work: False, True, ``"local"`` or an http(s) host URL.
+
+    ``True`` sends to nnsight's configured host (``NDIF_HOST`` / ``nnsight.CONFIG.API.HOST``), which must be a URL.
+    """
+    if remote is None or remote is False:
+        return False
+    if not (remote is True or isinstance(remote, str)):
+        raise OptionError(f"remote must be True, False, 'local' or an NDIF host URL, not {remote!r}.")
+    if backend != "nnsight":
+        raise OptionError("remote execution runs through nnsight; pass backend='nnsight' too "
+                          "(load_model(..., backend='nnsight', remote=True)).")
+    if remote != "local":
+        from .nnsight_backend import remote_host
+
+        remote_host(remote)
+    return remote
 
 
 def _class_names(mapping: dict[str, Any]) -> set[str]:
@@ -195,7 +226,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     backend: str = "local",
-    remote: bool = False,
+    remote: bool | str = False,
     trust_remote_code: bool = False,
 ) -> HookedModel:
     """Wrap a model for hydra_probe.
@@ -211,10 +242,11 @@ def load_model(
     """
     dev = resolve_device(device)
     resolve_dtype(dtype)  # a bad dtype fails before anything loads
+    check_remote(remote, backend)  # so do a remote setting without nnsight and a host that is not a URL
     if isinstance(x, HookedModel):
         return x
     if isinstance(x, (str, os.PathLike)) and str(x) == "default":
-        return load_default_model(device=dev)
+        return load_default_model(device=dev, backend=backend, remote=remote)
     nn_model = None
     name = None
     if _is_nnsight(x):
@@ -287,12 +319,16 @@ def _from_pretrained(path: str, dtype: torch.dtype | str | None, trust_remote_co
     return hf.eval(), tok, path
 
 
-def load_default_model(device: str | torch.device | None = None, backend: str = "local") -> HookedModel:
-    """Load the shipped IOI model (offline) from ``hydra_probe/zoo/default``."""
+def load_default_model(device: str | torch.device | None = None, backend: str = "local",
+                       remote: bool | str = False) -> HookedModel:
+    """Load the shipped IOI model (offline) from ``hydra_probe/zoo/default``.
+
+    With ``remote``, a server must serve the same folder (its repo id is the folder's path).
+    """
     from ..zoo import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
         raise InputError(f"the shipped model is missing from {DEFAULT_MODEL_DIR}; reinstall hydra_probe.")
-    m = load_model(str(DEFAULT_MODEL_DIR), device=device, backend=backend)
+    m = load_model(str(DEFAULT_MODEL_DIR), device=device, backend=backend, remote=remote)
     m.name = "hydra_probe/default-ioi"
     return m

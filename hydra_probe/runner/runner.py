@@ -12,8 +12,9 @@ equal-length prompts,
 * optionally reads every head's and MLP's last-position output in the same
   forward (for direct effects of downstream components).
 
-With ``model.backend == "nnsight"`` each copy is one full nnsight trace
-instead (equal numbers; opens remote execution). The model is left as it
+With ``model.backend == "nnsight"`` each chunk of copies is one full nnsight
+trace instead, its interventions plain data (equal numbers; with
+``remote=True`` one request per chunk). The model is left as it
 was: hooks are removed on exit, also on error, and train/eval flags restored.
 """
 
@@ -114,7 +115,7 @@ class Runner:
             try:
                 with self.model.evaluating():
                     if self.model.backend == "nnsight":
-                        p = self._prefix_nnsight(ids)
+                        p = self._prefixes_nnsight(g)[source]
                     else:
                         p = self.ad.prefix(ids, capture=self.capture_sites())
             except (torch.OutOfMemoryError, MemoryError) as e:
@@ -135,13 +136,9 @@ class Runner:
 
     def _prefix_nnsight(self, ids: torch.Tensor) -> Prefix:
         """The unedited forward as one nnsight trace (no block calls: nothing restarts mid-model)."""
-        from ..models.nnsight_backend import trace_run
+        from ..models.nnsight_backend import Job, run_jobs
 
-        L = self.ad.n_layers
-        resid_sites = {Site(l, "resid_pre") for l in range(L + 1)}
-        saved = trace_run(self.model, ids, {}, self.capture_sites() | resid_sites)
-        return Prefix(resid=[saved[Site(l, "resid_pre")] for l in range(L + 1)], calls=[],
-                      captures={s: saved[s] for s in self.capture_sites()})
+        return self._as_prefix(run_jobs(self.model, [Job(ids, keep=self._prefix_keep())])[0])
 
     @property
     def readout(self) -> Readout:
@@ -167,7 +164,8 @@ class Runner:
                     caps = self.prefix(g, "clean").captures
                 else:
                     with self.model.evaluating():
-                        caps = self.ad.prefix(ids, capture=self.capture_sites()).captures
+                        caps = (self._prefix_nnsight(ids) if self.model.backend == "nnsight"
+                                else self.ad.prefix(ids, capture=self.capture_sites())).captures
                 T = ids.shape[1]
                 counts[:T] += len(idx)
                 for s, x in caps.items():
@@ -266,6 +264,8 @@ class Runner:
         idx = self.groups[g]
         B, T = len(idx), len(self.task.clean_ids[idx[0]])
         starts = [min((iv.site.layer for iv in c), default=self.ad.n_layers) for c in copies]
+        if self.model.backend == "nnsight":  # full forwards: chunks by the budget alone (one request each)
+            starts = [0 if c else self.ad.n_layers for c in copies]
         order = sorted(range(len(copies)), key=lambda i: starts[i])
         per = max(1, self.token_budget // (B * T))
         pos = 0
@@ -291,9 +291,12 @@ class Runner:
 
     def _forward(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], start: int,
                  readout: bool) -> dict[str, torch.Tensor]:
-        if self.model.backend == "nnsight":
-            outs = [self._forward_nnsight(g, source, c, readout) for c in copies]
-            return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+        if self.model.backend == "nnsight" and any(copies):
+            return self._forward_nnsight_stacked(g, source, copies, readout)
+        if self.model.backend == "nnsight":  # nothing edited: the cached run answers
+            P = self.prefix(g, source)
+            return self._finish(g, P, P.resid[self.ad.n_layers][:, -1].repeat(len(copies), 1), {},
+                                self.ad.n_layers, len(copies), readout)
         P = self.prefix(g, source)
         k, B = len(copies), P.batch
         L = self.ad.n_layers
@@ -364,20 +367,67 @@ class Runner:
 
         return {s: make(items) for s, items in per_site.items()}
 
-    def _forward_nnsight(self, g: int, source: str, copy: tuple[Intervention, ...], readout: bool
-                         ) -> dict[str, torch.Tensor]:
-        from ..models.nnsight_backend import trace_run
+    # ---------------------------------------------------------------- nnsight (also remote): plain-data traces
+    def _prefixes_nnsight(self, g: int) -> dict[str, Prefix]:
+        """Clean and corrupted unedited forwards of group ``g`` as two traces of one session (one request)."""
+        from ..models.nnsight_backend import Job, run_jobs
+
+        idx = self.groups[g]
+        keep = self._prefix_keep()
+        outs = run_jobs(self.model, [Job(self.task.batch(idx, s), keep=keep) for s in SOURCES])
+        got = {s: self._as_prefix(o) for s, o in zip(SOURCES, outs)}
+        for s, p in got.items():
+            _check_finite(p.resid[-1], f"the {s} run")
+            self._prefix.setdefault((g, s), p)
+        return got
+
+    def _prefix_keep(self) -> dict[Site, str]:
+        L = self.ad.n_layers
+        return {**{s: "all" for s in self.capture_sites()}, **{Site(l, "resid_pre"): "all" for l in range(L + 1)}}
+
+    def _as_prefix(self, saved: dict[Site, torch.Tensor]) -> Prefix:
+        L = self.ad.n_layers
+        dev = self.ad.device
+        return Prefix(resid=[saved[Site(l, "resid_pre")].to(dev) for l in range(L + 1)], calls=[],
+                      captures={s: saved[s].to(dev) for s in self.capture_sites()})
+
+    def _plain_edits(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], B: int) -> dict:
+        """The copies' interventions as plain data for a stacked nnsight trace (see ``nnsight_backend.EditSpec``).
+
+        Each distinct (site, value, columns) ships its value once, cut to its columns.
+        """
+        per_site: dict[Site, list] = {}
+        vals: dict[tuple, torch.Tensor | None] = {}
+        for ci, c in enumerate(copies):
+            for iv in c:
+                c0, c1 = iv.cols if iv.cols else (None, None)
+                key = (iv.site, iv.value, iv.cols)
+                if key not in vals:
+                    v = self.value(iv, g, source)
+                    vals[key] = None if v is None else v[..., c0:c1].detach().cpu().contiguous()
+                pos = list(iv.positions) if iv.positions is not None else None
+                per_site.setdefault(iv.site, []).append((ci * B, (ci + 1) * B, pos, c0, c1, vals[key]))
+        return per_site
+
+    def _forward_nnsight_stacked(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]],
+                                 readout: bool) -> dict[str, torch.Tensor]:
+        """A chunk of copies stacked along the batch in one nnsight trace (one request when remote).
+
+        Only the last position comes back: the final residual and, with ``readout``, every z and MLP output.
+        """
+        from ..models.nnsight_backend import Job, run_jobs
 
         P = self.prefix(g, source)
-        B = P.batch
-        edits = self._edits(g, source, [copy], B)
-        ids = self.task.batch(self.groups[g], source)
-        caps = {Site(l, k) for l in range(self.ad.n_layers) for k in ("z", "mlp_out")} if readout else set()
+        B, k, L = P.batch, len(copies), self.ad.n_layers
+        keep = {Site(L, "resid_pre"): "last"}
+        if readout:
+            keep.update({Site(l, kind): "last" for l in range(L) for kind in ("z", "mlp_out")})
+        job = Job(self.task.batch(self.groups[g], source), self._plain_edits(g, source, copies, B), keep, k)
         with self.model.evaluating():
-            saved = trace_run(self.model, ids, edits, caps)
-        last = {s: v[:, -1] for s, v in saved.items() if s.kind != "resid_pre"}
-        out = self._finish(g, P, saved[Site(self.ad.n_layers, "resid_pre")][:, -1], last, 0, 1, readout)
-        return {k: v[0] for k, v in out.items()}
+            saved = run_jobs(self.model, [job])[0]
+        dev = self.ad.device
+        last = {s: v.to(dev) for s, v in saved.items() if s.kind != "resid_pre"}
+        return self._finish(g, P, saved[Site(L, "resid_pre")].to(dev), last, 0, k, readout)
 
 
 def _oom_advice(B: int, T: int) -> str:
