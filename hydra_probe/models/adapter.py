@@ -135,28 +135,33 @@ class Adapter:
     # ------------------------------------------------------------------ weights
     @property
     def device(self) -> torch.device:
-        return self.unembed.weight.device
+        """Where the unembedding computes (its accelerate execution device when it is offloaded)."""
+        return _exec_device(self.unembed, self.unembed.weight)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.unembed.weight.dtype
 
+    def param(self, module: nn.Module, name: str) -> torch.Tensor | None:
+        """``module.<name>`` as a real tensor: an offloaded (accelerate, meta-device) weight is loaded for the read."""
+        return _param(module, name)
+
     def W_O(self, layer: int) -> torch.Tensor:
         """Per-head output matrices of ``layer``: (n_heads, head_dim, d_model)."""
-        w = get_path(self.blocks[layer], self.table.o_proj).weight
+        w = _param(get_path(self.blocks[layer], self.table.o_proj), "weight")
         if self.table.o_proj_kind == "linear":
             w = w.T
         return w.reshape(self.n_heads, self.head_dim, self.d_model)
 
     def b_O(self, layer: int) -> torch.Tensor | None:
         """Bias of the attention output projection of ``layer`` (d_model,) or None."""
-        return getattr(get_path(self.blocks[layer], self.table.o_proj), "bias", None)
+        return _param(get_path(self.blocks[layer], self.table.o_proj), "bias")
 
     def norm_params(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Final norm as (gamma (d,), beta (d,) or None, eps); gamma includes Gemma's 1 + w."""
         n = self.final_norm
-        gamma = n.weight + self.table.gamma_offset
-        beta = getattr(n, "bias", None)
+        gamma = _param(n, "weight") + self.table.gamma_offset
+        beta = _param(n, "bias")
         eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
         if eps is None:
             raise ArchitectureError(f"cannot read eps of final norm {type(n).__name__}")
@@ -164,11 +169,11 @@ class Adapter:
 
     def W_U(self, ids: torch.Tensor) -> torch.Tensor:
         """Unembedding rows for token ids: (..., d_model)."""
-        return self.unembed.weight[ids]
+        return _param(self.unembed, "weight")[ids.to(self.device)]
 
     def b_U(self, ids: torch.Tensor) -> torch.Tensor | None:
-        b = getattr(self.unembed, "bias", None)
-        return None if b is None else b[ids]
+        b = _param(self.unembed, "bias")
+        return None if b is None else b[ids.to(b.device)]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm then unembedding of residual vectors x (..., d) -> (..., vocab)."""
@@ -380,14 +385,17 @@ class Adapter:
         if which not in ("attn", "mlp"):
             raise InterventionError(f"which must be 'attn' or 'mlp'; got {which!r}")
         path = self.table.attn_norm if which == "attn" else self.table.mlp_norm
-        return get_path(self.blocks[layer], path).forward(x)
+        mod = get_path(self.blocks[layer], path)
+        with _onloaded(mod):
+            return mod.forward(x)
 
     def project(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         """Output of the projection of ``site`` (kind q, k, v or qkv) for a normed input ``x`` (..., d_model)."""
         if site.kind not in ("q", "k", "v", "qkv"):
             raise InterventionError(f"project() takes a q, k, v or qkv site; got {site}")
         mod, _ = self.module_of(site)
-        return mod.forward(x)
+        with _onloaded(mod):
+            return mod.forward(x)
 
     @contextlib.contextmanager
     def norm_hooks(
@@ -457,6 +465,41 @@ class Adapter:
         out = self.base(input_ids=ids.to(self.device), use_cache=False)
         h = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return self.unembed(h[:, -1])
+
+
+def _exec_device(module: nn.Module, fallback: torch.Tensor) -> torch.device:
+    """The device ``module`` computes on: accelerate's execution device when it dispatched the module."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None and fallback.device.type == "meta":
+        return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    return fallback.device
+
+
+@contextlib.contextmanager
+def _onloaded(module: nn.Module) -> Iterator[None]:
+    """Within the block, an accelerate-offloaded module holds its real weights (for calling ``.forward`` directly)."""
+    if getattr(getattr(module, "_hf_hook", None), "offload", False):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            yield
+    else:
+        yield
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``getattr(module, name)``, loaded from accelerate's offload (disk or CPU) when it sits on the meta device."""
+    p = getattr(module, name, None)
+    if p is None or not isinstance(p, torch.Tensor) or p.device.type != "meta":
+        return p
+    if getattr(module, "_hf_hook", None) is None:
+        raise ArchitectureError(f"{type(module).__name__}.{name} is on the meta device (no weights loaded) and no "
+                                "accelerate hook can load it; load the model with its weights (or a device_map).")
+    from accelerate.utils import align_module_device
+
+    with torch.no_grad(), align_module_device(module):
+        return getattr(module, name).detach().clone()
 
 
 def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:

@@ -228,6 +228,8 @@ def load_model(
     backend: str = "local",
     remote: bool | str = False,
     trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> HookedModel:
     """Wrap a model for hydra_probe.
 
@@ -239,10 +241,21 @@ def load_model(
     decompositions and comparable numbers; transformers 5 would otherwise keep
     a checkpoint's bfloat16), ``"auto"`` keeps the checkpoint's dtype, or give
     a torch dtype. A model object keeps its dtype.
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict
+    module -> device, ``"cpu"`` or ``"disk"``) and ``offload_folder`` pass
+    through to transformers/accelerate for names and folders: a model too
+    large for one device is split over devices, CPU and disk, with the same
+    numbers (weights are loaded from the offload when an analysis reads them).
+    A model object already dispatched by accelerate works as it is.
+    ``backend="nnsight", remote=True`` runs every forward on NDIF (host from
+    ``NDIF_HOST`` / ``nnsight.CONFIG.API.HOST``); ``remote="local"`` is
+    nnsight's local simulation of it; a URL string names the host.
     """
     dev = resolve_device(device)
     resolve_dtype(dtype)  # a bad dtype fails before anything loads
     check_remote(remote, backend)  # so do a remote setting without nnsight and a host that is not a URL
+    placement = check_placement(dev, device_map, offload_folder)
     if isinstance(x, HookedModel):
         return x
     if isinstance(x, (str, os.PathLike)) and str(x) == "default":
@@ -258,13 +271,16 @@ def load_model(
     elif isinstance(x, nn.Module):
         hf = x
     elif isinstance(x, (str, os.PathLike)):
-        hf, tok, name = _from_pretrained(str(x), dtype=dtype, trust_remote_code=trust_remote_code)
+        hf, tok, name = _from_pretrained(str(x), dtype=dtype, trust_remote_code=trust_remote_code, **placement)
         tokenizer = tokenizer if tokenizer is not None else tok
     else:
         raise InputError(
             f"cannot load a model from a {type(x).__name__}; pass an nnsight LanguageModel, a transformers "
             "causal LM with its tokenizer, a hub name or folder, or 'default'."
         )
+    if placement and not isinstance(x, (str, os.PathLike)):
+        raise OptionError("device_map and offload_folder apply when loading a name or folder; a model object keeps "
+                          "its placement (dispatch it with accelerate first, or pass its name).")
     if dev is not None and next(hf.parameters()).device != dev:
         hf.to(dev)
     return HookedModel(hf, tokenizer, name=name, backend=backend, nnsight_model=nn_model, remote=remote)
@@ -286,7 +302,64 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     return dtype
 
 
-def _from_pretrained(path: str, dtype: torch.dtype | str | None, trust_remote_code: bool):
+def check_placement(device: torch.device | None, device_map: Any, offload_folder: Any) -> dict[str, Any]:
+    """Validate ``device_map`` and ``offload_folder`` before loading; the keyword arguments for from_pretrained."""
+    out: dict[str, Any] = {}
+    if device_map is None:
+        if offload_folder is not None:
+            raise OptionError("offload_folder needs a device_map (e.g. device_map='auto'); without one nothing is "
+                              "offloaded.")
+        return out
+    if device is not None:
+        raise OptionError("give either device (one device) or device_map (split over devices), not both.")
+    _require_accelerate()
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            resolve_device(device_map)  # a single device name: it must exist
+    elif isinstance(device_map, dict):
+        for module, where in device_map.items():
+            if where in ("disk", "cpu", "meta") or isinstance(where, int) and not isinstance(where, bool):
+                if isinstance(where, int) and where >= torch.cuda.device_count():
+                    raise OptionError(f"device_map puts {module!r} on GPU {where}, which does not exist "
+                                      f"({torch.cuda.device_count()} CUDA device(s) here).")
+                continue
+            try:
+                resolve_device(where)
+            except OptionError as e:
+                raise OptionError(f"device_map puts {module!r} on {where!r}: {e}") from None
+        if "disk" in device_map.values() and offload_folder is None:
+            raise OptionError("device_map puts modules on 'disk'; give offload_folder= (a writable folder) too.")
+    else:
+        raise OptionError(f"device_map must be 'auto', 'balanced', 'sequential', a device or a dict module -> device, "
+                          f"not {type(device_map).__name__}.")
+    out["device_map"] = device_map
+    if offload_folder is not None:
+        out["offload_folder"] = str(_writable_folder(offload_folder))
+    return out
+
+
+def _require_accelerate() -> None:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise OptionError("device_map needs the accelerate package: pip install accelerate.") from None
+
+
+def _writable_folder(folder: Any) -> Path:
+    """Create ``folder`` if needed and check that a file can be written there."""
+    p = Path(folder).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".hydra_probe_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OptionError(f"offload_folder {str(folder)!r} cannot be written ({e.strerror or e}); give a folder "
+                          "on a disk with room that you can write to.") from None
+    return p
+
+
+def _from_pretrained(path: str, dtype: torch.dtype | str | None, trust_remote_code: bool, **placement: Any):
     import transformers as tf
 
     p = Path(path)
@@ -302,7 +375,7 @@ def _from_pretrained(path: str, dtype: torch.dtype | str | None, trust_remote_co
             "(re-save the model with save_pretrained(..., safe_serialization=True))."
         )
     kw: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
-                          "dtype": resolve_dtype(dtype)}
+                          "dtype": resolve_dtype(dtype), **placement}
     try:
         hf = tf.AutoModelForCausalLM.from_pretrained(path, **kw)
     except ValueError as e:

@@ -38,15 +38,16 @@ class Readout:
         ad = model.adapter
         gamma, beta, eps = ad.norm_params()
         f = torch.float64
+        dev = u.device  # one device for all of it, however the model is split
         u64 = u.to(f)
-        beta_u = bias.to(f) + (0 if beta is None else u64 @ beta.detach().to(f))
+        beta_u = bias.to(dev, f) + (0 if beta is None else u64 @ beta.detach().to(dev, f))
         bsum = torch.zeros(ad.d_model, dtype=f, device=ad.device)
         for l in range(ad.n_layers):
             b = ad.b_O(l)
             if b is not None:
-                bsum = bsum + b.detach().to(f)
-        return cls(gamma.detach().to(f), beta_u, u64, eps, ad.table.norm_kind == "layernorm",
-                   [ad.W_O(l).detach().to(f) for l in range(ad.n_layers)], bsum, finest(model))
+                bsum = bsum + b.detach().to(bsum.device, f)
+        return cls(gamma.detach().to(dev, f), beta_u, u64, eps, ad.table.norm_kind == "layernorm",
+                   [ad.W_O(l).detach().to(dev, f) for l in range(ad.n_layers)], bsum.to(dev), finest(model))
 
     def P(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(-1, keepdim=True) if self.centre else x
@@ -61,12 +62,12 @@ class Readout:
     def project(self, v: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """<gamma * P(v), u> for v (..., B, d) -> (..., B)."""
         u = self.u if u is None else u
-        return (self.P(v.to(torch.float64)) * self.gamma * u).sum(-1)
+        return (self.P(v.to(self.gamma.device, torch.float64)) * self.gamma * u).sum(-1)
 
     def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """z (N, H*dh) at one position -> per-head outputs (N, H, d), float64."""
         W = self.W_O[layer]
-        return torch.einsum("nhk,hkd->nhd", z.to(torch.float64).reshape(z.shape[0], W.shape[0], W.shape[1]), W)
+        return torch.einsum("nhk,hkd->nhd", z.to(W.device, torch.float64).reshape(z.shape[0], W.shape[0], W.shape[1]), W)
 
     def read_vector(self, u: torch.Tensor) -> torch.Tensor:
         """P(gamma * u): since P is symmetric, <gamma * P(v), u> = <v, P(gamma * u)>."""
@@ -90,14 +91,14 @@ class Readout:
         for l in range(len(self.W_O)):
             W = self.W_O[l]                                       # (H, dh, d)
             w = torch.einsum("hkd,bd->bhk", W, r)                 # (B, H, dh)
-            zl = z[l].to(torch.float64).reshape(k, B, W.shape[0], W.shape[1])
+            zl = z[l].to(W.device, torch.float64).reshape(k, B, W.shape[0], W.shape[1])
             cols.append(torch.einsum("cbhk,bhk->cbh", zl, w).reshape(N, W.shape[0]))
-            cols.append((mlp[l].to(torch.float64).reshape(k, B, -1) * r).sum(-1).reshape(N, 1))
+            cols.append((mlp[l].to(r.device, torch.float64).reshape(k, B, -1) * r).sum(-1).reshape(N, 1))
         return torch.cat(cols, dim=1)
 
     def const_projection(self, resid0: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """Unscaled projection of embeddings plus attention output biases: (N,) for N = k * B rows; u (B, d)."""
         r = self.read_vector(self.u if u is None else u)
         B = r.shape[0]
-        v = resid0.to(torch.float64) + self.b_O_sum
+        v = resid0.to(self.b_O_sum.device, torch.float64) + self.b_O_sum
         return (v.reshape(-1, B, v.shape[-1]) * r).sum(-1).reshape(-1)

@@ -361,7 +361,7 @@ class Runner:
                     if val is None:
                         x[rows, p, cols] = 0
                     else:
-                        x[rows, p, cols] = val[:, p, cols].to(x.dtype)
+                        x[rows, p, cols] = val[:, p, cols].to(x.device, x.dtype)
                 return x
             return edit
 
