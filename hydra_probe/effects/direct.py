@@ -24,7 +24,11 @@ class DirectEffects(Result):
 
     @property
     def constant(self) -> pd.DataFrame:
-        """Frame ``prompt``, ``constant``, ``metric`` (the run's own metric)."""
+        """Frame ``prompt``, ``constant``, ``metric`` (the run's own metric), ``closure_tol``.
+
+        ``closure_tol``: the stated tolerance of ``sum(DE) + constant == metric``
+        in the model's dtype (see ``HookedModel.closure_rtol``).
+        """
         return self.extras["constant"].copy()
 
 
@@ -65,8 +69,10 @@ def direct_effects(model: Any, task: Any, components: Any = "all", scale: str = 
         rows.append(pd.DataFrame({"component": c.name, "prompt": range(n), "direct_effect": v.numpy(),
                                   "layer": c.layer, "head": -1 if c.head is None else c.head, "kind": c.kind}))
     const = out.proj_const / sigma + ro.beta_u.cpu()
+    # the stated closure tolerance per prompt: the dtype's relative one times the size of the summed terms
+    tol = model.closure_rtol * (de.abs().sum(1) + const.abs())
     cframe = pd.DataFrame({"prompt": range(n), "constant": const.numpy(), "metric": out.metric.numpy(),
-                           "sigma": sigma.numpy()})
-    prov = provenance(model, task, metric=m, scale=scale, run=run, direction=None)
+                           "sigma": sigma.numpy(), "closure_tol": tol.numpy()})
+    prov = provenance(model, task, metric=m, scale=scale, run=run, direction=None, closure_tol=float(tol.max()))
     return DirectEffects(pd.concat(rows, ignore_index=True), prov, {"constant": cframe})
 

@@ -139,6 +139,20 @@ class HookedModel:
                 self._nnsight = nnsight.LanguageModel(self.hf_model, tokenizer=self.tokenizer)
         return self._nnsight
 
+    @property
+    def closure_rtol(self) -> float:
+        """The stated relative tolerance of decompositions in this model's dtype: ``eps(dtype) * (8 + n_layers)``.
+
+        Activations are read in the model's dtype and summed in float64; the
+        model's own residual stream and logits round at every add and norm,
+        so direct effects plus the constant match the model's metric within
+        ``closure_rtol * (sum_c |DE_c| + |const|)`` per prompt (about 1.3e-6
+        for float32, 0.009 for float16 and 0.07 for bfloat16 in a 64-layer
+        model). A bound observed to hold with a margin of 3 or more on every
+        supported family, not a proof.
+        """
+        return float(torch.finfo(self.adapter.dtype).eps) * (8 + self.n_layers)
+
     def require_local(self, analysis: str) -> None:
         """Raise :class:`~hydra_probe.errors.OptionError` at once when ``analysis`` cannot run on this remote model."""
         if self.remote:
