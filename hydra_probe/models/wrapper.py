@@ -153,6 +153,20 @@ class HookedModel:
         """
         return float(torch.finfo(self.adapter.dtype).eps) * (8 + self.n_layers)
 
+    def token_budget(self, fraction: float = 0.5) -> int:
+        """Tokens per stacked forward (copies x prompts x positions) that fit the device's free memory.
+
+        On a CUDA device: ``fraction`` of the free memory (``torch.cuda.mem_get_info``) over an estimate
+        of the bytes one token holds during a forward without gradients (a few residual-width and
+        MLP-width activations plus its row of attention scores), clamped to 1024..262144. Elsewhere
+        (CPU, MPS, remote, several devices) the fixed 8192. A run that still runs out of memory halves it.
+        """
+        devs = {p.device for p in self.hf_model.parameters() if p.device.type != "meta"}
+        if self.remote or len(devs) != 1 or next(iter(devs)).type != "cuda" or not torch.cuda.is_available():
+            return 8192
+        free, _ = torch.cuda.mem_get_info(next(iter(devs)))
+        return budget_for_memory(self, free, fraction)
+
     def require_local(self, analysis: str) -> None:
         """Raise :class:`~hydra_probe.errors.OptionError` at once when ``analysis`` cannot run on this remote model."""
         if self.remote:
@@ -175,6 +189,16 @@ class HookedModel:
     def __repr__(self) -> str:
         return (f"HookedModel({self.name!r}, family={self.family}, layers={self.n_layers}, "
                 f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, d_model={self.d_model}, backend={self.backend!r})")
+
+
+def budget_for_memory(model: HookedModel, free_bytes: int, fraction: float = 0.5) -> int:
+    """Tokens per stacked forward that fit in ``fraction`` of ``free_bytes`` (see ``HookedModel.token_budget``)."""
+    cfg = model.hf_model.config
+    d_mlp = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * model.d_model)
+    ctx = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024)
+    elem = torch.finfo(model.adapter.dtype).bits // 8
+    per_token = elem * (8 * model.d_model + 2 * d_mlp + 2 * model.n_heads * min(ctx, 512))
+    return int(min(262144, max(1024, fraction * free_bytes // per_token)))
 
 
 def check_remote(remote: Any, backend: str) -> bool | str:

@@ -81,12 +81,13 @@ class Runner:
             (default: ``task``).
         seed: seeds ``resample`` donors.
         token_budget: at most this many tokens (copies x prompts x positions)
-            per stacked forward.
+            per stacked forward; None (default) sizes it to the device's free
+            memory (8192 on the CPU; see ``HookedModel.token_budget``).
         progress: show a progress bar (default: only on a terminal).
     """
 
     def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
-                 token_budget: int = 8192, progress: bool | None = None) -> None:
+                 token_budget: int | None = None, progress: bool | None = None) -> None:
         if len(task) == 0:
             raise TaskError("the task is empty; build it with at least one prompt pair "
                             "(tasks.ioi(model, n_prompts=8) or tasks.from_pairs(model, rows)).")
@@ -94,7 +95,7 @@ class Runner:
         self.ad = model.adapter
         self.reference = reference if reference is not None else task
         self.seed = seed
-        self.token_budget = token_budget
+        self.token_budget = token_budget if token_budget is not None else _default_budget(model)
         self.progress = progress
         self.groups = task.groups()
         self._prefix: dict[tuple[int, str], Prefix] = {}
@@ -428,6 +429,11 @@ class Runner:
         dev = self.ad.device
         last = {s: v.to(dev) for s, v in saved.items() if s.kind != "resid_pre"}
         return self._finish(g, P, saved[Site(L, "resid_pre")].to(dev), last, 0, k, readout)
+
+
+def _default_budget(model: Any) -> int:
+    budget = getattr(model, "token_budget", None)
+    return int(budget()) if callable(budget) else 8192
 
 
 def _oom_advice(B: int, T: int) -> str:
