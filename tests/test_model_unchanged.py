@@ -16,6 +16,7 @@ import tiny
 import torch
 
 import hydra_probe as hp
+from hydra_probe.checks import read_only
 
 HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
@@ -152,7 +153,7 @@ def test_model_unchanged_after_a_failure_inside_the_forward(name, when):
             seen["package_hooks"] = len(hooks_of(m.hf_model)) - 1  # ours excluded
             raise Boom("interrupted")
 
-    h = target.register_forward_pre_hook(explode)
+    h = target.register_forward_pre_hook(read_only(explode))  # a failure injected, not an edit
     try:
         with pytest.raises(Boom):
             CALLS[name](m, task)
@@ -236,7 +237,7 @@ def test_interrupted_report_leaves_no_partial_report_and_the_model_unchanged(tmp
         if count["n"] == count["stop"]:
             raise Boom("interrupted mid-report")
 
-    h = target.register_forward_pre_hook(counter)
+    h = target.register_forward_pre_hook(read_only(counter))
     try:
         rep = triangulate(m, task, top=1, iterate=1, progress=False)  # the full run: count its forwards
         total, count["n"], count["stop"] = count["n"], 0, count["n"] // 2

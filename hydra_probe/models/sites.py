@@ -13,13 +13,25 @@ Kinds (shapes are (batch, pos, width)):
     ``attn_in``    the attention module's input (after its norm), width d_model.
     ``q``, ``k``, ``v``  projection outputs (separate projections).
     ``qkv``        fused projection output (GPT-2, GPT-NeoX).
+
+Read-only kinds for the mechanisms of self-repair (captured, never edited):
+    ``values``     the value vectors attention mixes, width n_kv_heads * head_dim
+                   (one block per key/value group; sliced out of a fused projection).
+    ``attn_last``  the attention weights of the last query position: at position j,
+                   width n_heads, the weight each head puts on key j. Needs the
+                   eager attention implementation (:meth:`Adapter.eager_attention`).
+    ``mlp_act``    the input of the MLP's output projection (its neuron activations
+                   a_n, with ``mlp_out = sum_n a_n W_out[n] + b``), width d_mlp.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SITE_KINDS = ("resid_pre", "attn_in", "q", "k", "v", "qkv", "z", "mlp_in", "mlp_out")
+SITE_KINDS = ("resid_pre", "attn_in", "q", "k", "v", "qkv", "values", "attn_last", "z", "mlp_in", "mlp_act",
+              "mlp_out")
+# Kinds that are derived views of a module's output: they can be captured, not edited.
+READ_ONLY_KINDS = ("values", "attn_last")
 # Order of execution inside a block; used to sort edits for nnsight traces.
 _ORDER = {k: i for i, k in enumerate(SITE_KINDS)}
 

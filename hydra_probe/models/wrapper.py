@@ -77,7 +77,7 @@ class HookedModel:
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.adapter = Adapter(hf_model)
-        self.name = name or str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
+        self.name = public_name(name or str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__))
         self.backend = backend
         #: False (run here), True (nnsight's configured NDIF host), a host URL, or "local" (nnsight's simulation)
         self.remote = remote
@@ -273,7 +273,12 @@ def load_model(
 
     ``x`` is an nnsight ``LanguageModel`` or ``TransformersModel``, a transformers causal LM (then
     ``tokenizer`` is required), a hub name or local folder (safetensors
-    weights only), or ``"default"`` for the shipped model. ``device`` moves a
+    weights only), a ``.gguf`` file (dequantized by transformers; needs the
+    ``gguf`` extra, ``pip install 'hydra-probe[gguf]'``; the tokenizer is read
+    from the file unless given), or ``"default"`` for the shipped model.
+    A Gemma-3 vision-language checkpoint (name or folder) is analysed through
+    its text model (the same modules). Results name a local folder or file by
+    its own name, never by its path. ``device`` moves a
     loaded model (for a model object it is moved in place, as ``.to`` does).
     ``dtype`` applies to names and folders: None loads in float32 (exact
     decompositions and comparable numbers; transformers 5 would otherwise keep
@@ -308,6 +313,9 @@ def load_model(
             raise InputError("this nnsight object wraps no loaded module; pass a LanguageModel built from a model.")
     elif isinstance(x, nn.Module):
         hf = x
+    elif isinstance(x, (str, os.PathLike)) and str(x).lower().endswith(".gguf"):
+        hf, tok, name = _from_gguf(str(x), dtype=dtype, need_tokenizer=tokenizer is None)
+        tokenizer = tokenizer if tokenizer is not None else tok
     elif isinstance(x, (str, os.PathLike)):
         hf, tok, name = _from_pretrained(str(x), dtype=dtype, trust_remote_code=trust_remote_code, **placement)
         tokenizer = tokenizer if tokenizer is not None else tok
@@ -426,8 +434,9 @@ def _from_pretrained(path: str, dtype: torch.dtype | str | None, trust_remote_co
             hint = (" A hub name must be in the local Hugging Face cache when there is no network: download it "
                     "where there is one (e.g. `hf download NAME`) or save it with save_pretrained and pass the folder.")
         raise InputError(f"cannot load model {path!r}: {str(e).splitlines()[0]}{hint}") from None
+    hf = _text_model_of(hf)
     tok = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return hf.eval(), tok, path
+    return hf.eval(), tok, public_name(path)
 
 
 def load_default_model(device: str | torch.device | None = None, backend: str = "local",
@@ -443,3 +452,94 @@ def load_default_model(device: str | torch.device | None = None, backend: str = 
     m = load_model(str(DEFAULT_MODEL_DIR), device=device, backend=backend, remote=remote)
     m.name = "hydra_probe/default-ioi"
     return m
+
+
+# ---------------------------------------------------------------------------- names, GGUF, vision-language
+def public_name(name: str) -> str:
+    """The name results record for a model: a hub name as given; a local folder or file by its own name only
+    (never a path on the user's machine)."""
+    s = str(name)
+    p = Path(s).expanduser()
+    local = (os.path.isabs(s) or s.startswith(("./", "../", "~", ".\\")) or s.count("/") > 1
+             or s.lower().endswith(".gguf") or "\\" in s)
+    try:
+        local = local or p.exists()
+    except OSError:  # pragma: no cover - odd names
+        pass
+    return (p.name or s) if local else s
+
+
+def _text_model_of(hf: nn.Module) -> nn.Module:
+    """A vision-language model whose text model has a table, as that text model's causal LM (the same modules,
+    no copy); other models unchanged."""
+    from .tables import VISION_LANGUAGE
+
+    mt = getattr(getattr(hf, "config", None), "model_type", None)
+    if mt not in VISION_LANGUAGE:
+        return hf
+    import transformers as tf
+
+    _, cls_name = VISION_LANGUAGE[mt]
+    cls = getattr(tf, cls_name)
+    with torch.device("meta"):
+        text = cls(hf.config.text_config)
+    text.model = get_language_model(hf)
+    text.lm_head = hf.lm_head
+    text.config._name_or_path = getattr(hf.config, "_name_or_path", "")
+    return text.eval()
+
+
+def get_language_model(hf: nn.Module) -> nn.Module:
+    """The language model inside a vision-language model (``model.language_model``)."""
+    for path in ("model.language_model", "language_model"):
+        obj: Any = hf
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise ArchitectureError(f"cannot find the language model inside {type(hf).__name__}.")
+
+
+def _from_gguf(path: str, dtype: torch.dtype | str | None, need_tokenizer: bool):
+    """A GGUF checkpoint by path, dequantized by transformers (``gguf_file=``); the ``gguf`` package is needed."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"GGUF file {p.name!r} does not exist; give the path of a .gguf file.")
+    try:
+        import gguf
+    except ImportError:
+        raise InputError("loading a GGUF checkpoint needs the gguf package: pip install 'hydra-probe[gguf]' "
+                         "(or pip install gguf).") from None
+    import transformers as tf
+
+    try:
+        reader = gguf.GGUFReader(str(p))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # noqa: BLE001 - any parse failure means "not a readable GGUF"
+        raise InputError(f"{p.name} is not a readable GGUF file ({type(e).__name__}: {e}).") from None
+    del reader
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:  # pragma: no cover - older transformers
+        GGUF_SUPPORTED_ARCHITECTURES = None
+    if GGUF_SUPPORTED_ARCHITECTURES is not None and arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ArchitectureError(
+            f"{p.name} holds a GGUF {arch!r} model, which transformers {tf.__version__} cannot read (it reads "
+            f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); convert the checkpoint to safetensors, or use a "
+            "GGUF of a supported architecture.")
+    try:
+        hf = tf.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=resolve_dtype(dtype))
+    except ValueError as e:
+        raise ArchitectureError(f"transformers cannot read {p.name}: {str(e).splitlines()[0]}") from None
+    tok = None
+    if need_tokenizer:
+        try:
+            tok = tf.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        except Exception as e:  # noqa: BLE001 - tokenizer conversion raises many kinds
+            raise InputError(f"cannot read a tokenizer from {p.name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                             "pass tokenizer=AutoTokenizer.from_pretrained(...) of the original model.") from None
+    hf.config._name_or_path = p.name
+    return hf.eval(), tok, p.name
