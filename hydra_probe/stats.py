@@ -39,12 +39,16 @@ def bootstrap_interval(x: Sequence[float] | np.ndarray, level: float = 0.95, n_b
 
 
 def one_sample_p(x: Sequence[float] | np.ndarray, alternative: str = "greater") -> float:
-    """p-value of a one-sample t test of mean > 0 (paired differences); nan if undefined."""
+    """p-value of a one-sample t test of mean > 0 (``alternative="greater"``) or != 0 (paired differences).
+
+    Fewer than two values: nan (one prompt is never significant). Two or more equal values (no spread, e.g.
+    an exact hand-set model): 0 when they lie on the alternative's side, else 1.
+    """
     a = np.asarray(x, dtype=float)
-    if a.size < 2 or np.allclose(a, a[0]):
-        if a.size >= 1 and np.allclose(a, a[0]):
-            return 0.0 if (a[0] > 0 if alternative == "greater" else a[0] != 0) else 1.0
+    if a.size < 2:
         return float("nan")
+    if np.allclose(a, a[0]):
+        return 0.0 if (a[0] > 0 if alternative == "greater" else a[0] != 0) else 1.0
     return float(sps.ttest_1samp(a, 0.0, alternative=alternative).pvalue)
 
 
@@ -99,15 +103,15 @@ def hydra_slope(total_effect: Sequence[float], de_lost: Sequence[float], level: 
             "intercept": float(fit.params[0]), "r2": float(fit.rsquared), "n": int(y.size)}
 
 
-
 def grouped_t(frame: pd.DataFrame, keys: Sequence[str], value: str, level: float = 0.95) -> pd.DataFrame:
     """Vectorised per-group mean, Student-t interval and two-sided one-sample p of ``value``.
 
     One row per group (first-appearance order) with ``keys``, ``n``, ``mean``,
     ``lo``, ``hi``, ``p``. Matches :func:`t_interval` and the two-sided t test
     of mean != 0 used by ``SelfRepair.contribution_summary``: one value gives
-    nan bounds; a constant group gives ``lo == hi == mean`` and p = 0 (nonzero
-    mean) or 1 (zero mean).
+    nan bounds and a nan p (one prompt is never significant); a constant group
+    of two or more gives ``lo == hi == mean`` and p = 0 (nonzero mean) or 1
+    (zero mean).
     """
     g = frame.groupby(list(keys), sort=False)[value]
     agg = g.agg(["count", "mean"]).reset_index()
@@ -121,8 +125,9 @@ def grouped_t(frame: pd.DataFrame, keys: Sequence[str], value: str, level: float
         lo = np.where(n < 2, np.nan, np.where(se == 0, m, m - h))
         hi = np.where(n < 2, np.nan, np.where(se == 0, m, m + h))
         p = 2 * sps.t.sf(np.abs(m / se), df)
-    degenerate = (n < 2) | ~(sd > 0)
-    p = np.where(degenerate, np.where(np.abs(m) > 0, 0.0, 1.0), p)
+    constant = (n >= 2) & ~(sd > 0)
+    p = np.where(constant, np.where(np.abs(m) > 0, 0.0, 1.0), p)
+    p = np.where(n < 2, np.nan, p)
     res = agg[list(keys)].copy()
     res["n"] = n.astype(int)
     res["mean"], res["lo"], res["hi"], res["p"] = m, lo, hi, p

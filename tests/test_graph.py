@@ -31,30 +31,53 @@ def _edges(G):
 
 
 # ------------------------------------------------------------------ construction
-def test_edges_equal_contribution_summary(setup):
+def _bh(p):
+    """Benjamini-Hochberg q-values, written out (step-up, cumulative minimum from the largest p)."""
+    p = np.asarray(p, dtype=float)
+    order = np.argsort(p)
+    ranked = p[order] * len(p) / np.arange(1, len(p) + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty_like(q)
+    out[order] = np.minimum(q, 1)
+    return out
+
+
+def test_edges_are_the_per_prompt_contributions_summarised(setup):
+    """Each edge is the mean over prompts of the per-prompt ΔDE rows, with a t interval, a two-sided t test and
+    BH q over every (component, downstream) pair, computed here with plain numpy/scipy from the per-prompt
+    contributions (not through the package's summary helpers)."""
+    from scipy import stats as sps
+
     _, _, sr, G = setup
-    cs = sr.contribution_summary().set_index(["component", "downstream"])
-    nonzero = cs[cs["delta_de"].abs() > 0]
+    con = sr.contributions()
+    groups = {k: g["delta_de"].to_numpy() for k, g in con.groupby(["component", "downstream"], sort=False)}
+    keys = list(groups)
+    mean = {k: x.mean() for k, x in groups.items()}
+    p = np.array([sps.ttest_1samp(groups[k], 0.0).pvalue if groups[k].std() > 0 else float(mean[k] == 0)
+                  for k in keys])
+    q = dict(zip(keys, _bh(p)))
+    nonzero = [k for k in keys if abs(mean[k]) > 0]
     assert G.number_of_edges() == len(nonzero) > 50
+    de_lost = sr.to_frame().groupby("component")["de_lost"].mean()
     for (c, d), e in _edges(G).items():
-        row = cs.loc[(c, d)]
-        assert e["weight"] == pytest.approx(row["delta_de"], rel=1e-9, abs=1e-15)
-        assert e["weight_lo"] == pytest.approx(row["delta_de_lo"], rel=1e-9, abs=1e-15)
-        assert e["weight_hi"] == pytest.approx(row["delta_de_hi"], rel=1e-9, abs=1e-15)
-        assert e["p"] == pytest.approx(row["p"], rel=1e-6)
-        assert e["q"] == pytest.approx(row["q"], rel=1e-6)  # BH over every tested pair, as contribution_summary
+        x = groups[(c, d)]
+        half = sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+        assert e["weight"] == pytest.approx(x.mean(), rel=1e-9, abs=1e-15)
+        assert (e["weight_lo"], e["weight_hi"]) == pytest.approx((x.mean() - half, x.mean() + half), rel=1e-9,
+                                                                 abs=1e-15)
+        assert e["p"] == pytest.approx(dict(zip(keys, p))[(c, d)], rel=1e-6)
+        assert e["q"] == pytest.approx(q[(c, d)], rel=1e-6)
         assert e["n"] == 8 and e["verified"] == "untested"
-    summ = sr.summary().set_index("component")
-    for c in summ.index:
+        assert e["fraction"] == pytest.approx(x.mean() / de_lost[c])
+    f = sr.to_frame().groupby("component")
+    for c, g in f:
         nd = G.nodes[c]
         assert nd["ablated"] and nd["kind"] == "head"
-        assert nd["de"] == pytest.approx(summ.loc[c, "clean_de"])
-        assert nd["de_lost"] == pytest.approx(summ.loc[c, "de_lost"])
-        assert nd["te"] == pytest.approx(summ.loc[c, "total_effect"])
+        assert nd["de"] == pytest.approx(g["clean_de"].mean())
+        assert nd["de_lost"] == pytest.approx(g["de_lost"].mean())
+        assert nd["te"] == pytest.approx(g["total_effect"].mean())
         # closure: all out-edges (downstream heads, MLPs, NORM) sum to the self-repair (TE is float32)
         assert sum(d["weight"] for _, _, d in G.out_edges(c, data=True)) == pytest.approx(nd["sr"], abs=1e-6)
-        for _, _v, d in G.out_edges(c, data=True):
-            assert d["fraction"] == pytest.approx(d["weight"] / summ.loc[c, "de_lost"])
 
 
 def test_nodes_norm_and_provenance(setup):
@@ -130,13 +153,51 @@ def test_grouped_t_matches_scalar_helpers():
 
 
 def test_hydra_slope_of_result(setup):
+    """The slope of the per-component mean TE on mean DE lost, and its 95% interval, written out (least squares
+    with the Student-t interval of the slope), not through stats.hydra_slope."""
+    from scipy import stats as sps
+
     _, _, sr, _ = setup
     out = hg.hydra_slope(sr)
     means = sr.to_frame().groupby("component")[["total_effect", "de_lost"]].mean()
-    ref = stats.hydra_slope(means["total_effect"], means["de_lost"])
-    assert out["slope"] == pytest.approx(ref["slope"]) and out["n"] == 12
-    assert out["slope_lo"] <= out["slope"] <= out["slope_hi"] and out["level"] == 0.95
+    x, y = means["de_lost"].to_numpy(), means["total_effect"].to_numpy()
+    sxx = ((x - x.mean()) ** 2).sum()
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / sxx
+    resid = y - y.mean() - slope * (x - x.mean())
+    half = sps.t.ppf(0.975, len(x) - 2) * np.sqrt((resid ** 2).sum() / (len(x) - 2) / sxx)
+    assert out["slope"] == pytest.approx(slope, rel=1e-9) and out["n"] == 12
+    assert (out["slope_lo"], out["slope_hi"]) == pytest.approx((slope - half, slope + half), rel=1e-9)
+    assert out["intercept"] == pytest.approx(y.mean() - slope * x.mean(), rel=1e-9, abs=1e-12)
+    assert out["r2"] == pytest.approx(1 - (resid ** 2).sum() / ((y - y.mean()) ** 2).sum(), rel=1e-9)
+    assert out["level"] == 0.95
     assert hp.hydra_slope is hg.hydra_slope
+
+
+def test_hydra_slope_known_answers():
+    x = np.array([0.1, 0.4, 0.5, 0.9, 1.3, 2.0])
+    # an exact line: slope, intercept and R^2 exact, an interval of zero width
+    h = stats.hydra_slope(0.6 * x + 0.2, x)
+    assert h["slope"] == pytest.approx(0.6, abs=1e-12) and h["intercept"] == pytest.approx(0.2, abs=1e-12)
+    assert h["r2"] == pytest.approx(1.0) and h["n"] == 6
+    assert h["slope_hi"] - h["slope_lo"] == pytest.approx(0, abs=1e-9)
+    # known noise: the interval covers the true slope at its nominal rate and narrows like 1/sqrt(n)
+    rng = np.random.default_rng(0)
+    cover, widths = 0, {}
+    for n in (10, 160):
+        w = []
+        for _ in range(200):
+            xs = rng.uniform(0, 2, n)
+            h = stats.hydra_slope(0.6 * xs + 0.2 + rng.normal(0, 0.1, n), xs)
+            cover += n == 10 and h["slope_lo"] <= 0.6 <= h["slope_hi"]
+            w.append(h["slope_hi"] - h["slope_lo"])
+        widths[n] = np.mean(w)
+    assert 0.90 <= cover / 200 <= 0.99
+    # sqrt(160 / 10) = 4 times narrower, times t(0.975; 8) / t(0.975; 158) = 1.17 for the smaller sample
+    assert widths[10] / widths[160] == pytest.approx(4 * 2.306 / 1.975, rel=0.1)
+    # undefined: fewer than three components, or no spread in DE lost
+    for y, xx in (([1.0, 2.0], [1.0, 2.0]), ([1.0, 2.0, 3.0], [0.5, 0.5, 0.5])):
+        h = stats.hydra_slope(y, xx)
+        assert math.isnan(h["slope"]) and math.isnan(h["slope_lo"]) and h["n"] == len(y)
 
 
 # ------------------------------------------------------------------ exports

@@ -8,6 +8,7 @@ import tiny
 import torch
 
 import hydra_probe as hp
+from hydra_probe.checks import read_only
 
 FAMILIES = ["gpt2", "neox", "llama"]  # neox: parallel residual; llama: grouped-query attention
 
@@ -101,7 +102,7 @@ def _capture_z(m: hp.HookedModel, layer: int) -> tuple[list[torch.Tensor], objec
         mod = hf.model.layers[layer].self_attn.o_proj
     seen: list[torch.Tensor] = []
     # a forward hook sees the input after every pre-hook edit (ours copies the shadow's z)
-    h = mod.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
+    h = mod.register_forward_hook(read_only(lambda _m, args, _out: seen.append(args[0].detach().clone())))
     return seen, h
 
 
@@ -350,10 +351,10 @@ def test_an_edit_that_never_fires_raises(monkeypatch):
         for s in ("clean", "corrupted"):
             runner.prefix(g, s)
     ad = m.adapter
-    real = ad.path_of
+    real = ad._resolve  # the one site resolver
     dead = {Site(1, "z"), Site(2, "qkv"), Site(1, "mlp_out")}
     # the embedding never runs when a forward restarts at a block
-    monkeypatch.setattr(ad, "path_of", lambda site: ("transformer.wte", "input") if site in dead else real(site))
+    monkeypatch.setattr(ad, "_resolve", lambda site: ("transformer.wte", "input") if site in dead else real(site))
     with pytest.raises(hp.InterventionError, match="never"):
         runner.run("clean", [interventions_for(m.components(["L1H0"]), "zero", m.head_dim)])
     change = SenderChange(tuple(m.components(["L0H1"])), "corrupted")

@@ -12,6 +12,7 @@ import pytest
 import tiny
 
 import hydra_probe as hp
+from hydra_probe.claims import classify
 from hydra_probe.report import VERDICTS, TriangulationReport
 from hydra_probe.report import triangulation as tri_mod
 
@@ -66,32 +67,23 @@ def test_report_holds_result_objects_whose_numbers_equal_the_api(setup):
         assert p["task"] == "ioi" and p["corruption"] == "swap" and p["n"] == 6 and p["metric"] == "logit_diff"
 
 
-def test_verdict_follows_the_documented_rule(setup):
+def test_every_section_ran(setup):
     _, _, rep = setup
-    t = rep.to_frame()
-    gap, thr = rep.baseline["gap"], rep.config["threshold"]
-    for _, r in t.iterrows():
-        side = r["total_effect_lo"] if gap >= 0 else -r["total_effect_hi"]
-        N = side > 0 and r["total_effect"] / gap >= thr
-        R = r["restoration"] >= thr or r["damage"] >= thr
-        M = bool(r["lower_bound"]) and r["de_lost"] / gap >= thr and r["total_effect"] / gap < r["de_lost"] / gap
-        want = ("agree: important" if N and R else "masked by self-repair" if M and not N else
-                "necessity only" if N else "restoration only" if R else "agree: minor")
-        assert r["verdict"] == want, r["component"]
-
-
-def test_every_section_ran_when_its_module_exists(setup):
-    _, _, rep = setup
-    for key in ("direct_effects", "self_repair", "patch_denoise", "patch_noise"):
-        assert key in rep.results
-    optional = {"attribution": ("effects.attribution", "attribution_patch"),
-                "path_patch": ("effects.path", "path_patch"),
-                "iterated_ablation": ("effects.iterated", "iterated_ablation")}
-    for key, (mod, name) in optional.items():
-        if tri_mod._optional(mod, name) is not None:
-            assert key in rep.results or any(key.split("_")[0] in n for n in rep.notes), key
+    for key in ("direct_effects", "self_repair", "patch_denoise", "patch_noise", "attribution", "path_patch"):
+        assert key in rep.results, key
+    assert "iterated_ablation" in rep.results or any("iterated ablation" in n for n in rep.notes)
+    assert "paired_ablation" in rep.results or any("paired ablation" in n for n in rep.notes)
     assert rep.graph is not None and "NORM" in rep.graph
     assert np.isfinite(rep.hydra["slope"])
+
+
+def test_table_verdicts_are_the_verdict_module_applied_to_the_table(setup):
+    """The report's verdicts are claims.classify on its own table (the rule itself is tested on hand-made
+    frames in test_verdicts.py)."""
+    _, _, rep = setup
+    t = rep.to_frame()
+    want = classify(t, rep.config["threshold"], rep.baseline["verdict_scale"])
+    assert list(t["verdict"]) == list(want["verdict"])
 
 
 def test_save_writes_every_file_and_results_json_equals_the_objects(setup, saved):
@@ -142,7 +134,8 @@ def test_markdown_states_claims_with_their_conditions(saved):
                     "Provenance", "Re-run"):
         assert section in md, section
     assert "ablation value `mean`" in md and "corruption `swap`" in md and "metric `logit_diff`" in md
-    assert "verdict: N and R" in md
+    assert "verdict: B -> \"masked by self-repair\"" in md and "scale = |clean| kept between" in md
+    assert "verdict scale (TE, DE lost)" in md
     assert "figures/heatmaps.png" in md
 
 
@@ -171,17 +164,6 @@ def test_bad_arguments_fail_before_any_work(setup):
         hp.triangulate(m, task, components="resid")
     with pytest.raises(hp.OptionError):
         hp.triangulate(m, task, value="median")
-
-
-def test_missing_optional_sections_are_noted_not_fatal(setup, monkeypatch, tmp_path):
-    m, task, _ = setup
-    monkeypatch.setattr(tri_mod, "_optional", lambda module, name: None)
-    rep = hp.triangulate(m, task, top=1, progress=False)
-    assert set(rep.results) == {"direct_effects", "self_repair", "patch_denoise", "patch_noise"}
-    assert any("path patching" in n for n in rep.notes) and any("graph" in n for n in rep.notes)
-    assert rep.to_frame()["attribution"].isna().all()
-    rep.save(tmp_path / "r", figures=False)
-    assert "not available" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_figures_leave_global_matplotlib_state_alone(setup, tmp_path):
@@ -233,3 +215,60 @@ def test_whole_report_on_other_families(family, tmp_path):
     assert (rows - want.loc[rows.index]).abs().max() < 1e-4
     rep.save(tmp_path / "rep")
     assert (tmp_path / "rep" / "report.html").exists()
+
+
+def test_adding_a_section_is_one_function_and_one_list_entry(setup, tmp_path, monkeypatch):
+    from hydra_probe.report import document
+
+    def why_it_repairs(d, ctx):
+        d.h(2, "Why it repairs")
+        d.p(f"{len(ctx.table)} components, top {ctx.top[0]}.")
+
+    monkeypatch.setattr(document, "SECTIONS", [*document.SECTIONS[:-1], why_it_repairs, document.SECTIONS[-1]])
+    _, _, rep = setup
+    out = rep.save(tmp_path / "r", figures=False)
+    md = (out / "report.md").read_text()
+    assert "## Why it repairs" in md and md.index("## Why it repairs") < md.index("## Provenance")
+    assert "<h2>Why it repairs</h2>" in (out / "report.html").read_text()
+
+
+def _imports(root):
+    """{module: modules it imports}, module-level and inside functions, for every module of the package."""
+    import ast
+    import pathlib
+
+    mods = {}
+    for p in pathlib.Path(root).rglob("*.py"):
+        parts = list(p.relative_to(pathlib.Path(root).parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    edges = {}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        out = set()
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + [node.module or ""]
+                                ).strip(".") if node.level else node.module or ""
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods]
+                out |= set(subs) if len(subs) == len(node.names) else {base, *subs}
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+        edges[m] = {t for t in out if t in mods and t != m}
+    return edges
+
+
+def test_report_and_claims_import_no_cycle_and_not_the_package_root():
+    import networkx as nx
+
+    import hydra_probe
+
+    edges = _imports(__import__("pathlib").Path(hydra_probe.__file__).parent)
+    G = nx.DiGraph([(a, b) for a, bs in edges.items() for b in bs])
+    cycles = list(nx.simple_cycles(G))
+    assert not [c for c in cycles if any(m.startswith(("hydra_probe.report", "hydra_probe.claims")) for m in c)], cycles
+    for m, targets in edges.items():
+        if m.startswith(("hydra_probe.report", "hydra_probe.claims", "hydra_probe.formatting", "hydra_probe.stats")):
+            assert "hydra_probe" not in targets, m
+    # the verdicts sit below the report: claims never imports report
+    assert not any(t.startswith("hydra_probe.report") for m, ts in edges.items() if m.startswith("hydra_probe.claims")
+                   for t in ts)

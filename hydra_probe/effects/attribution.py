@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import Component, select
 from ..errors import InputError, MetricError, OptionError
 from ..interventions import Delivery, GradientRead, Intervention, SenderChange, check_direction, site_of
@@ -157,6 +158,7 @@ def _check_method(method: Any, metric: Metric, direction: str, exact: Any) -> No
                              f"{direction!r}; run both in the same direction.")
 
 
+@public
 def attribution_patch(model: Any, task: Any, components: Any = "heads", direction: str = "denoise", *,
                       method: str = "atp", exact: ActivationPatch | None = None, top_k: int = 5,
                       metric: Any = "logit_diff", positions: Any = None, per_position: bool | None = None,
@@ -177,12 +179,12 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     the exact ``top_k`` the estimate ranks in its top ``2 * top_k``).
     """
     model = as_model(model)
+    model.require_local("attribution_patch")
     check_direction(direction)
     comps = select(model, components)
     pos = positions_of(positions)
     runner, m = make_runner(model, task, metric, progress=progress, positions=pos)
     _check_method(method, m, direction, exact)
-    runner.check_local("attribution patching")
     star = method == "atp*"
     source, other = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
     per_pos = any(c.kind == "resid" for c in comps) if per_position is None else per_position

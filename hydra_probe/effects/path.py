@@ -9,6 +9,10 @@ The sender's change of its residual-stream write is
     ATTN l:   the sum of its heads' changes
     MLP l:    delta_s = mlp_out' - mlp_out
 
+(with a post-attention norm, the change of the layer's normalised write when
+the sender's heads take the other run's z, so that the rescaling of the
+layer's other heads is part of the sender's change)
+
 at every position (or ``positions`` only), taken from the cached clean and
 corrupted forwards (for a sender group, each member's change goes to the
 receivers downstream of that member). Path patching then runs ONE forward of the baseline
@@ -59,6 +63,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..checks import public
 from ..components import Component, Group, is_downstream, select, select_groups
 from ..errors import ComponentError, OptionError
 from ..interventions import Delivery, SenderChange, check_direction
@@ -220,6 +225,7 @@ def _plan(model: Any, sender: Group, rset: ReceiverSet) -> _Plan:
     return p
 
 
+@public
 def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: str = "noise", *,
                receiver_input: str = "qkv", scale: str = "frozen", metric: Any = "logit_diff",
                positions: Any = None, progress: bool | None = None) -> PathPatch:
@@ -248,6 +254,7 @@ def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: s
             (default: all).
     """
     model = as_model(model)
+    model.require_local("path_patch")
     check_direction(direction)
     check_scale(scale)
     if receiver_input not in RECEIVER_INPUTS:
@@ -261,7 +268,6 @@ def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: s
     rsets = receiver_sets(model, receivers)
     pos = positions_of(positions)
     runner, m = make_runner(model, task, metric, progress=progress, positions=pos)
-    runner.check_local("path patching")
     clean = runner.baseline("clean").metric
     corr = runner.baseline("corrupted").metric
     check_separable(clean.numpy(), corr.numpy())

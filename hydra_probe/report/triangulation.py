@@ -14,17 +14,28 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ..checks import public
+from ..claims import VERDICT_RULE, VERDICTS, verdict_scale, verdict_table
+from ..components import select
+from ..effects import activation_patch, attribution_patch, direct_effects, iterated_ablation, path_patch, self_repair
+from ..effects.common import as_model, check_scale, check_task, make_runner, value_name
 from ..errors import ComponentError, MetricError, OptionError
+from ..graph import add_mechanisms, compensation_graph, compensators_of, hydra_slope, verify_edges
+from ..metrics import get_metric
+from .prose import findings_text
+from .store import read_report
+from .why_it_repairs import mechanism_step
+from .writer import save_report
 
-#: Sections of the report, in order, with what each one runs.
-SECTIONS = {
+#: The analyses ``triangulate`` runs, in order, with the call each one makes.
+ANALYSES = {
     "direct_effects": "direct_effects(model, task, components, scale)",
     "self_repair": "self_repair(model, task, components, value, scale): total effect, DE lost, self-repair",
     "patch_denoise": "activation_patch(..., direction='denoise'): clean activation into the corrupted run",
@@ -33,22 +44,9 @@ SECTIONS = {
     "graph": "compensation_graph(self_repair) + verify_edges (paired ablations of the strongest edges)",
     "iterated_ablation": "iterated_ablation(target, its compensators)",
     "path_patch": "path_patch(top components -> logits | every head and MLP, noise): direct vs indirect paths",
+    "why_it_repairs": "repair_mechanisms(components) + layer_regression + neuron_contributions(top component, "
+                      "its most compensating MLP): the mechanisms of self-repair",
 }
-
-VERDICTS = ("agree: important", "masked by self-repair", "necessity only", "restoration only", "agree: minor")
-
-VERDICT_RULE = """\
-Let gap = mean clean metric - mean corrupted metric and t = the threshold (default 0.1).
-  necessity   N = the total effect's 95% interval excludes 0 on the side of gap, and TE / gap >= t
-  restoration R = denoising restoration >= t or noising damage >= t (both already normalised on gap)
-  masked      M = self-repair is positive beyond its 95% interval (the TE is a lower bound),
-                  DE lost / gap >= t and TE < DE lost
-verdict: N and R -> "agree: important"; else M and not N -> "masked by self-repair";
-         else N -> "necessity only"; else R -> "restoration only"; else "agree: minor".
-Attribution estimates are shown beside the exact scores but never enter the verdict."""
-
-_INTERVAL = "95% Student-t interval of the mean across prompts"
-
 
 class Steps:
     """Step messages ("[2/8] self-repair ... 3.1 s") on stderr when enabled (default: on a terminal)."""
@@ -78,16 +76,6 @@ class Steps:
         if self.enabled:
             self.stream.write(f"      note: {text}\n")
             self.stream.flush()
-
-
-def _optional(module: str, name: str) -> Callable | None:
-    """``hydra_probe.<module>.<name>`` if this installation has it, else None."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(f"hydra_probe.{module}"), name)
-    except (ImportError, AttributeError):
-        return None
 
 
 class TriangulationReport:
@@ -140,13 +128,15 @@ class TriangulationReport:
 
     @property
     def baseline(self) -> dict[str, float]:
-        """Mean clean and corrupted metric and their gap (from the denoising result's frame)."""
+        """Mean clean and corrupted metric, their gap, accuracies, and the scale the verdict rule reads TE and
+        DE lost against (:func:`~hydra_probe.claims.verdict_scale`), from the denoising result's frame."""
         f = self.results["patch_denoise"].to_frame()
         g = f.drop_duplicates("prompt")
         clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
         return {"clean_metric": clean, "corrupted_metric": corr, "gap": clean - corr,
                 "clean_accuracy": float((g["clean_metric"] > 0).mean()),
-                "corrupted_accuracy": float((g["corrupted_metric"] > 0).mean())}
+                "corrupted_accuracy": float((g["corrupted_metric"] > 0).mean()),
+                "verdict_scale": verdict_scale(clean, corr)}
 
     def to_frame(self) -> pd.DataFrame:
         """The per-component triangulation table (one row per component, ranked by importance).
@@ -165,9 +155,16 @@ class TriangulationReport:
         q < 0.05, or whose edge a paired ablation confirmed);
         ``restoration`` (denoising score) and ``damage`` (noising score)
         with intervals; ``attribution`` (estimate / gap, comparable with
-        restoration); ``te_norm``, ``del_norm`` (TE and DE lost / gap);
-        ``importance`` (the largest of |te_norm|, |del_norm|, |restoration|,
-        |damage|) and ``verdict`` (see :data:`VERDICT_RULE`).
+        restoration); ``confirmed_backups`` (compensators a paired ablation
+        confirmed), ``iterated_cost`` (the cost of removing the iterated
+        ablation's target once its compensators are ablated too; NaN for
+        other components) and ``iterated_backups`` (those compensators);
+        ``te_norm``, ``del_norm`` (TE and DE lost / the verdict scale,
+        ``baseline["verdict_scale"]``); ``importance`` (the largest of
+        |te_norm|, |del_norm|, |restoration|, |damage|); the rule's
+        ``necessity``, ``restoring``, ``backed_up``, ``masked``; ``verdict``
+        and ``backups`` (the backups behind a "masked" verdict, with their
+        evidence). See :data:`VERDICT_RULE`.
         """
         if self._table is None:
             self._table = _assemble(self)
@@ -175,7 +172,7 @@ class TriangulationReport:
 
     def contribution_summary(self) -> pd.DataFrame:
         """``SelfRepair.contribution_summary()`` of the self-repair result (computed once, then cached)."""
-        if getattr(self, "_contrib", None) is None:
+        if self._contrib is None:
             self._contrib = self.results["self_repair"].contribution_summary()
         return self._contrib.copy()
 
@@ -186,8 +183,6 @@ class TriangulationReport:
 
     def summary(self) -> str:
         """Plain-text key findings: baseline, Hydra slope, and one sentence per top component."""
-        from .render import findings_text
-
         return findings_text(self)
 
     def __repr__(self) -> str:
@@ -201,84 +196,40 @@ class TriangulationReport:
         """Write the report folder atomically: report.md, report.html, results.json, tables/*.csv,
         graph/ exports and figures/*.png|svg. A non-empty ``folder`` needs ``overwrite=True``
         (else :class:`~hydra_probe.errors.OutputError`, and nothing is written). Returns the folder path."""
-        from .render import save_report
-
         return save_report(self, folder, overwrite=overwrite, figures=figures)
 
     @classmethod
     def load(cls, folder: Any) -> TriangulationReport:
         """Read a report folder's ``results.json`` back (result objects, graph, config)."""
-        from .render import load_report
-
-        return load_report(folder)
+        return cls(**read_report(folder))
 
 
+#: Self-repair concentrates on the prompts where a component matters most: the table also reports it on
+#: this top fraction of prompts by clean direct effect.
 TOP_FRACTION = 0.25
 
 
 def _assemble(rep: TriangulationReport) -> pd.DataFrame:
-    """Join the results' summaries into the per-component table and apply the verdict rule."""
-    cfg = rep.config
-    thr = float(cfg["threshold"])
-    base = rep.baseline
-    gap = base["gap"]
-    de = rep.results["direct_effects"].summary()
-    de = de[["component", "direct_effect", "direct_effect_lo", "direct_effect_hi"]]
-    meta = (rep.results["direct_effects"].to_frame().drop_duplicates("component")
-            [["component", "layer", "head", "kind"]])
-    sr_res = rep.results["self_repair"]
-    sr = sr_res.summary()
-    sr = sr[["component", "total_effect", "total_effect_lo", "total_effect_hi", "de_lost", "de_lost_lo",
-             "de_lost_hi", "self_repair", "self_repair_lo", "self_repair_hi", "norm_term", "fraction_repaired",
-             "lower_bound", "q_self_repair"]]
-    # self-repair concentrates on the prompts where the component matters most: the top quarter by clean DE
-    top = sr_res.summary(top_fraction=TOP_FRACTION)[["component", "de_lost", "self_repair", "fraction_repaired"]]
-    sr = sr.merge(top.rename(columns={"de_lost": "de_lost_top", "self_repair": "self_repair_top",
-                                      "fraction_repaired": "fraction_repaired_top"}), on="component", how="left")
-    cs = rep.contribution_summary()
-    e = rep.edges_tested
-    confirmed = (set() if e is None or e.empty else
-                 {(a, b) for a, b, v in zip(e["source"], e["target"], e["verified"]) if v == "confirmed"})
-    comp_text = {}
-    for c, g in cs.groupby("component", sort=False):
-        conf = np.array([(c, d) in confirmed for d in g["downstream"]], dtype=bool)
-        keep = (g["delta_de"].to_numpy() > 0) & ((g["q"].to_numpy() < 0.05) | conf)
-        g = g[keep].sort_values("delta_de", ascending=False, kind="stable").head(3)
-        comp_text[c] = ", ".join(f"{d} ({v:+.3g}{', confirmed' if (c, d) in confirmed else ''})"
-                                 for d, v in zip(g["downstream"], g["delta_de"]))
-
-    def score(key: str, name: str) -> pd.DataFrame:
-        s = rep.results[key].summary()[["component", "score", "score_lo", "score_hi"]]
-        return s.rename(columns={"score": name, "score_lo": f"{name}_lo", "score_hi": f"{name}_hi"})
-
-    t = meta.merge(de, on="component", how="left").merge(sr, on="component", how="left")
-    t = t.merge(score("patch_denoise", "restoration"), on="component", how="left")
-    t = t.merge(score("patch_noise", "damage"), on="component", how="left")
-    if "attribution" in rep.results:
-        a = rep.results["attribution"].to_frame().groupby("component", sort=False)["estimate"].mean()
-        t["attribution"] = t["component"].map(a) / gap
-    else:
-        t["attribution"] = np.nan
-    t["compensators"] = t["component"].map(comp_text).fillna("")
-    t.loc[~t["self_repair"].gt(0), "compensators"] = ""
-    t["te_norm"] = t["total_effect"] / gap
-    t["del_norm"] = t["de_lost"] / gap
-    t["importance"] = t[["te_norm", "del_norm", "restoration", "damage"]].abs().max(axis=1)
-    side_lo = t["total_effect_lo"] if gap >= 0 else -t["total_effect_hi"]
-    N = (side_lo > 0) & (t["te_norm"] >= thr)
-    R = (t["restoration"] >= thr) | (t["damage"] >= thr)
-    M = t["lower_bound"].astype(bool) & (t["del_norm"] >= thr) & (t["te_norm"] < t["del_norm"])
-    t["necessity"], t["restoring"], t["masked"] = N, R, M
-    t["verdict"] = np.select([N & R, M & ~N, N, R], list(VERDICTS[:4]), default=VERDICTS[4])
-    t = t.sort_values(["importance", "layer", "head"], ascending=[False, True, True], kind="stable")
-    return t.reset_index(drop=True)
+    """The per-component table: the results' summaries, joined and classified by :func:`verdict_table`."""
+    r = rep.results
+    de = r["direct_effects"]
+    return verdict_table(
+        components=de.to_frame().drop_duplicates("component")[["component", "layer", "head", "kind"]],
+        direct=de.summary(), self_repair=r["self_repair"].summary(),
+        self_repair_top=r["self_repair"].summary(top_fraction=TOP_FRACTION),
+        contributions=rep.contribution_summary(), denoise=r["patch_denoise"].summary(),
+        noise=r["patch_noise"].summary(), baseline=rep.baseline, threshold=float(rep.config["threshold"]),
+        attribution=r["attribution"].to_frame(),
+        edges_tested=rep.edges_tested,
+        iterated=r["iterated_ablation"].summary() if "iterated_ablation" in r else None)
 
 
 # ---------------------------------------------------------------------- main entry
+@public
 def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "frozen", metric: Any = "logit_diff",
                 components: Any = "heads", top: int = 5, seed: int = 0, threshold: float = 0.1,
                 graph_threshold: float | None = None, graph_top_k: int = 5, iterate: int = 3,
-                progress: bool | None = None) -> TriangulationReport:
+                progress: bool | None = None, mechanisms: bool = True) -> TriangulationReport:
     """Run every analysis on ``model`` and ``task`` and return a :class:`TriangulationReport`.
 
     Args:
@@ -294,19 +245,18 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         top: how many of the most important components get the expensive
             follow-ups (path patching, paired confirmations, figures).
         seed: seeds resample donors (the task has its own seed).
-        threshold: the verdict threshold, as a fraction of the clean -
-            corrupted gap (see :data:`VERDICT_RULE`).
+        threshold: the verdict threshold t: TE and DE lost are compared with
+            t x the verdict scale (the clean metric, see :data:`VERDICT_RULE`),
+            restoration and damage (shares of the gap) with t.
         graph_threshold: keep compensation edges with ``|weight|`` above this
             (default: 0.5 % of ``|gap|``); ``graph_top_k`` per ablated component.
         iterate: compensators added in the iterated ablation of the most
             self-repaired component.
         progress: step messages and progress bars on stderr (default: on a terminal).
+        mechanisms: run "Why it repairs" (:func:`~hydra_probe.effects.repair_mechanisms` over the
+            components, the per-layer regression, and the neurons of the most compensating MLP);
+            local backend only (skipped with a note otherwise).
     """
-    from ..components import select
-    from ..effects import activation_patch, direct_effects, self_repair
-    from ..effects.common import as_model, check_scale, check_task, make_runner, value_name
-    from ..metrics import get_metric
-
     model = as_model(model)
     check_scale(scale)
     vname = value_name(value)
@@ -317,7 +267,8 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise OptionError(f"top must be a positive integer; got {top!r}.")
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
-        raise OptionError(f"threshold must be a fraction of the clean - corrupted gap in (0, 1); got {threshold!r}.")
+        raise OptionError(f"threshold must be a fraction in (0, 1) (of the verdict scale for TE and DE lost, "
+                          f"of the clean - corrupted gap for restoration and damage); got {threshold!r}.")
     if isinstance(iterate, bool) or not isinstance(iterate, (int, np.integer)) or iterate < 0:
         raise OptionError(f"iterate must be an integer >= 0; got {iterate!r}.")
     comps = select(model, components)
@@ -328,14 +279,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     check_task(model, task)
     make_runner(model, task, metric, value, seed)  # validates value, metric and resample donors; runs nothing
 
-    attribution_patch = _optional("effects.attribution", "attribution_patch")
-    path_patch = _optional("effects.path", "path_patch")
-    compensation_graph = _optional("graph", "compensation_graph")
-    verify_edges = _optional("graph", "verify_edges")
-    compensators_of = _optional("graph", "compensators_of")
-    iterated_ablation = _optional("effects.iterated", "iterated_ablation")
-
-    steps = Steps(total=8, enabled=progress)
+    steps = Steps(total=9 if mechanisms else 8, enabled=progress)
     bars = progress
     results: dict[str, Any] = {}
     notes: list[str] = []
@@ -351,21 +295,14 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     with steps.step("self_repair", f"ablation ({vname}) and self-repair of {len(names)} components"):
         results["self_repair"] = self_repair(model, task, names, value=value, scale=scale, seed=seed,
                                              progress=bars, **kw)
-    agreement = None
     with steps.step("attribution", "attribution patching (estimate)"):
-        if attribution_patch is None:
-            notes.append("attribution patching: not available in this installation "
-                         "(hydra_probe.effects.attribution is missing); the column is empty.")
-        else:
-            att = attribution_patch(model, task, components=names, direction="denoise", **kw)
-            results["attribution"] = att
-            if hasattr(att, "agreement"):
-                agreement = att.agreement(results["patch_denoise"])
+        results["attribution"] = attribution_patch(model, task, components=names, direction="denoise", **kw)
+        agreement = results["attribution"].agreement(results["patch_denoise"])
 
     cfg = {"value": vname if isinstance(value, str) else f"mean over {getattr(value, 'name', 'reference')}",
            "scale": scale, "metric": m.name, "components": components if isinstance(components, str) else names,
            "top": int(top), "seed": int(seed), "threshold": float(threshold), "graph_top_k": int(graph_top_k),
-           "iterate": int(iterate)}
+           "iterate": int(iterate), "mechanisms": bool(mechanisms)}
     rep = TriangulationReport(results=results, config=cfg, task_info=_task_info(task), task_pairs=list(task.pairs),
                               agreement=agreement, notes=notes, model_info=_model_info(model))
     gap = rep.baseline["gap"]
@@ -374,27 +311,18 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     table = rep.to_frame()
     top_names = list(table["component"].head(top))
 
-    graph = None
-    tested = pd.DataFrame()
     with steps.step("graph", "compensation graph and paired-ablation confirmations"):
-        if compensation_graph is None or verify_edges is None:
-            notes.append("compensation graph: not available in this installation (hydra_probe.graph is missing).")
+        G = compensation_graph(results["self_repair"], threshold=cfg["graph_threshold"], top_k=graph_top_k)
+        ver = verify_edges(model, task, G, top=top, value=value, metric=metric, progress=bars)
+        graph, tested = ver.graph, ver.tested
+        if ver.paired is not None:
+            results["paired_ablation"] = ver.paired
         else:
-            G = compensation_graph(results["self_repair"], threshold=cfg["graph_threshold"], top_k=graph_top_k)
-            ver = verify_edges(model, task, G, top=top, value=value, metric=metric, progress=bars)
-            graph, tested = ver.graph, ver.tested
-            if ver.paired is not None:
-                results["paired_ablation"] = ver.paired
-            else:
-                notes.append("paired ablation: the graph has no compensation edge to confirm.")
+            notes.append("paired ablation: the graph has no compensation edge to confirm.")
 
     with steps.step("iterated_ablation", "iterated ablation of the most self-repaired component"):
-        target, comp_list, why = _iteration_plan(table, graph, compensators_of, iterate,
-                                                 rep.contribution_summary())
-        if iterated_ablation is None:
-            notes.append("iterated ablation: not available in this installation "
-                         "(hydra_probe.effects.iterated is missing).")
-        elif target is None:
+        target, comp_list, why = _iteration_plan(table, graph, iterate, rep.contribution_summary())
+        if target is None:
             notes.append(f"iterated ablation: skipped ({why}).")
         else:
             results["iterated_ablation"] = iterated_ablation(model, task, target, comp_list, value=value,
@@ -403,31 +331,29 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
                 notes.append(f"iterated ablation: {why}.")
 
     with steps.step("path_patch", f"path patching of the top {len(top_names)} components"):
-        if path_patch is None:
-            notes.append("path patching: not available in this installation (hydra_probe.effects.path is missing).")
-        else:
-            # two receiver sets per sender: the logits alone (the direct path) and every head and MLP
-            # (all indirect paths through downstream components)
-            results["path_patch"] = path_patch(model, task, senders=top_names, receivers=[["logits"], ["all"]],
-                                               direction="noise", scale=scale, progress=bars, **kw)
+        # two receiver sets per sender: the logits alone (the direct path) and every head and MLP
+        # (all indirect paths through downstream components)
+        results["path_patch"] = path_patch(model, task, senders=top_names, receivers=[["logits"], ["all"]],
+                                           direction="noise", scale=scale, progress=bars, **kw)
 
-    hydra_slope = _optional("graph", "hydra_slope")
-    if hydra_slope is not None:
-        hydra = hydra_slope(results["self_repair"])
-    else:  # the statistic itself, from the self-repair summary
-        from ..stats import hydra_slope as _slope
+    if mechanisms:
+        with steps.step("why_it_repairs", f"why it repairs: mechanisms of self-repair of {len(names)} components"):
+            mech, why = mechanism_step(model, task, components=names, top=top_names, value=value, scale=scale,
+                                       metric=metric, seed=seed, progress=bars)
+            results.update(mech)
+            notes.extend(why)
+            if graph is not None and "repair_mechanisms" in mech:
+                graph = add_mechanisms(graph, mech["repair_mechanisms"])
 
-        s = results["self_repair"].summary()
-        hydra = _slope(s["total_effect"].to_numpy(), s["de_lost"].to_numpy())
-
+    hydra = hydra_slope(results["self_repair"])
     rep.results, rep.graph, rep.edges_tested, rep.hydra, rep.notes = dict(results), graph, tested, hydra, notes
     rep.timings = steps.timings
     rep._table = None
     return rep
 
 
-def _iteration_plan(table: pd.DataFrame, graph: Any, compensators_of: Callable | None, k: int,
-                    contrib: pd.DataFrame | None = None) -> tuple[str | None, list[str], str]:
+def _iteration_plan(table: pd.DataFrame, graph: Any, k: int,
+                    contrib: pd.DataFrame) -> tuple[str | None, list[str], str]:
     """Pick the iterated ablation: (target, compensators, note).
 
     Target: the component with the largest self-repair that is significant (else merely positive) and has
@@ -442,25 +368,23 @@ def _iteration_plan(table: pd.DataFrame, graph: Any, compensators_of: Callable |
         cand = table[table["self_repair"] > 0].sort_values("self_repair", ascending=False, kind="stable")
     if cand.empty:
         return None, [], "no component shows positive self-repair"
-    if graph is not None and compensators_of is not None:
-        for target in cand["component"]:
-            if target not in graph:
-                continue
-            comps = compensators_of(graph, target, confirmed_only=True, k=k)
-            if comps:
-                return target, comps, ""
-            comps = compensators_of(graph, target, confirmed_only=False, k=k)
-            if comps:
-                return target, comps, f"{target}'s compensators are graph edges not confirmed by paired ablation"
-    if contrib is not None:
-        for target in cand["component"]:
-            g = contrib[(contrib["component"] == target) & (contrib["downstream"] != "NORM")
-                        & (contrib["delta_de"] > 0)].sort_values("delta_de", ascending=False, kind="stable")
-            if len(g):
-                return (target, list(g["downstream"].head(k)),
-                        f"{target}'s compensators are the downstream components with the largest positive ΔDE in "
-                        "its self-repair decomposition (no graph edge of a self-repaired component passed the "
-                        "graph threshold)")
+    for target in cand["component"]:
+        if target not in graph:
+            continue
+        comps = compensators_of(graph, target, confirmed_only=True, k=k)
+        if comps:
+            return target, comps, ""
+        comps = compensators_of(graph, target, confirmed_only=False, k=k)
+        if comps:
+            return target, comps, f"{target}'s compensators are graph edges not confirmed by paired ablation"
+    for target in cand["component"]:
+        g = contrib[(contrib["component"] == target) & (contrib["downstream"] != "NORM")
+                    & (contrib["delta_de"] > 0)].sort_values("delta_de", ascending=False, kind="stable")
+        if len(g):
+            return (target, list(g["downstream"].head(k)),
+                    f"{target}'s compensators are the downstream components with the largest positive ΔDE in "
+                    "its self-repair decomposition (no graph edge of a self-repaired component passed the "
+                    "graph threshold)")
     return None, [], "no self-repaired component has a downstream compensator"
 
 
@@ -474,4 +398,4 @@ def _model_info(model: Any) -> dict[str, Any]:
             "d_model": model.d_model}
 
 
-__all__ = ["SECTIONS", "VERDICTS", "VERDICT_RULE", "TriangulationReport", "triangulate"]
+__all__ = ["ANALYSES", "VERDICTS", "VERDICT_RULE", "TriangulationReport", "triangulate"]

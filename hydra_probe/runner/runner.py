@@ -14,8 +14,9 @@ equal-length prompts,
 * optionally captures any sites (``capture=``) at the last position or at
   every position, from the same stacked forward (no extra forward).
 
-With ``model.backend == "nnsight"`` each copy is one full nnsight trace
-instead (equal numbers; opens remote execution). The model is left as it
+With ``model.backend == "nnsight"`` each chunk of copies is one full nnsight
+trace instead, its interventions plain data (equal numbers; with
+``remote=True`` one request per chunk). The model is left as it
 was: hooks are removed on exit, also on error, and train/eval flags restored.
 """
 
@@ -71,6 +72,8 @@ class RunOutput:
             (B_g, T_g, width) tensor]}``. Empty when nothing was captured.
         resid_all: with ``capture_positions="all"``, the final residual at
             every position, per group g (B_g, T_g, d) (model dtype, CPU); else None.
+        post_sigma: (n, L) float64 each layer's post-attention norm scale
+            (families with post norms, ``readout=True``), else None.
     """
 
     metric: torch.Tensor
@@ -79,6 +82,7 @@ class RunOutput:
     proj_const: torch.Tensor | None = None
     captures: dict[Site, Any] = field(default_factory=dict)
     resid_all: list[torch.Tensor] | None = None
+    post_sigma: torch.Tensor | None = None
 
 
 @dataclass
@@ -147,12 +151,13 @@ class Runner:
             (default: ``task``).
         seed: seeds ``resample`` donors.
         token_budget: at most this many tokens (copies x prompts x positions)
-            per stacked forward.
+            per stacked forward; None (default) sizes it to the device's free
+            memory (8192 on the CPU; see ``HookedModel.token_budget``).
         progress: show a progress bar (default: only on a terminal).
     """
 
     def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
-                 token_budget: int = 8192, progress: bool | None = None) -> None:
+                 token_budget: int | None = None, progress: bool | None = None) -> None:
         if len(task) == 0:
             raise TaskError("the task is empty; build it with at least one prompt pair "
                             "(tasks.ioi(model, n_prompts=8) or tasks.from_pairs(model, rows)).")
@@ -160,7 +165,7 @@ class Runner:
         self.ad = model.adapter
         self.reference = reference if reference is not None else task
         self.seed = seed
-        self.token_budget = token_budget
+        self.token_budget = token_budget if token_budget is not None else _default_budget(model)
         self.progress = progress
         self.groups = task.groups()
         self._prefix: dict[tuple[int, str], Prefix] = {}
@@ -182,7 +187,7 @@ class Runner:
             try:
                 with self.model.evaluating():
                     if self.model.backend == "nnsight":
-                        p = self._prefix_nnsight(ids)
+                        p = self._prefixes_nnsight(g)[source]
                     else:
                         p = self.ad.prefix(ids, capture=self.capture_sites())
             except (torch.OutOfMemoryError, MemoryError) as e:
@@ -203,13 +208,9 @@ class Runner:
 
     def _prefix_nnsight(self, ids: torch.Tensor) -> Prefix:
         """The unedited forward as one nnsight trace (no block calls: nothing restarts mid-model)."""
-        from ..models.nnsight_backend import trace_run
+        from ..models.nnsight_backend import Job, run_jobs
 
-        L = self.ad.n_layers
-        resid_sites = {Site(l, "resid_pre") for l in range(L + 1)}
-        saved = trace_run(self.model, ids, {}, self.capture_sites() | resid_sites)
-        return Prefix(resid=[saved[Site(l, "resid_pre")] for l in range(L + 1)], calls=[],
-                      captures={s: saved[s] for s in self.capture_sites()})
+        return self._as_prefix(run_jobs(self.model, [Job(ids, keep=self._prefix_keep())])[0])
 
     @property
     def readout(self) -> Readout:
@@ -235,7 +236,8 @@ class Runner:
                     caps = self.prefix(g, "clean").captures
                 else:
                     with self.model.evaluating():
-                        caps = self.ad.prefix(ids, capture=self.capture_sites()).captures
+                        caps = (self._prefix_nnsight(ids) if self.model.backend == "nnsight"
+                                else self.ad.prefix(ids, capture=self.capture_sites())).captures
                 T = ids.shape[1]
                 counts[:T] += len(idx)
                 for s, x in caps.items():
@@ -312,7 +314,8 @@ class Runner:
         for s in sites:
             if not isinstance(s, Site):
                 raise OptionError(f"capture takes Site objects (hydra_probe.models.sites.Site); got {s!r}.")
-            self.ad.path_of(s)  # raises InterventionError when the site does not exist
+            # raises InterventionError when the site does not exist (or, on nnsight, cannot be read there)
+            (self.ad.path_of if self.model.backend == "nnsight" else self.ad.module_of)(s)
         return sites
 
     def run(self, source: str, copies: Sequence[Copy], readout: bool = False,
@@ -355,7 +358,14 @@ class Runner:
         caps_last: dict[Site, torch.Tensor] = {}
         caps_all: dict[Site, list[torch.Tensor]] = {s: [] for s in cap}
         resid_all: list[torch.Tensor] = []
+        psig = (torch.empty(K, n, self.ad.n_layers, dtype=torch.float64)
+                if readout and self.readout.has_post_norms else None)
         starts = [self._start(c, cap) for c in copies]
+        if self.model.backend == "nnsight" and not paths:
+            # full forwards, chunked by the budget alone (one request each); a copy that edits nothing and
+            # captures only cached sites reads them
+            L = self.ad.n_layers
+            starts = [0 if c or s < L else L for c, s in zip(copies, starts)]
         weights = [1 + bool(self._shadow_layers(c)) for c in copies]
         with progress_bar(K * len(self.groups), label, self.progress) as bar:
             for g, idx in enumerate(self.groups):
@@ -375,6 +385,8 @@ class Runner:
                     if readout:
                         proj[ci[:, None], it[None, :]] = out["proj"].cpu()
                         pconst[ci[:, None], it[None, :]] = out["proj_const"].cpu()
+                        if psig is not None:
+                            psig[ci[:, None], it[None, :]] = out["post_sigma"].cpu()
                     for s, v in out.get("captures", {}).items():
                         if every:
                             if len(caps_all[s]) == g:
@@ -395,14 +407,13 @@ class Runner:
                 c = {s: v[i] for s, v in caps_last.items()}
             outs.append(RunOutput(metric[i], resid[i], None if proj is None else proj[i],
                                   None if pconst is None else pconst[i], c,
-                                  [r[i] for r in resid_all] if every else None))
+                                  [r[i] for r in resid_all] if every else None,
+                                  None if psig is None else psig[i]))
         return outs
 
     def check_local(self, what: str) -> None:
         """Refuse ``what`` (an analysis that runs on the local hook path) for a remote model, at once."""
-        if getattr(self.model, "remote", False):
-            raise OptionError(f"{what} runs on the local hook path and cannot run remotely yet; load the model "
-                              "without remote=True (backend='nnsight' locally gives the same numbers).")
+        self.model.require_local(what)
 
     def _start(self, copy: Copy, capture: frozenset[Site] = frozenset()) -> int:
         """The earliest layer a forward of ``copy`` must run from (its interventions, and the captures
@@ -473,12 +484,9 @@ class Runner:
                  readout: bool, capture: frozenset[Site] = frozenset(), every: bool = False
                  ) -> dict[str, Any]:
         paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
-        if self.model.backend == "nnsight" and not paths:
-            outs = [self._forward_nnsight(g, source, c, readout, capture, every) for c in copies]
-            res: dict[str, Any] = {k: torch.stack([o[k] for o in outs]) for k in outs[0] if k != "captures"}
-            res["captures"] = {s: torch.stack([o["captures"][s] for o in outs]) for s in capture}
-            return res
-        P = self.local_prefix(g, source)
+        if self.model.backend == "nnsight" and not paths and start < self.ad.n_layers:
+            return self._forward_nnsight_stacked(g, source, copies, readout, capture, every)
+        P = self.local_prefix(g, source) if paths else self.prefix(g, source)
         k, B = len(copies), P.batch
         L = self.ad.n_layers
         final = Site(L, "resid_pre")
@@ -546,7 +554,10 @@ class Runner:
                    for l in range(L)]
             ro = self.readout
             u = ro.u[torch.tensor(idx)]
-            out["proj"] = ro.projections(z, mlp, u).view(k, B, -1)
+            ps = ro.post_sigma(z)
+            out["proj"] = ro.projections(z, mlp, u, ps).view(k, B, -1)
+            if ps is not None:
+                out["post_sigma"] = ps.view(k, B, -1)
             out["proj_const"] = ro.const_projection(P.resid[0][:, -1].repeat(k, 1), u).view(k, B)
         return out
 
@@ -569,7 +580,7 @@ class Runner:
                     if val is None:
                         x[rows, p, cols] = 0
                     else:
-                        x[rows, p, cols] = val[:, p, cols].to(x.dtype)
+                        x[rows, p, cols] = val[:, p, cols].to(x.device, x.dtype)
                 return x
             return edit
 
@@ -578,7 +589,14 @@ class Runner:
     # ---------------------------------------------------------------- path patching (deliveries)
     def sender_change(self, g: int, source: str, change: SenderChange) -> torch.Tensor:
         """The senders' change of their residual writes (B, T, d) on group ``g`` (see
-        :class:`~hydra_probe.interventions.SenderChange`), from the cached local prefixes."""
+        :class:`~hydra_probe.interventions.SenderChange`), from the cached local prefixes.
+
+        MLPs: ``mlp_out' - mlp_out``. Heads of one layer go together: without a
+        post-attention norm ``sum_h (z_h' - z_h) W_O^h``; with one (Gemma-2/3,
+        OLMo-2) the layer's write ``N_post(sum_h W_O^h z_h)`` is recomputed with
+        the senders' heads at the other run's z, so the rescaling of the layer's
+        other heads is part of the change.
+        """
         key = (g, source, change)
         if key in self._changes:
             return self._changes[key]
@@ -592,21 +610,33 @@ class Runner:
             mask[list(change.positions)] = 1
         out = None
         with torch.no_grad():
-            for c in change.senders:
-                mkey = (g, source, change.value, change.positions, c)
-                if mkey not in self._changes:
-                    if c.kind == "mlp":
-                        s = Site(c.layer, "mlp_out")
-                        d = Po.captures[s] - Pb.captures[s]
-                    else:
-                        s = Site(c.layer, "z")
-                        dz = Po.captures[s] - Pb.captures[s]
-                        Bn = dz.shape[0]
-                        dz = dz.view(Bn, T, ad.n_heads, ad.head_dim)
-                        W = ad.W_O(c.layer)
-                        d = dz[:, :, c.head] @ W[c.head] if c.kind == "head" else torch.einsum("bthk,hkd->btd", dz, W)
-                    self._changes[mkey] = d * mask[None, :, None]
-                out = self._changes[mkey] if out is None else out + self._changes[mkey]
+            heads: dict[int, list[int] | None] = {}
+            for m in change.senders:
+                if m.kind == "mlp":
+                    s = Site(m.layer, "mlp_out")
+                    d = Po.captures[s] - Pb.captures[s]
+                    out = d if out is None else out + d
+                elif m.kind == "attn" or heads.get(m.layer, []) is None:
+                    heads[m.layer] = None
+                else:
+                    heads.setdefault(m.layer, []).append(m.head)  # type: ignore[union-attr,arg-type]
+            for layer, hs in heads.items():
+                s = Site(layer, "z")
+                zb, zo = Pb.captures[s], Po.captures[s]
+                if hs is None:
+                    zm = zo
+                else:
+                    zm = zb.clone()
+                    for h in hs:
+                        zm[..., ad.head_slice(h)] = zo[..., ad.head_slice(h)]
+                if ad.has_post_attn_norm:
+                    d = ad.head_writes(layer, zm).sum(-2) - ad.head_writes(layer, zb).sum(-2)
+                else:
+                    B = zb.shape[0]
+                    dz = (zm - zb).view(B, T, ad.n_heads, ad.head_dim)
+                    d = torch.einsum("bthk,hkd->btd", dz, ad.W_O(layer))
+                out = d if out is None else out + d
+        out = out * mask[None, :, None]
         self._changes[key] = out
         return out
 
@@ -766,7 +796,7 @@ class Runner:
         L = self.ad.n_layers
         for r in reads:
             for s in r.sites:
-                self.ad.path_of(s)
+                self.ad.module_of(s)
             if r.drop_layer is not None and not 0 <= r.drop_layer < L:
                 raise OptionError(f"drop_layer {r.drop_layer} is outside layers 0..{L - 1}.")
         n, K = len(self.task), len(reads)
@@ -870,26 +900,81 @@ class Runner:
         m0 = mvals.detach().to(torch.float64)[:B]
         return m0, {s: v[:B] for s, v in acts.items()}, per
 
-    def _forward_nnsight(self, g: int, source: str, copy: tuple[Intervention, ...], readout: bool,
-                         capture: frozenset[Site] = frozenset(), every: bool = False) -> dict[str, Any]:
-        from ..models.nnsight_backend import trace_run
+    # ---------------------------------------------------------------- nnsight (also remote): plain-data traces
+    def _prefixes_nnsight(self, g: int) -> dict[str, Prefix]:
+        """Clean and corrupted unedited forwards of group ``g`` as two traces of one session (one request)."""
+        from ..models.nnsight_backend import Job, run_jobs
+
+        idx = self.groups[g]
+        keep = self._prefix_keep()
+        outs = run_jobs(self.model, [Job(self.task.batch(idx, s), keep=keep) for s in SOURCES])
+        got = {s: self._as_prefix(o) for s, o in zip(SOURCES, outs)}
+        for s, p in got.items():
+            _check_finite(p.resid[-1], f"the {s} run")
+            self._prefix.setdefault((g, s), p)
+        return got
+
+    def _prefix_keep(self) -> dict[Site, str]:
+        L = self.ad.n_layers
+        return {**{s: "all" for s in self.capture_sites()}, **{Site(l, "resid_pre"): "all" for l in range(L + 1)}}
+
+    def _as_prefix(self, saved: dict[Site, torch.Tensor]) -> Prefix:
+        L = self.ad.n_layers
+        dev = self.ad.device
+        return Prefix(resid=[saved[Site(l, "resid_pre")].to(dev) for l in range(L + 1)], calls=[],
+                      captures={s: saved[s].to(dev) for s in self.capture_sites()})
+
+    def _plain_edits(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], B: int) -> dict:
+        """The copies' interventions as plain data for a stacked nnsight trace (see ``nnsight_backend.EditSpec``).
+
+        Each distinct (site, value, columns) ships its value once, cut to its columns.
+        """
+        per_site: dict[Site, list] = {}
+        vals: dict[tuple, torch.Tensor | None] = {}
+        for ci, c in enumerate(copies):
+            for iv in c:
+                c0, c1 = iv.cols if iv.cols else (None, None)
+                key = (iv.site, iv.value, iv.cols)
+                if key not in vals:
+                    v = self.value(iv, g, source)
+                    vals[key] = None if v is None else v[..., c0:c1].detach().cpu().contiguous()
+                pos = list(iv.positions) if iv.positions is not None else None
+                per_site.setdefault(iv.site, []).append((ci * B, (ci + 1) * B, pos, c0, c1, vals[key]))
+        return per_site
+
+    def _forward_nnsight_stacked(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]],
+                                 readout: bool, capture: frozenset[Site] = frozenset(), every: bool = False
+                                 ) -> dict[str, Any]:
+        """A chunk of copies stacked along the batch in one nnsight trace (one request when remote).
+
+        Only what is read comes back: the last position of the final residual, of every z and MLP output with
+        ``readout`` and of the ``capture`` sites (every position of those and of the final residual with ``every``).
+        """
+        from ..models.nnsight_backend import Job, run_jobs
 
         P = self.prefix(g, source)
-        B = P.batch
-        L = self.ad.n_layers
+        B, k, L = P.batch, len(copies), self.ad.n_layers
         final = Site(L, "resid_pre")
-        edits = {s: _compose(fs) for s, fs in self._edits(g, source, [copy], B).items()}
-        ids = self.task.batch(self.groups[g], source)
-        caps = {Site(l, k) for l in range(L) for k in ("z", "mlp_out")} if readout else set()
+        keep = {Site(l, kind): "last" for l in range(L) for kind in ("z", "mlp_out")} if readout else {}
+        keep.update({s: "all" if every else "last" for s in set(capture) | {final}})
+        job = Job(self.task.batch(self.groups[g], source), self._plain_edits(g, source, copies, B), keep, k)
         with self.model.evaluating():
-            saved = trace_run(self.model, ids, edits, caps | set(capture))
-        last = {s: v[:, -1] for s, v in saved.items() if s != final}
-        out = self._finish(g, P, saved[final][:, -1], last, 0, 1, readout)
-        res = {k: v[0] for k, v in out.items()}
-        res["captures"] = {s: saved[s] if every else saved[s][:, -1] for s in capture}
+            saved = run_jobs(self.model, [job])[0]
+        dev = self.ad.device
+        acts = {s: v.to(dev) for s, v in saved.items()}
+        last = {s: v[:, -1] if keep[s] == "all" else v for s, v in acts.items()}
+        out = self._finish(g, P, last[final], last, 0, k, readout)
+        if capture:
+            out["captures"] = {s: (acts[s] if every else last[s]).reshape(k, B, *(acts[s] if every else last[s]).shape[1:])
+                               for s in capture}
         if every:
-            res["resid_all"] = saved[final]
-        return res
+            out["resid_all"] = acts[final].view(k, B, *acts[final].shape[1:])
+        return out
+
+
+def _default_budget(model: Any) -> int:
+    budget = getattr(model, "token_budget", None)
+    return int(budget()) if callable(budget) else 8192
 
 
 def _oom_advice(B: int, T: int) -> str:

@@ -81,4 +81,7 @@ def ioi(model: Any, n_prompts: int = 32, corruption: str = "swap", seed: int = 0
     rows = ioi_rows(n_prompts, pool, corruption, seed)
     task = from_pairs(model, rows, name="ioi", corruption=corruption, seed=seed)
     task.meta["corruption_description"] = CORRUPTIONS[corruption]
+    # what remakes the same clean prompts with another corruption (compare_conditions)
+    task.meta["names"] = list(pool)
+    task.meta["n_prompts"] = n_prompts
     return task

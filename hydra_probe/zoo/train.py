@@ -21,23 +21,28 @@ What it does
   in an IOI sentence. The loss is the ordinary next-token loss; the position
   that predicts the IO name is up-weighted (``--io-weight``) and can optionally
   get a soft target (``--io-smoothing``).
-* **Head dropout.** A forward pre-hook on every layer's ``attn.c_proj`` (whose
-  input is the concatenation ``z`` of the head outputs) zeroes whole heads,
+* **Head dropout.** Every layer's ``z`` (the concatenated head outputs, the
+  input of the attention output projection) has whole heads zeroed,
   independently per sequence and head, with probability ``--head-dropout`` (in
   a ``--head-dropout-seq-frac`` share of the sequences). The surviving heads
   are *not* rescaled: training sees exactly what a zero ablation looks like,
   which rewards downstream heads that step in when an upstream head is missing
   (the Hydra / self-repair effect).
-* **MLP dropout.** A forward hook zeroes a whole MLP output per sequence with
+* **MLP dropout.** A whole MLP output is zeroed per sequence with
   probability ``--mlp-dropout``. Without it (and with narrow heads) the MLPs
   end up writing almost all of the answer and attention heads have next to no
-  direct effect; with it, name-mover heads carry the logit difference. All
-  hooks are removed before saving.
+  direct effect; with it, name-mover heads carry the logit difference. Both
+  dropouts are edits of the sites ``z`` and ``mlp_out``, placed by the model
+  adapter (module paths come from the architecture table) and removed before
+  saving.
 * **Self-check.** On IOI prompts built from ``HELDOUT_NAMES`` the script
-  measures accuracy and logit difference, per-head direct effects (DE) at the
-  last position, and mean-ablates the head with the largest mean DE to get the
+  measures, through the package's own API (a task from
+  ``hydra_probe.tasks.from_pairs``, ``direct_effects``, ``self_repair``),
+  accuracy and logit difference, per-head direct effects (DE) at the last
+  position, and mean-ablates the head with the largest mean DE to get the
   total effect (TE), the direct effect lost (DEL), their ratio and the
   downstream heads whose DE rises. Everything goes to ``training.json``.
+  ``--check-only`` reruns it on a saved model.
 
 The run is deterministic given ``--seed`` and ``--threads`` (the thread
 count changes the float reduction order and hence the trajectory; the shipped
@@ -62,6 +67,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from hydra_probe.effects import direct_effects, self_repair
+from hydra_probe.models import HookedModel
+from hydra_probe.models.adapter import Adapter
+from hydra_probe.models.sites import Site
+from hydra_probe.tasks import from_pairs
 from hydra_probe.tasks.ioi_templates import (
     FILLER_TEMPLATES,
     HELDOUT_NAMES,
@@ -322,54 +332,45 @@ class SequenceSampler:
 
 
 # --------------------------------------------------------------------------- #
-# Head dropout
+# Head and MLP dropout (edits placed by the model adapter)
 # --------------------------------------------------------------------------- #
-def add_head_dropout(model: Any, p: float, seq_frac: float, generator: torch.Generator) -> list[Any]:
-    """Register head-dropout pre-hooks on every ``attn.c_proj``; return handles.
+def dropout_edits(model: Any, adapter: Any, recipe: Recipe,
+                  generator: torch.Generator) -> dict[Site, Callable[[torch.Tensor], torch.Tensor]]:
+    """Per-sequence head and MLP dropout as edits of the adapter's ``z`` and ``mlp_out`` sites.
 
-    In training mode, for each layer a random fraction ``seq_frac`` of the
-    sequences in a batch gets head dropout; in those, each head's slice of
-    ``z`` is zeroed with probability ``p`` for the whole sequence (all
-    positions). No rescaling.
+    Head dropout: in training mode, for each layer a random fraction
+    ``head_dropout_seq_frac`` of the sequences in a batch gets head dropout;
+    in those, each head's slice of ``z`` (batch, pos, heads * head_dim) is
+    zeroed with probability ``head_dropout`` for the whole sequence. MLP
+    dropout: each layer's MLP output is zeroed (all positions) with
+    probability ``mlp_dropout`` independently per sequence and layer. No
+    rescaling. In eval mode (or with probability 0) nothing is drawn and
+    nothing changes. The adapter finds the modules through the architecture
+    table; :meth:`Adapter.hooks` adds the hooks and removes them on exit.
     """
-    n_head = model.config.n_head
-    handles = []
+    n_head, head_dim = adapter.n_heads, adapter.head_dim
+    p_head, seq_frac, p_mlp = recipe.head_dropout, recipe.head_dropout_seq_frac, recipe.mlp_dropout
 
-    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
-        if not module.training or p <= 0:
-            return None
-        z = args[0]
+    def drop_heads(z: torch.Tensor) -> torch.Tensor:
+        if not model.training or p_head <= 0:
+            return z
         bsz, seq, width = z.shape
-        drop = torch.rand((bsz, n_head), generator=generator) < p
+        drop = torch.rand((bsz, n_head), generator=generator) < p_head
         drop &= (torch.rand((bsz, 1), generator=generator) < seq_frac)
         keep = (~drop).to(z.dtype)[:, None, :, None]
-        z = (z.view(bsz, seq, n_head, width // n_head) * keep).view(bsz, seq, width)
-        return (z,) + tuple(args[1:])
+        return (z.view(bsz, seq, n_head, head_dim) * keep).view(bsz, seq, width)
 
-    for block in model.transformer.h:
-        handles.append(block.attn.c_proj.register_forward_pre_hook(hook))
-    return handles
-
-
-def add_mlp_dropout(model: Any, p: float, generator: torch.Generator) -> list[Any]:
-    """Register forward hooks that zero a whole MLP's output per sequence.
-
-    In training mode each layer's MLP output is zeroed (all positions, no
-    rescaling) with probability ``p`` independently per sequence and layer.
-    This keeps the MLPs from being the only path that writes the answer, so
-    attention heads keep a sizeable direct effect.
-    """
-    handles = []
-
-    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
-        if not module.training or p <= 0:
-            return None
-        keep = (torch.rand((out.shape[0], 1, 1), generator=generator) >= p).to(out.dtype)
+    def drop_mlp(out: torch.Tensor) -> torch.Tensor:
+        if not model.training or p_mlp <= 0:
+            return out
+        keep = (torch.rand((out.shape[0], 1, 1), generator=generator) >= p_mlp).to(out.dtype)
         return out * keep
 
-    for block in model.transformer.h:
-        handles.append(block.mlp.register_forward_hook(hook))
-    return handles
+    edits: dict[Site, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for layer in range(adapter.n_layers):
+        edits[Site(layer, "z")] = drop_heads
+        edits[Site(layer, "mlp_out")] = drop_mlp
+    return edits
 
 
 # --------------------------------------------------------------------------- #
@@ -384,80 +385,6 @@ def build_eval_prompts(names: Sequence[str], n_per_cell: int, seed: int = 12345)
         for order in ("BABA", "ABBA")
         for _ in range(n_per_cell)
     ]
-
-
-@torch.no_grad()
-def run_group(model: Any, input_ids: torch.Tensor,
-              z_override: tuple[int, int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Run ``model`` on equal-length prompts, recording head inputs ``z`` per layer.
-
-    ``z_override = (layer, head, value)`` replaces that head's z slice with
-    ``value`` (shape (seq, head_dim)) at every position of every prompt.
-    Returns last-position logits, z (layers, batch, seq, d), the MLP outputs
-    at the last position (layers, batch, d) and the final residual (input of
-    ``ln_f``) at the last position.
-    """
-    cfg = model.config
-    dh = cfg.n_embd // cfg.n_head
-    zs: list[torch.Tensor] = []
-    mlps: list[torch.Tensor] = []
-    resid: list[torch.Tensor] = []
-    handles = []
-
-    def make_hook(layer: int) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            z = args[0]
-            if z_override is not None and z_override[0] == layer:
-                _, head, value = z_override
-                z = z.clone()
-                z[:, :, head * dh:(head + 1) * dh] = value
-            zs.append(z.detach().clone())
-            return (z,) + tuple(args[1:])
-        return hook
-
-    for i, block in enumerate(model.transformer.h):
-        handles.append(block.attn.c_proj.register_forward_pre_hook(make_hook(i)))
-        handles.append(block.mlp.register_forward_hook(
-            lambda m, args, out: mlps.append(out[:, -1].detach().clone())))
-    handles.append(model.transformer.ln_f.register_forward_pre_hook(
-        lambda m, args: resid.append(args[0][:, -1].detach().clone())))
-    try:
-        logits = model(input_ids=input_ids).logits[:, -1]
-    finally:
-        for h in handles:
-            h.remove()
-    return {"logits": logits, "z": torch.stack(zs), "mlp": torch.stack(mlps), "resid": resid[0]}
-
-
-def vector_direct_effects(model: Any, vectors: torch.Tensor, direction: torch.Tensor,
-                          sigma: torch.Tensor) -> torch.Tensor:
-    """DE of residual-stream writes ``vectors`` (..., batch, d): same formula as for heads."""
-    gamma = model.transformer.ln_f.weight
-    centred = vectors - vectors.mean(-1, keepdim=True)
-    return (gamma * centred * direction).sum(-1) / sigma
-
-
-def head_direct_effects(model: Any, z_last: torch.Tensor, direction: torch.Tensor,
-                        sigma: torch.Tensor) -> torch.Tensor:
-    """Direct effect of each head on the IO-S logit difference at the last position.
-
-    ``z_last``: (layers, batch, d) head inputs of ``c_proj``; ``direction``:
-    (batch, d) = W_U[IO] - W_U[S]; ``sigma``: (batch,) clean final-LN scale.
-    Returns (batch, layers, heads) with
-    DE = ((gamma * (out_h - mean(out_h))) @ direction) / sigma.
-    """
-    cfg = model.config
-    n_head, dh = cfg.n_head, cfg.n_embd // cfg.n_head
-    gamma = model.transformer.ln_f.weight
-    out = []
-    for layer, block in enumerate(model.transformer.h):
-        w_o = block.attn.c_proj.weight  # Conv1D: (d_in, d_out)
-        z = z_last[layer].view(-1, n_head, dh)  # (batch, heads, dh)
-        w = w_o.view(n_head, dh, -1)  # (heads, dh, d)
-        out_h = torch.einsum("bhk,hkd->bhd", z, w)
-        out_h = out_h - out_h.mean(-1, keepdim=True)
-        out.append(torch.einsum("bhd,bd->bh", gamma * out_h, direction) / sigma[:, None])
-    return torch.stack(out, dim=1)
 
 
 def _group_prompts(tok: Any, prompts: Sequence[dict[str, str]]) -> list[dict[str, torch.Tensor]]:
@@ -475,7 +402,6 @@ def _group_prompts(tok: Any, prompts: Sequence[dict[str, str]]) -> list[dict[str
             "ids": torch.tensor([tok(p["prompt"], add_special_tokens=False).input_ids for p in items]),
             "io": torch.tensor([first_id(p["io"]) for p in items]),
             "s": torch.tensor([first_id(p["s"]) for p in items]),
-            "baba": torch.tensor([p["order"] == "BABA" for p in items]),
         })
     return out
 
@@ -487,7 +413,8 @@ def _logit_diff(logits: torch.Tensor, io: torch.Tensor, s: torch.Tensor) -> torc
 
 @torch.no_grad()
 def quick_eval(model: Any, tok: Any, names: Sequence[str], n_per_cell: int = 4) -> dict[str, float]:
-    """Accuracy and mean logit difference on a small IOI prompt set."""
+    """Accuracy and mean logit difference on a small IOI prompt set (plain forwards, for the
+    training curve; the self-check measures through the package's API)."""
     was_training = model.training
     model.eval()
     lds = []
@@ -498,75 +425,70 @@ def quick_eval(model: Any, tok: Any, names: Sequence[str], n_per_cell: int = 4) 
     return {"accuracy": float((ld > 0).float().mean()), "mean_logit_diff": float(ld.mean())}
 
 
-@torch.no_grad()
+def eval_task(hooked: Any, names: Sequence[str], n_per_cell: int) -> tuple[Any, list[bool]]:
+    """The self-check's IOI prompts as a hydra_probe task, and per prompt whether it is BABA.
+
+    Only clean runs are read (direct effects, mean ablation), so the
+    corrupted prompt of each pair is the clean one.
+    """
+    prompts = build_eval_prompts(names, n_per_cell)
+    rows = [{"clean": p["prompt"], "corrupted": p["prompt"], "answer": " " + p["io"],
+             "alternative": " " + p["s"]} for p in prompts]
+    task = from_pairs(hooked, rows, name="ioi_selfcheck", corruption="none (clean runs only)")
+    return task, [p["order"] == "BABA" for p in prompts]
+
+
 def self_check(model: Any, tok: Any, names: Sequence[str] = HELDOUT_NAMES,
                n_per_cell: int = 13) -> dict[str, Any]:
     """Accuracy, per-head direct effects and mean ablation of the top-DE head.
 
-    Prompts: ``n_per_cell`` per (template, order) built from ``names``
-    (208 by default). The top head's z slice is replaced by its mean over the
-    prompts of the same template, position by position. Returns TE (mean drop
-    of the logit difference), DEL (mean drop of the top head's own DE, when its
-    output is replaced by the mean value, both at the clean LN scale), their
-    ratio and the change of every downstream head's DE (clean LN scale).
+    Measured with the package's own API on ``n_per_cell`` IOI prompts per
+    (template, order) built from ``names`` (208 by default):
+    :func:`hydra_probe.effects.direct_effects` over every head and MLP, then
+    :func:`hydra_probe.effects.self_repair` of the head with the largest mean
+    direct effect, mean-ablated (per-position mean over the prompts of equal
+    length) at the frozen (clean) final-norm scale. Returns TE (mean drop of
+    the logit difference), DEL (mean direct effect lost), their ratio, the
+    final norm's share of the self-repair and every downstream head's and
+    MLP's change of direct effect.
     """
     model.eval()
-    cfg = model.config
-    n_head, dh, eps = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.layer_norm_epsilon
-    w_u = model.lm_head.weight  # (vocab, d); tied to the token embedding
-    groups = _group_prompts(tok, build_eval_prompts(names, n_per_cell))
+    hooked = HookedModel(model, tok, name="hydra_probe.zoo.train self-check")
+    n_layer, n_head = hooked.n_layers, hooked.n_heads
+    task, baba_list = eval_task(hooked, names, n_per_cell)
+    baba = torch.tensor(baba_list)
 
-    for g in groups:
-        res = run_group(model, g["ids"])
-        g["ld"] = _logit_diff(res["logits"], g["io"], g["s"])
-        g["sigma"] = torch.sqrt(res["resid"].var(-1, unbiased=False) + eps)
-        g["dir"] = w_u[g["io"]] - w_u[g["s"]]
-        g["z"] = res["z"]
-        g["de"] = head_direct_effects(model, res["z"][:, :, -1], g["dir"], g["sigma"])
-        g["mlp_de"] = vector_direct_effects(model, res["mlp"], g["dir"], g["sigma"]).T  # (batch, layers)
-
-    ld = torch.cat([g["ld"] for g in groups])
-    baba = torch.cat([g["baba"] for g in groups])
-    de = torch.cat([g["de"] for g in groups])  # (N, layers, heads)
-    mean_de = de.mean(0)
+    de = direct_effects(hooked, task, components="all", scale="frozen")
+    frame = de.to_frame()
+    ld = torch.tensor(de.constant["metric"].to_numpy())
+    mean_by = frame.groupby("component", sort=False)["direct_effect"].mean()
+    mean_de = torch.tensor([[float(mean_by[f"L{layer}H{head}"]) for head in range(n_head)]
+                            for layer in range(n_layer)])
+    mlp_de = torch.tensor([float(mean_by[f"MLP{layer}"]) for layer in range(n_layer)])
     top_layer, top_head = divmod(int(mean_de.argmax()), n_head)
-    sl = slice(top_head * dh, (top_head + 1) * dh)
+    top = f"L{top_layer}H{top_head}"
 
-    ld_abl, de_abl, mlp_de_abl, de_meanval, sigma_ratio = [], [], [], [], []
-    for g in groups:
-        z_mean = g["z"][top_layer][:, :, sl].mean(0)  # (seq, dh): per-position mean
-        res = run_group(model, g["ids"], (top_layer, top_head, z_mean))
-        ld_abl.append(_logit_diff(res["logits"], g["io"], g["s"]))
-        de_abl.append(head_direct_effects(model, res["z"][:, :, -1], g["dir"], g["sigma"]))
-        mlp_de_abl.append(vector_direct_effects(model, res["mlp"], g["dir"], g["sigma"]).T)
-        sigma_abl = torch.sqrt(res["resid"].var(-1, unbiased=False) + eps)
-        sigma_ratio.append(g["sigma"] / sigma_abl)
-        z_mv = g["z"][:, :, -1].clone()
-        z_mv[top_layer][:, sl] = z_mean[-1]
-        de_meanval.append(head_direct_effects(model, z_mv, g["dir"], g["sigma"])[:, top_layer, top_head])
-
-    ld_abl_t = torch.cat(ld_abl)
-    de_abl_t = torch.cat(de_abl)
-    te = float((ld - ld_abl_t).mean())
-    del_ = float((de[:, top_layer, top_head] - torch.cat(de_meanval)).mean())
-    delta = (de_abl_t - de).mean(0)  # (layers, heads)
-    mlp_de = torch.cat([g["mlp_de"] for g in groups]).mean(0)  # (layers,)
-    mlp_delta = (torch.cat(mlp_de_abl) - torch.cat([g["mlp_de"] for g in groups])).mean(0)
+    sr = self_repair(hooked, task, components=[top], value="mean", scale="frozen", progress=False)
+    row = sr.to_frame()
+    contrib = sr.contributions().groupby("downstream", sort=False)["delta_de"].mean()
+    te = float(row["total_effect"].mean())
+    del_ = float(row["de_lost"].mean())
+    ablated = torch.tensor(row["ablated_metric"].to_numpy())
     downstream = sorted(
         (
             {
                 "head": f"L{layer}H{head}",
                 "clean_de": round(float(mean_de[layer, head]), 4),
-                "ablated_de": round(float(de_abl_t[:, layer, head].mean()), 4),
-                "delta_de": round(float(delta[layer, head]), 4),
+                "ablated_de": round(float(mean_de[layer, head]) + float(contrib[f"L{layer}H{head}"]), 4),
+                "delta_de": round(float(contrib[f"L{layer}H{head}"]), 4),
             }
-            for layer in range(top_layer + 1, cfg.n_layer)
+            for layer in range(top_layer + 1, n_layer)
             for head in range(n_head)
         ),
         key=lambda d: -d["delta_de"],
     )
-    ranking = sorted(((float(mean_de[l, h]), f"L{l}H{h}") for l in range(cfg.n_layer)
-                      for h in range(n_head)), reverse=True)
+    ranking = sorted(((float(mean_de[layer, head]), f"L{layer}H{head}") for layer in range(n_layer)
+                      for head in range(n_head)), reverse=True)
     return {
         "names": "HELDOUT_NAMES" if tuple(names) == HELDOUT_NAMES else "custom",
         "n_prompts": int(ld.numel()),
@@ -574,27 +496,27 @@ def self_check(model: Any, tok: Any, names: Sequence[str] = HELDOUT_NAMES,
         "accuracy_baba": float((ld[baba] > 0).float().mean()),
         "accuracy_abba": float((ld[~baba] > 0).float().mean()),
         "mean_logit_diff": float(ld.mean()),
-        "mean_de_per_head": [[round(float(x), 4) for x in row] for row in mean_de],
+        "mean_de_per_head": [[round(float(x), 4) for x in r] for r in mean_de],
         "mean_de_per_mlp": [round(float(x), 4) for x in mlp_de],
         "sum_head_de": round(float(mean_de.sum()), 4),
         "sum_mlp_de": round(float(mlp_de.sum()), 4),
         "top_heads_by_de": [{"head": n, "mean_de": round(v, 4)} for v, n in ranking[:6]],
-        "top_head": f"L{top_layer}H{top_head}",
+        "top_head": top,
         "top_head_mean_de": float(mean_de[top_layer, top_head]),
         "mean_ablation": {
-            "head": f"L{top_layer}H{top_head}",
+            "head": top,
             "TE": te,
             "DEL": del_,
             "TE_over_DEL": te / del_ if del_ != 0 else float("nan"),
             "compensated_fraction": 1 - te / del_ if del_ != 0 else float("nan"),
-            "ablated_mean_logit_diff": float(ld_abl_t.mean()),
-            "ablated_accuracy": float((ld_abl_t > 0).float().mean()),
-            "mean_ln_scale_ratio_clean_over_ablated": float(torch.cat(sigma_ratio).mean()),
+            "ablated_mean_logit_diff": float(ablated.mean()),
+            "ablated_accuracy": float((ablated > 0).float().mean()),
+            "norm_term": float(row["norm_term"].mean()),
             "downstream_delta_de": downstream,
             "compensating_heads": [d["head"] for d in downstream if d["delta_de"] > 0.05],
             "sum_downstream_delta_de": round(sum(d["delta_de"] for d in downstream), 4),
-            "mlp_delta_de": {f"MLP{layer}": round(float(mlp_delta[layer]), 4)
-                             for layer in range(top_layer, cfg.n_layer)},
+            "mlp_delta_de": {f"MLP{layer}": round(float(contrib[f"MLP{layer}"]), 4)
+                             for layer in range(top_layer, n_layer)},
         },
     }
 
@@ -657,8 +579,7 @@ def train(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Any, Any,
     tok_info = check_tokenizer(tok)
     model = make_model(recipe, vocab)
     model.train()
-    handles = add_head_dropout(model, recipe.head_dropout, recipe.head_dropout_seq_frac, gen)
-    handles += add_mlp_dropout(model, recipe.mlp_dropout, gen)
+    adapter = Adapter(model)
     sampler = SequenceSampler(vocab, recipe, rng)
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -669,9 +590,34 @@ def train(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Any, Any,
         lr=recipe.lr, betas=(0.9, 0.95),
     )
 
+    t0, c0 = time.perf_counter(), time.process_time()
+    with adapter.hooks(edits=dropout_edits(model, adapter, recipe, gen)):  # removed on exit
+        curve = _train_loop(model, tok, recipe, sampler, opt, (t0, c0), log)
+    train_time = time.perf_counter() - t0
+    cpu_time = time.process_time() - c0
+    model.eval()
+    info = {
+        "tokenizer": tok_info,
+        "curve": curve,
+        "final_loss": curve[-1]["loss"],
+        "final_lm_loss": curve[-1]["lm_loss"],
+        "final_io_loss": curve[-1]["io_loss"],
+        "train_time_s": round(train_time, 1),
+        "train_cpu_time_s": round(cpu_time, 1),
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+    return model, tok, info
+
+
+def _train_loop(model: Any, tok: Any, recipe: Recipe, sampler: SequenceSampler, opt: torch.optim.Optimizer,
+                clocks: tuple[float, float], log: Callable[[str], None]) -> list[dict[str, float]]:
+    """The optimisation steps; returns the training curve (one point every ``eval_every`` steps).
+
+    ``clocks``: the wall and CPU times the run started at.
+    """
+    t0, c0 = clocks
     curve: list[dict[str, float]] = []
     recent: list[tuple[float, float, float]] = []  # (weighted loss, LM loss, IO loss)
-    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(recipe.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
@@ -721,23 +667,7 @@ def train(recipe: Recipe, log: Callable[[str], None] = print) -> tuple[Any, Any,
                 f"io {point['io_loss']:.3f}  acc train/heldout {ev_train['accuracy']:.3f}/{ev['accuracy']:.3f}  "
                 f"ld {ev['mean_logit_diff']:.2f}  "
                 f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left")
-
-    train_time = time.perf_counter() - t0
-    cpu_time = time.process_time() - c0
-    for h in handles:
-        h.remove()
-    model.eval()
-    info = {
-        "tokenizer": tok_info,
-        "curve": curve,
-        "final_loss": curve[-1]["loss"],
-        "final_lm_loss": curve[-1]["lm_loss"],
-        "final_io_loss": curve[-1]["io_loss"],
-        "train_time_s": round(train_time, 1),
-        "train_cpu_time_s": round(cpu_time, 1),
-        "n_params": sum(p.numel() for p in model.parameters()),
-    }
-    return model, tok, info
+    return curve
 
 
 def _summarise_attempt(record: dict[str, Any]) -> dict[str, Any]:
@@ -779,7 +709,7 @@ def _print_check(check: dict[str, Any]) -> None:
     print("top heads by DE:", ", ".join(f"{d['head']}={d['mean_de']:.2f}" for d in check["top_heads_by_de"]))
     print(f"mean-ablate {abl['head']}: TE {abl['TE']:.3f}  DEL {abl['DEL']:.3f}  "
           f"TE/DEL {abl['TE_over_DEL']:.3f}  ablated acc {abl['ablated_accuracy']:.3f}  "
-          f"LN scale ratio {abl['mean_ln_scale_ratio_clean_over_ablated']:.3f}")
+          f"final-norm share of SR {abl['norm_term']:.3f}")
     print(f"sum DE heads {check['sum_head_de']:.2f}, MLPs {check['sum_mlp_de']:.2f}; MLP dDE:",
           abl["mlp_delta_de"])
     print("downstream dDE:", ", ".join(f"{d['head']}={d['delta_de']:+.2f}"
@@ -829,6 +759,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def recorded_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces the run, as stored in ``training.json``.
+
+    ``--out`` is written relative to the working directory when it lies
+    inside it, else as the placeholder ``OUT_DIR``: the record never names a
+    machine's (temporary) folder.
+    """
+    out = Path(args.out)
+    try:
+        shown = out.resolve().relative_to(Path.cwd().resolve()).as_posix() if out.is_absolute() or ".." in out.parts \
+            else out.as_posix()
+    except ValueError:
+        shown = "OUT_DIR"
+    flags = {**vars(args), "out": shown}
+    return "python -m hydra_probe.zoo.train " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in flags.items()
+        if k not in ("check_only", "previous_attempts", "note") and v is not None)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: train, save, self-check, write training.json."""
     args = parse_args(argv)
@@ -864,9 +813,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     record: dict[str, Any] = {
         "note": args.note,
         "recipe": asdict(recipe),
-        "command": "python -m hydra_probe.zoo.train " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("check_only", "previous_attempts", "note") and v is not None),
+        "command": recorded_command(args),
         "head_dropout_scheme": "per sequence and head, zero the head's z slice at c_proj input "
                                "with probability head_dropout (in a head_dropout_seq_frac share "
                                "of sequences); no rescaling; hooks removed before saving",
