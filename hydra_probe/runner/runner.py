@@ -502,8 +502,8 @@ class Runner:
         want |= {s for s in capture if s.layer >= start and s != final}
         caps: dict[Site, Callable] = {s: (lambda x, s=s: acts.__setitem__(s, x.detach())) for s in want}
         edit_fns = {s: _compose(fs) for s, fs in edits.items()}
-        with self.model.evaluating(), torch.no_grad(), self.ad.hooks(edit_fns, caps) as fired, \
-                self.ad.norm_hooks(norm_fns) as nfired:
+        norms = self.ad.norm_hooks(norm_fns) if norm_fns else contextlib.nullcontext({})
+        with self.model.evaluating(), torch.no_grad(), self.ad.hooks(edit_fns, caps) as fired, norms as nfired:
             # only the last position is read: the final MLP may skip the others unless something edits it
             # or the final residual, or every position is captured, or a path is patched
             skip = not every and not paths and not any(s.layer >= L - 1 and s.kind != "z" for s in edits) \
