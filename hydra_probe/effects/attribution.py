@@ -20,7 +20,7 @@ backend.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pandas as pd
 import torch
@@ -28,7 +28,7 @@ import torch
 from ..checks import public
 from ..components import Component, select
 from ..errors import InputError, MetricError, OptionError
-from ..interventions import Delivery, GradientRead, Intervention, SenderChange, check_direction, site_of
+from ..interventions import Delivery, Direction, GradientRead, Intervention, SenderChange, check_direction, site_of
 from ..metrics import Metric
 from ..models.sites import Site
 from ..results import Result, provenance
@@ -38,7 +38,13 @@ from .path import normalised_summary
 
 METHOD = "attribution (first-order estimate)"
 METHOD_STAR = "AtP* (QK fix and GradDrop; estimate)"
-METHODS = ("atp", "atp*")
+AttributionMethod = Literal["atp", "atp*"]
+"""How attribution patching estimates.
+
+* ``"atp"``: the plain first-order estimate (Nanda 2023).
+* ``"atp*"``: with the QK fix and GradDrop (Kramar et al. 2024; see the module doc).
+"""
+METHODS: tuple[str, ...] = get_args(AttributionMethod)
 
 
 class AttributionPatch(Result):
@@ -159,8 +165,8 @@ def _check_method(method: Any, metric: Metric, direction: str, exact: Any) -> No
 
 
 @public
-def attribution_patch(model: Any, task: Any, components: Any = "heads", direction: str = "denoise", *,
-                      method: str = "atp", exact: ActivationPatch | None = None, top_k: int = 5,
+def attribution_patch(model: Any, task: Any, components: Any = "heads", direction: Direction = "denoise", *,
+                      method: AttributionMethod = "atp", exact: ActivationPatch | None = None, top_k: int = 5,
                       metric: Any = "logit_diff", positions: Any = None, per_position: bool | None = None,
                       progress: bool | None = None) -> AttributionPatch:
     """First-order estimates of activation patching for every component (see the module doc).

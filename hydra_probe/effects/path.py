@@ -66,7 +66,7 @@ import pandas as pd
 from ..checks import public
 from ..components import Component, Group, is_downstream, select, select_groups
 from ..errors import ComponentError, OptionError
-from ..interventions import Delivery, SenderChange, check_direction
+from ..interventions import Delivery, Direction, ScalePolicy, SenderChange, check_direction
 from ..results import Result, provenance
 from .common import as_model, check_scale, make_runner, positions_of
 from .patching import check_separable
@@ -226,8 +226,8 @@ def _plan(model: Any, sender: Group, rset: ReceiverSet) -> _Plan:
 
 
 @public
-def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: str = "noise", *,
-               receiver_input: str = "qkv", scale: str = "frozen", metric: Any = "logit_diff",
+def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: Direction = "noise", *,
+               receiver_input: str = "qkv", scale: ScalePolicy = "frozen", metric: Any = "logit_diff",
                positions: Any = None, progress: bool | None = None) -> PathPatch:
     """Path patching of each sender into each receiver set (see the module doc for the semantics).
 
