@@ -405,8 +405,13 @@ def test_vision_language_checkpoint(tmp_path):
     analysed (the same modules, numbers equal to the full model's on text)."""
     vlm = _tiny_gemma3_vlm()
     tok = tiny.tokenizer(bos=True)
-    with pytest.raises(ArchitectureError, match="gemma3_text.*Gemma3ForCausalLM"):
+    with pytest.raises(ArchitectureError, match="gemma3_text.*Gemma3ForCausalLM.*text_causal_lm"):
         hp.load_model(vlm, tokenizer=tok)
+    text = hp.models.text_causal_lm(vlm)
+    assert text.model is vlm.model.language_model and text.lm_head is vlm.lm_head
+    ids = torch.tensor([[2, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        assert torch.allclose(text(ids).logits, vlm(ids).logits, atol=1e-6)
     vlm.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     m = hp.load_model(str(tmp_path), tokenizer=tok)

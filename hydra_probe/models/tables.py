@@ -249,5 +249,6 @@ def vision_language_message(model_type: str) -> str:
     """What to do with a vision-language ``model_type`` whose text model hydra_probe can analyse."""
     text, cls = VISION_LANGUAGE[model_type]
     return (f"{model_type!r} is a vision-language model; hydra_probe analyses its text model ({text!r}). "
-            f"Load the checkpoint by name or folder with hydra_probe.load_model(...) (it reads the language "
-            f"model through transformers' {cls}), or pass transformers.{cls}.from_pretrained(...) yourself.")
+            f"Load the checkpoint by name or folder with hydra_probe.load_model(...), which analyses its "
+            f"language model as a {cls} (the same modules), or pass "
+            f"hydra_probe.models.text_causal_lm(model) for a model object already loaded.")
