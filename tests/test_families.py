@@ -1,4 +1,4 @@
-"""Issue 12: Gemma-2, Gemma-3, Qwen3, OLMo-2, Phi-3 and StarCoder2 (sandwich / post norms, logit soft-cap,
+"""Issue 12: Gemma-2, Gemma-3, Qwen3, OLMo-2, OLMo-3, Phi-3 and StarCoder2 (sandwich / post norms, logit soft-cap,
 q/k norms, sliding windows, fused projections under grouped-query attention).
 
 Tiny random float64 models (tests/tiny.py, norm weights randomised with std 0.5 so that a wrong norm formula
@@ -24,7 +24,7 @@ from hydra_probe.errors import ArchitectureError
 from hydra_probe.models import ArchTable, register_table, table_for
 from hydra_probe.models.tables import LLAMA
 
-POST_NORM = {"gemma2", "gemma3", "olmo2"}
+POST_NORM = {"gemma2", "gemma3", "olmo2", "olmo3"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,10 +170,11 @@ def test_fast_path_equals_a_plain_hook_loop(family):
         assert np.abs(got.loc[comp].total_effect.to_numpy() - want).max() < 1e-9, comp
 
 
-def test_sliding_windows_matter_in_the_tiny_models():
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo3"])
+def test_sliding_windows_matter_in_the_tiny_models(family):
     """The fast-path test exercises sliding windows: with a window of 4 the prompts' logits differ from
     full attention (the masks replayed per layer are not all the same)."""
-    m, task = build("gemma3")
+    m, task = build(family)
     ids = task.clean_ids[0][None]
     assert ids.shape[1] > 6
     with torch.no_grad():
@@ -355,7 +356,7 @@ def test_unsupported_family_names_the_supported_ones_and_how_to_register():
     with pytest.raises(ArchitectureError) as e:
         table_for("mamba")
     msg = str(e.value)
-    for t in ("gemma2", "gemma3_text", "qwen3", "olmo2", "phi3", "starcoder2", "llama"):
+    for t in ("gemma2", "gemma3_text", "qwen3", "olmo2", "olmo3", "phi3", "starcoder2", "llama"):
         assert t in msg
     assert "register_table" in msg
 
