@@ -228,3 +228,20 @@ def test_cli_report_on_a_gguf_file(tmp_path, capsys):
     text = (out / "results.json").read_text()
     assert "tiny-qwen2.gguf" in text and str(tmp_path) not in text
     assert cli.main(["ablate", "--model", str(tmp_path / "missing.gguf")]) == 2
+
+
+def test_token_budget_follows_free_memory(monkeypatch):
+    """On the CPU the fixed 8192; on a GPU the budget scales with its free memory (torch.cuda.mem_get_info)."""
+    from hydra_probe.models.wrapper import budget_for_memory
+    from hydra_probe.runner import Runner
+
+    m = tiny.model("gpt2")
+    assert m.token_budget() == 8192
+    t = tiny.ioi(m, 4)
+    assert Runner(m, t, hp.metrics.get_metric("logit_diff")).token_budget == 8192
+    assert Runner(m, t, hp.metrics.get_metric("logit_diff"), token_budget=100).token_budget == 100
+    small, large = budget_for_memory(m, 2**28), budget_for_memory(m, 2**30)
+    assert large == 4 * small > 1024  # proportional to the free memory
+    assert budget_for_memory(m, 0) == 1024 and budget_for_memory(m, 2**50) == 262144  # clamped
+    half = budget_for_memory(hp.load_model(tiny.hf_model("gpt2").half(), tokenizer=tiny.tokenizer()), 2**28)
+    assert half == 2 * small  # half the bytes per token
