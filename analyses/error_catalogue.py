@@ -122,6 +122,17 @@ ENTRIES: list[Entry] = [
           "hp.load_model(tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,\n"
           "    ffn_dim=32, word_embed_proj_dim=16, vocab_size=50)), tokenizer=tiny.tokenizer())",
           "ArchitectureError", ("'opt' is not supported", "gpt2", "register_table")),
+    Entry("vision-language", "Models", "A vision-language object (Gemma-3): its text model is what can be analysed",
+          "vc = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
+          "    num_attention_heads=2, image_size=16, patch_size=8)\n"
+          "tc = tf.Gemma3TextConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
+          "    num_attention_heads=2, num_key_value_heads=1, head_dim=8)\n"
+          "hp.load_model(tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(text_config=tc.to_dict(),\n"
+          "    vision_config=vc.to_dict(), mm_tokens_per_image=4)), tokenizer=tiny.tokenizer())",
+          "ArchitectureError", ("vision-language", "gemma3_text", "Gemma3ForCausalLM")),
+    Entry("gguf-missing", "Models", "A GGUF path that does not exist",
+          "hp.load_model('weights/model.gguf', tokenizer=tiny.tokenizer())",
+          "InputError", ("GGUF file", "does not exist")),
     Entry("not-causal", "Models", "A model that is not a causal LM (masked LM, base model, classifier)",
           "hp.load_model(tf.BertForMaskedLM(tf.BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,\n"
           "    intermediate_size=32, vocab_size=50)), tokenizer=tiny.tokenizer())",
