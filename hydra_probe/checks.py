@@ -182,6 +182,11 @@ def check_arguments(fn: str, model: Any, a: dict[str, Any]) -> None:
     pos = check_positions(a["positions"], task) if "positions" in a and task is not None else None
     if "value" in a and task is not None and not (a["value"] is None and fn in ("verify_edges",)):
         check_value(model, task, a["value"], pos)
+    if "values" in a and task is not None and fn == "compare_conditions":
+        vals = [a["values"]] if isinstance(a["values"], str) else a["values"]
+        for v in vals if isinstance(vals, Iterable) else []:
+            if isinstance(v, str) and v == "mean":
+                check_value(model, task, v, pos)
     if "metric" in a and a["metric"] is not None:
         m = get_metric(a["metric"])
         if fn in NEEDS_LINEAR and task is not None:
