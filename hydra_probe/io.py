@@ -165,6 +165,7 @@ def check_output_folder(folder: Path | str, overwrite: bool) -> Path:
     """
     from .errors import OutputError
 
+    check_output_location(folder, overwrite)
     p = Path(folder)
     if p.exists() and not p.is_dir():
         raise OutputError(f"the output path {str(p)!r} is a file; choose a folder (e.g. --out hydra_report/).")
