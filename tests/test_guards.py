@@ -419,6 +419,19 @@ def test_task_files_read_with_the_file_named(tmp_path):
         hp.tasks.from_jsonl(m, p)
 
 
+def test_saved_results_read_with_the_file_named(tmp_path):
+    bad = tmp_path / "r.json"
+    bad.write_bytes(b'{"kind": "ablation",\n "frame": \xff}')
+    with pytest.raises(hp.InputError, match="cannot read a saved result from .*r.json"):
+        hp.load_result(bad)
+    bad.write_text('{"kind": "ablation",\n "frame": [1, 2,\n}')
+    with pytest.raises(hp.InputError, match="r.json .*line 3"):
+        hp.load_result(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(hp.InputError, match="not a saved result"):
+        hp.load_result(bad)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model") / "tiny"
