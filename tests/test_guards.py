@@ -557,6 +557,29 @@ def test_every_call_closes_or_refuses_before_any_forward(fn, comps, comps2, posi
     assert f["prompt"].nunique() == len(task)
 
 
+_RECEIVERS = st.one_of(st.sampled_from(["logits", "L2H0", "MLP2", "ATTN2", "all", "L0H0", "L9H0", 4, None, []]),
+                       st.lists(st.sampled_from(["logits", "L2H1", "MLP1", "L1H0+MLP2", ["L2H0", "logits"]]),
+                                max_size=3))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fn=st.sampled_from(["activation_patch", "attribution_patch", "path_patch"]), comps=_COMPONENTS,
+       receivers=_RECEIVERS, positions=_POSITIONS, direction=st.sampled_from(["noise", "denoise", "sideways"]))
+def test_patching_calls_return_rows_or_refuse_before_any_forward(fn, comps, receivers, positions, direction):
+    m, task = small()
+    args = (comps, receivers) if fn == "path_patch" else (comps,)
+    with forward_counter() as calls:
+        try:
+            r = getattr(hp, fn)(m, task, *args, direction=direction, positions=positions)
+        except hp.HydraProbeError:
+            assert calls == [], "refused after a forward pass"
+            assert hooks_of(m.hf_model) == []
+            return
+    assert hooks_of(m.hf_model) == []
+    f = r.to_frame()
+    assert len(f) > 0 and len(f) % len(task) == 0 and f.select_dtypes("number").notna().all().all()
+
+
 def test_the_command_line_refuses_duplicates(model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = _cli(["ablate", "--model", str(model_dir), "--components", "L1H1,L1H1", "--out", "r"], capsys)
