@@ -484,6 +484,26 @@ def test_cli_sigterm_is_handled_like_ctrl_c(model_dir, tmp_path, capsys, monkeyp
     assert signal.getsignal(signal.SIGTERM) is old  # the handler is restored
 
 
+def test_sigterm_while_a_folder_is_written_leaves_nothing(tmp_path):
+    """The library too: SIGTERM inside an atomic folder write (default SIGTERM action) removes the
+    temporary folder and leaves an existing folder as it was."""
+    from hydra_probe.io import atomic_folder
+
+    old = tmp_path / "out"
+    old.mkdir()
+    (old / "keep.txt").write_text("previous")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    for target, overwrite in ((tmp_path / "new", False), (old, True)):
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_folder(target, overwrite=overwrite) as tmp:
+                (tmp / "half.txt").write_text("half")
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in old.iterdir()] == ["keep.txt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
 def test_everything_written_follows_the_umask(model_dir, tmp_path, capsys, monkeypatch, mask):
     monkeypatch.chdir(tmp_path)
