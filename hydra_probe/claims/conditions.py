@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import select, select_groups
 from ..effects.ablation import Ablation, ablation_copies
 from ..effects.common import as_model, check_scale, check_task, check_writers, make_runner
@@ -279,6 +280,7 @@ def _check_values(values: Sequence[Any]) -> None:
 
 
 # ---------------------------------------------------------------------- main entry
+@public
 def compare_conditions(model: Any, task: Any, components: Any = "heads",
                        corruptions: Sequence[str] | str = ("swap", "abc"),
                        values: Sequence[str] | str = ("zero", "mean", "resample"),

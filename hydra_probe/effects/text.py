@@ -61,6 +61,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import select_groups
 from ..errors import OptionError, TaskError
 from ..interventions import check_value, interventions_for
@@ -473,6 +474,7 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 # ============================================================================ computation
+@public
 def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads", value: str = "resample",
                      top_fraction: float = 0.02, scale: str = "frozen", seed: int = 0, *,
                      window: int | None = None, batch_components: int = 8, memory_budget: float = 2 ** 29,
