@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import Group, select_groups
 from ..errors import ArchitectureError, InputError, OptionError
 from ..models.sites import Site
@@ -154,6 +155,7 @@ def _mechanism_of(name: str) -> str:
     return "norm"
 
 
+@public
 def repair_mechanisms(model: Any, task: Any, components: Any = "heads", value: Any = "mean", scale: str = "frozen",
                       order: str = "pattern_first", *, metric: Any = "logit_diff", positions: Any = None,
                       seed: int = 0, progress: bool | None = None) -> RepairMechanisms:
