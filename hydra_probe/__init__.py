@@ -52,6 +52,7 @@ from .errors import (
     NumericalError,
     OptionError,
     OutputError,
+    RemoteError,
     ResourceError,
     TaskError,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "OptionError",
     "OutputError",
     "PairedAblation",
+    "RemoteError",
     "ResourceError",
     "Result",
     "PathPatch",

@@ -61,6 +61,10 @@ class ResourceError(HydraProbeError, MemoryError):
     """A batch did not fit in memory even at the smallest size."""
 
 
+class RemoteError(HydraProbeError, RuntimeError):
+    """A remote server (NDIF) rejected or failed a request, or could not be reached."""
+
+
 __all__ = [
     "HydraProbeError",
     "InputError",
@@ -75,4 +79,5 @@ __all__ = [
     "NumericalError",
     "InterventionError",
     "ResourceError",
+    "RemoteError",
 ]

@@ -128,6 +128,7 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     patching numbers them (from the end when prompt lengths differ).
     """
     model = as_model(model)
+    model.require_local("attribution_patch")
     check_direction(direction)
     comps = select(model, components)
     pos = positions_of(positions)

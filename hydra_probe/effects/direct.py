@@ -31,7 +31,11 @@ class DirectEffects(Result):
 
     @property
     def constant(self) -> pd.DataFrame:
-        """Frame ``prompt``, ``constant``, ``metric`` (the run's own metric)."""
+        """Frame ``prompt``, ``constant``, ``metric`` (the run's own metric), ``closure_tol``.
+
+        ``closure_tol``: the stated tolerance of ``sum(DE) + constant == metric``
+        in the model's dtype (see ``HookedModel.closure_rtol``).
+        """
         return self.extras["constant"].copy()
 
 
@@ -86,9 +90,11 @@ def direct_effects(model: Any, task: Any, components: Any = "all", scale: str = 
     if model.adapter.softcap is not None and components == "all":
         rows.append(pd.DataFrame({"component": SOFTCAP, "prompt": range(n), "direct_effect": softcap.numpy(),
                                   "layer": model.n_layers, "head": -1, "kind": "softcap"}))
+    # the stated closure tolerance per prompt: the dtype's relative one times the size of the summed terms
+    tol = model.closure_rtol * (de.abs().sum(1) + const.abs() + softcap.abs())
     cframe = pd.DataFrame({"prompt": range(n), "constant": const.numpy(), "metric": out.metric.numpy(),
                            "raw_metric": raw.numpy() if model.adapter.softcap is not None else out.metric.numpy(),
-                           "softcap": softcap.numpy(), "sigma": sigma.numpy()})
-    prov = provenance(model, task, metric=m, scale=scale, run=run, direction=None)
+                           "softcap": softcap.numpy(), "sigma": sigma.numpy(), "closure_tol": tol.numpy()})
+    prov = provenance(model, task, metric=m, scale=scale, run=run, direction=None, closure_tol=float(tol.max()))
     return DirectEffects(pd.concat(rows, ignore_index=True), prov, {"constant": cframe})
 

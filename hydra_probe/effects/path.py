@@ -443,6 +443,7 @@ def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: s
             (default: all).
     """
     model = as_model(model)
+    model.require_local("path_patch")
     check_direction(direction)
     check_scale(scale)
     if receiver_input not in RECEIVER_INPUTS:

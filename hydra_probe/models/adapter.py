@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError, InterventionError
+from ..errors import ArchitectureError, InterventionError, OptionError
 from .sites import READ_ONLY_KINDS, Site
 from .tables import ArchTable, table_for
 
@@ -122,32 +122,46 @@ class Adapter:
         self.head_dim = width // self.n_heads
         self.parallel = bool(getattr(config, t.parallel_attr, t.parallel_default)) if t.parallel_attr else False
         self.vocab_size = self.unembed.weight.shape[0]
+        #: set by a remote HookedModel: local hooks would run here, not on the server, so they refuse
+        self.remote = False
+
+    def _refuse_remote(self) -> None:
+        if self.remote:
+            raise OptionError(
+                "this analysis runs local hooks, which a remote model ignores, so it cannot run with remote=True yet; "
+                "run it on a local model (remote=False), or use ablate, self_repair, direct_effects or "
+                "activation_patch, which run remotely.")
 
     # ------------------------------------------------------------------ weights
     @property
     def device(self) -> torch.device:
-        return self.unembed.weight.device
+        """Where the unembedding computes (its accelerate execution device when it is offloaded)."""
+        return _exec_device(self.unembed, self.unembed.weight)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.unembed.weight.dtype
 
+    def param(self, module: nn.Module, name: str) -> torch.Tensor | None:
+        """``module.<name>`` as a real tensor: an offloaded (accelerate, meta-device) weight is loaded for the read."""
+        return _param(module, name)
+
     def W_O(self, layer: int) -> torch.Tensor:
         """Per-head output matrices of ``layer``: (n_heads, head_dim, d_model)."""
-        w = get_path(self.blocks[layer], self.table.o_proj).weight
+        w = _param(get_path(self.blocks[layer], self.table.o_proj), "weight")
         if self.table.o_proj_kind == "linear":
             w = w.T
         return w.reshape(self.n_heads, self.head_dim, self.d_model)
 
     def b_O(self, layer: int) -> torch.Tensor | None:
         """Bias of the attention output projection of ``layer`` (d_model,) or None."""
-        return getattr(get_path(self.blocks[layer], self.table.o_proj), "bias", None)
+        return _param(get_path(self.blocks[layer], self.table.o_proj), "bias")
 
     def norm_params(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Final norm as (gamma (d,), beta (d,) or None, eps); gamma includes Gemma's 1 + w."""
         n = self.final_norm
-        gamma = n.weight + self.table.gamma_offset
-        beta = getattr(n, "bias", None)
+        gamma = _param(n, "weight") + self.table.gamma_offset
+        beta = _param(n, "bias")
         eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
         if eps is None:
             raise ArchitectureError(f"cannot read eps of final norm {type(n).__name__}")
@@ -155,11 +169,11 @@ class Adapter:
 
     def W_U(self, ids: torch.Tensor) -> torch.Tensor:
         """Unembedding rows for token ids: (..., d_model)."""
-        return self.unembed.weight[ids]
+        return _param(self.unembed, "weight")[ids.to(self.device)]
 
     def b_U(self, ids: torch.Tensor) -> torch.Tensor | None:
-        b = getattr(self.unembed, "bias", None)
-        return None if b is None else b[ids]
+        b = _param(self.unembed, "bias")
+        return None if b is None else b[ids.to(b.device)]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm then unembedding of residual vectors x (..., d) -> (..., vocab); soft-capped where the model caps."""
@@ -246,6 +260,8 @@ class Adapter:
         """
         edits = dict(edits or {})
         captures = dict(captures or {})
+        if edits or captures:
+            self._refuse_remote()
         fired: dict[Site, int] = {s: 0 for s in set(edits) | set(captures)}
         handles = []
 
@@ -306,6 +322,7 @@ class Adapter:
 
         ``capture`` sites are kept whole (B, T, width) in ``Prefix.captures``.
         """
+        self._refuse_remote()
         L = self.n_layers
         resid: list[torch.Tensor | None] = [None] * (L + 1)
         calls: list[Any] = [None] * L
@@ -358,6 +375,7 @@ class Adapter:
         that read nothing else and edit nothing in or after that MLP; saves
         about one MLP per copy.
         """
+        self._refuse_remote()
         B = prefix.batch
         stop = self.n_layers if stop is None else stop
         h = prefix.resid[start].repeat(copies, 1, 1) if hidden is None else hidden
@@ -389,14 +407,17 @@ class Adapter:
         path = self.table.attn_norm if which == "attn" else self.table.mlp_norm
         if path is None:  # no pre-norm (OLMo-2): the sublayer reads the residual itself
             return x
-        return get_path(self.blocks[layer], path).forward(x)
+        mod = get_path(self.blocks[layer], path)
+        with _onloaded(mod):
+            return mod.forward(x)
 
     def project(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         """Output of the projection of ``site`` (kind q, k, v or qkv) for a normed input ``x`` (..., d_model)."""
         if site.kind not in ("q", "k", "v", "qkv"):
             raise InterventionError(f"project() takes a q, k, v or qkv site; got {site}")
         mod, _ = self.module_of(site)
-        return mod.forward(x)
+        with _onloaded(mod):
+            return mod.forward(x)
 
     @contextlib.contextmanager
     def norm_hooks(
@@ -408,6 +429,7 @@ class Adapter:
         pre-MLP norm). Yields a dict counting how often each hook fired;
         removes exactly the hooks it added, also on error.
         """
+        self._refuse_remote()
         fired = {key: 0 for key in fns}
         handles = []
 
@@ -465,6 +487,7 @@ class Adapter:
 
         Runs in the caller's grad mode (attribution patching differentiates it).
         """
+        self._refuse_remote()
         out = self.base(input_ids=ids.to(self.device), use_cache=False)
         h = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return self.apply_softcap(self.unembed(h[:, -1]))
@@ -496,7 +519,7 @@ class Adapter:
             raise ArchitectureError(f"{self.table.family}: post-sublayer norms must be RMS norms without a shift "
                                     f"(layer {layer} has {type(n).__name__}); describe the family with "
                                     "norm_kind='rmsnorm' or without post norms.")
-        return n.weight + self.table.gamma_offset, _eps_of(n)
+        return _param(n, "weight") + self.table.gamma_offset, _eps_of(n)
 
     @property
     def softcap(self) -> float | None:
@@ -530,6 +553,7 @@ class Adapter:
             a = a + b
         sigma = torch.sqrt(a.to(torch.float32).pow(2).mean(-1) + eps)
         return (out.to(torch.float32) * gamma.to(torch.float32) / sigma[..., None, None]).to(out.dtype)
+
 
     def foreign_hooks(self) -> list[str]:
         """Forward (pre-)hooks and backward hooks present on the modules the package reads through, as
@@ -575,7 +599,14 @@ class Adapter:
         raise InterventionError(f"unknown site kind {site.kind}")
 
     def check_neuron_basis(self) -> None:
-        """Raise :class:`ArchitectureError` when the table names no MLP output projection (no neuron basis)."""
+        """Raise :class:`ArchitectureError` when the MLP has no linear neuron basis: the table names no MLP
+        output projection, or the MLP writes through a post norm (its write is not linear in the neurons)."""
+        if getattr(self.table, "post_mlp_norm", None):
+            raise ArchitectureError(
+                f"{self.table.family} MLPs write through a post-MLP norm ({self.table.post_mlp_norm}), so an MLP's "
+                "write is not a sum over its neurons and neuron_contributions cannot split it exactly; the MLP "
+                "stays one unit (its 'mlp' row in repair_mechanisms)."
+            )
         if not self.table.mlp_out_proj:
             raise ArchitectureError(
                 f"the {self.table.family} table names no MLP output projection (ArchTable.mlp_out_proj), so its "
@@ -596,12 +627,12 @@ class Adapter:
                 return w[:, :, -1, :].transpose(1, 2)  # (B, H, Tq, Tk) -> (B, Tk, H) for the last query
             return weights
         if site.kind == "values" and self.table.qkv_layout != "separate":
-            H, dh, layout = self.n_heads, self.head_dim, self.table.qkv_layout
+            H, KV, dh, layout = self.n_heads, self.n_kv_heads, self.head_dim, self.table.qkv_layout
 
             def values(out: Any) -> torch.Tensor:
                 x = out[0] if isinstance(out, tuple) else out
-                if layout == "gpt2":  # [q | k | v]
-                    return x[..., 2 * H * dh: 3 * H * dh]
+                if layout in ("gpt2", "fused"):  # [q (H*dh) | k (KV*dh) | v (KV*dh)]
+                    return x[..., (H + KV) * dh: (H + 2 * KV) * dh]
                 B, T = x.shape[:2]    # neox: per head [q | k | v]
                 return x.view(B, T, H, 3 * dh)[..., 2 * dh:].reshape(B, T, H * dh)
             return values
@@ -625,7 +656,7 @@ class Adapter:
     def W_out(self, layer: int) -> torch.Tensor:
         """The MLP output projection of ``layer`` as (d_mlp, d_model) rows ``W_out[n]`` (neuron n's write)."""
         self.check_neuron_basis()
-        w = get_path(self.blocks[layer], self.table.mlp_out_proj).weight
+        w = _param(get_path(self.blocks[layer], self.table.mlp_out_proj), "weight")
         return w if self.table.o_proj_kind == "conv1d" else w.T
 
     @contextlib.contextmanager
@@ -642,6 +673,12 @@ class Adapter:
             return
         try:
             self.model.set_attn_implementation("eager")
+            if getattr(self.config, "_attn_implementation", None) != "eager":
+                raise ArchitectureError(
+                    f"{type(self.model).__name__} cannot switch to the eager attention implementation, which "
+                    "returns attention weights; load it with attn_implementation='eager' "
+                    "(from_pretrained(..., attn_implementation='eager')) to read attention patterns."
+                )
             yield
         finally:
             self.model.set_attn_implementation(old)
@@ -660,6 +697,42 @@ def _identity_norm_hook(post: Callable) -> Callable:
     def pre(mod, args, kwargs):
         return _map_first_input(args, kwargs, lambda x: post(mod, (x,), {}, x))
     return pre
+
+
+def _exec_device(module: nn.Module, fallback: torch.Tensor) -> torch.device:
+    """The device ``module`` computes on: accelerate's execution device when it dispatched the module."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None and fallback.device.type == "meta":
+        return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    return fallback.device
+
+
+@contextlib.contextmanager
+def _onloaded(module: nn.Module) -> Iterator[None]:
+    """Within the block, an accelerate-offloaded module holds its real weights (for calling ``.forward`` directly)."""
+    if getattr(getattr(module, "_hf_hook", None), "offload", False):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            yield
+    else:
+        yield
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``getattr(module, name)``, loaded from accelerate's offload (disk or CPU) when it sits on the meta device."""
+    p = getattr(module, name, None)
+    if p is None or not isinstance(p, torch.Tensor) or p.device.type != "meta":
+        return p
+    if getattr(module, "_hf_hook", None) is None:
+        raise ArchitectureError(f"{type(module).__name__}.{name} is on the meta device (no weights loaded) and no "
+                                "accelerate hook can load it; load the model with its weights (or a device_map).")
+    from accelerate.utils import align_module_device
+
+    with torch.no_grad(), align_module_device(module):
+        return getattr(module, name).detach().clone()
+
 
 def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:
     """A forward pre-hook's (args, kwargs) with the module's first input (positional, else the first

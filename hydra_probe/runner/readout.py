@@ -50,13 +50,14 @@ class Readout:
         ad = model.adapter
         gamma, beta, eps = ad.norm_params()
         f = torch.float64
+        dev = u.device  # one device for all of it, however the model is split
         u64 = u.to(f)
-        beta_u = bias.to(f) + (0 if beta is None else u64 @ beta.detach().to(f))
+        beta_u = bias.to(dev, f) + (0 if beta is None else u64 @ beta.detach().to(dev, f))
         bsum = torch.zeros(ad.d_model, dtype=f, device=ad.device)
         for l in range(ad.n_layers):
             b = ad.b_O(l)
             if b is not None:
-                bsum = bsum + b.detach().to(f)
+                bsum = bsum + b.detach().to(bsum.device, f)
         post = None
         post_eps = 0.0
         if ad.has_post_attn_norm:
@@ -68,10 +69,11 @@ class Readout:
                         f"{ad.table.family}: layer {l}'s attention output projection has a bias inside its "
                         "post-attention norm, which hydra_probe's decomposition does not split; use a "
                         "checkpoint without attention output biases.")
-                post.append(pg.detach().to(f))
-            bsum = torch.zeros(ad.d_model, dtype=f, device=ad.device)
-        return cls(gamma.detach().to(f), beta_u, u64, eps, ad.table.norm_kind == "layernorm",
-                   [ad.W_O(l).detach().to(f) for l in range(ad.n_layers)], bsum, finest(model), post, post_eps)
+                post.append(pg.detach().to(dev, f))
+            bsum = torch.zeros(ad.d_model, dtype=f, device=dev)
+        return cls(gamma.detach().to(dev, f), beta_u, u64, eps, ad.table.norm_kind == "layernorm",
+                   [ad.W_O(l).detach().to(dev, f) for l in range(ad.n_layers)], bsum.to(dev), finest(model), post,
+                   post_eps)
 
     def P(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(-1, keepdim=True) if self.centre else x
@@ -86,12 +88,12 @@ class Readout:
     def project(self, v: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """<gamma * P(v), u> for v (..., B, d) -> (..., B)."""
         u = self.u if u is None else u
-        return (self.P(v.to(torch.float64)) * self.gamma * u).sum(-1)
+        return (self.P(v.to(self.gamma.device, torch.float64)) * self.gamma * u).sum(-1)
 
     def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """z (N, H*dh) at one position -> per-head outputs (N, H, d), float64."""
         W = self.W_O[layer]
-        return torch.einsum("nhk,hkd->nhd", z.to(torch.float64).reshape(z.shape[0], W.shape[0], W.shape[1]), W)
+        return torch.einsum("nhk,hkd->nhd", z.to(W.device, torch.float64).reshape(z.shape[0], W.shape[0], W.shape[1]), W)
 
     def read_vector(self, u: torch.Tensor) -> torch.Tensor:
         """P(gamma * u): since P is symmetric, <gamma * P(v), u> = <v, P(gamma * u)>."""
@@ -108,7 +110,7 @@ class Readout:
             return None
         cols = []
         for l, W in enumerate(self.W_O):
-            a = z[l].to(torch.float64) @ W.reshape(-1, W.shape[-1])          # (N, d) attention output
+            a = z[l].to(W.device, torch.float64) @ W.reshape(-1, W.shape[-1])          # (N, d) attention output
             cols.append(torch.sqrt(a.pow(2).mean(-1) + self.post_eps))
         return torch.stack(cols, dim=1)
 
@@ -155,17 +157,17 @@ class Readout:
             W = self.W_O[l]                                       # (H, dh, d)
             rl = r if self.post_gamma is None else r * self.post_gamma[l]
             w = torch.einsum("hkd,bd->bhk", W, rl)                # (B, H, dh)
-            zl = z[l].to(torch.float64).reshape(k, B, W.shape[0], W.shape[1])
+            zl = z[l].to(W.device, torch.float64).reshape(k, B, W.shape[0], W.shape[1])
             col = torch.einsum("cbhk,bhk->cbh", zl, w).reshape(N, W.shape[0])
             if post_sigma is not None:
                 col = col / post_sigma[:, l:l + 1].to(col.device)
             cols.append(col)
-            cols.append((mlp[l].to(torch.float64).reshape(k, B, -1) * r).sum(-1).reshape(N, 1))
+            cols.append((mlp[l].to(r.device, torch.float64).reshape(k, B, -1) * r).sum(-1).reshape(N, 1))
         return torch.cat(cols, dim=1)
 
     def const_projection(self, resid0: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """Unscaled projection of embeddings plus attention output biases: (N,) for N = k * B rows; u (B, d)."""
         r = self.read_vector(self.u if u is None else u)
         B = r.shape[0]
-        v = resid0.to(torch.float64) + self.b_O_sum
+        v = resid0.to(self.b_O_sum.device, torch.float64) + self.b_O_sum
         return (v.reshape(-1, B, v.shape[-1]) * r).sum(-1).reshape(-1)

@@ -14,8 +14,9 @@ equal-length prompts,
 * optionally captures any sites (``capture=``) at the last position or at
   every position, from the same stacked forward (no extra forward).
 
-With ``model.backend == "nnsight"`` each copy is one full nnsight trace
-instead (equal numbers; opens remote execution). The model is left as it
+With ``model.backend == "nnsight"`` each chunk of copies is one full nnsight
+trace instead, its interventions plain data (equal numbers; with
+``remote=True`` one request per chunk). The model is left as it
 was: hooks are removed on exit, also on error, and train/eval flags restored.
 """
 
@@ -108,12 +109,13 @@ class Runner:
             (default: ``task``).
         seed: seeds ``resample`` donors.
         token_budget: at most this many tokens (copies x prompts x positions)
-            per stacked forward.
+            per stacked forward; None (default) sizes it to the device's free
+            memory (8192 on the CPU; see ``HookedModel.token_budget``).
         progress: show a progress bar (default: only on a terminal).
     """
 
     def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
-                 token_budget: int = 8192, progress: bool | None = None) -> None:
+                 token_budget: int | None = None, progress: bool | None = None) -> None:
         if len(task) == 0:
             raise TaskError("the task is empty; build it with at least one prompt pair "
                             "(tasks.ioi(model, n_prompts=8) or tasks.from_pairs(model, rows)).")
@@ -121,7 +123,7 @@ class Runner:
         self.ad = model.adapter
         self.reference = reference if reference is not None else task
         self.seed = seed
-        self.token_budget = token_budget
+        self.token_budget = token_budget if token_budget is not None else _default_budget(model)
         self.progress = progress
         self.groups = task.groups()
         self._prefix: dict[tuple[int, str], Prefix] = {}
@@ -142,7 +144,7 @@ class Runner:
             try:
                 with self.model.evaluating():
                     if self.model.backend == "nnsight":
-                        p = self._prefix_nnsight(ids)
+                        p = self._prefixes_nnsight(g)[source]
                     else:
                         p = self.ad.prefix(ids, capture=self.capture_sites())
             except (torch.OutOfMemoryError, MemoryError) as e:
@@ -163,13 +165,9 @@ class Runner:
 
     def _prefix_nnsight(self, ids: torch.Tensor) -> Prefix:
         """The unedited forward as one nnsight trace (no block calls: nothing restarts mid-model)."""
-        from ..models.nnsight_backend import trace_run
+        from ..models.nnsight_backend import Job, run_jobs
 
-        L = self.ad.n_layers
-        resid_sites = {Site(l, "resid_pre") for l in range(L + 1)}
-        saved = trace_run(self.model, ids, {}, self.capture_sites() | resid_sites)
-        return Prefix(resid=[saved[Site(l, "resid_pre")] for l in range(L + 1)], calls=[],
-                      captures={s: saved[s] for s in self.capture_sites()})
+        return self._as_prefix(run_jobs(self.model, [Job(ids, keep=self._prefix_keep())])[0])
 
     @property
     def readout(self) -> Readout:
@@ -195,7 +193,8 @@ class Runner:
                     caps = self.prefix(g, "clean").captures
                 else:
                     with self.model.evaluating():
-                        caps = self.ad.prefix(ids, capture=self.capture_sites()).captures
+                        caps = (self._prefix_nnsight(ids) if self.model.backend == "nnsight"
+                                else self.ad.prefix(ids, capture=self.capture_sites())).captures
                 T = ids.shape[1]
                 counts[:T] += len(idx)
                 for s, x in caps.items():
@@ -360,6 +359,9 @@ class Runner:
         idx = self.groups[g]
         B, T = len(idx), len(self.task.clean_ids[idx[0]])
         starts = [self._start(c, capture) for c in copies]
+        if self.model.backend == "nnsight":  # full forwards, chunked by the budget alone (one request each);
+            L = self.ad.n_layers             # a copy that edits nothing and captures only cached sites reads them
+            starts = [0 if c or s < L else L for c, s in zip(copies, starts)]
         order = sorted(range(len(copies)), key=lambda i: starts[i])
         per = max(1, self.token_budget // (B * T))
         pos = 0
@@ -386,11 +388,8 @@ class Runner:
     def _forward(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], start: int,
                  readout: bool, capture: frozenset[Site] = frozenset(), every: bool = False
                  ) -> dict[str, Any]:
-        if self.model.backend == "nnsight":
-            outs = [self._forward_nnsight(g, source, c, readout, capture, every) for c in copies]
-            res: dict[str, Any] = {k: torch.stack([o[k] for o in outs]) for k in outs[0] if k != "captures"}
-            res["captures"] = {s: torch.stack([o["captures"][s] for o in outs]) for s in capture}
-            return res
+        if self.model.backend == "nnsight" and start < self.ad.n_layers:
+            return self._forward_nnsight_stacked(g, source, copies, readout, capture, every)
         P = self.prefix(g, source)
         k, B = len(copies), P.batch
         L = self.ad.n_layers
@@ -467,32 +466,87 @@ class Runner:
                     if val is None:
                         x[rows, p, cols] = 0
                     else:
-                        x[rows, p, cols] = val[:, p, cols].to(x.dtype)
+                        x[rows, p, cols] = val[:, p, cols].to(x.device, x.dtype)
                 return x
             return edit
 
         return {s: make(items) for s, items in per_site.items()}
 
-    def _forward_nnsight(self, g: int, source: str, copy: tuple[Intervention, ...], readout: bool,
-                         capture: frozenset[Site] = frozenset(), every: bool = False) -> dict[str, Any]:
-        from ..models.nnsight_backend import trace_run
+    # ---------------------------------------------------------------- nnsight (also remote): plain-data traces
+    def _prefixes_nnsight(self, g: int) -> dict[str, Prefix]:
+        """Clean and corrupted unedited forwards of group ``g`` as two traces of one session (one request)."""
+        from ..models.nnsight_backend import Job, run_jobs
+
+        idx = self.groups[g]
+        keep = self._prefix_keep()
+        outs = run_jobs(self.model, [Job(self.task.batch(idx, s), keep=keep) for s in SOURCES])
+        got = {s: self._as_prefix(o) for s, o in zip(SOURCES, outs)}
+        for s, p in got.items():
+            _check_finite(p.resid[-1], f"the {s} run")
+            self._prefix.setdefault((g, s), p)
+        return got
+
+    def _prefix_keep(self) -> dict[Site, str]:
+        L = self.ad.n_layers
+        return {**{s: "all" for s in self.capture_sites()}, **{Site(l, "resid_pre"): "all" for l in range(L + 1)}}
+
+    def _as_prefix(self, saved: dict[Site, torch.Tensor]) -> Prefix:
+        L = self.ad.n_layers
+        dev = self.ad.device
+        return Prefix(resid=[saved[Site(l, "resid_pre")].to(dev) for l in range(L + 1)], calls=[],
+                      captures={s: saved[s].to(dev) for s in self.capture_sites()})
+
+    def _plain_edits(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], B: int) -> dict:
+        """The copies' interventions as plain data for a stacked nnsight trace (see ``nnsight_backend.EditSpec``).
+
+        Each distinct (site, value, columns) ships its value once, cut to its columns.
+        """
+        per_site: dict[Site, list] = {}
+        vals: dict[tuple, torch.Tensor | None] = {}
+        for ci, c in enumerate(copies):
+            for iv in c:
+                c0, c1 = iv.cols if iv.cols else (None, None)
+                key = (iv.site, iv.value, iv.cols)
+                if key not in vals:
+                    v = self.value(iv, g, source)
+                    vals[key] = None if v is None else v[..., c0:c1].detach().cpu().contiguous()
+                pos = list(iv.positions) if iv.positions is not None else None
+                per_site.setdefault(iv.site, []).append((ci * B, (ci + 1) * B, pos, c0, c1, vals[key]))
+        return per_site
+
+    def _forward_nnsight_stacked(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]],
+                                 readout: bool, capture: frozenset[Site] = frozenset(), every: bool = False
+                                 ) -> dict[str, Any]:
+        """A chunk of copies stacked along the batch in one nnsight trace (one request when remote).
+
+        Only what is read comes back: the last position of the final residual, of every z and MLP output with
+        ``readout`` and of the ``capture`` sites (every position of those and of the final residual with ``every``).
+        """
+        from ..models.nnsight_backend import Job, run_jobs
 
         P = self.prefix(g, source)
-        B = P.batch
-        L = self.ad.n_layers
+        B, k, L = P.batch, len(copies), self.ad.n_layers
         final = Site(L, "resid_pre")
-        edits = self._edits(g, source, [copy], B)
-        ids = self.task.batch(self.groups[g], source)
-        caps = {Site(l, k) for l in range(L) for k in ("z", "mlp_out")} if readout else set()
+        keep = {Site(l, kind): "last" for l in range(L) for kind in ("z", "mlp_out")} if readout else {}
+        keep.update({s: "all" if every else "last" for s in set(capture) | {final}})
+        job = Job(self.task.batch(self.groups[g], source), self._plain_edits(g, source, copies, B), keep, k)
         with self.model.evaluating():
-            saved = trace_run(self.model, ids, edits, caps | set(capture))
-        last = {s: v[:, -1] for s, v in saved.items() if s != final}
-        out = self._finish(g, P, saved[final][:, -1], last, 0, 1, readout)
-        res = {k: v[0] for k, v in out.items()}
-        res["captures"] = {s: saved[s] if every else saved[s][:, -1] for s in capture}
+            saved = run_jobs(self.model, [job])[0]
+        dev = self.ad.device
+        acts = {s: v.to(dev) for s, v in saved.items()}
+        last = {s: v[:, -1] if keep[s] == "all" else v for s, v in acts.items()}
+        out = self._finish(g, P, last[final], last, 0, k, readout)
+        if capture:
+            out["captures"] = {s: (acts[s] if every else last[s]).reshape(k, B, *(acts[s] if every else last[s]).shape[1:])
+                               for s in capture}
         if every:
-            res["resid_all"] = saved[final]
-        return res
+            out["resid_all"] = acts[final].view(k, B, *acts[final].shape[1:])
+        return out
+
+
+def _default_budget(model: Any) -> int:
+    budget = getattr(model, "token_budget", None)
+    return int(budget()) if callable(budget) else 8192
 
 
 def _oom_advice(B: int, T: int) -> str:
