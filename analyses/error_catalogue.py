@@ -336,6 +336,26 @@ ENTRIES: list[Entry] = [
     Entry("unknown-split-order", "Mechanisms", "An unknown split order of the mechanisms",
           "hp.repair_mechanisms(m, task, 'heads', order='both')", "OptionError",
           ("'both'", "pattern_first", "symmetric")),
+    # ------------------------------------------------------------------ natural text and tasks
+    Entry("text-empty", "Natural text and tasks", "Text mode given no texts",
+          "hp.text_self_repair(m, [])", "TaskError", ("text list is empty",)),
+    Entry("text-one-token", "Natural text and tasks", "A text of one token (nothing to predict)",
+          "hp.text_self_repair(m, ['Mary went home', 'Mary'], value='zero')", "TaskError",
+          ("text 1", "1 token(s)", "at least 2 tokens")),
+    Entry("text-undecodable", "Natural text and tasks", "A texts file with bytes that are not UTF-8",
+          "hp.read_texts('texts.txt')", "TaskError", ("texts.txt:2", "not valid UTF-8", "column 1"),
+          setup="Path('texts.txt').write_bytes(b'Mary went home\\n\\xff oops\\n')"),
+    Entry("text-top-fraction", "Natural text and tasks", "A top fraction outside (0, 1]",
+          "hp.text_self_repair(m, ['Mary went home', 'John went home'], top_fraction=0)", "OptionError",
+          ("top_fraction", "(0, 1]")),
+    Entry("text-too-long", "Natural text and tasks", "A text longer than the model's context",
+          "hp.text_self_repair(m, [' '.join(['Mary'] * 80), 'John went home'])", "TaskError",
+          ("80 tokens", "context of 64", "window=64")),
+    Entry("pronoun-vocabulary", "Natural text and tasks", "The pronoun task on a vocabulary without ' he' / ' she'",
+          "hp.tasks.pronoun(m, 8)", "TaskError", ("' she'", "single known token")),
+    Entry("greater-than-tokenizer", "Natural text and tasks",
+          "Greater-than on a tokenizer without two-digit year tokens",
+          "hp.tasks.greater_than(m, 8)", "TaskError", ("century token", "two-digit")),
 ]
 
 CLI_ENTRIES: list[CliEntry] = [
