@@ -1,4 +1,4 @@
-"""The ``hydra-probe`` command line: ``report``, ``ablate``, ``graph`` and ``conditions``.
+"""The ``hydra-probe`` command line: ``report``, ``ablate``, ``graph``, ``conditions`` and ``text``.
 
 Exit codes: 0 on success; 2 on bad input (unknown flag or value, missing
 file, non-empty output folder without ``--overwrite``, unknown component,
@@ -18,7 +18,13 @@ from typing import Any, NoReturn
 
 PROG = "hydra-probe"
 DEFAULT_N_PROMPTS = 32
-DEFAULT_OUT = {"report": "hydra_report/", "graph": "hydra_graph/", "ablate": None, "conditions": "hydra_conditions/"}
+DEFAULT_OUT = {"report": "hydra_report/", "graph": "hydra_graph/", "ablate": None, "conditions": "hydra_conditions/",
+               "text": "hydra_text/"}
+# generated tasks besides ioi, with their fixed corruption
+TASKS = {"ioi": "IOI's corruption is --corruption swap|abc",
+         "pronoun": "the pronoun task swaps the name for one of the other gender",
+         "greater_than": "greater-than sets the start year to XX01",
+         "induction": "induction replaces the repeated half by fresh random tokens"}
 
 _EPILOG = """\
 exit codes: 0 success; 2 bad input (one-line message, no traceback); 1 any other error.
@@ -30,6 +36,8 @@ examples:
   hydra-probe graph --top-k 3 --verify 5 --out hydra_graph/
   hydra-probe conditions --conditions all             # every verdict across corruptions, ablation values, metrics
   hydra-probe report --conditions abc,zero,logprob    # the report plus its 'another counterfactual' section
+  hydra-probe ablate --task pronoun                   # also greater_than, induction, or a JSONL file
+  hydra-probe text --texts corpus.txt --top-fraction 0.02 --out hydra_text/
 """
 
 
@@ -95,12 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = common.add_argument_group("model and task")
     g.add_argument("--model", default="default", metavar="MODEL",
                    help="'default' (the shipped IOI model, offline), a local folder with safetensors weights and a "
-                        "tokenizer, or a Hugging Face hub name already in the local cache (default: default)")
+                        "tokenizer, a .gguf file (needs the gguf extra), or a Hugging Face hub name already in the "
+                        "local cache (default: default)")
     g.add_argument("--task", default="ioi", metavar="TASK",
-                   help="'ioi' (generated IOI prompts) or a JSONL file of {clean, corrupted, answer, alternative} "
-                        "rows (default: ioi)")
+                   help="'ioi', 'pronoun' (gendered pronoun), 'greater_than' (Hanna et al. years; measured with its "
+                        "linear proxy, the mean logit of the later years minus that of the others), 'induction' "
+                        "(repeated random tokens), or a JSONL file of {clean, corrupted, answer, alternative} rows "
+                        "(default: ioi)")
     g.add_argument("--n-prompts", type=_positive_int, default=DEFAULT_N_PROMPTS, metavar="N",
-                   help=f"number of IOI prompt pairs (default: {DEFAULT_N_PROMPTS}; ignored for a JSONL task)")
+                   help=f"number of generated prompt pairs (default: {DEFAULT_N_PROMPTS}; ignored for a JSONL task)")
     g.add_argument("--corruption", choices=sorted(CORRUPTIONS), default=None,
                    help="IOI corruption: 'swap' (the repeated name becomes the indirect object, the answer flips) or "
                         "'abc' (a third name; nothing repeats). Default: swap. Only for --task ioi")
@@ -134,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "ablations as lower bounds, beside activation, path and attribution patching.",
                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{report,ablate,graph,conditions}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{report,ablate,graph,conditions,text}", parser_class=_Parser)
 
     r = sub.add_parser("report", parents=[common], help="write the full triangulation report (md, html, json, csv, "
                                                         "figures, graph)",
@@ -199,7 +210,62 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=_fraction, default=0.1, metavar="T",
                    help="verdict threshold as a share of the clean-corrupted gap (default: 0.1)")
     c.add_argument("--no-figures", action="store_true", help="skip the figure")
+    _add_text_parser(sub)
     return p
+
+
+def _add_text_parser(sub: Any) -> None:
+    """``hydra-probe text``: self-repair at every position of natural text (its own options; no task)."""
+    from .interventions import ABLATION_VALUES
+
+    t = sub.add_parser("text", help="self-repair on natural text, every position a measurement (Rushing & Nanda)",
+                       description="Ablate each component over whole texts and measure, at every position p, the "
+                                   "direct effect, DE lost, total effect and self-repair on the logit of the actual "
+                                   "token at p+1; summarise each component on its top fraction of positions by "
+                                   "direct effect. Writes positions.csv, summary.csv, summary.md and the result JSON.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--texts", required=True, metavar="FILE",
+                   help="UTF-8 file with one text a line, or JSONL objects with a 'text' field")
+    t.add_argument("--model", default="default", metavar="MODEL",
+                   help="'default' (the shipped model), a local folder, or a cached hub name (default: default)")
+    t.add_argument("--components", default="heads", metavar="SEL",
+                   help="'heads', 'mlps', 'layers', 'all', or names such as L2H3,MLP1; 'A+B' ablates together "
+                        "(default: heads)")
+    t.add_argument("--value", choices=ABLATION_VALUES, default="resample",
+                   help="ablation value: resample (default; a donor text at least as long, same position, seeded), "
+                        "mean (per position over the texts) or zero")
+    t.add_argument("--top-fraction", type=_top_fraction, default=0.02, metavar="F",
+                   help="fraction of positions, by clean direct effect per component, that the summary keeps, in "
+                        "(0, 1] (default: 0.02, Rushing & Nanda's top 2%%)")
+    t.add_argument("--window", type=_positive_int, default=None, metavar="N",
+                   help="split texts into windows of at most N tokens (default: refuse texts longer than the "
+                        "model's context)")
+    t.add_argument("--scale", choices=("frozen", "recomputed"), default="frozen",
+                   help="final-norm scale policy for the norm term (default: frozen)")
+    t.add_argument("--seed", type=int, default=0, help="seed of resample donors and the bootstrap (default: 0)")
+    t.add_argument("--device", default=None, help="torch device (default: where the model is)")
+    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
+                   help="weights' dtype for a hub name or folder (default: float32)")
+    t.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="CPU threads for torch")
+    t.add_argument("--out", default=DEFAULT_OUT["text"], metavar="FOLDER",
+                   help="output folder (default: hydra_text/); refused if non-empty unless --overwrite")
+    t.add_argument("--rows", type=_positive_int, default=15, metavar="N",
+                   help="components printed, most self-repair first (default: 15)")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    t.add_argument("--quiet", action="store_true", help="no progress messages")
+    t.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    # check_args reads these; text mode has no task, corruption or metric of its own choosing
+    t.set_defaults(task="ioi", corruption=None, metric="logit_diff", n_prompts=None)
+
+
+def _top_fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
 
 
 # ============================================================================ checks (before any work)
@@ -221,24 +287,34 @@ def check_args(args: Any) -> None:
     from .models import resolve_device
 
     if args.out is not None:
-        from .io import check_output_folder
+        from .io import check_output_folder, check_output_location
+
+        check_output_location(args.out, args.overwrite)
 
         check_output_folder(args.out, args.overwrite)
     resolve_device(args.device)
     if args.task != "ioi":
         p = Path(args.task)
-        if not p.is_file():
-            raise TaskError(f"--task {args.task!r} is neither 'ioi' nor an existing JSONL file; give --task ioi or "
-                            "the path of a file of {clean, corrupted, answer, alternative} rows.")
+        if args.task not in TASKS and not p.is_file():
+            raise TaskError(f"--task {args.task!r} is neither a task name ({', '.join(TASKS)}) nor an existing JSONL "
+                            "file; give one of those names or the path of a file of {clean, corrupted, answer, "
+                            "alternative} rows.")
         if args.corruption is not None:
-            raise OptionError("--corruption applies to --task ioi only; a JSONL task carries its own corrupted "
-                              "prompts.")
+            what = TASKS.get(args.task, "a JSONL task carries its own corrupted prompts")
+            raise OptionError(f"--corruption applies to --task ioi only; {what}.")
+        if args.task == "greater_than" and args.metric != "logit_diff":
+            raise OptionError("--task greater_than is measured with its own metric (greater_than_logit: the mean logit "
+                              "of the years after the start year minus that of the others, a linear proxy of Hanna et "
+                              "al.'s probability difference); leave --metric out.")
     if args.command in ("report", "graph") and not METRICS[args.metric].linear:
         raise OptionError(f"'{args.command}' needs a metric linear in the logits (direct effects and self-repair "
                           f"are defined for it); --metric {args.metric} is not. Use --metric logit_diff or logit.")
     if args.model != "default":
         p = Path(args.model).expanduser()
-        if p.exists() and not p.is_dir():
+        gguf = args.model.lower().endswith(".gguf")
+        if gguf and not p.is_file():
+            raise OptionError(f"--model {args.model!r}: no such GGUF file; give the path of a .gguf file.")
+        if p.exists() and not p.is_dir() and not gguf:
             raise OptionError(f"--model {args.model!r} is a file; give 'default' or a folder written by "
                               "save_pretrained (safetensors weights and a tokenizer).")
         if not p.exists() and args.model.startswith((".", "/", "~")):
@@ -290,7 +366,7 @@ def load_inputs(args: Any) -> tuple[Any, Any, Any]:
 
     from .components import select_groups
     from .models import load_model
-    from .tasks import from_jsonl, ioi
+    from .tasks import from_jsonl, greater_than, induction, ioi, pronoun
 
     _say(args, f"loading model {args.model} ...")
     _quiet_transformers()
@@ -301,6 +377,13 @@ def load_inputs(args: Any) -> tuple[Any, Any, Any]:
     _set_threads(args, model)
     if args.task == "ioi":
         task = ioi(model, args.n_prompts, corruption=args.corruption or "swap", seed=args.seed)
+    elif args.task == "pronoun":
+        task = pronoun(model, args.n_prompts, seed=args.seed)
+    elif args.task == "greater_than":
+        task = greater_than(model, args.n_prompts, seed=args.seed)
+        args.metric = task.meta["metric"]  # its linear proxy (a Metric object; check_args refused any other)
+    elif args.task == "induction":
+        task = induction(model, args.n_prompts, seed=args.seed)
     else:
         task = from_jsonl(model, args.task)
     comps = _components(args.components)
@@ -357,7 +440,7 @@ def cmd_ablate(args: Any) -> int:
 
     from .effects import ablate, paired_ablation, self_repair
     from .formatting import ci, fmt, pct
-    from .metrics import METRICS
+    from .metrics import get_metric
 
     model, task, comps = load_inputs(args)
     progress = False if args.quiet else None
@@ -372,7 +455,7 @@ def cmd_ablate(args: Any) -> int:
                             "p (I > 0)": [fmt(x) for x in s["p_positive"]]})
         note = ("interaction = TE(both) - TE(first) - TE(second); > 0: ablating both costs more than the sum, e.g. "
                 "the second compensates for the first")
-    elif METRICS[args.metric].linear:
+    elif get_metric(args.metric).linear:
         res = self_repair(model, task, comps, value=args.value, scale=args.scale, metric=args.metric, seed=args.seed,
                           progress=progress)
         s = res.summary().sort_values("total_effect", ascending=False, kind="stable").head(args.rows)
@@ -500,7 +583,42 @@ def cmd_conditions(args: Any) -> int:
     return 0
 
 
-COMMANDS = {"report": cmd_report, "ablate": cmd_ablate, "graph": cmd_graph, "conditions": cmd_conditions}
+def cmd_text(args: Any) -> int:
+    """``hydra-probe text``: read and check the texts, load the model, measure, write the folder."""
+    import warnings
+
+    from .components import select_groups
+    from .effects.text import read_texts, text_self_repair
+    from .models import load_model
+
+    texts = read_texts(args.texts)  # bad files fail before the model loads
+    _say(args, f"loading model {args.model} ...")
+    _quiet_transformers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(args.model if args.model == "default" else str(Path(args.model).expanduser()),
+                           device=args.device, dtype=args.dtype)
+    _set_threads(args, model)
+    comps = _components(args.components)
+    select_groups(model, comps)
+    t0 = time.perf_counter()
+    _say(args, f"measuring self-repair at every position of {len(texts)} texts on {model.name} ...")
+    res = text_self_repair(model, texts, comps, value=args.value, top_fraction=args.top_fraction, scale=args.scale,
+                           seed=args.seed, window=args.window, progress=False if args.quiet else None)
+    out = res.write_report(args.out, overwrite=args.overwrite)
+    p = res.provenance
+    print(f"model {p.get('model')} | {p.get('n_texts')} texts, {p.get('n_positions')} positions | ablation "
+          f"{p.get('value')} | metric next-token logit | top {100 * args.top_fraction:g} % of positions by DE")
+    s = res.summary().sort_values("self_repair", ascending=False, kind="stable").head(args.rows)
+    print(text_table(s[["component", "n_top", "direct_effect", "de_lost", "total_effect", "self_repair",
+                        "sr_over_de_lost", "norm_share"]].round(4)))
+    print(f"written to {out}/ (summary.md, summary.csv, positions.csv, runs.csv, text_self_repair.json) in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+COMMANDS = {"report": cmd_report, "ablate": cmd_ablate, "graph": cmd_graph, "conditions": cmd_conditions,
+            "text": cmd_text}
 
 
 # ============================================================================ main
@@ -509,11 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import InputError, NumericalError
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    restore = _on_sigterm_interrupt()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError(f"choose a command: report, ablate, graph or conditions (see '{PROG} --help')")
+            raise UsageError(f"choose a command: report, ablate, graph, conditions or text (see '{PROG} --help')")
         debug = args.debug
         check_args(args)
         return COMMANDS[args.command](args)
@@ -535,6 +654,24 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _err(f"unexpected {type(e).__name__}: {e} (run again with --debug for the traceback)")
         return 1
+    finally:
+        restore()
+
+
+def _on_sigterm_interrupt() -> Any:
+    """Handle SIGTERM like Ctrl-C (KeyboardInterrupt: atomic writes remove their temporary files) while
+    :func:`main` runs; returns the function that restores the previous handler (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,14 @@ class OutputError(InputError):
     """An output location that cannot be written safely (e.g. a non-empty folder)."""
 
 
+class ForeignHookError(InputError):
+    """The model carries forward hooks hydra_probe did not register, on modules whose outputs it reads."""
+
+
+class ConcurrencyError(HydraProbeError, RuntimeError):
+    """The model is busy with an analysis in another thread (one model runs one analysis at a time)."""
+
+
 class NumericalError(HydraProbeError, ArithmeticError):
     """NaN or infinite activations or metrics were produced."""
 
@@ -53,6 +61,10 @@ class ResourceError(HydraProbeError, MemoryError):
     """A batch did not fit in memory even at the smallest size."""
 
 
+class RemoteError(HydraProbeError, RuntimeError):
+    """A remote server (NDIF) rejected or failed a request, or could not be reached."""
+
+
 __all__ = [
     "HydraProbeError",
     "InputError",
@@ -62,7 +74,10 @@ __all__ = [
     "MetricError",
     "OptionError",
     "OutputError",
+    "ForeignHookError",
+    "ConcurrencyError",
     "NumericalError",
     "InterventionError",
     "ResourceError",
+    "RemoteError",
 ]

@@ -49,6 +49,9 @@ def provenance(model: Any, task: Any, *, metric: Any, value: Any = None, directi
         "task_seed": task.seed,
         "version": package_version(),
     }
+    rtol = getattr(model, "closure_rtol", None)
+    if rtol is not None:  # the dtype's stated closure tolerance (decompositions accumulate in float64)
+        p["closure_rtol"] = rtol
     if ref is not None:
         p["reference"] = ref
     p.update(extra)

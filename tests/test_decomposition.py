@@ -1,5 +1,6 @@
 """Direct effects close exactly on every family; per-head outputs sum to the attention output."""
 
+import numpy as np
 import pytest
 import tiny
 import torch
@@ -68,3 +69,69 @@ def test_recomputed_scale_closes_on_corrupted_run():
     assert not torch.allclose(torch.tensor(frozen.to_frame().direct_effect.values),
                               torch.tensor(de.to_frame().direct_effect.values))
     assert de.provenance["scale"] == "recomputed" and de.provenance["run"] == "corrupted"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_recomputed_norm_row_is_computed_not_the_remainder(family):
+    """The recomputed-scale rows are each computed from their own formula, so their sum meeting SR is a check.
+    Independently of the package's decomposition: NORM = (<r, x'> - sum_d <r, out_d'>) (1/sigma' - 1/sigma),
+    with x' the ablated final residual read from a plain hook on the final norm."""
+    m = tiny.model(family)
+    task = tiny.ioi(m, 4)
+    sr = hp.self_repair(m, task, ["L0H1"], value="zero", scale="recomputed")
+    f = sr.to_frame()
+    con = sr.contributions()
+    sums = con.groupby("prompt").delta_de.sum().to_numpy()
+    assert abs(sums - f.self_repair.to_numpy()).max() < 1e-5
+    # the ablated run by hand: zero head 1's z at layer 0, keep the final norm's input
+    ad = m.adapter
+    from hydra_probe.metrics import direction
+    from hydra_probe.runner.readout import Readout
+
+    u, bias = direction(ad, hp.metrics.get_metric("logit_diff"), task.answer_ids, task.alternative_ids)
+    ro = Readout.build(m, u, bias)
+    clean_de = hp.direct_effects(m, task, "all").to_frame()
+    dh = ad.head_dim
+    norm = []
+    for i in range(len(task)):
+        ids = task.clean_ids[i][None]
+        x = {}
+        o = ad.module_of(Site(0, "z"))[0]
+        h1 = o.register_forward_pre_hook(lambda mod, a: (torch.cat([a[0][..., :dh], 0 * a[0][..., dh:2 * dh],
+                                                                     a[0][..., 2 * dh:]], -1),))
+        h2 = ad.final_norm.register_forward_pre_hook(lambda mod, a, x=x: x.__setitem__("x", a[0][0, -1].double()))
+        try:
+            with torch.no_grad():
+                m.hf_model(ids)
+        finally:
+            for h in (h1, h2):
+                h.remove()
+        r = ro.read_vector(ro.u[i:i + 1])[0]
+        sigma1 = sigma_of(m, x["x"])
+        sigma0 = de_sigma(m, task, i)
+        down = con[(con.prompt == i) & (con.downstream != "NORM")]
+        # sum_d <r, out_d'> = sigma' * sum_d (dDE_d + DE_d(clean; sigma)) for the downstream rows
+        de0 = clean_de[(clean_de.prompt == i)].set_index("component").direct_effect
+        out_d = sigma1 * sum(row.delta_de + de0[row.downstream] for row in down.itertuples())
+        norm.append((float(x["x"] @ r) - out_d) * (1 / sigma1 - 1 / sigma0))
+    got = con[con.downstream == "NORM"].sort_values("prompt").delta_de.to_numpy()
+    assert abs(got - np.array(norm)).max() < 1e-6
+
+
+def de_sigma(m, task, i):
+    """The clean final-norm scale of prompt i, from a plain forward."""
+    x = {}
+    h = m.adapter.final_norm.register_forward_pre_hook(lambda mod, a: x.__setitem__("x", a[0][0, -1].double()))
+    try:
+        with torch.no_grad():
+            m.hf_model(task.clean_ids[i][None])
+    finally:
+        h.remove()
+    return sigma_of(m, x["x"])
+
+
+def sigma_of(m, v):
+    """The final norm's scale of one residual vector, written out."""
+    if m.adapter.table.norm_kind == "layernorm":
+        return float(torch.sqrt(v.var(unbiased=False) + m.adapter.norm_params()[2]))
+    return float(torch.sqrt(v.pow(2).mean() + m.adapter.norm_params()[2]))

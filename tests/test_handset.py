@@ -71,6 +71,8 @@ def test_zero_ablation_self_repair_is_the_norm_closed_form():
     con = sr.contributions()
     assert set(con.downstream) == {"MLP0", "NORM"}   # L0H1 is not downstream of L0H0
     assert abs(con[con.downstream == "MLP0"].delta_de).max() < 1e-9
-    # mean ablation of a constant head changes nothing
-    fm = hp.self_repair(m, task, ["L0H0"], value="mean").to_frame()
+    # mean ablation of a constant head changes nothing (the reference reaches every position with two prompts;
+    # a mean over the task alone would be degenerate at the 6-token prompt's last position, and is refused)
+    ref = hp.tasks.from_pairs(m, ROWS + [{**ROWS[0], "clean": "Then , Sid and Bob went"}])
+    fm = hp.self_repair(m, task, ["L0H0"], value=ref).to_frame()
     assert abs(fm.total_effect).max() < 1e-6 and abs(fm.de_lost).max() < 1e-6

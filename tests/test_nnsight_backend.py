@@ -20,13 +20,13 @@ nnsight = pytest.importorskip("nnsight")
 def traces(monkeypatch):
     """Count nnsight traces, so a test knows the nnsight path really ran."""
     calls = [0]
-    real = nnsight_backend.trace_run
+    real = nnsight_backend.run_jobs
 
     def counted(*a, **k):
         calls[0] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(nnsight_backend, "trace_run", counted)
+    monkeypatch.setattr(nnsight_backend, "run_jobs", counted)
     return calls
 
 

@@ -198,3 +198,79 @@ def test_fast_path_equals_plain_hook_loop(family):
             assert abs(srow.de_lost - float((gamma * diff) @ u / sigma)) < 1e-5
     # nothing left behind
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in hf.modules())
+
+
+def _plain_run(hf, family: str, ids: torch.Tensor, zero: tuple[int, int] | None, dh: int
+               ) -> dict[str, torch.Tensor]:
+    """One plain forward of ``ids`` with head ``zero`` = (layer, head) zeroed; records z, mlp input/output,
+    q input and the final residual by hand (test-only module paths)."""
+    rec: dict[str, torch.Tensor] = {}
+    blocks = hf.transformer.h if family == "gpt2" else hf.model.layers
+    handles = []
+    for l, blk in enumerate(blocks):
+        zmod = blk.attn.c_proj if family == "gpt2" else blk.self_attn.o_proj
+        mlp = blk.mlp
+
+        def zpre(_m, a, l=l):
+            x = a[0].clone()
+            if zero is not None and zero[0] == l:
+                x[..., zero[1] * dh:(zero[1] + 1) * dh] = 0
+            rec[f"z{l}"] = x
+            return (x,)
+        handles += [zmod.register_forward_pre_hook(zpre),
+                    mlp.register_forward_pre_hook(lambda _m, a, l=l: rec.__setitem__(f"mi{l}", a[0])),
+                    mlp.register_forward_hook(lambda _m, a, o, l=l: rec.__setitem__(f"mo{l}", o))]
+    norm = hf.transformer.ln_f if family == "gpt2" else hf.model.norm
+    handles.append(norm.register_forward_pre_hook(lambda _m, a: rec.__setitem__("final", a[0])))
+    try:
+        with torch.no_grad():
+            hf(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return rec
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("backend", ["local", "nnsight"])
+def test_run_captures_sites_from_the_same_forward(family, backend):
+    """capture= returns the edited activations at the last position or every position, equal to a plain
+    hook forward, for sites below and above the restart layer; no extra forward is run."""
+    from hydra_probe.models.sites import Site
+
+    hf = tiny.hf_model(family).double()
+    m = hp.load_model(hf, tokenizer=tiny.tokenizer(bos=family == "llama"), backend=backend)
+    t = tiny.ioi(m, 4)
+    r = Runner(m, t, get_metric("logit_diff"))
+    L = m.n_layers
+    cap = {Site(0, "z"), Site(1, "z"), Site(1, "mlp_in"), Site(2, "mlp_out"), Site(L, "resid_pre")}
+    copies = [(), interventions_for(select(m, ["L1H2"]), "zero", m.head_dim)]
+    r.prefix(0, "clean")
+    calls = [0]
+    h = hf.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        last = r.run("clean", copies, capture=cap)
+        allp = r.run("clean", copies, capture=cap, capture_positions="all")
+    finally:
+        h.remove()
+    if backend == "local":
+        # the cached prefixes plus one stacked forward per group and call; nothing extra for the captures
+        assert calls[0] == 0  # the local path runs blocks, never the whole model again
+    names = {Site(0, "z"): "z0", Site(1, "z"): "z1", Site(1, "mlp_in"): "mi1", Site(2, "mlp_out"): "mo2",
+             Site(L, "resid_pre"): "final"}
+    for ci, zero in enumerate([None, (1, 2)]):
+        for g, idx in enumerate(r.groups):
+            ids = t.batch(idx, "clean")
+            rec = _plain_run(hf, family, ids, zero, m.head_dim)
+            for s, key in names.items():
+                torch.testing.assert_close(allp[ci].captures[s][g], rec[key], atol=1e-10, rtol=0)
+                torch.testing.assert_close(last[ci].captures[s][torch.tensor(idx)], rec[key][:, -1],
+                                           atol=1e-10, rtol=0)
+            torch.testing.assert_close(allp[ci].resid_all[g], rec["final"], atol=1e-10, rtol=0)
+    # the zeroed head's columns are zero in the capture, and the metric agrees with the plain run
+    assert (last[1].captures[Site(1, "z")][:, 2 * m.head_dim:3 * m.head_dim] == 0).all()
+    torch.testing.assert_close(last[1].metric, allp[1].metric, atol=1e-12, rtol=0)
+    with pytest.raises(hp.OptionError, match="capture_positions"):
+        r.run("clean", copies, capture=cap, capture_positions="first")
+    with pytest.raises(hp.InterventionError, match="outside"):
+        r.run("clean", copies, capture={Site(L + 3, "z")})

@@ -8,6 +8,7 @@ import tiny
 import torch
 
 import hydra_probe as hp
+from hydra_probe.checks import read_only
 
 FAMILIES = ["gpt2", "neox", "llama"]  # neox: parallel residual; llama: grouped-query attention
 
@@ -101,7 +102,7 @@ def _capture_z(m: hp.HookedModel, layer: int) -> tuple[list[torch.Tensor], objec
         mod = hf.model.layers[layer].self_attn.o_proj
     seen: list[torch.Tensor] = []
     # a forward hook sees the input after every pre-hook edit (ours copies the shadow's z)
-    h = mod.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
+    h = mod.register_forward_hook(read_only(lambda _m, args, _out: seen.append(args[0].detach().clone())))
     return seen, h
 
 

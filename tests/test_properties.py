@@ -87,11 +87,20 @@ def test_self_repair_decomposition_closes(family, cfg, pick):
     ids = task.clean_ids[0][None]
     before = State(m.hf_model, ids)
     de_lost = {}
+    # independent reference for SR = DEL - TE: TE from ablate(), and for zero ablation DEL = the clean direct
+    # effect from direct_effects() (which shares no code path with self_repair's decomposition)
+    te_zero = hp.ablate(m, task, chosen, value="zero").to_frame().set_index(["component", "prompt"]).total_effect
+    de = hp.direct_effects(m, task, "all").to_frame()
     for value in ("zero", "mean", "resample"):
         for scale in ("frozen", "recomputed"):
             sr = hp.self_repair(m, task, chosen, value=value, scale=scale, seed=cfg["seed"])
             f = sr.to_frame().set_index(["component", "prompt"])
-            assert np.allclose(f.self_repair, f.de_lost - f.total_effect, atol=1e-10)
+            if value == "zero":
+                for name in dict.fromkeys(chosen):
+                    members = [c for part in name.split("+") for c in _finest_of(m, part)]
+                    clean_de = de[de.component.isin(members)].groupby("prompt").direct_effect.sum().to_numpy()
+                    want = clean_de - te_zero.loc[name].to_numpy()
+                    assert np.abs(f.loc[name].self_repair.to_numpy() - want).max() < 1e-6, name
             sums = sr.contributions().groupby(["component", "prompt"]).delta_de.sum()
             assert abs(sums.reindex(f.index).to_numpy() - f.self_repair.to_numpy()).max() < 1e-6
             norm = sr.contributions().query("downstream == 'NORM'").set_index(["component", "prompt"]).delta_de
@@ -101,6 +110,13 @@ def test_self_repair_decomposition_closes(family, cfg, pick):
     for frozen, recomputed in de_lost.values():
         assert np.allclose(frozen, recomputed, atol=1e-9)
     before.assert_same(m.hf_model, ids)
+
+
+def _finest_of(m, name: str) -> list[str]:
+    """The heads and MLPs that make up ``name`` (ATTN{l} is its heads)."""
+    if name.startswith("ATTN"):
+        return [f"L{name[4:]}H{h}" for h in range(m.n_heads)]
+    return [name]
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)

@@ -82,7 +82,7 @@ def test_table_verdicts_are_the_verdict_module_applied_to_the_table(setup):
     frames in test_verdicts.py)."""
     _, _, rep = setup
     t = rep.to_frame()
-    want = classify(t, rep.config["threshold"], rep.baseline["gap"])
+    want = classify(t, rep.config["threshold"], rep.baseline["verdict_scale"])
     assert list(t["verdict"]) == list(want["verdict"])
 
 
@@ -134,7 +134,8 @@ def test_markdown_states_claims_with_their_conditions(saved):
                     "Provenance", "Re-run"):
         assert section in md, section
     assert "ablation value `mean`" in md and "corruption `swap`" in md and "metric `logit_diff`" in md
-    assert "verdict: N and R" in md
+    assert "verdict: B -> \"masked by self-repair\"" in md and "scale = |clean| kept between" in md
+    assert "verdict scale (TE, DE lost)" in md
     assert "figures/heatmaps.png" in md
 
 
@@ -214,3 +215,60 @@ def test_whole_report_on_other_families(family, tmp_path):
     assert (rows - want.loc[rows.index]).abs().max() < 1e-4
     rep.save(tmp_path / "rep")
     assert (tmp_path / "rep" / "report.html").exists()
+
+
+def test_adding_a_section_is_one_function_and_one_list_entry(setup, tmp_path, monkeypatch):
+    from hydra_probe.report import document
+
+    def why_it_repairs(d, ctx):
+        d.h(2, "Why it repairs")
+        d.p(f"{len(ctx.table)} components, top {ctx.top[0]}.")
+
+    monkeypatch.setattr(document, "SECTIONS", [*document.SECTIONS[:-1], why_it_repairs, document.SECTIONS[-1]])
+    _, _, rep = setup
+    out = rep.save(tmp_path / "r", figures=False)
+    md = (out / "report.md").read_text()
+    assert "## Why it repairs" in md and md.index("## Why it repairs") < md.index("## Provenance")
+    assert "<h2>Why it repairs</h2>" in (out / "report.html").read_text()
+
+
+def _imports(root):
+    """{module: modules it imports}, module-level and inside functions, for every module of the package."""
+    import ast
+    import pathlib
+
+    mods = {}
+    for p in pathlib.Path(root).rglob("*.py"):
+        parts = list(p.relative_to(pathlib.Path(root).parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    edges = {}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        out = set()
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + [node.module or ""]
+                                ).strip(".") if node.level else node.module or ""
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods]
+                out |= set(subs) if len(subs) == len(node.names) else {base, *subs}
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+        edges[m] = {t for t in out if t in mods and t != m}
+    return edges
+
+
+def test_report_and_claims_import_no_cycle_and_not_the_package_root():
+    import networkx as nx
+
+    import hydra_probe
+
+    edges = _imports(__import__("pathlib").Path(hydra_probe.__file__).parent)
+    G = nx.DiGraph([(a, b) for a, bs in edges.items() for b in bs])
+    cycles = list(nx.simple_cycles(G))
+    assert not [c for c in cycles if any(m.startswith(("hydra_probe.report", "hydra_probe.claims")) for m in c)], cycles
+    for m, targets in edges.items():
+        if m.startswith(("hydra_probe.report", "hydra_probe.claims", "hydra_probe.formatting", "hydra_probe.stats")):
+            assert "hydra_probe" not in targets, m
+    # the verdicts sit below the report: claims never imports report
+    assert not any(t.startswith("hydra_probe.report") for m, ts in edges.items() if m.startswith("hydra_probe.claims")
+                   for t in ts)

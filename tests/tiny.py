@@ -12,6 +12,8 @@ import hydra_probe as hp
 from hydra_probe.tasks import ioi_templates as T
 
 FAMILIES = ("gpt2", "neox", "llama", "mistral", "qwen2", "gemma")
+# issue 12: sandwich / post norms, soft-capping, q/k norms, sliding windows, fused projections
+NEW_FAMILIES = ("gemma2", "gemma3", "qwen3", "olmo2", "phi3", "starcoder2")
 
 WORDS = sorted({w for t in T.TEMPLATES for w in re.findall(r"\w+|[^\w\s]", re.sub(r"\{\w+\}", " ", t))}
                | set(T.TRAIN_NAMES) | set(T.HELDOUT_NAMES) | set(T.PLACES) | set(T.OBJECTS)
@@ -59,6 +61,8 @@ def hf_model(family: str, seed: int = 0, layers: int = 3, heads: int = 4, d: int
     if family == "gpt2":
         cfg = tf.GPT2Config(n_layer=layers, n_head=heads, n_embd=d, n_positions=64, **common, **kw)
         m = tf.GPT2LMHeadModel(cfg)
+    elif family in NEW_FAMILIES:
+        m = _new_family(family, layers, heads, d, common, kw)
     elif family == "neox":
         cfg = tf.GPTNeoXConfig(num_hidden_layers=layers, num_attention_heads=heads, hidden_size=d,
                                intermediate_size=2 * d, max_position_embeddings=64, **common, **kw)
@@ -73,16 +77,61 @@ def hf_model(family: str, seed: int = 0, layers: int = 3, heads: int = 4, d: int
         extra.update(kw)
         m = cls[1](cls[0](num_hidden_layers=layers, num_attention_heads=heads, **common, **extra))
     # make biases and norm weights non-trivial so decompositions are tested for real
+    # (the new families' norms get larger noise, so that a wrong norm formula shows)
+    noise = 0.5 if family in NEW_FAMILIES else 0.1
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln" in name:
-                p.add_(0.1 * torch.randn_like(p))
+                p.add_(noise * torch.randn_like(p))
     return m.eval()
+
+
+def _new_family(family: str, layers: int, heads: int, d: int, common: dict, kw: dict) -> torch.nn.Module:
+    """Tiny configs of the issue-12 families, float32 (cast with ``.double()`` for exact tests).
+
+    Defaults: grouped-query attention with one key/value head per four query heads where the head count
+    allows (Gemma, Phi-3), head_dim != d_model / heads (Gemma), sliding windows shorter than the prompts
+    (Gemma-2/3, alternate layers), Gemma-2's final logit soft-cap and attention soft-cap at 1 (small, so
+    that both bend the numbers of a random model; weights drawn with std 0.2), q/k norms (Gemma-3, Qwen3, OLMo-2).
+    """
+    kv = max(1, heads // 4)
+    base = dict(num_hidden_layers=layers, num_attention_heads=heads, hidden_size=d, intermediate_size=2 * d,
+                max_position_embeddings=64, initializer_range=0.2, **common)
+    types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if family == "gemma2":
+        cfg = tf.Gemma2Config(**base, num_key_value_heads=kv, head_dim=16, sliding_window=4, layer_types=types,
+                              final_logit_softcapping=1.0, attn_logit_softcapping=1.0, query_pre_attn_scalar=16)
+        cls = tf.Gemma2ForCausalLM
+    elif family == "gemma3":
+        cfg = tf.Gemma3TextConfig(**base, num_key_value_heads=kv, head_dim=16, sliding_window=4,
+                                  layer_types=types, query_pre_attn_scalar=16)
+        cls = tf.Gemma3ForCausalLM
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**base, num_key_value_heads=max(1, heads // 2), head_dim=8)
+        cls = tf.Qwen3ForCausalLM
+    elif family == "olmo2":
+        cfg = tf.Olmo2Config(**base, num_key_value_heads=max(1, heads // 2))
+        cls = tf.Olmo2ForCausalLM
+    elif family == "phi3":
+        cfg = tf.Phi3Config(**base, num_key_value_heads=kv)
+        cls = tf.Phi3ForCausalLM
+    else:
+        cfg = tf.Starcoder2Config(**base, num_key_value_heads=max(1, heads // 2), norm_epsilon=1e-5)
+        cls = tf.Starcoder2ForCausalLM
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cls(cfg)
 
 
 def model(family: str, seed: int = 0, **kw) -> hp.HookedModel:
     """The HookedModel of a tiny ``family`` model; llama-like families get a BOS-adding tokenizer."""
-    return hp.load_model(hf_model(family, seed, **kw), tokenizer=tokenizer(bos=family in ("llama", "mistral", "gemma")))
+    bos = family in ("llama", "mistral", "gemma") or family in NEW_FAMILIES
+    return hp.load_model(hf_model(family, seed, **kw), tokenizer=tokenizer(bos=bos))
+
+
+def model64(family: str, seed: int = 0, **kw) -> hp.HookedModel:
+    """Like :func:`model`, in float64 (for closures to 1e-5 and below)."""
+    return hp.load_model(hf_model(family, seed, **kw).double(), tokenizer=tokenizer(bos=True))
 
 
 def ioi(m: hp.HookedModel, n: int = 8, seed: int = 0, corruption: str = "abc") -> hp.Task:

@@ -14,22 +14,57 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from ..formatting import pct
+
 #: The verdicts, in the rule's order of precedence.
 VERDICTS = ("agree: important", "masked by self-repair", "necessity only", "restoration only", "agree: minor")
 
+#: How the scale of TE and DE lost is chosen (also in :data:`VERDICT_RULE`).
+SCALE_RULE = "|mean clean metric|, kept between |gap| / 2 and |gap|, with the sign of gap (|clean| where gap = 0)"
+
 VERDICT_RULE = """\
-Let gap = mean clean metric - mean corrupted metric and t = the threshold (default 0.1).
-  necessity   N = the total effect's 95% interval excludes 0 on the side of gap, and TE / gap >= t
-  restoration R = denoising restoration >= t or noising damage >= t (both already normalised on gap)
-  masked      M = self-repair is positive beyond its 95% interval (the TE is a lower bound),
-                  DE lost / gap >= t and TE < DE lost
-verdict: N and R -> "agree: important"; else M and not N -> "masked by self-repair";
+Let clean, corrupted = the mean metrics, gap = clean - corrupted, t = the threshold (default 0.1) and
+scale = |clean| kept between |gap|/2 and |gap|, signed like gap. An ablation of the clean run removes what
+the clean run has, so TE and DE lost are read against the clean metric, not the gap: a swap corruption
+(corrupted ~ -clean) doubles the gap but not the clean metric; under an abc corruption (corrupted ~ 0) the two
+agree. The bounds keep the scale meaningful where the clean metric alone is not (near 0, or a metric without a
+natural zero such as a raw logit).
+  necessity   N = TE's 95% interval excludes 0 on the side of scale, and TE / scale >= t
+  restoration R = denoising restoration >= t or noising damage >= t (shares of gap, as patching defines them)
+  lower bound L = self-repair > 0 beyond its 95% interval (the single-ablation TE understates the role)
+  backed up   B = a paired ablation confirmed a compensator d of the component (dDE_d > 0 and the interaction
+                  TE(c,d) - TE(c) - TE(d) > 0 beyond its 95% interval), or L and the iterated ablation (TE of
+                  the component once its compensators are ablated too) costs >= (1 - t) x its DE lost,
+                  DE lost > 0 beyond its interval
+  masked      M = B, or L and DE lost / scale >= t and TE < DE lost
+verdict: B -> "masked by self-repair", naming the backups, however small DE lost is beside the gap;
+         else N and R -> "agree: important"; else M and not N -> "masked by self-repair";
          else N -> "necessity only"; else R -> "restoration only"; else "agree: minor".
-Attribution estimates are shown beside the exact scores but never enter the verdict."""
+So no component that the report's own paired or iterated ablations show to be backed up reads "minor" or
+"restoration only". Attribution estimates are shown beside the exact scores but never enter the verdict."""
 
 #: Columns :func:`classify` reads (one row per component).
 CLASSIFY_COLUMNS = ("total_effect", "total_effect_lo", "total_effect_hi", "de_lost", "de_lost_lo", "de_lost_hi",
                     "restoration", "damage", "lower_bound", "confirmed_backups", "iterated_cost")
+
+
+def verdict_scale(clean: float, corrupted: float) -> float:
+    """The scale TE and DE lost are compared with (see :data:`SCALE_RULE`), metric units, signed like the gap.
+
+    ``clean``, ``corrupted``: the mean clean and corrupted metric. ``|clean|`` clipped to
+    ``[|gap| / 2, |gap|]``: under a swap corruption (corrupted = -clean) it is ``|clean|`` = |gap| / 2, under an
+    abc one (corrupted = 0) ``|clean|`` = |gap|; it never doubles with the corruption. Where the gap is 0 (a
+    corruption that leaves the metric unchanged) it is ``|clean|``.
+    """
+    gap = clean - corrupted
+    if abs(gap) <= 1e-9 * max(abs(clean), 1.0):  # a corruption that leaves the metric unchanged: only clean remains
+        return float(abs(clean))
+    mag = min(max(abs(clean), abs(gap) / 2), abs(gap))
+    return float(mag if gap >= 0 else -mag)
+
+
+def _names(x: object) -> str:
+    return x if isinstance(x, str) else ""
 
 
 def classify(frame: pd.DataFrame, threshold: float, scale: float) -> pd.DataFrame:
@@ -48,28 +83,52 @@ def classify(frame: pd.DataFrame, threshold: float, scale: float) -> pd.DataFram
             ``iterated_cost`` (float: the cost of removing the component once its
             compensators are ablated too, TE(component + compensators) -
             TE(compensators), metric units; NaN where no iterated ablation ran).
-            ``confirmed_backups`` and ``iterated_cost`` may be absent (no paired
-            or iterated evidence).
+            ``iterated_backups`` (str: those compensators, comma-separated).
+            ``confirmed_backups``, ``iterated_cost`` and ``iterated_backups`` may
+            be absent (no paired or iterated evidence).
         threshold: t in (0, 1); TE and DE lost are compared with ``t * |scale|``,
             restoration and damage (already shares of the gap) with ``t``.
         scale: the metric scale the thresholds are relative to, in metric units,
             signed like the clean - corrupted gap (a drop of the metric in that
-            direction is a loss).
+            direction is a loss): :func:`verdict_scale` of the mean clean and
+            corrupted metric.
 
     Returns:
         A frame with the same index and columns ``necessity``, ``restoring``,
-        ``masked`` (bools: the rule's N, R and M) and ``verdict`` (one of
-        :data:`VERDICTS`).
+        ``backed_up``, ``masked`` (bools: the rule's N, R, B and M),
+        ``verdict`` (one of :data:`VERDICTS`) and ``backups`` (text naming the
+        backups behind B and the evidence, e.g. ``"L3H0 (paired ablation)"``;
+        "" where B is false).
     """
     f = frame
+    n = len(f)
     te_n = f["total_effect"] / scale
     del_n = f["de_lost"] / scale
     side_lo = f["total_effect_lo"] if scale >= 0 else -f["total_effect_hi"]
+    del_lo = f["de_lost_lo"] if scale >= 0 else -f["de_lost_hi"]
     N = (side_lo > 0) & (te_n >= threshold)
     R = (f["restoration"] >= threshold) | (f["damage"] >= threshold)
-    M = f["lower_bound"].astype(bool) & (del_n >= threshold) & (te_n < del_n)
-    verdict = np.select([N & R, M & ~N, N, R], list(VERDICTS[:4]), default=VERDICTS[4])
-    return pd.DataFrame({"necessity": N, "restoring": R, "masked": M, "verdict": verdict}, index=f.index)
+    L = f["lower_bound"].astype(bool)
+    paired = (f["confirmed_backups"].map(_names).str.len() > 0 if "confirmed_backups" in f
+              else pd.Series(False, index=f.index))
+    cost_n = f["iterated_cost"] / scale if "iterated_cost" in f else pd.Series(np.full(n, np.nan), index=f.index)
+    iterated = L & (del_lo > 0) & (cost_n >= (1 - threshold) * del_n)
+    B = paired | iterated
+    M = B | (L & (del_n >= threshold) & (te_n < del_n))
+    verdict = np.select([B, N & R, M & ~N, N, R], [VERDICTS[1], *VERDICTS[:4]], default=VERDICTS[4])
+    it_names = f["iterated_backups"].map(_names) if "iterated_backups" in f else pd.Series("", index=f.index)
+    backups = []
+    for i in range(n):
+        pair = _names(f["confirmed_backups"].iloc[i]) if paired.iloc[i] else ""
+        it = (it_names.iloc[i] or "its compensators") if iterated.iloc[i] else ""
+        it_text = f"iterated ablation: {pct(cost_n.iloc[i] / del_n.iloc[i])} of DE lost" if it else ""
+        if pair and it == pair:
+            backups.append(f"{pair} (paired ablation; {it_text})")
+        else:
+            backups.append("; ".join(x for x in (pair and f"{pair} (paired ablation)", it and f"{it} ({it_text})")
+                                     if x))
+    return pd.DataFrame({"necessity": N, "restoring": R, "backed_up": B, "masked": M, "verdict": verdict,
+                         "backups": backups}, index=f.index)
 
 
 def confirmed_edges(edges_tested: pd.DataFrame | None) -> set[tuple[str, str]]:
@@ -96,6 +155,25 @@ def compensator_text(contributions: pd.DataFrame, confirmed: set[tuple[str, str]
         out[c] = ", ".join(f"{d} ({v:+.3g}{', confirmed' if (c, d) in confirmed else ''})"
                            for d, v in zip(g["downstream"], g["delta_de"]))
     return out
+
+
+def confirmed_backups(edges_tested: pd.DataFrame | None) -> dict[str, str]:
+    """Per ablated component: the compensators a paired ablation confirmed, strongest edge first, as text."""
+    e = edges_tested
+    if e is None or e.empty:
+        return {}
+    e = e[e["verified"] == "confirmed"].sort_values("weight", ascending=False, kind="stable")
+    return {c: ", ".join(g["target"]) for c, g in e.groupby("source", sort=False)}
+
+
+def iterated_costs(iterated: pd.DataFrame | None) -> tuple[dict[str, float], dict[str, str]]:
+    """({target: cost}, {target: compensators}) of an iterated ablation's summary: the cost of removing the
+    target once every compensator is ablated too (``target_marginal`` at the last step), and those compensators."""
+    if iterated is None or iterated.empty:
+        return {}, {}
+    s = iterated.sort_values("step")
+    target = str(s["ablated"].iloc[0])
+    return ({target: float(s["target_marginal"].iloc[-1])}, {target: ", ".join(map(str, s["added"].iloc[1:]))})
 
 
 def _scores(frame: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -126,7 +204,9 @@ def verdict_table(*, components: pd.DataFrame, direct: pd.DataFrame, self_repair
 
     Returns:
         One row per component, most important first, with the columns documented in
-        ``TriangulationReport.to_frame`` and ``necessity``, ``restoring``, ``masked``, ``verdict``.
+        ``TriangulationReport.to_frame``: the inputs' means and intervals, ``compensators``,
+        ``confirmed_backups``, ``iterated_cost``, ``iterated_backups``, ``te_norm`` and ``del_norm`` (TE and DE
+        lost / :func:`verdict_scale`), ``importance``, and :func:`classify`'s columns.
     """
     gap = baseline["gap"]
     de = direct[["component", "direct_effect", "direct_effect_lo", "direct_effect_hi"]]
@@ -149,15 +229,20 @@ def verdict_table(*, components: pd.DataFrame, direct: pd.DataFrame, self_repair
         t["attribution"] = np.nan
     t["compensators"] = t["component"].map(comp_text).fillna("")
     t.loc[~t["self_repair"].gt(0), "compensators"] = ""
-    t["te_norm"] = t["total_effect"] / gap
-    t["del_norm"] = t["de_lost"] / gap
+    t["confirmed_backups"] = t["component"].map(confirmed_backups(edges_tested)).fillna("")
+    cost, names = iterated_costs(iterated)
+    t["iterated_cost"] = t["component"].map(cost).astype(float)
+    t["iterated_backups"] = t["component"].map(names).fillna("")
+    scale = verdict_scale(baseline["clean_metric"], baseline["corrupted_metric"])
+    t["te_norm"] = t["total_effect"] / scale
+    t["del_norm"] = t["de_lost"] / scale
     t["importance"] = t[["te_norm", "del_norm", "restoration", "damage"]].abs().max(axis=1)
-    v = classify(t, threshold, gap)
+    v = classify(t, threshold, scale)
     for col in v.columns:
         t[col] = v[col]
     t = t.sort_values(["importance", "layer", "head"], ascending=[False, True, True], kind="stable")
     return t.reset_index(drop=True)
 
 
-__all__ = ["CLASSIFY_COLUMNS", "VERDICTS", "VERDICT_RULE", "classify", "compensator_text", "confirmed_edges",
-           "verdict_table"]
+__all__ = ["CLASSIFY_COLUMNS", "SCALE_RULE", "VERDICTS", "VERDICT_RULE", "classify", "compensator_text",
+           "confirmed_backups", "confirmed_edges", "iterated_costs", "verdict_scale", "verdict_table"]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..checks import public
 from ..components import Group, select_groups
 from ..errors import ComponentError
 from ..interventions import interventions_for
@@ -44,6 +45,7 @@ def ablation_copies(model, groups: Sequence[Group], value: str, positions) -> li
     return [interventions_for(g.members, value, model.head_dim, positions) for g in groups]
 
 
+@public
 def ablate(model: Any, task: Any, components: Any = "heads", value: Any = "mean", *, metric: Any = "logit_diff",
            positions: Any = None, seed: int = 0, progress: bool | None = None) -> Ablation:
     """Ablate each component (or joint group) in the clean run; per-prompt total effects.
@@ -86,6 +88,7 @@ def parse_pairs(model: Any, pairs: Sequence[Sequence[Any]]) -> list[tuple[Group,
     return parsed
 
 
+@public
 def paired_ablation(model: Any, task: Any, pairs: Sequence[Sequence[Any]], value: Any = "mean", *,
                     metric: Any = "logit_diff", positions: Any = None, seed: int = 0,
                     progress: bool | None = None) -> PairedAblation:

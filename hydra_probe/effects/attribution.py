@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import Component, select
 from ..errors import InputError
 from ..interventions import check_direction, site_of
@@ -114,6 +115,7 @@ def _site(c: Component, head_dim: int) -> tuple[Site, slice]:
     return site, slice(*cols) if cols else slice(None)
 
 
+@public
 def attribution_patch(model: Any, task: Any, components: Any = "heads", direction: str = "denoise", *,
                       metric: Any = "logit_diff", positions: Any = None, per_position: bool | None = None,
                       progress: bool | None = None) -> AttributionPatch:
@@ -126,6 +128,7 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     patching numbers them (from the end when prompt lengths differ).
     """
     model = as_model(model)
+    model.require_local("attribution_patch")
     check_direction(direction)
     comps = select(model, components)
     pos = positions_of(positions)

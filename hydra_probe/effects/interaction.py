@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..checks import public
 from ..components import Group, finest
 from ..results import Result
 from .ablation import parse_pairs
@@ -61,6 +62,7 @@ class InteractionParts(Result):
         return out
 
 
+@public
 def interaction_parts(model: Any, task: Any, pairs: Sequence[Sequence[Any]], value: Any = "mean",
                       scale: str = "frozen", *, metric: Any = "logit_diff", positions: Any = None, seed: int = 0,
                       progress: bool | None = None) -> InteractionParts:
@@ -74,15 +76,21 @@ def interaction_parts(model: Any, task: Any, pairs: Sequence[Sequence[Any]], val
     model = as_model(model)
     parsed = parse_pairs(model, pairs)
     groups: list[Group] = []
+    index: dict[frozenset, int] = {}  # one ablation per set of members: (c, d) and (d, c) share the joint one
     for a, b in parsed:
         for g in (a, b, Group(a.members + b.members)):
-            if g not in groups:
+            if frozenset(g.members) not in index:
+                index[frozenset(g.members)] = len(groups)
                 groups.append(g)
     sr = self_repair(model, task, [list(g.members) for g in groups], value=value, scale=scale, metric=metric,
                      positions=positions, seed=seed, progress=progress)
     frame = sr.to_frame()
     # self_repair may order a group's members its own way: map our groups to its names by position
-    names = dict(zip(groups, dict.fromkeys(frame["component"])))
+    order = list(dict.fromkeys(frame["component"]))
+
+    def name(g: Group) -> str:
+        return order[index[frozenset(g.members)]]
+
     main = frame.set_index(["component", "prompt"])
     con = sr.contributions().pivot_table(index=["component", "prompt"], columns="downstream", values="delta_de",
                                          aggfunc="sum", fill_value=0.0)
@@ -94,14 +102,14 @@ def interaction_parts(model: Any, task: Any, pairs: Sequence[Sequence[Any]], val
 
     def total(g: Group, columns: list[str]) -> pd.Series:
         """Per prompt: the sum of ``columns`` of ``g``'s contribution rows (absent rows count 0)."""
-        return con.loc[names[g]].reindex(columns=columns, fill_value=0.0).sum(axis=1)
+        return con.loc[name(g)].reindex(columns=columns, fill_value=0.0).sum(axis=1)
 
     frames = []
     for a, b in parsed:
         ab = Group(a.members + b.members)
         ra, rb = rows(a), rows(b)
-        te = {g.name: main.loc[names[g], "total_effect"] for g in (a, b, ab)}
-        sr_ = {g.name: main.loc[names[g], "self_repair"] for g in (a, b, ab)}
+        te = {g.name: main.loc[name(g), "total_effect"] for g in (a, b, ab)}
+        sr_ = {g.name: main.loc[name(g), "self_repair"] for g in (a, b, ab)}
         edge, reverse = total(a, rb), total(b, ra)
         norm = total(a, ["NORM"]) + total(b, ["NORM"]) - total(ab, ["NORM"])
         rest = [x for x in con.columns if x != "NORM" and x not in ra and x not in rb]

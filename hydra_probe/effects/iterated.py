@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..checks import public
 from ..components import Group, select_groups
 from ..errors import ComponentError
 from ..results import Result
@@ -70,6 +71,7 @@ class IteratedAblation(Result):
         return out
 
 
+@public
 def iterated_ablation(model: Any, task: Any, target: Any, compensators: Sequence[Any], value: Any = "mean", *,
                       metric: Any = "logit_diff", seed: int = 0, positions: Any = None,
                       scale: str = "frozen", progress: bool | None = None) -> IteratedAblation:

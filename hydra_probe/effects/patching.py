@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..checks import public
 from ..components import select
 from ..errors import MetricError
 from ..interventions import check_direction, interventions_for
@@ -59,6 +60,7 @@ def check_separable(clean: np.ndarray, corr: np.ndarray) -> None:
         )
 
 
+@public
 def activation_patch(model: Any, task: Any, components: Any = "heads", direction: str = "denoise", *,
                      metric: Any = "logit_diff", positions: Any = None, per_position: bool | None = None,
                      progress: bool | None = None) -> ActivationPatch:

@@ -9,6 +9,10 @@ The sender's change of its residual-stream write is
     ATTN l:   the sum of its heads' changes
     MLP l:    delta_s = mlp_out' - mlp_out
 
+(with a post-attention norm, the change of the layer's normalised write when
+the sender's heads take the other run's z, so that the rescaling of the
+layer's other heads is part of the sender's change)
+
 at every position (or ``positions`` only), taken from the cached clean and
 corrupted forwards (for a sender group, each member's change goes to the
 receivers downstream of that member). Path patching then runs ONE forward of the baseline
@@ -56,6 +60,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import Component, Group, is_downstream, select, select_groups
 from ..errors import ComponentError, OptionError
 from ..interventions import check_direction
@@ -238,32 +243,48 @@ class _Deltas:
         self._cache: dict[Any, torch.Tensor] = {}
 
     def member(self, c: Component) -> torch.Tensor:
-        if c not in self._cache:
-            ad = self.ad
-            with torch.no_grad():
-                if c.kind == "mlp":
-                    s = Site(c.layer, "mlp_out")
-                    d = self.Po.captures[s] - self.Pb.captures[s]
-                else:
-                    s = Site(c.layer, "z")
-                    dz = self.Po.captures[s] - self.Pb.captures[s]
-                    B, T, _ = dz.shape
-                    dz = dz.view(B, T, ad.n_heads, ad.head_dim)
-                    W = ad.W_O(c.layer)
-                    if c.kind == "head":
-                        d = dz[:, :, c.head] @ W[c.head]
-                    else:
-                        d = torch.einsum("bthk,hkd->btd", dz, W)
-                self._cache[c] = d * self.mask
-        return self._cache[c]
+        return self.of([c])
+
+    def _layer_heads(self, layer: int, heads: Sequence[int] | None) -> torch.Tensor:
+        """Change of layer ``layer``'s attention write when ``heads`` (None: all) take the other run's z.
+
+        Without post-attention norms this is ``sum_h (z_h' - z_h) W_O^h``; with one (Gemma-2/3, OLMo-2) the
+        layer's write ``N_post(sum_h W_O^h z_h)`` is recomputed, so the other heads' rescaling is included.
+        """
+        ad = self.ad
+        s = Site(layer, "z")
+        zb, zo = self.Pb.captures[s], self.Po.captures[s]
+        if heads is None:
+            zm = zo
+        else:
+            zm = zb.clone()
+            for h in heads:
+                zm[..., ad.head_slice(h)] = zo[..., ad.head_slice(h)]
+        if not ad.has_post_attn_norm:
+            B, T, _ = zb.shape
+            dz = (zm - zb).view(B, T, ad.n_heads, ad.head_dim)
+            return torch.einsum("bthk,hkd->btd", dz, ad.W_O(layer))
+        return ad.head_writes(layer, zm).sum(-2) - ad.head_writes(layer, zb).sum(-2)
 
     def of(self, members: Sequence[Component]) -> torch.Tensor:
         key = tuple(members)
         if key not in self._cache:
-            out = self.member(members[0])
-            for m in members[1:]:
-                out = out + self.member(m)
-            self._cache[key] = out
+            with torch.no_grad():
+                out = None
+                heads: dict[int, list[int] | None] = {}
+                for m in members:
+                    if m.kind == "mlp":
+                        s = Site(m.layer, "mlp_out")
+                        d = self.Po.captures[s] - self.Pb.captures[s]
+                        out = d if out is None else out + d
+                    elif m.kind == "attn" or heads.get(m.layer, []) is None:
+                        heads[m.layer] = None
+                    else:
+                        heads.setdefault(m.layer, []).append(m.head)  # type: ignore[union-attr,arg-type]
+                for layer, hs in heads.items():   # heads of one layer together (their post norm is shared)
+                    d = self._layer_heads(layer, hs)
+                    out = d if out is None else out + d
+            self._cache[key] = out * self.mask
         return self._cache[key]
 
 
@@ -393,6 +414,7 @@ def _forward(runner: Any, g: int, source: str, plans: Sequence[_Plan], start: in
     return m.view(k, B)
 
 
+@public
 def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: str = "noise", *,
                receiver_input: str = "qkv", scale: str = "frozen", metric: Any = "logit_diff",
                positions: Any = None, progress: bool | None = None) -> PathPatch:
@@ -421,6 +443,7 @@ def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: s
             (default: all).
     """
     model = as_model(model)
+    model.require_local("path_patch")
     check_direction(direction)
     check_scale(scale)
     if receiver_input not in RECEIVER_INPUTS:

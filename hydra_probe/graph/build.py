@@ -63,8 +63,10 @@ def component_attrs(name: str, n_layers: int | None = None) -> dict[str, Any]:
     ``A+B``; its layer is the lowest member's) and ``norm`` (``NORM``, placed
     at layer ``n_layers``).
     """
-    if name == NORM:
+    if name == NORM or name == "SOFTCAP":
         return {"kind": "norm", "layer": int(n_layers if n_layers is not None else 0)}
+    if name.startswith("POSTNORM") and name[8:].isdigit():  # a block's post-attention norm (Gemma-2/3, OLMo-2)
+        return {"kind": "norm", "layer": int(name[8:])}
     m = _HEAD.match(name)
     if m:
         return {"kind": "head", "layer": int(m.group(1)), "head": int(m.group(2))}
@@ -235,3 +237,39 @@ def hydra_slope(result: Any, *, level: float = 0.95) -> dict[str, float]:
     out = _slope(means["total_effect"].to_numpy(), means["de_lost"].to_numpy(), level)
     out["level"] = float(level)
     return out
+
+
+# ---------------------------------------------------------------- mechanisms on the edges
+def add_mechanisms(G: nx.DiGraph, mechanisms: Any, *, level: float = 0.95) -> nx.DiGraph:
+    """A copy of compensation graph ``G`` whose edges carry their mechanism split.
+
+    ``mechanisms`` is a :class:`~hydra_probe.effects.RepairMechanisms` of the
+    same model, task, ablation value and metric. Each edge ``c -> d`` gains,
+    for every mechanism with rows for (c, d), its mean amount and ``level``
+    t interval across prompts: ``pattern``, ``values`` (heads; they sum to
+    the edge's weight under the frozen scale), ``mlp`` (MLPs), ``norm`` (the
+    NORM edge, or d's rescaling under the recomputed scale), each with
+    ``_lo`` / ``_hi``. Graph attribute ``mechanism_order``: the split order.
+    """
+    from ..stats import grouped_t
+
+    if not hasattr(mechanisms, "by_downstream") or not hasattr(mechanisms, "self_repair_frame"):
+        raise InputError(f"add_mechanisms needs a RepairMechanisms result (hp.repair_mechanisms(...)); "
+                         f"got {type(mechanisms).__name__}.")
+    prov = mechanisms.provenance
+    for key in ("model", "task", "value", "metric", "n"):
+        if key in G.graph and key in prov and G.graph[key] != scalar(prov[key]):
+            raise InputError(f"the graph and the mechanisms differ in {key} ({G.graph[key]!r} vs {prov[key]!r}); "
+                             "compute both from the same model, task, value and metric.")
+    stats = grouped_t(mechanisms.to_frame(), ["component", "downstream", "mechanism"], "amount", level)
+    H = G.copy()
+    H.graph["mechanism_order"] = prov.get("order")
+    for _, s in stats.iterrows():
+        c, d, mech = s["component"], s["downstream"], s["mechanism"]
+        if not H.has_edge(c, d):
+            continue
+        attrs = H.edges[c, d]
+        _set(attrs, mech, s["mean"])
+        _set(attrs, f"{mech}_lo", s["lo"])
+        _set(attrs, f"{mech}_hi", s["hi"])
+    return H

@@ -18,6 +18,7 @@ from typing import Any
 import networkx as nx
 import pandas as pd
 
+from ..checks import public
 from ..effects.ablation import PairedAblation
 from ..effects.interaction import PARTS, interaction_parts
 from ..effects.iterated import IteratedAblation, iterated_ablation
@@ -105,6 +106,7 @@ def graph_conditions(G: nx.DiGraph, model: Any = None, value: Any = None, metric
     return {"value": value, "metric": metric, "seed": gseed, "positions": positions}
 
 
+@public
 def verify_edges(model: Any, task: Any, G: nx.DiGraph, *, top: int = 5, value: Any = None, level: float = 0.95,
                  metric: Any = None, progress: bool | None = None) -> EdgeVerification:
     """Test the ``top`` strongest positive (compensation) edges with paired ablations.
@@ -200,6 +202,7 @@ def compensators_of(G: nx.DiGraph, target: str, confirmed_only: bool = True, k: 
     return names if k is None else names[:k]
 
 
+@public
 def iterated_from_graph(model: Any, task: Any, G: nx.DiGraph, target: str, *, k: int = 3,
                         confirmed_only: bool = True, compensators: Sequence[str] | None = None,
                         progress: bool | None = None) -> IteratedAblation:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError, InterventionError
-from .sites import Site
+from ..errors import ArchitectureError, InterventionError, OptionError
+from .sites import READ_ONLY_KINDS, Site
 from .tables import ArchTable, table_for
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
@@ -122,32 +122,46 @@ class Adapter:
         self.head_dim = width // self.n_heads
         self.parallel = bool(getattr(config, t.parallel_attr, t.parallel_default)) if t.parallel_attr else False
         self.vocab_size = self.unembed.weight.shape[0]
+        #: set by a remote HookedModel: local hooks would run here, not on the server, so they refuse
+        self.remote = False
+
+    def _refuse_remote(self) -> None:
+        if self.remote:
+            raise OptionError(
+                "this analysis runs local hooks, which a remote model ignores, so it cannot run with remote=True yet; "
+                "run it on a local model (remote=False), or use ablate, self_repair, direct_effects or "
+                "activation_patch, which run remotely.")
 
     # ------------------------------------------------------------------ weights
     @property
     def device(self) -> torch.device:
-        return self.unembed.weight.device
+        """Where the unembedding computes (its accelerate execution device when it is offloaded)."""
+        return _exec_device(self.unembed, self.unembed.weight)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.unembed.weight.dtype
 
+    def param(self, module: nn.Module, name: str) -> torch.Tensor | None:
+        """``module.<name>`` as a real tensor: an offloaded (accelerate, meta-device) weight is loaded for the read."""
+        return _param(module, name)
+
     def W_O(self, layer: int) -> torch.Tensor:
         """Per-head output matrices of ``layer``: (n_heads, head_dim, d_model)."""
-        w = get_path(self.blocks[layer], self.table.o_proj).weight
+        w = _param(get_path(self.blocks[layer], self.table.o_proj), "weight")
         if self.table.o_proj_kind == "linear":
             w = w.T
         return w.reshape(self.n_heads, self.head_dim, self.d_model)
 
     def b_O(self, layer: int) -> torch.Tensor | None:
         """Bias of the attention output projection of ``layer`` (d_model,) or None."""
-        return getattr(get_path(self.blocks[layer], self.table.o_proj), "bias", None)
+        return _param(get_path(self.blocks[layer], self.table.o_proj), "bias")
 
     def norm_params(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Final norm as (gamma (d,), beta (d,) or None, eps); gamma includes Gemma's 1 + w."""
         n = self.final_norm
-        gamma = n.weight + self.table.gamma_offset
-        beta = getattr(n, "bias", None)
+        gamma = _param(n, "weight") + self.table.gamma_offset
+        beta = _param(n, "bias")
         eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
         if eps is None:
             raise ArchitectureError(f"cannot read eps of final norm {type(n).__name__}")
@@ -155,15 +169,15 @@ class Adapter:
 
     def W_U(self, ids: torch.Tensor) -> torch.Tensor:
         """Unembedding rows for token ids: (..., d_model)."""
-        return self.unembed.weight[ids]
+        return _param(self.unembed, "weight")[ids.to(self.device)]
 
     def b_U(self, ids: torch.Tensor) -> torch.Tensor | None:
-        b = getattr(self.unembed, "bias", None)
-        return None if b is None else b[ids]
+        b = _param(self.unembed, "bias")
+        return None if b is None else b[ids.to(b.device)]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm then unembedding of residual vectors x (..., d) -> (..., vocab)."""
-        return self.unembed(self.final_norm(x))
+        """Final norm then unembedding of residual vectors x (..., d) -> (..., vocab); soft-capped where the model caps."""
+        return self.apply_softcap(self.unembed(self.final_norm(x)))
 
     # ------------------------------------------------------------------ sites
     def module_of(self, site: Site) -> tuple[nn.Module, str]:
@@ -177,11 +191,11 @@ class Adapter:
         if site.kind == "z":
             return get_path(block, t.o_proj), "input"
         if site.kind == "mlp_out":
-            return get_path(block, t.mlp), "output"
+            return get_path(block, t.post_mlp_norm or t.mlp), "output"
         if site.kind == "mlp_in":
             return get_path(block, t.mlp), "input"
         if site.kind == "attn_in":
-            return get_path(block, t.attn_norm), "output"
+            return (get_path(block, t.attn), "input") if t.attn_norm is None else (get_path(block, t.attn_norm), "output")
         if site.kind == "qkv":
             if t.qkv_layout == "separate":
                 raise InterventionError(f"{t.family} has separate q/k/v projections; use sites q, k, v")
@@ -190,15 +204,22 @@ class Adapter:
             if t.qkv_layout != "separate":
                 return get_path(block, t.qkv[0]), "output"
             return get_path(block, t.qkv["qkv".index(site.kind)]), "output"
+        if site.kind in ("values", "attn_last", "mlp_act"):
+            return self.mechanism_module_of(site)
         raise InterventionError(f"unknown site kind {site.kind}")
 
     def path_of(self, site: Site) -> tuple[str, str]:
         """Dotted module path and ``"input"``/``"output"`` of ``site`` (for nnsight)."""
         t, L = self.table, site.layer
+        if site.kind in READ_ONLY_KINDS + ("mlp_act",):
+            raise InterventionError(f"site kind {site.kind!r} is read by local hooks only; load the model with "
+                                    "backend='local' to capture it.")
         if site.kind == "resid_pre":
             return (t.final_norm if L == self.n_layers else f"{t.blocks}.{L}"), "input"
-        rel = {"z": t.o_proj, "mlp_out": t.mlp, "mlp_in": t.mlp, "attn_in": t.attn_norm}.get(site.kind)
-        io = {"z": "input", "mlp_out": "output", "mlp_in": "input", "attn_in": "output"}.get(site.kind, "output")
+        rel = {"z": t.o_proj, "mlp_out": t.post_mlp_norm or t.mlp, "mlp_in": t.mlp,
+               "attn_in": t.attn_norm or t.attn}.get(site.kind)
+        io = {"z": "input", "mlp_out": "output", "mlp_in": "input",
+              "attn_in": "output" if t.attn_norm else "input"}.get(site.kind, "output")
         if rel is None:
             rel = t.qkv[0] if t.qkv_layout != "separate" or site.kind == "qkv" else t.qkv["qkv".index(site.kind)]
         return f"{t.blocks}.{L}.{rel}", io
@@ -215,13 +236,14 @@ class Adapter:
         """
         dh, H = self.head_dim, self.n_heads
         layout = self.table.qkv_layout
-        if layout == "gpt2":
-            off = "qkv".index(which) * H * dh
-            return Site(layer, "qkv"), slice(off + head * dh, off + (head + 1) * dh)
+        g = head if which == "q" else head // (H // self.n_kv_heads)
+        if layout in ("gpt2", "fused"):
+            # [q (H*dh) | k (KV*dh) | v (KV*dh)]; GPT-2 has KV = H
+            off = {"q": 0, "k": H * dh, "v": (H + self.n_kv_heads) * dh}[which]
+            return Site(layer, "qkv"), slice(off + g * dh, off + (g + 1) * dh)
         if layout == "neox":
             off = head * 3 * dh + "qkv".index(which) * dh
             return Site(layer, "qkv"), slice(off, off + dh)
-        g = head if which == "q" else head // (H // self.n_kv_heads)
         return Site(layer, which), slice(g * dh, (g + 1) * dh)
 
     @contextlib.contextmanager
@@ -238,12 +260,21 @@ class Adapter:
         """
         edits = dict(edits or {})
         captures = dict(captures or {})
+        if edits or captures:
+            self._refuse_remote()
         fired: dict[Site, int] = {s: 0 for s in set(edits) | set(captures)}
         handles = []
 
         def make(site: Site, io: str):
             edit = edits.get(site)
             cap = captures.get(site)
+            view = self.site_view(site)
+            if view is not None:  # a read-only view of the module's output (see the end of this class)
+                def post_view(mod, args, out):
+                    fired[site] += 1
+                    if cap is not None:
+                        cap(view(out))
+                return post_view
 
             def apply(x: torch.Tensor) -> torch.Tensor:
                 fired[site] += 1
@@ -263,6 +294,10 @@ class Adapter:
                 return apply(out)
             return post
 
+        bad = [str(s) for s in edits if s.kind in READ_ONLY_KINDS]
+        if bad:
+            raise InterventionError(f"{', '.join(bad)} can be captured but not edited (read-only site kinds: "
+                                    f"{', '.join(READ_ONLY_KINDS)}).")
         try:
             for site in sorted(fired, key=lambda s: s.order):
                 mod, io = self.module_of(site)
@@ -287,6 +322,7 @@ class Adapter:
 
         ``capture`` sites are kept whole (B, T, width) in ``Prefix.captures``.
         """
+        self._refuse_remote()
         L = self.n_layers
         resid: list[torch.Tensor | None] = [None] * (L + 1)
         calls: list[Any] = [None] * L
@@ -339,6 +375,7 @@ class Adapter:
         that read nothing else and edit nothing in or after that MLP; saves
         about one MLP per copy.
         """
+        self._refuse_remote()
         B = prefix.batch
         stop = self.n_layers if stop is None else stop
         h = prefix.resid[start].repeat(copies, 1, 1) if hidden is None else hidden
@@ -368,14 +405,19 @@ class Adapter:
         if which not in ("attn", "mlp"):
             raise InterventionError(f"which must be 'attn' or 'mlp'; got {which!r}")
         path = self.table.attn_norm if which == "attn" else self.table.mlp_norm
-        return get_path(self.blocks[layer], path).forward(x)
+        if path is None:  # no pre-norm (OLMo-2): the sublayer reads the residual itself
+            return x
+        mod = get_path(self.blocks[layer], path)
+        with _onloaded(mod):
+            return mod.forward(x)
 
     def project(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         """Output of the projection of ``site`` (kind q, k, v or qkv) for a normed input ``x`` (..., d_model)."""
         if site.kind not in ("q", "k", "v", "qkv"):
             raise InterventionError(f"project() takes a q, k, v or qkv site; got {site}")
         mod, _ = self.module_of(site)
-        return mod.forward(x)
+        with _onloaded(mod):
+            return mod.forward(x)
 
     @contextlib.contextmanager
     def norm_hooks(
@@ -387,6 +429,7 @@ class Adapter:
         pre-MLP norm). Yields a dict counting how often each hook fired;
         removes exactly the hooks it added, also on error.
         """
+        self._refuse_remote()
         fired = {key: 0 for key in fns}
         handles = []
 
@@ -407,6 +450,10 @@ class Adapter:
                 if which not in ("attn", "mlp"):
                     raise InterventionError(f"norm hook kind must be 'attn' or 'mlp'; got {which!r}")
                 path = self.table.attn_norm if which == "attn" else self.table.mlp_norm
+                if path is None:  # no pre-norm (OLMo-2): edit the sublayer's input, the "norm" is the identity
+                    sub = get_path(self.blocks[layer], self.table.attn if which == "attn" else self.table.mlp)
+                    handles.append(sub.register_forward_pre_hook(_identity_norm_hook(make(key)), with_kwargs=True))
+                    continue
                 mod = get_path(self.blocks[layer], path)
                 handles.append(mod.register_forward_hook(make(key), with_kwargs=True))
             yield fired
@@ -433,16 +480,258 @@ class Adapter:
         if self.table.norm_kind == "layernorm":
             d = d - d.mean(-1, keepdim=True)
         extra = gamma.to(torch.float64) * d / self.final_sigma(x)[..., None]
-        return self.unembed(self.final_norm(x) + extra.to(x.dtype))
+        return self.apply_softcap(self.unembed(self.final_norm(x) + extra.to(x.dtype)))
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """One full forward of ``ids`` (B, T); logits at the last position (B, vocab).
 
         Runs in the caller's grad mode (attribution patching differentiates it).
         """
+        self._refuse_remote()
         out = self.base(input_ids=ids.to(self.device), use_cache=False)
         h = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        return self.unembed(h[:, -1])
+        return self.apply_softcap(self.unembed(h[:, -1]))
+
+
+    # ------------------------------------------------------------------ block (post) norms and soft-capping
+    # Added for the sandwich / post-norm families (Gemma-2/3, OLMo-2) and Gemma-2's final logit soft-cap;
+    # the readout and effects read these, nothing here registers hooks.
+    def post_norm(self, layer: int, which: str = "attn") -> nn.Module | None:
+        """The norm block ``layer`` applies to its attention (``"attn"``) or MLP (``"mlp"``) output before
+        the residual add, or None when the family has none."""
+        path = self.table.post_attn_norm if which == "attn" else self.table.post_mlp_norm
+        return None if path is None else get_path(self.blocks[layer], path)
+
+    @property
+    def has_post_attn_norm(self) -> bool:
+        """Whether blocks normalise the attention output before adding it (sandwich / post norms)."""
+        return self.table.post_attn_norm is not None
+
+    def post_norm_params(self, layer: int, which: str = "attn") -> tuple[torch.Tensor, float] | None:
+        """(gamma (d,), eps) of block ``layer``'s post-attention / post-MLP norm (RMS norms: no shift), or None.
+
+        gamma includes Gemma's ``1 + w``. A post norm that centres or shifts is refused.
+        """
+        n = self.post_norm(layer, which)
+        if n is None:
+            return None
+        if self.table.norm_kind != "rmsnorm" or getattr(n, "bias", None) is not None:
+            raise ArchitectureError(f"{self.table.family}: post-sublayer norms must be RMS norms without a shift "
+                                    f"(layer {layer} has {type(n).__name__}); describe the family with "
+                                    "norm_kind='rmsnorm' or without post norms.")
+        return _param(n, "weight") + self.table.gamma_offset, _eps_of(n)
+
+    @property
+    def softcap(self) -> float | None:
+        """The final logit soft-cap c (logits = c * tanh(raw / c)), or None when the model does not cap."""
+        attr = self.table.softcap_attr
+        c = getattr(self.config, attr, None) if attr else None
+        return float(c) if c else None
+
+    def apply_softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """``c * tanh(logits / c)`` as the model's head computes it (identity without a cap)."""
+        c = self.softcap
+        return logits if c is None else torch.tanh(logits / c) * c
+
+    def head_writes(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """What each head of ``layer`` adds to the residual stream: z (..., H*dh) -> (..., H, d).
+
+        ``W_O^h z_h``, and with a post-attention norm ``gamma_post * W_O^h z_h / sigma_post`` with
+        sigma_post the RMS of the whole attention output of this ``z`` (its own scale). The output
+        projection's bias (when there is one) is not included. Model dtype.
+        """
+        W = self.W_O(layer)
+        zh = z.reshape(*z.shape[:-1], self.n_heads, self.head_dim)
+        out = torch.einsum("...hk,hkd->...hd", zh, W)
+        pn = self.post_norm_params(layer, "attn")
+        if pn is None:
+            return out
+        gamma, eps = pn
+        a = out.sum(-2)
+        b = self.b_O(layer)
+        if b is not None:
+            a = a + b
+        sigma = torch.sqrt(a.to(torch.float32).pow(2).mean(-1) + eps)
+        return (out.to(torch.float32) * gamma.to(torch.float32) / sigma[..., None, None]).to(out.dtype)
+
+
+    def foreign_hooks(self) -> list[str]:
+        """Forward (pre-)hooks and backward hooks present on the modules the package reads through, as
+        ``"path (forward hook fn)"`` strings: the model, its base, every block, attention module, output
+        projection and MLP, the final norm and the unembedding. Called before any analysis registers its own
+        hooks, so every one found belongs to someone else. Read-only."""
+        t = self.table
+        mods: list[Any] = [self.model, self.base, *self.blocks, self.final_norm, self.unembed]
+        for b in self.blocks:
+            for rel in (t.attn, t.o_proj, t.mlp):
+                with contextlib.suppress(AttributeError, IndexError):
+                    mods.append(get_path(b, rel))
+        names = {id(m): n or "<model>" for n, m in self.model.named_modules()}
+        out: list[str] = []
+        seen: set[int] = set()
+        for m in mods:
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            for attr, kind in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+                               ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook")):
+                for fn in getattr(m, attr, {}).values():
+                    if getattr(fn, "__hydra_probe_read_only__", False):  # marked by hydra_probe.checks.read_only
+                        continue
+                    fname = getattr(fn, "__qualname__", None) or type(fn).__name__
+                    out.append(f"{names.get(id(m), type(m).__name__)} ({kind} {fname})")
+        return out
+
+    # ------------------------------------------------------------------ mechanisms of self-repair
+    # (owned by the mechanisms analyses: attention weights, value vectors and neuron activations;
+    # the read-only site kinds of :mod:`.sites` resolve here.)
+    def mechanism_module_of(self, site: Site) -> tuple[nn.Module, str]:
+        """Module and ``"input"``/``"output"`` of the ``values``, ``attn_last`` and ``mlp_act`` sites."""
+        t, block = self.table, self.blocks[site.layer]
+        if site.kind == "values":
+            path = t.qkv[2] if t.qkv_layout == "separate" else t.qkv[0]
+            return get_path(block, path), "output"
+        if site.kind == "attn_last":
+            return get_path(block, t.attn), "output"
+        if site.kind == "mlp_act":
+            self.check_neuron_basis()
+            return get_path(block, t.mlp_out_proj), "input"
+        raise InterventionError(f"unknown site kind {site.kind}")
+
+    def check_neuron_basis(self) -> None:
+        """Raise :class:`ArchitectureError` when the MLP has no linear neuron basis: the table names no MLP
+        output projection, or the MLP writes through a post norm (its write is not linear in the neurons)."""
+        if getattr(self.table, "post_mlp_norm", None):
+            raise ArchitectureError(
+                f"{self.table.family} MLPs write through a post-MLP norm ({self.table.post_mlp_norm}), so an MLP's "
+                "write is not a sum over its neurons and neuron_contributions cannot split it exactly; the MLP "
+                "stays one unit (its 'mlp' row in repair_mechanisms)."
+            )
+        if not self.table.mlp_out_proj:
+            raise ArchitectureError(
+                f"the {self.table.family} table names no MLP output projection (ArchTable.mlp_out_proj), so its "
+                "MLPs have no neuron basis here; add the path of the down projection to the table "
+                "(dataclasses.replace(table, mlp_out_proj=...) and register_table) to split MLPs over neurons."
+            )
+
+    def site_view(self, site: Site) -> Callable[[Any], torch.Tensor] | None:
+        """For read-only kinds, a function of the module's raw output giving the site (B, T, width); else None."""
+        if site.kind == "attn_last":
+            def weights(out: Any) -> torch.Tensor:
+                w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+                if w is None:
+                    raise InterventionError(
+                        f"the attention module of layer {site.layer} returned no attention weights; read "
+                        "attn_last sites inside Adapter.eager_attention() (the eager implementation returns them)."
+                    )
+                return w[:, :, -1, :].transpose(1, 2)  # (B, H, Tq, Tk) -> (B, Tk, H) for the last query
+            return weights
+        if site.kind == "values" and self.table.qkv_layout != "separate":
+            H, KV, dh, layout = self.n_heads, self.n_kv_heads, self.head_dim, self.table.qkv_layout
+
+            def values(out: Any) -> torch.Tensor:
+                x = out[0] if isinstance(out, tuple) else out
+                if layout in ("gpt2", "fused"):  # [q (H*dh) | k (KV*dh) | v (KV*dh)]
+                    return x[..., (H + KV) * dh: (H + 2 * KV) * dh]
+                B, T = x.shape[:2]    # neox: per head [q | k | v]
+                return x.view(B, T, H, 3 * dh)[..., 2 * dh:].reshape(B, T, H * dh)
+            return values
+        return None
+
+    def site_width(self, site: Site) -> int:
+        """Width of a read-only or neuron site: ``values`` n_kv_heads * head_dim, ``attn_last`` n_heads,
+        ``mlp_act`` d_mlp."""
+        if site.kind == "values":
+            return self.n_kv_heads * self.head_dim
+        if site.kind == "attn_last":
+            return self.n_heads
+        if site.kind == "mlp_act":
+            return self.W_out(site.layer).shape[0]
+        raise InterventionError(f"site_width covers values, attn_last and mlp_act; got {site}")
+
+    def kv_group(self) -> torch.Tensor:
+        """For each query head, the index of the key/value group whose values it mixes: (n_heads,)."""
+        return torch.arange(self.n_heads) // (self.n_heads // self.n_kv_heads)
+
+    def W_out(self, layer: int) -> torch.Tensor:
+        """The MLP output projection of ``layer`` as (d_mlp, d_model) rows ``W_out[n]`` (neuron n's write)."""
+        self.check_neuron_basis()
+        w = _param(get_path(self.blocks[layer], self.table.mlp_out_proj), "weight")
+        return w if self.table.o_proj_kind == "conv1d" else w.T
+
+    @contextlib.contextmanager
+    def eager_attention(self) -> Iterator[None]:
+        """Run attention with the eager implementation (which returns attention weights) inside the block.
+
+        Switches ``config._attn_implementation`` (and sub-configs) and restores the
+        previous implementation on exit, also on error. Numbers equal the other
+        implementations' to floating-point error.
+        """
+        old = getattr(self.config, "_attn_implementation", None)
+        if old == "eager" or not hasattr(self.model, "set_attn_implementation"):
+            yield
+            return
+        try:
+            self.model.set_attn_implementation("eager")
+            if getattr(self.config, "_attn_implementation", None) != "eager":
+                raise ArchitectureError(
+                    f"{type(self.model).__name__} cannot switch to the eager attention implementation, which "
+                    "returns attention weights; load it with attn_implementation='eager' "
+                    "(from_pretrained(..., attn_implementation='eager')) to read attention patterns."
+                )
+            yield
+        finally:
+            self.model.set_attn_implementation(old)
+
+
+def _eps_of(n: nn.Module) -> float:
+    eps = next((float(getattr(n, a)) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(n, a)), None)
+    if eps is None:
+        raise ArchitectureError(f"cannot read eps of norm {type(n).__name__}")
+    return eps
+
+
+def _identity_norm_hook(post: Callable) -> Callable:
+    """A forward pre-hook that edits a sublayer's input as a norm hook ``post(mod, args, kwargs, out)`` would
+    edit the output of an identity norm in front of it."""
+    def pre(mod, args, kwargs):
+        return _map_first_input(args, kwargs, lambda x: post(mod, (x,), {}, x))
+    return pre
+
+
+def _exec_device(module: nn.Module, fallback: torch.Tensor) -> torch.device:
+    """The device ``module`` computes on: accelerate's execution device when it dispatched the module."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None and fallback.device.type == "meta":
+        return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    return fallback.device
+
+
+@contextlib.contextmanager
+def _onloaded(module: nn.Module) -> Iterator[None]:
+    """Within the block, an accelerate-offloaded module holds its real weights (for calling ``.forward`` directly)."""
+    if getattr(getattr(module, "_hf_hook", None), "offload", False):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            yield
+    else:
+        yield
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``getattr(module, name)``, loaded from accelerate's offload (disk or CPU) when it sits on the meta device."""
+    p = getattr(module, name, None)
+    if p is None or not isinstance(p, torch.Tensor) or p.device.type != "meta":
+        return p
+    if getattr(module, "_hf_hook", None) is None:
+        raise ArchitectureError(f"{type(module).__name__}.{name} is on the meta device (no weights loaded) and no "
+                                "accelerate hook can load it; load the model with its weights (or a device_map).")
+    from accelerate.utils import align_module_device
+
+    with torch.no_grad(), align_module_device(module):
+        return getattr(module, name).detach().clone()
 
 
 def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:

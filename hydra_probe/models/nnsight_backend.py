@@ -1,57 +1,199 @@
-"""The nnsight path: one ``LanguageModel.trace`` per run.
+"""The nnsight path: interventions as nnsight traces, run here or on NDIF.
 
-Edits and captures are expressed on nnsight envoys found from the same
-architecture table as the local path, so results are equal; with
-``model.remote`` the trace is sent to NDIF (``remote=True``).
+Edits and captures are found from the same architecture table as the local
+path, so results are equal. Everything a trace sends is plain data (module
+paths, slices, tensors) handled by the trace body below, never package code:
+a remote server (``remote=True``, NDIF or any server speaking nnsight's
+protocol) runs the body with nnsight alone. Several traces go out together in
+one ``model.session()``, i.e. one request (:func:`run_jobs`).
+
+The NDIF host and API key come from nnsight's own configuration
+(``NDIF_HOST`` / ``NDIF_API_KEY`` or ``nnsight.CONFIG.API``), as for any nnsight
+user. ``remote="local"`` uses nnsight's local simulation (serialize, deserialize
+with local modules hidden, run here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapter import check_fired, get_path
+from ..errors import InterventionError, OptionError, RemoteError
+from .adapter import get_path
 from .sites import Site
 
+#: one edit: rows [r0, r1) of the stacked batch, positions (None: all), columns [c0, c1) (None: all), and the
+#: value (r1 - r0, T, c1 - c0) to write there, or None for zeros.
+EditSpec = tuple[int, int, "list[int] | None", "int | None", "int | None", "torch.Tensor | None"]
 
-def trace_run(model: Any, ids: torch.Tensor, edits: Mapping[Site, Callable[[torch.Tensor], torch.Tensor]],
-              captures: set[Site]) -> dict[Site, torch.Tensor]:
-    """Run ``ids`` (B, T) in one nnsight trace with ``edits`` applied.
 
-    Returns the ``captures`` sites (after edits), plus the final residual
-    (``Site(n_layers, "resid_pre")``), each (B, T, width), detached. Raises
-    :class:`~hydra_probe.errors.InterventionError` when an edit never ran on a
-    real activation (local traces only; a remote trace cannot report back).
+@dataclass
+class Job:
+    """One trace: ``ids`` (B, T) stacked ``copies`` times, ``edits`` applied, ``keep`` sites returned.
+
+    ``keep[site]`` is ``"all"`` (B*copies, T, width) or ``"last"`` (B*copies, width), the last position only.
     """
-    ad = model.adapter
+
+    ids: torch.Tensor
+    edits: Mapping[Site, Sequence[EditSpec]] = field(default_factory=dict)
+    keep: Mapping[Site, str] = field(default_factory=dict)
+    copies: int = 1
+
+
+def concrete_path(model: Any, site: Site) -> tuple[str, str]:
+    """The dotted module path of ``site`` with any ``a|b`` alternative resolved on the loaded model, and its io."""
+    path, io = model.adapter.path_of(site)
+    if "|" in path:  # the same alternatives as adapter.get_path, tried on the loaded model
+        for alt in path.split("|"):
+            try:
+                get_path(model.hf_model, alt)
+            except (AttributeError, IndexError):
+                continue
+            return alt, io
+        raise InterventionError(f"none of the module paths {path!r} exists in {type(model.hf_model).__name__}")
+    return path, io
+
+
+def check_host(host: str) -> str:
+    """An NDIF host must be an http(s) URL; raise OptionError otherwise."""
+    if not isinstance(host, str) or not host.startswith(("http://", "https://")) or len(host.split("://", 1)[1]) == 0:
+        raise OptionError(f"the NDIF host {host!r} is not a URL; set NDIF_HOST (or nnsight.CONFIG.API.HOST) to "
+                          "e.g. 'https://api.ndif.us' or 'http://127.0.0.1:8289'.")
+    return host.rstrip("/")
+
+
+def remote_host(remote: Any) -> str:
+    """The host a ``remote`` setting sends to: the URL itself, or nnsight's configured host for ``True``."""
+    if isinstance(remote, str) and remote != "local":
+        return check_host(remote)
+    import nnsight
+
+    return check_host(nnsight.CONFIG.API.HOST)
+
+
+def _prepare_key(lm: Any) -> None:
+    """Let a model whose repo id needs no hub lookup (a local folder, or offline mode) go remote.
+
+    nnsight canonicalises the repo id of a remote key through the hub; a folder
+    has no hub entry, and offline there is no hub, so the id is kept as given.
+    """
+    repo = getattr(lm, "repo_id", None)
+    if not repo:
+        raise OptionError("this model has no repo id (name_or_path) for a remote server to load it by; load it "
+                          "by its hub name or from a folder (load_model('org/name', backend='nnsight', remote=True)).")
+    from nnsight.modeling import huggingface
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or Path(repo).expanduser().exists()
+    if offline:
+        huggingface._ID_CACHE.setdefault(repo, repo)
+
+
+def run_jobs(model: Any, jobs: Sequence[Job]) -> list[dict[Site, torch.Tensor]]:
+    """Run ``jobs`` as traces of one nnsight session (one request when remote).
+
+    Returns per job the ``keep`` sites (detached, on the CPU). Raises
+    :class:`~hydra_probe.errors.InterventionError` when an edit never met a real
+    activation, and :class:`~hydra_probe.errors.RemoteError` when the server
+    rejects the request or cannot be reached.
+    """
+    import nnsight
+
     lm = model.nnsight
-    final = Site(ad.n_layers, "resid_pre")
-    sites = sorted(set(edits) | set(captures) | {final}, key=lambda s: s.order)
-    saved: dict[Site, Any] = {}
     remote = getattr(model, "remote", False)
-    fired: dict[Site, int] = {s: 0 for s in edits}
-
-    def counted(s: Site, f: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Any], Any]:
-        def run(x: Any) -> Any:
-            if isinstance(x, torch.Tensor) or (isinstance(x, tuple) and x and isinstance(x[0], torch.Tensor)):
-                fired[s] += 1
-            return f(x)
-        return run
-
-    with torch.no_grad(), lm.trace(ids.to(ad.device), remote=remote):
+    if remote and remote != "local":
+        remote_host(remote)  # a host that is not a URL fails before anything is sent
+    here = not remote or remote == "local"
+    dev = model.adapter.device
+    plans = []
+    for job in jobs:
+        sites = sorted(set(job.edits) | set(job.keep), key=lambda s: s.order)
+        plan = []
         for s in sites:
-            path, io = ad.path_of(s)
-            env = get_path(lm, path)
-            if s in edits:
-                edit = edits[s] if remote else counted(s, edits[s])
-                if io == "input":
-                    env.input = edit(env.input)
-                else:
-                    env.output = edit(env.output)
-            if s in captures or s == final:
-                saved[s] = (env.input if io == "input" else env.output).save()
-    if not remote:
-        check_fired(fired, edits)
-    return {s: (v.value if hasattr(v, "value") else v).detach() for s, v in saved.items()}
+            path, io = concrete_path(model, s)
+            plan.append((path, io, list(job.edits.get(s, ())), job.keep.get(s, "")))
+        ids = job.ids.repeat(job.copies, 1)
+        plans.append((ids.to(dev) if here else ids.cpu(), plan))
+    if remote and remote != "local":
+        _prepare_key(lm)
+    try:
+        outs, hits = _session(lm, plans, remote, nnsight)
+    except Exception as e:
+        raise _remote_error(e, remote) from None
+    results = []
+    for (_, plan), out, hit in zip(plans, outs, hits):
+        dead = sorted({p for p, _, specs, _ in plan if specs} - set(hit))
+        if dead:
+            raise InterventionError(f"interventions at {', '.join(dead)} never touched a real activation in the "
+                                    "nnsight trace; the architecture table may point at a module the forward skips.")
+        sites = sorted(set(jobs[len(results)].edits) | set(jobs[len(results)].keep), key=lambda s: s.order)
+        results.append({s: v for s, v, (_, _, _, k) in zip(sites, out, plan) if k})
+    return results
+
+
+def _session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, list]:
+    # The bodies below are what a server runs: plain data and torch only (no package code).
+    with torch.no_grad(), lm.session(remote=remote):
+        outs = nnsight.save([])
+        hits = nnsight.save([])
+        for ids, plan in plans:
+            with lm.trace(ids):
+                out = []
+                hit = []
+                for path, io, specs, keep in plan:
+                    env = lm
+                    for part in path.split("."):
+                        env = env[int(part)] if part.isdigit() else getattr(env, part)
+                    x = env.input if io == "input" else env.output
+                    rest = None
+                    if isinstance(x, tuple):
+                        x, rest = x[0], x[1:]
+                    if specs:
+                        if isinstance(x, torch.Tensor):
+                            hit.append(path)
+                        x = x.clone()
+                        for r0, r1, pos, c0, c1, val in specs:
+                            p = slice(None) if pos is None else pos
+                            if val is None:
+                                x[r0:r1, p, c0:c1] = 0
+                            else:
+                                x[r0:r1, p, c0:c1] = val[:, p].to(x.device, x.dtype)
+                        y = x if rest is None else (x, *rest)
+                        if io == "input":
+                            env.input = y
+                        else:
+                            env.output = y
+                    if keep == "last":
+                        out.append(x[:, -1].detach().cpu())
+                    elif keep == "all":
+                        out.append(x.detach().cpu())
+                    else:
+                        out.append(None)
+                outs.append(out)
+                hits.append(hit)
+    return outs, hits
+
+
+def _remote_error(e: Exception, remote: Any) -> Exception:
+    """The package error for a failed nnsight run (rejected, failed or unreachable server); others pass through."""
+    if not remote or remote == "local" or isinstance(e, (InterventionError, OptionError)):
+        return e
+    try:
+        from nnsight.intervention.backends.remote import RemoteError as NnsightRemoteError
+    except ImportError:  # pragma: no cover
+        NnsightRemoteError = ()  # noqa: N806
+    host = remote_host(remote)
+    if isinstance(e, NnsightRemoteError):
+        msg = str(e)
+        if "Failed to send request" in msg and any(w in msg for w in ("Connect", "connect", "refused", "resolve")):
+            return RemoteError(f"the NDIF host {host} cannot be reached ({msg}); check NDIF_HOST "
+                               "(nnsight.CONFIG.API.HOST) and the network.")
+        return RemoteError(f"the NDIF server at {host} rejected or failed the request: {msg}")
+    if isinstance(e, (ConnectionError, OSError, TimeoutError)) or type(e).__module__.startswith("websocket"):
+        return RemoteError(f"the NDIF host {host} cannot be reached ({type(e).__name__}: {e}); check NDIF_HOST "
+                           "(nnsight.CONFIG.API.HOST) and the network.")
+    return e

@@ -13,13 +13,27 @@ Kinds (shapes are (batch, pos, width)):
     ``attn_in``    the attention module's input (after its norm), width d_model.
     ``q``, ``k``, ``v``  projection outputs (separate projections).
     ``qkv``        fused projection output (GPT-2, GPT-NeoX).
+
+Read-only kinds for the mechanisms of self-repair (captured, never edited):
+    ``values``     the value vectors attention mixes, width n_kv_heads * head_dim
+                   (one block per key/value group; sliced out of a fused projection).
+    ``attn_last``  the attention weights of the last query position: at position j,
+                   width n_heads, the weight each head puts on key j. Needs the
+                   eager attention implementation (:meth:`Adapter.eager_attention`).
+    ``mlp_act``    the input of the MLP's output projection (its neuron activations
+                   a_n, with ``mlp_out = sum_n a_n W_out[n] + b``), width d_mlp.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SITE_KINDS = ("resid_pre", "attn_in", "q", "k", "v", "qkv", "z", "mlp_in", "mlp_out")
+from ..errors import InterventionError
+
+SITE_KINDS = ("resid_pre", "attn_in", "q", "k", "v", "qkv", "values", "attn_last", "z", "mlp_in", "mlp_act",
+              "mlp_out")
+# Kinds that are derived views of a module's output: they can be captured, not edited.
+READ_ONLY_KINDS = ("values", "attn_last")
 # Order of execution inside a block; used to sort edits for nnsight traces.
 _ORDER = {k: i for i, k in enumerate(SITE_KINDS)}
 
@@ -33,7 +47,7 @@ class Site:
 
     def __post_init__(self) -> None:
         if self.kind not in _ORDER:
-            raise ValueError(f"unknown site kind {self.kind!r}; known: {', '.join(SITE_KINDS)}")
+            raise InterventionError(f"unknown site kind {self.kind!r}; known: {', '.join(SITE_KINDS)}")
 
     @property
     def order(self) -> tuple[int, int]:

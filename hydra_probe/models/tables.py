@@ -32,11 +32,31 @@ class ArchTable:
             (GPT-2's Conv1D, weight (H*dh, d_model)).
         qkv: paths of the q, k, v projections inside a block; one path for a
             fused projection.
-        qkv_layout: ``"separate"``, ``"gpt2"`` (fused [q|k|v]) or ``"neox"``
-            (fused, per head [q|k|v]).
-        mlp: path of the MLP inside a block; its output is the MLP's write
-            to the residual stream (output bias included).
-        attn_norm / mlp_norm: the pre-attention / pre-MLP norms of a block.
+        qkv_layout: ``"separate"``, ``"fused"`` (one projection, columns
+            ``[q (H*dh) | k (KV*dh) | v (KV*dh)]``: Phi-3, and GPT-2 with
+            KV = H; ``"gpt2"`` is a synonym) or ``"neox"`` (fused, per head
+            [q|k|v]).
+        mlp: path of the MLP inside a block; its input is the MLP's input
+            (after its pre-norm, if any). Without ``post_mlp_norm`` its output
+            is the MLP's write to the residual stream (output bias included).
+        attn_norm / mlp_norm: the pre-attention / pre-MLP norms of a block;
+            ``None`` where a block has none (OLMo-2 normalises outputs only).
+        post_attn_norm: the norm a block applies to the attention output
+            before adding it to the residual (Gemma-2/3 sandwich norms,
+            OLMo-2), or ``None``. Head h then writes
+            ``gamma_post * (W_O^h z_h) / sigma_post`` (DESIGN.md section 2).
+        post_mlp_norm: the norm applied to the MLP's output before the
+            residual add, or ``None``. The MLP and this norm are one unit: the
+            ``mlp_out`` site is this norm's output.
+        mlp_out_proj: path (inside a block) of the MLP's output (down)
+            projection, whose input is the neuron basis ``a_n`` with
+            ``mlp_out = sum_n a_n W_out[n] + b`` (gated MLPs, fused gate/up
+            projections such as Phi-3's ``gate_up_proj`` included); same
+            weight layout as ``o_proj_kind``. ``None``: no neuron basis is
+            known (``neuron_contributions`` refuses).
+        softcap_attr: config attribute holding the final logit soft-cap c
+            (logits = c * tanh(raw / c)), or ``None``. A value of ``None`` in
+            the config means no cap.
         final_norm: path of the final norm.
         unembed: path of the unembedding (``lm_head``).
         norm_kind: ``"layernorm"`` or ``"rmsnorm"``.
@@ -46,7 +66,8 @@ class ArchTable:
             (attention and MLP read the same block input), or ``None``.
         parallel_default: the value when the config lacks ``parallel_attr``.
         n_heads_attr / n_kv_heads_attr: config attributes for head counts.
-        embed_scaled: the base model multiplies embeddings by sqrt(d_model).
+        embed_scaled: the embeddings are multiplied by sqrt(d_model) on input
+            (only on input: a tied unembedding reads the raw matrix).
     """
 
     family: str
@@ -59,8 +80,8 @@ class ArchTable:
     qkv: tuple[str, ...]
     qkv_layout: str
     mlp: str
-    attn_norm: str
-    mlp_norm: str
+    attn_norm: str | None
+    mlp_norm: str | None
     final_norm: str
     unembed: str = "lm_head"
     norm_kind: str = "rmsnorm"
@@ -70,6 +91,10 @@ class ArchTable:
     n_heads_attr: str = "num_attention_heads"
     n_kv_heads_attr: str | None = "num_key_value_heads"
     embed_scaled: bool = False
+    post_attn_norm: str | None = None
+    post_mlp_norm: str | None = None
+    mlp_out_proj: str | None = None
+    softcap_attr: str | None = None
     notes: str = field(default="", compare=False)
 
 
@@ -90,6 +115,7 @@ GPT2 = ArchTable(
     norm_kind="layernorm",
     n_heads_attr="n_head",
     n_kv_heads_attr=None,
+    mlp_out_proj="mlp.c_proj",
 )
 
 GPT_NEOX = ArchTable(
@@ -111,6 +137,7 @@ GPT_NEOX = ArchTable(
     parallel_attr="use_parallel_residual",
     parallel_default=True,
     n_kv_heads_attr=None,
+    mlp_out_proj="mlp.dense_4h_to_h",
     notes="Pythia; parallel residual by default",
 )
 
@@ -127,6 +154,7 @@ def _llama_like(family: str, model_types: tuple[str, ...], **kw: object) -> Arch
         qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         qkv_layout="separate",
         mlp="mlp",
+        mlp_out_proj="mlp.down_proj",
         attn_norm="input_layernorm",
         mlp_norm="post_attention_layernorm",
         final_norm="model.norm",
@@ -141,17 +169,56 @@ MISTRAL = _llama_like("Mistral", ("mistral",))
 QWEN2 = _llama_like("Qwen2", ("qwen2",), notes="biases on q/k/v")
 GEMMA = _llama_like("Gemma", ("gemma",), gamma_offset=1.0, embed_scaled=True,
                     notes="first generation; norm scale is 1 + w; embeddings times sqrt(d_model)")
+_SANDWICH = dict(gamma_offset=1.0, embed_scaled=True, mlp_norm="pre_feedforward_layernorm",
+                 post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm",
+                 softcap_attr="final_logit_softcapping")
+GEMMA2 = _llama_like("Gemma-2", ("gemma2",), **_SANDWICH,
+                     notes="sandwich norms (pre and post each sublayer), norm scale 1 + w, final logit "
+                           "soft-cap; attention soft-cap and sliding windows act inside attention")
+GEMMA3 = _llama_like("Gemma-3", ("gemma3_text",), **_SANDWICH,
+                     notes="Gemma-2's block with q/k norms, local/global rotary bases and sliding windows")
+QWEN3 = _llama_like("Qwen3", ("qwen3",), notes="q/k norms per head")
+OLMO2 = _llama_like("OLMo-2", ("olmo2",), attn_norm=None, mlp_norm=None,
+                    post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm",
+                    notes="post-norm only: sublayers read the raw residual and their outputs are normalised; "
+                          "q/k norms over all heads")
+PHI3 = _llama_like("Phi-3", ("phi3",), qkv=("self_attn.qkv_proj",), qkv_layout="fused",
+                   notes="fused qkv_proj [q|k|v] (grouped-query) and gate_up_proj")
+STARCODER2 = _llama_like("StarCoder2", ("starcoder2",), norm_kind="layernorm", mlp_out_proj="mlp.c_proj",
+                         notes="LayerNorm with bias, biased projections, GELU MLP (c_fc, c_proj)")
 
 _REGISTRY: dict[str, ArchTable] = {}
 
 
+QKV_LAYOUTS = ("separate", "fused", "gpt2", "neox")
+
+
 def register_table(table: ArchTable) -> None:
-    """Register ``table`` for each of its ``model_types`` (replacing any earlier one)."""
+    """Register ``table`` for each of its ``model_types`` (replacing any earlier one).
+
+    Raises :class:`ArchitectureError` for a table that cannot work (unknown
+    norm kind or q/k/v layout, no model types, or a fused layout with
+    several q/k/v paths).
+    """
+    if not isinstance(table, ArchTable):
+        raise ArchitectureError(f"register_table takes an ArchTable; got {type(table).__name__}.")
+    if not table.model_types or not all(isinstance(mt, str) and mt for mt in table.model_types):
+        raise ArchitectureError(f"table {table.family!r} names no model types; set model_types to the "
+                                "config.model_type values it serves, e.g. ('llama',).")
+    if table.norm_kind not in ("layernorm", "rmsnorm"):
+        raise ArchitectureError(f"table {table.family!r}: norm_kind must be 'layernorm' or 'rmsnorm'; "
+                                f"got {table.norm_kind!r}.")
+    if table.qkv_layout not in QKV_LAYOUTS:
+        raise ArchitectureError(f"table {table.family!r}: qkv_layout must be one of {', '.join(QKV_LAYOUTS)}; "
+                                f"got {table.qkv_layout!r}.")
+    if len(table.qkv) != (3 if table.qkv_layout == "separate" else 1):
+        raise ArchitectureError(f"table {table.family!r}: a {table.qkv_layout!r} layout takes "
+                                f"{3 if table.qkv_layout == 'separate' else 1} q/k/v path(s); got {len(table.qkv)}.")
     for mt in table.model_types:
         _REGISTRY[mt] = table
 
 
-for _t in (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA):
+for _t in (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, GEMMA2, GEMMA3, QWEN3, OLMO2, PHI3, STARCODER2):
     register_table(_t)
 
 
@@ -165,8 +232,22 @@ def table_for(model_type: str) -> ArchTable:
     try:
         return _REGISTRY[model_type]
     except KeyError:
+        if model_type in VISION_LANGUAGE:
+            raise ArchitectureError(vision_language_message(model_type)) from None
         raise ArchitectureError(
             f"architecture {model_type!r} is not supported; supported model types: "
             f"{', '.join(supported_model_types())}. To add one, describe it with "
             "hydra_probe.models.ArchTable and call hydra_probe.models.register_table(table)."
         ) from None
+
+
+# Vision-language checkpoints whose text model has a table: model_type -> (text model_type, causal-LM class).
+VISION_LANGUAGE: dict[str, tuple[str, str]] = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+
+
+def vision_language_message(model_type: str) -> str:
+    """What to do with a vision-language ``model_type`` whose text model hydra_probe can analyse."""
+    text, cls = VISION_LANGUAGE[model_type]
+    return (f"{model_type!r} is a vision-language model; hydra_probe analyses its text model ({text!r}). "
+            f"Load the checkpoint by name or folder with hydra_probe.load_model(...) (it reads the language "
+            f"model through transformers' {cls}), or pass transformers.{cls}.from_pretrained(...) yourself.")

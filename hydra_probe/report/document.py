@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..claims import SCALE_RULE
 from ..formatting import ci, fmt, pct
 from ..results import _jsonable
 from .blocks import Doc
@@ -32,6 +33,7 @@ from .prose import (
     rerun_command,
     verdict_rule_text,
 )
+from .why_it_repairs import why_it_repairs
 
 FILES = {
     "report.md": "this report (Markdown; figures linked from figures/)",
@@ -112,7 +114,8 @@ def task_and_baseline(d: Doc, ctx: Context) -> None:
             ("seed", str(cfg["seed"])),
             ("clean metric (mean)", fmt(b["clean_metric"])),
             ("corrupted metric (mean)", fmt(b["corrupted_metric"])),
-            ("gap (clean - corrupted)", fmt(b["gap"]))]
+            ("gap (clean - corrupted)", fmt(b["gap"])),
+            ("verdict scale (TE, DE lost)", f"{fmt(b['verdict_scale'])} = {SCALE_RULE}")]
     if metric == "logit_diff":
         rows += [("clean accuracy (answer above alternative)", pct(b["clean_accuracy"])),
                  ("corrupted accuracy", pct(b["corrupted_accuracy"]))]
@@ -129,15 +132,16 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
                                                  ctx.max_rows)
     metric, val, corr = ctx.metric, ctx.value, ctx.corruption
     d.h(2, "Triangulation table")
-    d.p("One row per component, most important first (importance = the largest of |TE|/gap, |DE lost|/gap, "
-        "restoration, damage). Metric units unless marked %; intervals are 95% Student-t intervals of the mean "
+    d.p("One row per component, most important first (importance = the largest of |TE|/scale, |DE lost|/scale, "
+        "restoration, damage; scale: see the rule below). Metric units unless marked %; intervals are 95% Student-t intervals of the mean "
         f"across prompts. **TE** = `{metric}`(clean) - `{metric}`(clean, component {val}-ablated); **DE** = direct "
         "effect on the clean run; **SR** = self-repair = DE lost - TE, positive when downstream components restore "
         "what the ablation removed; **lower bound** = SR > 0 beyond its interval, so TE understates the role; "
         f"**restoration** = denoising score (clean activation into the `{corr}`-corrupted run); **damage** = "
         "noising score (corrupted activation into the clean run); both as a share of the gap. **attribution** = "
-        "first-order estimate of restoration (never used in the verdict). SR/DE lost is left blank where DE lost is "
-        "under 1% of the gap.")
+        "first-order estimate of restoration (never used in the verdict); **backups** = the compensators behind a "
+        "masked verdict, with the ablation that confirmed them. SR/DE lost is left blank where DE lost is under 1% "
+        "of the scale.")
     d.pre(verdict_rule_text(rep))
     show = t.head(max_rows)
     tab = pd.DataFrame({
@@ -152,6 +156,7 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
                                                                             show["del_norm"])],
         "lower bound": ["yes" if x else "" for x in show["lower_bound"]],
         "compensators": show["compensators"],
+        "backups": show["backups"],
         "restoration": [pct(x) for x in show["restoration"]],
         "damage": [pct(x) for x in show["damage"]],
         "attribution": [pct(x) for x in show["attribution"]],
@@ -160,9 +165,13 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
     d.table(tab, f"Conditions: {claim_conditions(prov)}."
             + (f" Top {max_rows} of {len(t)} rows; all in tables/triangulation.csv." if len(t) > max_rows else ""))
     d.h(3, "Claims for the top components")
-    d.items([component_sentence(row, prov, rep) for _, row in t.head(len(top)).iterrows()])
+    backed = t[t["backed_up"].astype(bool) & ~t["component"].isin(top)]
+    if len(backed):
+        d.p(f"The top {len(top)} components by importance, then the {len(backed)} other components whose backups "
+            "paired or iterated ablation confirmed.")
+    d.items([component_sentence(row, prov, rep) for _, row in pd.concat([t.head(len(top)), backed]).iterrows()])
     if "evidence_map" in figures:
-        d.fig("evidence_map", "Necessity (TE / gap) against restoration (denoising score), coloured by verdict; "
+        d.fig("evidence_map", "Necessity (TE / scale) against restoration (denoising score), coloured by verdict; "
                               f"dotted lines at the threshold {cfg['threshold']}.")
 
 
@@ -358,6 +367,7 @@ SECTIONS: list[Callable[[Doc, Context], None]] = [
     compensation_graph,
     paired_confirmations,
     iterated_ablation,
+    why_it_repairs,
     path_patching,
     attribution,
     notes,

@@ -216,7 +216,7 @@ def te_vs_de_lost(table: pd.DataFrame, hydra: dict[str, float] | None = None, *,
 
 # ------------------------------------------------------------------ evidence map
 def evidence_map(table: pd.DataFrame, threshold: float, *, label: Sequence[str] = (), caption: str = "") -> Any:
-    """Necessity (TE / gap) against restoration (denoise score), coloured by verdict."""
+    """Necessity (TE / verdict scale, ``te_norm``) against restoration (denoise score), coloured by verdict."""
     import seaborn as sns
 
     with _style():
@@ -237,7 +237,7 @@ def evidence_map(table: pd.DataFrame, threshold: float, *, label: Sequence[str] 
         ax.axhline(threshold, color="#777777", linewidth=0.6, linestyle=":")
         ax.axvline(0, color="black", linewidth=0.5)
         ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_xlabel("necessity: total effect of ablation / (clean - corrupted)")
+        ax.set_xlabel("necessity: total effect of ablation / verdict scale")
         ax.set_ylabel("restoration: denoising score")
         _title(ax, "Necessity-style vs restoration-style evidence per component")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title="verdict", title_fontsize=7)

@@ -59,6 +59,9 @@ def component_sentence(row: pd.Series, prov: dict[str, Any], rep: Any) -> str:
               "total effect exceeds the direct effect lost.")
     else:
         s += " Self-repair is not significant here."
+    if bool(row["backed_up"]):
+        s += (f" **Backed up**: {row['backups']}; ablating it alone hides that much of its role, so its verdict is "
+              "masked by self-repair.")
     s += (f" Denoising (its clean activation patched into the `{corr}`-corrupted run) restores "
           f"{pct(row['restoration'])} of the clean-corrupted gap; noising (its corrupted activation in the clean run) "
           f"removes {pct(row['damage'])}.")
@@ -82,11 +85,30 @@ def findings_text(rep: Any) -> str:
     return "\n".join(findings(rep)).replace("**", "").replace("`", "")
 
 
+def masked_findings(t: pd.DataFrame) -> list[str]:
+    """The components masked by self-repair with the backups that paired or iterated ablation confirmed (one
+    item), and those masked on self-repair alone (another); nothing when there are none."""
+    out = []
+    m = t[t["verdict"] == "masked by self-repair"]
+    backed = m[m["backed_up"].astype(bool)]
+    if len(backed):
+        out.append(f"Masked by self-repair, with confirmed backups ({len(backed)}): " + "; ".join(
+            f"{r.component} (TE {fmt(r.total_effect)}, DE lost {fmt(r.de_lost)}, self-repair {fmt(r.self_repair)}; "
+            f"backed up by {r.backups})" for r in backed.itertuples()) + ".")
+    rest = m[~m["backed_up"].astype(bool)]
+    if len(rest):
+        out.append(f"Masked by self-repair, backups not confirmed by paired ablation ({len(rest)}): " + "; ".join(
+            f"{r.component} (TE {fmt(r.total_effect)}, DE lost {fmt(r.de_lost)}"
+            + (f"; compensators {r.compensators}" if r.compensators else "") + ")" for r in rest.itertuples()) + ".")
+    return out
+
+
 def findings(rep: Any) -> list[str]:
-    """Key findings, one item each: baseline, Hydra slope, lower bounds, verdict counts, confirmations,
-    iterated ablation."""
+    """Key findings, one item each: the masked components and their backups first, then the baseline, the
+    Hydra slope, lower bounds, verdict counts, confirmations and the iterated ablation."""
     b, prov, t = rep.baseline, rep.provenance, rep.to_frame()
-    out = [f"Model {prov.get('model')}, task {prov.get('task')} (corruption {prov.get('corruption')}, "
+    out = masked_findings(t)
+    out += [f"Model {prov.get('model')}, task {prov.get('task')} (corruption {prov.get('corruption')}, "
            f"n = {prov.get('n')} prompt pairs), metric {prov.get('metric')}: clean {fmt(b['clean_metric'])}, "
            f"corrupted {fmt(b['corrupted_metric'])}, gap {fmt(b['gap'])}."]
     h = rep.hydra
@@ -129,8 +151,11 @@ def findings(rep: Any) -> list[str]:
 
 
 def verdict_rule_text(rep: Any) -> str:
-    """:data:`~hydra_probe.claims.VERDICT_RULE` with this report's threshold."""
-    return VERDICT_RULE.replace("(default 0.1)", f"(here {rep.config['threshold']})")
+    """:data:`~hydra_probe.claims.VERDICT_RULE` with this report's threshold, baseline and scale."""
+    b = rep.baseline
+    return (VERDICT_RULE.replace("(default 0.1)", f"(here {rep.config['threshold']})")
+            + f"\nHere: clean {fmt(b['clean_metric'])}, corrupted {fmt(b['corrupted_metric'])}, gap {fmt(b['gap'])}, "
+            f"scale {fmt(b['verdict_scale'])}.")
 
 
 def rerun_command(rep: Any) -> str:

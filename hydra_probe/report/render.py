@@ -21,6 +21,7 @@ def _md_cell(x: Any) -> str:
 
 
 def to_markdown(doc: Doc) -> str:
+    """The document as Markdown (figures linked as ``figures/{name}.png``, with an SVG link)."""
     out: list[str] = []
     for b in doc.blocks:
         k = b[0]
@@ -72,6 +73,8 @@ _NUMBER = re.compile(r"^[-+]?(\d|\.\d)")
 
 
 def to_html(doc: Doc, figures: dict[str, Path], title: str) -> str:
+    """The document as one self-contained HTML page: inline :data:`CSS`, figures ({name: png path}) embedded as
+    ``data:`` URIs (figures not drawn are left out), no scripts, no external resources."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"]

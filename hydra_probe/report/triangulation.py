@@ -21,19 +21,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..claims import VERDICT_RULE, VERDICTS, verdict_table
+from ..checks import public
+from ..claims import VERDICT_RULE, VERDICTS, verdict_scale, verdict_table
 from ..components import select
 from ..effects import activation_patch, attribution_patch, direct_effects, iterated_ablation, path_patch, self_repair
 from ..effects.common import as_model, check_scale, check_task, make_runner, value_name
 from ..errors import ComponentError, MetricError, OptionError
-from ..graph import compensation_graph, compensators_of, hydra_slope, verify_edges
+from ..graph import add_mechanisms, compensation_graph, compensators_of, hydra_slope, verify_edges
 from ..metrics import get_metric
 from .prose import findings_text
 from .store import read_report
+from .why_it_repairs import mechanism_step
 from .writer import save_report
 
-#: Sections of the report, in order, with what each one runs.
-SECTIONS = {
+#: The analyses ``triangulate`` runs, in order, with the call each one makes.
+ANALYSES = {
     "direct_effects": "direct_effects(model, task, components, scale)",
     "self_repair": "self_repair(model, task, components, value, scale): total effect, DE lost, self-repair",
     "patch_denoise": "activation_patch(..., direction='denoise'): clean activation into the corrupted run",
@@ -42,6 +44,8 @@ SECTIONS = {
     "graph": "compensation_graph(self_repair) + verify_edges (paired ablations of the strongest edges)",
     "iterated_ablation": "iterated_ablation(target, its compensators)",
     "path_patch": "path_patch(top components -> logits | every head and MLP, noise): direct vs indirect paths",
+    "why_it_repairs": "repair_mechanisms(components) + layer_regression + neuron_contributions(top component, "
+                      "its most compensating MLP): the mechanisms of self-repair",
 }
 
 class Steps:
@@ -124,13 +128,15 @@ class TriangulationReport:
 
     @property
     def baseline(self) -> dict[str, float]:
-        """Mean clean and corrupted metric and their gap (from the denoising result's frame)."""
+        """Mean clean and corrupted metric, their gap, accuracies, and the scale the verdict rule reads TE and
+        DE lost against (:func:`~hydra_probe.claims.verdict_scale`), from the denoising result's frame."""
         f = self.results["patch_denoise"].to_frame()
         g = f.drop_duplicates("prompt")
         clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
         return {"clean_metric": clean, "corrupted_metric": corr, "gap": clean - corr,
                 "clean_accuracy": float((g["clean_metric"] > 0).mean()),
-                "corrupted_accuracy": float((g["corrupted_metric"] > 0).mean())}
+                "corrupted_accuracy": float((g["corrupted_metric"] > 0).mean()),
+                "verdict_scale": verdict_scale(clean, corr)}
 
     def to_frame(self) -> pd.DataFrame:
         """The per-component triangulation table (one row per component, ranked by importance).
@@ -149,9 +155,16 @@ class TriangulationReport:
         q < 0.05, or whose edge a paired ablation confirmed);
         ``restoration`` (denoising score) and ``damage`` (noising score)
         with intervals; ``attribution`` (estimate / gap, comparable with
-        restoration); ``te_norm``, ``del_norm`` (TE and DE lost / gap);
-        ``importance`` (the largest of |te_norm|, |del_norm|, |restoration|,
-        |damage|) and ``verdict`` (see :data:`VERDICT_RULE`).
+        restoration); ``confirmed_backups`` (compensators a paired ablation
+        confirmed), ``iterated_cost`` (the cost of removing the iterated
+        ablation's target once its compensators are ablated too; NaN for
+        other components) and ``iterated_backups`` (those compensators);
+        ``te_norm``, ``del_norm`` (TE and DE lost / the verdict scale,
+        ``baseline["verdict_scale"]``); ``importance`` (the largest of
+        |te_norm|, |del_norm|, |restoration|, |damage|); the rule's
+        ``necessity``, ``restoring``, ``backed_up``, ``masked``; ``verdict``
+        and ``backups`` (the backups behind a "masked" verdict, with their
+        evidence). See :data:`VERDICT_RULE`.
         """
         if self._table is None:
             self._table = _assemble(self)
@@ -212,10 +225,11 @@ def _assemble(rep: TriangulationReport) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- main entry
+@public
 def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "frozen", metric: Any = "logit_diff",
                 components: Any = "heads", top: int = 5, seed: int = 0, threshold: float = 0.1,
                 graph_threshold: float | None = None, graph_top_k: int = 5, iterate: int = 3,
-                progress: bool | None = None) -> TriangulationReport:
+                progress: bool | None = None, mechanisms: bool = True) -> TriangulationReport:
     """Run every analysis on ``model`` and ``task`` and return a :class:`TriangulationReport`.
 
     Args:
@@ -231,13 +245,17 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         top: how many of the most important components get the expensive
             follow-ups (path patching, paired confirmations, figures).
         seed: seeds resample donors (the task has its own seed).
-        threshold: the verdict threshold, as a fraction of the clean -
-            corrupted gap (see :data:`VERDICT_RULE`).
+        threshold: the verdict threshold t: TE and DE lost are compared with
+            t x the verdict scale (the clean metric, see :data:`VERDICT_RULE`),
+            restoration and damage (shares of the gap) with t.
         graph_threshold: keep compensation edges with ``|weight|`` above this
             (default: 0.5 % of ``|gap|``); ``graph_top_k`` per ablated component.
         iterate: compensators added in the iterated ablation of the most
             self-repaired component.
         progress: step messages and progress bars on stderr (default: on a terminal).
+        mechanisms: run "Why it repairs" (:func:`~hydra_probe.effects.repair_mechanisms` over the
+            components, the per-layer regression, and the neurons of the most compensating MLP);
+            local backend only (skipped with a note otherwise).
     """
     model = as_model(model)
     check_scale(scale)
@@ -249,7 +267,8 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise OptionError(f"top must be a positive integer; got {top!r}.")
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
-        raise OptionError(f"threshold must be a fraction of the clean - corrupted gap in (0, 1); got {threshold!r}.")
+        raise OptionError(f"threshold must be a fraction in (0, 1) (of the verdict scale for TE and DE lost, "
+                          f"of the clean - corrupted gap for restoration and damage); got {threshold!r}.")
     if isinstance(iterate, bool) or not isinstance(iterate, (int, np.integer)) or iterate < 0:
         raise OptionError(f"iterate must be an integer >= 0; got {iterate!r}.")
     comps = select(model, components)
@@ -260,7 +279,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     check_task(model, task)
     make_runner(model, task, metric, value, seed)  # validates value, metric and resample donors; runs nothing
 
-    steps = Steps(total=8, enabled=progress)
+    steps = Steps(total=9 if mechanisms else 8, enabled=progress)
     bars = progress
     results: dict[str, Any] = {}
     notes: list[str] = []
@@ -283,7 +302,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     cfg = {"value": vname if isinstance(value, str) else f"mean over {getattr(value, 'name', 'reference')}",
            "scale": scale, "metric": m.name, "components": components if isinstance(components, str) else names,
            "top": int(top), "seed": int(seed), "threshold": float(threshold), "graph_top_k": int(graph_top_k),
-           "iterate": int(iterate)}
+           "iterate": int(iterate), "mechanisms": bool(mechanisms)}
     rep = TriangulationReport(results=results, config=cfg, task_info=_task_info(task), task_pairs=list(task.pairs),
                               agreement=agreement, notes=notes, model_info=_model_info(model))
     gap = rep.baseline["gap"]
@@ -316,6 +335,15 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         # (all indirect paths through downstream components)
         results["path_patch"] = path_patch(model, task, senders=top_names, receivers=[["logits"], ["all"]],
                                            direction="noise", scale=scale, progress=bars, **kw)
+
+    if mechanisms:
+        with steps.step("why_it_repairs", f"why it repairs: mechanisms of self-repair of {len(names)} components"):
+            mech, why = mechanism_step(model, task, components=names, top=top_names, value=value, scale=scale,
+                                       metric=metric, seed=seed, progress=bars)
+            results.update(mech)
+            notes.extend(why)
+            if graph is not None and "repair_mechanisms" in mech:
+                graph = add_mechanisms(graph, mech["repair_mechanisms"])
 
     hydra = hydra_slope(results["self_repair"])
     rep.results, rep.graph, rep.edges_tested, rep.hydra, rep.notes = dict(results), graph, tested, hydra, notes
@@ -370,4 +398,4 @@ def _model_info(model: Any) -> dict[str, Any]:
             "d_model": model.d_model}
 
 
-__all__ = ["SECTIONS", "VERDICTS", "VERDICT_RULE", "TriangulationReport", "triangulate"]
+__all__ = ["ANALYSES", "VERDICTS", "VERDICT_RULE", "TriangulationReport", "triangulate"]

@@ -1,6 +1,6 @@
 """Execution of interventions (fast local path and nnsight path)."""
 
 from .readout import Readout
-from .runner import CopyOutput, Runner
+from .runner import Runner, RunOutput
 
-__all__ = ["CopyOutput", "Readout", "Runner"]
+__all__ = ["RunOutput", "Readout", "Runner"]

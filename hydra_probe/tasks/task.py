@@ -157,16 +157,18 @@ def from_pairs(model: Any, rows: Iterable[Mapping[str, Any]], *, name: str = "cu
         ans.append(a)
         alt.append(b)
     return Task(pairs, name, corruption, seed, clean, corr, torch.tensor(ans), torch.tensor(alt),
-                getattr(model, "name", ""))
+                getattr(model, "name", ""), {"tokenizer": tokenizer_fingerprint(tok)})
 
 
 def from_jsonl(model: Any, path: str | os.PathLike, *, name: str | None = None) -> Task:
     """Read a task from a JSONL file (one pair an object); malformed lines are reported by number."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise TaskError(f"task file {str(p)!r} does not exist; give a JSONL file of {{clean, corrupted, answer, alternative}} rows.")
     rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    from ..io import read_text
+
+    for i, line in enumerate(read_text(p, TaskError, "task file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -183,3 +185,42 @@ def from_jsonl(model: Any, path: str | os.PathLike, *, name: str | None = None) 
     if not rows:
         raise TaskError(f"task file {p} holds no rows.")
     return from_pairs(model, rows, name=name or p.stem, corruption="custom")
+
+
+_FINGERPRINTS: Any = None
+_PROBE = "When Mary and John went to the store, John gave a drink to Mary. 0123 !?"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of a tokenizer's vocabulary and of how it tokenizes a probe text (special tokens included).
+
+    Two tokenizers with the same fingerprint give the same ids for the same text; a task records the
+    fingerprint of the tokenizer it was built with, and analyses refuse a model whose tokenizer differs.
+    """
+    import hashlib
+    import weakref
+
+    global _FINGERPRINTS
+    if _FINGERPRINTS is None:
+        _FINGERPRINTS = weakref.WeakKeyDictionary()
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = -1
+    try:
+        n, fp = _FINGERPRINTS[tokenizer]
+        if n == size:
+            return fp
+    except (KeyError, TypeError):
+        pass
+    try:
+        vocab = sorted(tokenizer.get_vocab().items())
+    except Exception:  # noqa: BLE001 - a tokenizer without get_vocab: hash the probe only
+        vocab = []
+    probe = list(tokenizer(_PROBE)["input_ids"])
+    fp = hashlib.sha256(json.dumps([vocab, probe], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    try:
+        _FINGERPRINTS[tokenizer] = (size, fp)
+    except TypeError:
+        pass
+    return fp

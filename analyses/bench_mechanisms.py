@@ -1,0 +1,91 @@
+"""Benchmark: the cost of repair_mechanisms relative to self_repair, measured in one run.
+
+Times, on the same model, prompts and components, ``self_repair`` and
+``repair_mechanisms`` (each split order) and prints one line per shape and op:
+
+    shape=NAME op=repair_mechanisms[ORDER] self_repair_s=S mechanisms_s=M ratio=R
+
+ratio = repair_mechanisms time / self_repair time (best of ``--repeats``).
+Both run one stacked ablated forward per component restarted at its layer;
+repair_mechanisms adds eager attention (which returns its weights), the
+captures of each downstream layer's last-query weights (and, for
+``values_first``/``symmetric``, value vectors at every position) and their
+reduction. Random-weight configs, no downloads. Usage:
+    python analyses/bench_mechanisms.py [--shapes small,gpt2-small] [--threads 2] [--prompts 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import transformers as tf
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import hydra_probe as hp  # noqa: E402
+from hydra_probe.tasks.task import Task  # noqa: E402
+
+SHAPES = {
+    "small": dict(n_layer=6, n_head=8, n_embd=256, vocab_size=50257),
+    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257),
+}
+
+
+def make(shape: str, n_prompts: int, n_tokens: int, seed: int = 0):
+    from tokenizers import Tokenizer, models
+
+    torch.manual_seed(seed)
+    hf = tf.GPT2LMHeadModel(tf.GPT2Config(n_positions=64, **SHAPES[shape])).eval()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+                                     unk_token="[UNK]")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, hf.config.vocab_size, (n_prompts, n_tokens), generator=g)
+    corr = torch.randint(0, hf.config.vocab_size, (n_prompts, n_tokens), generator=g)
+    ans = torch.randint(0, hf.config.vocab_size, (n_prompts,), generator=g)
+    alt = (ans + 1) % hf.config.vocab_size
+    task = Task([{"clean": "", "corrupted": "", "answer": "", "alternative": ""}] * n_prompts, "random", "random",
+                seed, list(ids), list(corr), ans, alt)
+    return hp.load_model(hf, tokenizer=tok), task
+
+
+def best(fn, repeats: int) -> float:
+    out = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t0)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="small")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--components", default="all")
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    for shape in a.shapes.split(","):
+        bench(shape, a)
+
+
+def bench(shape: str, a: argparse.Namespace) -> None:
+    m, task = make(shape, a.prompts, a.tokens)
+    kw = dict(value="mean", progress=False)
+    sr = best(lambda: hp.self_repair(m, task, a.components, **kw), a.repeats)
+    for order in ("pattern_first", "values_first", "symmetric"):
+        mech = best(lambda o=order: hp.repair_mechanisms(m, task, a.components, order=o, **kw), a.repeats)
+        sys.stdout.write(f"shape={shape} op=repair_mechanisms[{order}] components={a.components} "
+                         f"prompts={a.prompts} tokens={a.tokens} self_repair_s={sr:.3f} mechanisms_s={mech:.3f} "
+                         f"ratio={mech / sr:.2f}\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
