@@ -252,7 +252,8 @@ def check_corruptions(tasks: Mapping[str, Any], corruptions: Sequence[Any]) -> N
         bad = [c for c in corruptions if c not in can]
         if bad:
             raise TaskError(
-                f"the task {fam!r} ({t.name}, corruption {t.corruption!r}) cannot make the corruption "
+                f"the task {fam!r} ({'' if fam == t.name else t.name + ', '}corruption {t.corruption!r}) cannot make "
+                f"the corruption "
                 f"{', '.join(map(repr, bad))}: it has only {', '.join(map(repr, can))}"
                 + (" (its corrupted prompts come with it, e.g. from a JSONL file)" if len(can) == 1 else "")
                 + f". Pass corruptions={can!r}, or a task built by tasks.ioi."
