@@ -260,3 +260,19 @@ def test_cli_conditions_writes_a_folder_and_refuses_bad_lists(tmp_path, capsys):
     assert main(["report", "--task", str(path), "--conditions", "swap", "--out", str(tmp_path / "r")]) == 2
     assert "cannot make the corruption 'swap'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "r").exists()
+
+
+def test_clean_runs_are_shared_by_corruptions_and_metrics(monkeypatch):
+    from hydra_probe.models.adapter import Adapter
+
+    model = tiny.model("gpt2", layers=2, initializer_range=0.5)
+    task = hp.tasks.ioi(model, n_prompts=6, corruption="swap", seed=1)
+    calls = []
+    real = Adapter.prefix
+    monkeypatch.setattr(Adapter, "prefix", lambda self, ids, *a, **k: calls.append(ids) or real(self, ids, *a, **k))
+    compare_conditions(model, task, ["L1H0"], metrics=("logit_diff", "logit", "logprob"), progress=False)
+    clean = {tuple(map(tuple, t.tolist())) for t in (task.batch(g) for g in task.groups())}
+    ran = [tuple(map(tuple, c.tolist())) for c in calls]
+    # one unedited forward per length group of clean prompts, and of each corruption's corrupted prompts
+    assert sorted(ran.count(c) for c in clean) == [1] * len(clean)
+    assert len(ran) == 3 * len(task.groups())

@@ -16,11 +16,13 @@ condition and component, :func:`compare_conditions` measures
 The numbers of a cell are those of the single-condition analyses
 (``self_repair`` or ``ablate``, ``activation_patch`` in both directions) run
 on their own with that corruption, value and metric. Work is shared where the
-runner allows: clean prompts are the same for every corruption, so each
-ablation value is run once per prompt family (all values in one stacked
-sweep), each corruption's patching once per direction, and every metric is
-read from the same forwards (a further linear metric needs its own readout,
-so its ablations run again).
+runner allows: clean prompts are the same for every corruption, so their
+unedited forwards and means are computed once per prompt family
+(``Runner.share_clean_runs``), each ablation value is run once (all values in
+one stacked sweep), each corruption's patching once per direction (its
+corrupted forwards are the only new unedited runs), and every metric is read
+from the same forwards (a further linear metric needs its own readout, so its
+ablations run again).
 
 Prompt families: pass a mapping ``{name: task}`` (or use
 :func:`compare_tasks`); the family is then one more factor of the summary.
@@ -362,6 +364,9 @@ def compare_conditions(model: Any, task: Any, components: Any = "heads",
     results: dict[tuple, Result] = {}
     rows, abl_frames, patch_frames = [], [], []
     for fam, by_c, runners, extra in plans:
+        r0 = runners[corruptions[0]]
+        for r in [*list(runners.values())[1:], *extra.values()]:
+            r.share_clean_runs(r0)  # the clean prompts are the same: only corrupted runs are new
         # baselines first: where a corruption does not move a metric, patching scores are undefined
         base, separable = {}, {}
         for c, r in runners.items():
@@ -411,9 +416,9 @@ def compare_conditions(model: Any, task: Any, components: Any = "heads",
             "task_seed": first.seed, "version": package_version(),
             "reference": {"family": next(iter(tasks)), "corruption": corruptions[0], "value": values[0],
                           "metric": ms[0].name},
-            "shared": "clean prompts shared by all corruptions; ablation values stacked in one sweep per family; "
-                      "every metric read from the same forwards (further linear metrics re-run the ablations "
-                      "for their readout)"}
+            "shared": "clean forwards and means shared by all corruptions and metrics; ablation values stacked in "
+                      "one sweep per family; every metric read from the same forwards (further linear metrics "
+                      "re-run the ablations for their readout)"}
     out = ConditionComparison(frame, prov, {"ablation": ab, "patching": pt})
     out.results = results
     return out
