@@ -356,6 +356,19 @@ ENTRIES: list[Entry] = [
     Entry("greater-than-tokenizer", "Natural text and tasks",
           "Greater-than on a tokenizer without two-digit year tokens",
           "hp.tasks.greater_than(m, 8)", "TaskError", ("century token", "two-digit")),
+    # ------------------------------------------------------------------ conditions (compare_conditions)
+    Entry("conditions-unknown-corruption", "Conditions", "An unknown corruption in the list of conditions",
+          "hp.compare_conditions(m, task, corruptions=('abc', 'shuffle'))", "OptionError",
+          ("unknown corruption 'shuffle'", "swap, abc")),
+    Entry("conditions-corruption-not-makeable", "Conditions", "A corruption the task cannot make (its own only)",
+          "hp.compare_conditions(m, own)", "TaskError",
+          ("cannot make the corruption 'swap', 'abc'", "only 'custom'", "corruptions=('custom',)"),
+          setup="own = hp.tasks.from_pairs(m, task.pairs)"),
+    Entry("conditions-empty-list", "Conditions", "An empty list of ablation values",
+          "hp.compare_conditions(m, task, values=[])", "OptionError", ("ablation values is empty", "at least one")),
+    Entry("conditions-unknown-value", "Conditions", "An unknown ablation value in the list",
+          "hp.compare_conditions(m, task, values=('mean', 'median'))", "OptionError",
+          ("unknown ablation value 'median'", "zero, mean, resample")),
 ]
 
 CLI_ENTRIES: list[CliEntry] = [
@@ -385,6 +398,9 @@ CLI_ENTRIES: list[CliEntry] = [
              setup="Path('notes.txt').write_text('keep me')"),
     CliEntry("cli-out-dot", "An output name that is not a folder name",
              ("graph", "--out", "."), ("'.'", "does not name a folder")),
+    CliEntry("cli-conditions-unknown", "A name in `--conditions` that is no corruption, value or metric",
+             ("conditions", "--conditions", "abc,median"), ("'median'", "neither a corruption"),
+             out="hydra_conditions"),
     CliEntry("cli-duplicate-components", "A component named twice",
              ("ablate", "--components", "L1H1,L1H1,L1H1"), ("L1H1", "more than once")),
     CliEntry("cli-nan-model", "A model whose weights contain NaN",

@@ -971,6 +971,24 @@ class Runner:
             out["resid_all"] = acts[final].view(k, B, *acts[final].shape[1:])
         return out
 
+    def share_clean_runs(self, other: Runner) -> None:
+        """Reuse ``other``'s unedited clean forwards (prefixes) and per-position means.
+
+        For two runners whose tasks have the same clean prompts in the same
+        order (one task under two corruptions, or under two metrics) and whose
+        means come from those clean prompts: afterwards only this runner's
+        corrupted runs are new work. ``other``'s clean prefixes are computed
+        now if they are not yet. Raises :class:`TaskError` when the clean
+        prompts differ.
+        """
+        a, b = self.task, other.task
+        if len(a) != len(b) or any(not torch.equal(x, y) for x, y in zip(a.clean_ids, b.clean_ids)):
+            raise TaskError("share_clean_runs needs tasks with the same clean prompts in the same order.")
+        for g in range(len(self.groups)):
+            self._prefix.setdefault((g, "clean"), other.prefix(g, "clean"))
+        if self.reference is self.task and other.reference is other.task:
+            self._means, self._mean_len = other.means(), other._mean_len
+
 
 def _default_budget(model: Any) -> int:
     budget = getattr(model, "token_budget", None)
