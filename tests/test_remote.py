@@ -132,6 +132,16 @@ def test_remote_equals_local(ndif, requests, local, task):
     _same(pa.to_frame(), pb.to_frame())
 
 
+def test_more_analyses_remote_equal_local(ndif, local, task):
+    m = _remote()
+    _same(hp.paired_ablation(local, task, [("L2H1", "L3H0")]).to_frame(),
+          hp.paired_ablation(m, task, [("L2H1", "L3H0")]).to_frame())
+    _same(hp.neuron_contributions(local, task, "L2H1", "MLP3").to_frame(),
+          hp.neuron_contributions(m, task, "L2H1", "MLP3").to_frame())
+    texts = ["When Mary and John went to the store, John gave a drink to Mary"] * 3
+    _same(hp.text_self_repair(local, texts, ["L2H1"]).to_frame(), hp.text_self_repair(m, texts, ["L2H1"]).to_frame())
+
+
 def test_only_the_last_position_comes_back(ndif, monkeypatch, local, task):
     """A sweep's request keeps last-position activations only, not whole (B, T, d) tensors."""
     from hydra_probe.models import nnsight_backend
@@ -229,6 +239,10 @@ def test_local_only_analyses_refuse_at_once(ndif, requests, task):
         hp.path_patch(m, task, ["L0H1"], ["L3H0"])
     with pytest.raises(hp.OptionError, match="remote"):
         hp.attribution_patch(m, task, ["L0H1"])
+    with pytest.raises(hp.OptionError, match="triangulate"):
+        hp.triangulate(m, task)
+    with pytest.raises(hp.InputError, match="backend='local'"):
+        hp.repair_mechanisms(m, task, ["L2H1"])
     assert requests[0] == 0
 
 

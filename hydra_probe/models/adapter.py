@@ -211,6 +211,9 @@ class Adapter:
     def path_of(self, site: Site) -> tuple[str, str]:
         """Dotted module path and ``"input"``/``"output"`` of ``site`` (for nnsight)."""
         t, L = self.table, site.layer
+        if site.kind == "mlp_act" and self.table.mlp_out_proj:  # the MLP output projection's input
+            self.check_neuron_basis()
+            return f"{t.blocks}.{L}.{self.table.mlp_out_proj}", "input"
         if site.kind in READ_ONLY_KINDS + ("mlp_act",):
             raise InterventionError(f"site kind {site.kind!r} is read by local hooks only; load the model with "
                                     "backend='local' to capture it.")

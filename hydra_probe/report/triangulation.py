@@ -252,6 +252,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         progress: step messages and progress bars on stderr (default: on a terminal).
     """
     model = as_model(model)
+    model.require_local("triangulate (its attribution and path patching)")
     check_scale(scale)
     vname = value_name(value)
     m = get_metric(metric)
