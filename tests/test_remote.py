@@ -172,10 +172,36 @@ def test_local_simulation_equals_local(local, task):
     _same(hp.self_repair(local, task, ["L2H3"], "mean").to_frame(), hp.self_repair(m, task, ["L2H3"], "mean").to_frame())
 
 
-def test_host_url_passed_directly(ndif, monkeypatch, local, task):
+def test_host_url_passed_directly_and_uncompressed(ndif, monkeypatch, local, task):
     monkeypatch.setattr(nnsight.CONFIG.API, "HOST", "http://127.0.0.1:9")  # not used: the URL given wins
+    monkeypatch.setattr(nnsight.CONFIG.API, "COMPRESS", False)  # payload and result sent without zstd
     m = _remote(ndif.url)
     _same(hp.ablate(local, task, ["L1H2"], "zero").to_frame(), hp.ablate(m, task, ["L1H2"], "zero").to_frame())
+
+
+def test_loopback_speaks_the_non_blocking_protocol(ndif, local):
+    """nnsight's non-blocking mode: POST without a websocket, then poll GET /response/{id} and download."""
+    lm = _remote().nnsight
+    from nnsight.modeling import huggingface
+
+    huggingface._ID_CACHE.setdefault(lm.repo_id, lm.repo_id)
+    ids = local.tokenizer(["When Mary and John went to the store"], return_tensors="pt").input_ids
+    with lm.trace(ids, remote=True, blocking=False) as tracer:
+        out = lm.lm_head.output[:, -1].save()  # noqa: F841 - returned through the poll
+    backend = tracer.backend
+    assert backend.job_id
+    result = None
+    for _ in range(200):  # bounded: about 20 s
+        result = backend()
+        if result is not None:
+            break
+        time.sleep(0.1)
+    assert result is not None and "out" in result
+    import torch
+
+    with torch.no_grad():
+        want = local.hf_model(ids).logits[:, -1]
+    torch.testing.assert_close(result["out"], want, atol=1e-5, rtol=0)
 
 
 def test_rejected_request_carries_the_servers_message(ndif, monkeypatch, task, tmp_path):
