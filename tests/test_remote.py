@@ -216,6 +216,22 @@ def test_rejected_request_carries_the_servers_message(ndif, monkeypatch, task, t
     assert len(hp.ablate(m, task, ["L1H2"], "zero").to_frame()) == len(task)
 
 
+def test_a_request_failing_on_the_server_carries_its_message(ndif, monkeypatch, task):
+    """An error raised while the server runs the request (here: a block that does not exist) comes back."""
+    from hydra_probe.models import nnsight_backend
+
+    real = nnsight_backend.concrete_path
+
+    def wrong(model, site):
+        path, io = real(model, site)
+        return path.replace(".h.1.", ".h.17."), io
+
+    monkeypatch.setattr(nnsight_backend, "concrete_path", wrong)
+    with pytest.raises(hp.RemoteError, match="rejected or failed the request: .*17") as e:
+        hp.ablate(_remote(), task, ["L1H2"], "zero")
+    assert ndif.url in str(e.value)
+
+
 def test_model_not_served_is_rejected(ndif, task, tmp_path):
     import transformers as tf
 
