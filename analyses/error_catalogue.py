@@ -94,6 +94,29 @@ ENTRIES: list[Entry] = [
           "hp.paired_ablation(m, task, ['L0H0'])", "ComponentError", ("two components",)),
     Entry("overlapping-pair", "Components", "A pair whose two sides share a component",
           "hp.paired_ablation(m, task, [('L0H0', 'L0H0+L1H1')])", "ComponentError", ("overlaps", "distinct")),
+    Entry("duplicate-components", "Components", "A component named twice (its prompts would count twice)",
+          "hp.self_repair(m, task, ['L1H1', 'L0H0', 'L1H1'])", "ComponentError",
+          ("L1H1", "more than once", "once")),
+    Entry("duplicate-via-selector", "Components", "A selector and a name it already covers",
+          "hp.ablate(m, task, ['heads', 'L0H1'])", "ComponentError", ("L0H1", "more than once")),
+    Entry("duplicate-pair", "Components", "The same pair twice",
+          "hp.paired_ablation(m, task, [('L0H0', 'L1H1'), ('L0H0', 'L1H1')])", "ComponentError",
+          ("(L0H0, L1H1)", "more than once")),
+    Entry("layer-with-its-head", "Components", "A whole attention layer paired with one of its own heads",
+          "hp.paired_ablation(m, task, [('ATTN1', 'L1H0')])", "ComponentError",
+          ("overlaps", "ATTN1 contains L1H0")),
+    Entry("overlapping-group", "Components", "A joint group holding a layer and one of its heads",
+          "hp.ablate(m, task, ['ATTN1+L1H1'])", "ComponentError", ("ATTN1+L1H1", "ATTN1 contains L1H1", "twice")),
+    Entry("overlapping-sender-group", "Components", "A path-patching sender group that counts a head twice",
+          "hp.path_patch(m, task, ['ATTN0+L0H1'], 'logits')", "ComponentError", ("ATTN0 contains L0H1",)),
+    Entry("overlapping-compensator", "Components", "An iterated-ablation compensator inside the target",
+          "hp.iterated_ablation(m, task, 'ATTN1', ['L1H0'])", "ComponentError",
+          ("compensator L1H0 overlaps the target", "ATTN1 contains L1H0")),
+    Entry("selector-in-pair", "Components", "A selector where a pair needs one component",
+          "hp.paired_ablation(m, task, [('heads', 'L1H0')])", "ComponentError",
+          ("'heads' is a selector", "each side of a pair")),
+    Entry("non-string-compensator", "Components", "A compensator that is not a component name",
+          "hp.iterated_ablation(m, task, 'L0H0', [3])", "ComponentError", ("int", "3", "'L3H5'")),
     # ------------------------------------------------------------------ models
     Entry("unsupported-architecture", "Models", "An architecture without a table",
           "hp.load_model(tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,\n"
@@ -196,6 +219,23 @@ ENTRIES: list[Entry] = [
     Entry("resample-lone-length", "Tasks", "Resample ablation with a prompt length that has no donor",
           "hp.ablate(m, task.subset([0, 1]), 'heads', value='resample')", "TaskError",
           ("resample", "single prompt", "value='mean'")),
+    Entry("degenerate-mean", "Tasks", "A mean over one prompt (it replaces the activation by itself)",
+          "hp.self_repair(m, task.subset([0]), 'heads', value='mean')", "TaskError",
+          ("degenerate", "only one prompt", "value='zero'")),
+    Entry("degenerate-mean-positions", "Tasks", "A mean at positions only one prompt reaches",
+          "hp.ablate(m, task.subset([0, 1, 2]), 'heads', positions=[0, -1])", "TaskError",
+          ("degenerate at position(s) 18", "only one prompt")),
+    Entry("foreign-tokenizer", "Tasks", "A task built with another tokenizer whose ids happen to fit",
+          "hp.ablate(other, task, 'L0H0')", "TaskError", ("another tokenizer", "from_pairs(model, task.pairs)"),
+          setup="other = hp.load_model(tiny.hf_model('gpt2', layers=2, heads=2, d=16), tokenizer=tiny.tokenizer(bos=True))"),
+    Entry("prompt-beyond-context", "Tasks", "A prompt longer than the model's context",
+          "hp.ablate(m, long, 'L0H0')", "TaskError", ("70 tokens", "context of 64"),
+          setup="words = ' '.join(f'w{i % 60}' for i in range(69))\n"
+                "long = hp.tasks.from_pairs(m, [{'clean': words + ' Mary', 'corrupted': words + ' John',\n"
+                "    'answer': ' Mary', 'alternative': ' John'}] * 2)"),
+    Entry("jsonl-not-utf8", "Tasks", "A task file that is not UTF-8 text",
+          "hp.tasks.from_jsonl(m, 'task.jsonl')", "TaskError", ("task.jsonl:2", "not UTF-8"),
+          setup="Path('task.jsonl').write_bytes(json.dumps(task.pairs[0]).encode() + b'\\n' + 'café'.encode('latin-1'))"),
     Entry("short-reference", "Tasks", "A mean-ablation reference shorter than the task's prompts",
           "hp.ablate(m, task, 'heads', value=task.subset([0]))", "TaskError",
           ("reference", "at most", "at least as long")),
@@ -215,10 +255,38 @@ ENTRIES: list[Entry] = [
           "hp.ablate(m, task, 'heads', positions='first')", "OptionError", ("positions", "'last'")),
     Entry("positions-out-of-range", "Options", "A position beyond the shortest prompt",
           "hp.ablate(m, task, 'heads', positions=40)", "OptionError", ("40", "15 tokens", "0..14")),
+    Entry("empty-positions", "Options", "An empty list of positions (the intervention would do nothing)",
+          "hp.ablate(m, task, 'heads', positions=[])", "OptionError", ("positions=[]", "at least one position")),
+    Entry("non-integer-positions", "Options", "Positions that are not integers",
+          "hp.self_repair(m, task, 'heads', positions=[1.5, 2])", "OptionError", ("1.5", "not an int")),
+    Entry("seed-too-large", "Options", "A seed the random generators cannot take",
+          "hp.ablate(m, task, 'heads', value='resample', seed=2**70)", "OptionError", ("seed", "0..4294967295")),
+    Entry("report-top-k-zero", "Options", "A report option that would fail after the expensive steps",
+          "hp.triangulate(m, task, graph_top_k=0)", "OptionError", ("graph_top_k", ">= 1")),
     Entry("bad-seed", "Options", "A seed that is not an integer",
           "hp.ablate(m, task, 'heads', value='resample', seed='one')", "OptionError", ("seed", "integer")),
     Entry("nonlinear-metric-decomposition", "Options", "A non-linear metric where direct effects are needed",
           "hp.self_repair(m, task, 'heads', metric='prob')", "MetricError", ("linear", "'prob'", "logit_diff")),
+    Entry("custom-metric-not-linear", "Options", "A custom metric declared linear that is not",
+          "hp.direct_effects(m, task, metric=hp.Metric('soft', True, soft))", "MetricError",
+          ("'soft'", "not linear", "w . logits + c"),
+          setup="def soft(logits, answer, alternative):\n"
+                "    return torch.softmax(logits, -1).gather(1, answer[:, None]).squeeze(1)"),
+    # ------------------------------------------------------------------ model state
+    Entry("foreign-hook", "Model state", "A hook left on the final norm (it changes the output, not the "
+          "decomposition)", "hp.self_repair(hooked, task, 'heads')", "ForeignHookError",
+          ("transformer.ln_f", "forward hook", "remove them"),
+          setup="hooked = tiny.model('gpt2', layers=2, heads=2, d=16)\n"
+                "def shift(module, args, output):\n    return output + 1\n"
+                "handle = hooked.hf_model.transformer.ln_f.register_forward_hook(shift)"),
+    Entry("busy-model", "Model state", "A model busy with an analysis in another thread",
+          "hp.ablate(busy, busy_task, 'L0H1')", "ConcurrencyError", ("busy", "another thread", "its own model"),
+          setup="import threading\nbusy = tiny.model('gpt2', layers=2, heads=2, d=16); busy_task = tiny.ioi(busy, 4)\n"
+                "started = threading.Event()\n"
+                "def slow(logits, answer, alternative):  # holds the model until the process ends\n"
+                "    started.set(); threading.Event().wait(60); raise SystemExit\n"
+                "threading.Thread(target=hp.ablate, args=(busy, busy_task, 'L0H0'), kwargs={'metric': slow},\n"
+                "                 name='worker', daemon=True).start(); started.wait(60)"),
     # ------------------------------------------------------------------ numbers
     Entry("metric-wrong-shape", "Numbers and metrics", "A metric callable returning the wrong shape",
           "hp.ablate(m, task, 'heads', metric=two_numbers)", "MetricError",
@@ -256,6 +324,19 @@ ENTRIES: list[Entry] = [
     Entry("unreadable-result", "Results", "Loading a saved result from a file that is not one",
           "hp.load_result('notes.json')", "InputError", ("cannot read a saved result", "notes.json"),
           setup="Path('notes.json').write_text('not json')"),
+    # ------------------------------------------------------------------ mechanisms of self-repair
+    Entry("mlp-not-downstream", "Mechanisms", "Neurons of an MLP that does not read the ablated component",
+          "hp.neuron_contributions(m, task, 'L1H0', 'MLP0')", "ComponentError",
+          ("MLP0 is not downstream of L1H0", "later layer")),
+    Entry("neurons-of-attention-layer", "Mechanisms", "Neuron contributions for a component that is not a head or MLP",
+          "hp.neuron_contributions(m, task, 'ATTN0', 'MLP1')", "ComponentError", ("ATTN0", "not a head or an MLP")),
+    Entry("no-neuron-basis", "Mechanisms", "Neurons of a model whose table names no MLP output projection",
+          "hp.neuron_contributions(nb, task, 'L0H0', 'MLP1')", "ArchitectureError", ("no neuron basis", "mlp_out_proj"),
+          setup="import dataclasses\nnb = tiny.model('gpt2', layers=2, heads=2, d=16)\n"
+                "nb.adapter.table = dataclasses.replace(nb.adapter.table, mlp_out_proj=None)"),
+    Entry("unknown-split-order", "Mechanisms", "An unknown split order of the mechanisms",
+          "hp.repair_mechanisms(m, task, 'heads', order='both')", "OptionError",
+          ("'both'", "pattern_first", "symmetric")),
 ]
 
 CLI_ENTRIES: list[CliEntry] = [
@@ -277,6 +358,16 @@ CLI_ENTRIES: list[CliEntry] = [
     CliEntry("cli-non-empty-out", "An output folder that exists and is not empty, without `--overwrite`",
              ("report", "--out", "existing"), ("'existing'", "not empty", "--overwrite"), out="existing",
              setup="Path('existing').mkdir(); Path('existing/notes.txt').write_text('keep me')"),
+    CliEntry("cli-out-under-a-file", "An output folder whose parent is a file",
+             ("report", "--out", "notes.txt/report"), ("notes.txt", "is a file"), out="notes.txt",
+             setup="Path('notes.txt').write_text('keep me')"),
+    CliEntry("cli-out-is-a-file", "An output folder that is an existing file",
+             ("ablate", "--out", "notes.txt"), ("'notes.txt'", "existing file"), out="notes.txt",
+             setup="Path('notes.txt').write_text('keep me')"),
+    CliEntry("cli-out-dot", "An output name that is not a folder name",
+             ("graph", "--out", "."), ("'.'", "does not name a folder")),
+    CliEntry("cli-duplicate-components", "A component named twice",
+             ("ablate", "--components", "L1H1,L1H1,L1H1"), ("L1H1", "more than once")),
     CliEntry("cli-nan-model", "A model whose weights contain NaN",
              ("report", "--model", "nan_model", "--n-prompts", "4"), ("NaN or infinite",), out="hydra_report",
              setup="hf = tiny.hf_model('gpt2', layers=2, heads=2, d=16)\n"

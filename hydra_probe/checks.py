@@ -120,13 +120,13 @@ def _acquire(model: Any, what: str) -> _ModelLock:
             lk = _LOCKS[model.hf_model] = _ModelLock()
     if not lk.lock.acquire(blocking=False):
         raise ConcurrencyError(
-            f"{what}: model {model.name!r} is busy with {lk.owner or 'another analysis'} in another thread; one "
+            f"{what}: model {model.name!r} is busy with {lk.owner or 'an analysis in another thread'}; one "
             "model runs one analysis at a time (its hooks and caches are per run). Wait for it to finish, or give "
             "each thread its own model (load it once per thread)."
         )
     lk.depth += 1
     if lk.depth == 1:
-        lk.owner = f"{what}() in thread {threading.current_thread().name!r}"
+        lk.owner = f"{what}() in another thread ({threading.current_thread().name!r})"
     return lk
 
 
@@ -218,9 +218,9 @@ def check_task(model: Any, task: Any, what: str = "the task") -> None:
     fp = getattr(task, "meta", {}).get("tokenizer")
     if fp is not None and fp != tokenizer_fingerprint(model.tokenizer):
         raise TaskError(
-            f"{what} was tokenized with another tokenizer than this model's ({getattr(task, 'model_name', '') or 'a '}"
-            f"{' model' if getattr(task, 'model_name', '') else 'different tokenizer'}); its token ids would mean "
-            "other words here. Build the task again with this model (tasks.from_pairs(model, task.pairs))."
+            f"{what} was tokenized with another tokenizer than this model's (it was built for "
+            f"{getattr(task, 'model_name', '') or 'another model'!r}); its token ids would mean other words here. "
+            "Build the task again with this model (tasks.from_pairs(model, task.pairs))."
         )
     ctx = context_length(model)
     longest = max(task.lengths)

@@ -411,6 +411,7 @@ def cmd_report(args: Any) -> int:
                                                        threshold=args.threshold,
                                                        progress=False if args.quiet else None, **spec)
         rep.timings["conditions"] = time.perf_counter() - t1
+        rep.config["conditions"] = args.conditions
     _say(args, f"writing {args.out} ...")
     out = rep.save(args.out, overwrite=args.overwrite, figures=not args.no_figures)
     print(rep.summary())

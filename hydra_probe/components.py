@@ -48,8 +48,10 @@ class Component:
         return (self.layer, rank, self.head or 0)
 
     @property
-    def stage(self) -> float:
-        """Where the component writes: attention of layer l at 2l, MLP at 2l+1."""
+    def stage(self) -> int:
+        """Where the component writes, in execution order: attention of layer l (heads, ATTN) at 2l, MLP at 2l+1.
+
+        (``RESID{l}``, which writes nothing, sits at 2l, before block l.)"""
         return 2 * self.layer + (1 if self.kind == "mlp" else 0)
 
 

@@ -44,3 +44,23 @@ def test_selectors_and_groups():
     assert [g.name for g in gs] == ["L0H0+L1H1", "MLP0+MLP1", "L2H3"]
     with pytest.raises(hp.ComponentError):
         m.components([])
+
+
+def test_stage_is_an_int_in_execution_order():
+    order = ["RESID0", "L0H1", "ATTN0", "MLP0", "L1H0", "MLP1", "RESID2"]
+    stages = [parse(n, 2, 2).stage for n in order]
+    assert all(type(s) is int for s in stages)
+    assert stages == [0, 0, 0, 1, 2, 3, 4]
+
+
+def test_checks_refuse_duplicates_and_overlaps_inside_groups():
+    from hydra_probe.checks import check_components, check_group
+
+    m = tiny.model("gpt2", layers=2, heads=2)
+    check_components(m, ["ATTN1", "L1H0"], grouped=True)  # two separate ablations: allowed
+    with pytest.raises(hp.ComponentError, match="ATTN1 contains L1H0"):
+        check_components(m, ["ATTN1+L1H0"], grouped=True)
+    with pytest.raises(hp.ComponentError, match="L0H1 is named more than once"):
+        check_components(m, ["heads", "L0H1"], grouped=False)
+    with pytest.raises(hp.ComponentError, match="MLP0 appears twice"):
+        check_group([parse("MLP0", 2, 2), parse("MLP0", 2, 2)], "components")

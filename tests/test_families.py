@@ -170,7 +170,7 @@ def test_sliding_windows_matter_in_the_tiny_models():
     assert (a - b).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("family", ["gemma2", "olmo2", "phi3"])
+@pytest.mark.parametrize("family", tiny.NEW_FAMILIES)
 def test_nnsight_backend_equals_local(family):
     m, task = build(family)
     with warnings.catch_warnings():
@@ -227,40 +227,52 @@ def test_fused_qkv_slices_address_each_heads_q_k_v(heads, kv):
         assert np.abs(pa - a.to_frame().baseline_metric.to_numpy()).max() > 1e-6   # the patch did something
 
 
-# ---------------------------------------------------------------------------- hand-set post-norm model
+# ---------------------------------------------------------------------------- hand-set post-norm models
 E = torch.tensor([2.0, -2.0, 0.0, 0.0])
-TOL = 1e-7   # OLMo-2's RMS norms compute in float32 even in a float64 model
 GAMMA_POST = torch.tensor([1.0, 1.0, 0.5, 1.0])
+CAP = 1.0
+TOL = 1e-7   # the families' RMS norms compute in float32 even in a float64 model
 
 
-def handset_olmo2():
-    """One OLMo-2 layer (post norms only), d_model 4, two heads of dim 2.
+def handset(family: str):
+    """One post-normed layer, d_model 4, two heads of dim 2: OLMo-2 (post norms only) or Gemma-2 (sandwich
+    norms, scale 1 + w, embeddings times sqrt(4) = 2, final logit soft-cap CAP).
 
-    Every token embeds to e = [2, -2, 0, 0]; q = k = 0 (uniform attention) and v makes z_h = [1, 0] for both
-    heads; W_O makes head 0's output a_0 = [0, 0, 2, 0] and head 1's a_1 = [0, 0, 0, -2]. The attention output
-    a = [0, 0, 2, -2] has RMS sigma_p = sqrt(2); the post norm (gamma [1, 1, .5, 1]) writes
-    [0, 0, 1/sqrt2, -sqrt2]. The MLP is zero. x = [2, -2, 1/sqrt2, -sqrt2], sigma_f = sqrt(2.625);
-    u = [0, 0, 1, -1]: DE(L0H0) = (1/sqrt2)/sigma_f, DE(L0H1) = sqrt2/sigma_f, constant 0.
+    The block input is e = [2, -2, 0, 0] for every token; q = k = 0 (uniform attention) and v makes
+    z_h = [1, 0] for both heads (Gemma-2: from the pre-norm's output [sqrt2, -sqrt2, 0, 0]); W_O makes head
+    0's output a_0 = [0, 0, 2, 0] and head 1's a_1 = [0, 0, 0, -2]. The attention output a = [0, 0, 2, -2]
+    has RMS sigma_p = sqrt(2); the post norm (gamma [1, 1, .5, 1]) writes [0, 0, 1/sqrt2, -sqrt2]. The MLP
+    is zero. x = [2, -2, 1/sqrt2, -sqrt2], sigma_f = sqrt(2.625); u = [0, 0, 1, -1]:
+    DE(L0H0) = (1/sqrt2)/sigma_f, DE(L0H1) = sqrt2/sigma_f, constant 0, raw metric (3/sqrt2)/sigma_f.
     Zero-ablating L0H0: a' = [0, 0, 0, -2], sigma_p' = 1, write' = [0, 0, 0, -2], x' = [2, -2, 0, -2],
-    sigma_f' = sqrt3, m' = 2/sqrt3. Frozen rows: POSTNORM0 = 2 (1 - 1/sqrt2)/sigma_f (head 1 rescaled by its
-    layer's post norm), NORM = 2 (1/sqrt3 - 1/sigma_f). Recomputed: POSTNORM0 = 2 (1 - 1/sqrt2)/sqrt3,
-    NORM = sqrt2 (1/sqrt3 - 1/sigma_f).
+    sigma_f' = sqrt3, raw m' = 2/sqrt3. Frozen rows: POSTNORM0 = 2 (1 - 1/sqrt2)/sigma_f (head 1 rescaled by
+    its layer's post norm), NORM = 2 (1/sqrt3 - 1/sigma_f). Recomputed: POSTNORM0 = 2 (1 - 1/sqrt2)/sqrt3,
+    NORM = sqrt2 (1/sqrt3 - 1/sigma_f). With the cap, logits are c tanh(raw / c) and SOFTCAP is the change
+    of (metric - raw metric).
     """
     tok = tiny.tokenizer()
-    cfg = tf.Olmo2Config(vocab_size=tiny.VOCAB, hidden_size=4, intermediate_size=4, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-30, tie_word_embeddings=False,
-                         bos_token_id=2, eos_token_id=1, pad_token_id=1, max_position_embeddings=32)
-    m = tf.Olmo2ForCausalLM(cfg).double().eval()
+    common = dict(vocab_size=tiny.VOCAB, hidden_size=4, intermediate_size=4, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-30, tie_word_embeddings=False,
+                  bos_token_id=2, eos_token_id=1, pad_token_id=1, max_position_embeddings=32)
+    if family == "olmo2":
+        m = tf.Olmo2ForCausalLM(tf.Olmo2Config(**common)).double().eval()
+    else:
+        m = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=2, query_pre_attn_scalar=2,
+                                                 final_logit_softcapping=CAP, attn_logit_softcapping=None,
+                                                 sliding_window=32)).double().eval()
     blk = m.model.layers[0]
+    off = 1.0 if family == "gemma2" else 0.0     # Gemma's norm scale is 1 + w
     with torch.no_grad():
         for p in m.parameters():
             p.zero_()
-        for n in (blk.self_attn.q_norm, blk.self_attn.k_norm, blk.post_feedforward_layernorm, m.model.norm):
-            n.weight.fill_(1.0)
-        blk.post_attention_layernorm.weight[:] = GAMMA_POST
-        m.model.embed_tokens.weight[:] = E
-        blk.self_attn.v_proj.weight[0, 0] = 0.5      # z_0 = [1, 0]
-        blk.self_attn.v_proj.weight[2, 0] = 0.5      # z_1 = [1, 0]
+        for n in m.modules():
+            if "RMSNorm" in type(n).__name__:
+                n.weight.fill_(1.0 - off)
+        blk.post_attention_layernorm.weight[:] = GAMMA_POST - off
+        m.model.embed_tokens.weight[:] = E / (2.0 if family == "gemma2" else 1.0)
+        v = 0.5 if family == "olmo2" else 1 / math.sqrt(2)     # v_h = [1, 0] from e (OLMo-2) or N_pre(e) (Gemma-2)
+        blk.self_attn.v_proj.weight[0, 0] = v
+        blk.self_attn.v_proj.weight[2, 0] = v
         blk.self_attn.o_proj.weight[:, 0] = torch.tensor([0.0, 0.0, 2.0, 0.0])
         blk.self_attn.o_proj.weight[:, 2] = torch.tensor([0.0, 0.0, 0.0, -2.0])
         m.lm_head.weight.normal_()
@@ -276,24 +288,37 @@ ROWS = [{"clean": "Then , Tom and Amy went", "corrupted": "Then , Tom and Dan we
          "alternative": " John"}]
 
 
-def test_handset_post_norm_model_closed_form():
-    m = handset_olmo2()
+@pytest.mark.parametrize("family", ["olmo2", "gemma2"])
+def test_handset_post_norm_model_closed_form(family):
+    m = handset(family)
     task = hp.tasks.from_pairs(m, ROWS)
-    sf, r2 = math.sqrt(2.625), math.sqrt(2)
+    sf, r2, r3 = math.sqrt(2.625), math.sqrt(2), math.sqrt(3)
+    capped = family == "gemma2"
+
+    def cap(la, lb):   # the metric from the answer's and the alternative's raw logits
+        return CAP * (math.tanh(la / CAP) - math.tanh(lb / CAP)) if capped else la - lb
+
+    metric, ablated = cap((1 / r2) / sf, -r2 / sf), cap(0.0, -2 / r3)
+    raw, raw_ablated = (3 / r2) / sf, 2 / r3
     de = hp.direct_effects(m, task, "all")
     g = de.to_frame().set_index(["component", "prompt"]).direct_effect
     assert np.allclose(g.loc["L0H0"], (1 / r2) / sf, atol=TOL, rtol=0)
     assert np.allclose(g.loc["L0H1"], r2 / sf, atol=TOL, rtol=0)
     assert np.allclose(g.loc["MLP0"], 0, atol=TOL)
     assert np.allclose(de.constant.constant, 0, atol=TOL)
-    assert np.allclose(de.constant.metric, (3 / r2) / sf, atol=TOL, rtol=0)
+    assert np.allclose(de.constant.metric, metric, atol=TOL, rtol=0)
+    assert np.allclose(de.constant.softcap, metric - raw, atol=TOL, rtol=0)
+    if capped:
+        assert abs(metric - raw) > 0.1 and np.allclose(g.loc["SOFTCAP"], metric - raw, atol=TOL, rtol=0)
 
-    te = (3 / r2) / sf - 2 / math.sqrt(3)
+    te = metric - ablated
     dl = (1 / r2) / sf
-    want = {"frozen": {"POSTNORM0": 2 * (1 - 1 / r2) / sf, "NORM": 2 * (1 / math.sqrt(3) - 1 / sf), "MLP0": 0.0},
-            "recomputed": {"POSTNORM0": 2 * (1 - 1 / r2) / math.sqrt(3), "NORM": r2 * (1 / math.sqrt(3) - 1 / sf),
-                           "MLP0": 0.0}}
+    softcap = (ablated - raw_ablated) - (metric - raw)
+    want = {"frozen": {"POSTNORM0": 2 * (1 - 1 / r2) / sf, "NORM": 2 * (1 / r3 - 1 / sf), "MLP0": 0.0},
+            "recomputed": {"POSTNORM0": 2 * (1 - 1 / r2) / r3, "NORM": r2 * (1 / r3 - 1 / sf), "MLP0": 0.0}}
     for scale, rows in want.items():
+        if capped:
+            rows["SOFTCAP"] = softcap
         sr = hp.self_repair(m, task, ["L0H0"], value="zero", scale=scale)
         f = sr.to_frame()
         assert np.allclose(f.total_effect, te, atol=TOL, rtol=0)
@@ -304,6 +329,7 @@ def test_handset_post_norm_model_closed_form():
         for name, v in rows.items():
             assert np.allclose(con[con.downstream == name].delta_de, v, atol=TOL, rtol=0), (scale, name)
         assert np.allclose(f.postnorm_term, rows["POSTNORM0"], atol=TOL, rtol=0)
+        assert np.allclose(f.softcap_term, softcap if capped else 0.0, atol=TOL, rtol=0)
 
 
 # ---------------------------------------------------------------------------- tables and bad input

@@ -101,8 +101,10 @@ def test_checkpoint_dtype_float32_by_default(tmp_path):
 
 
 # ---------------------------------------------------------------------------- GGUF (issue 12)
-def write_gguf(hf, path, arch: str = "qwen2") -> None:
-    """Write ``hf`` (a Qwen2 causal LM) as an unquantized GGUF file with the gguf package's writer."""
+def write_gguf(hf, path, arch: str = "qwen2", tokens: list[str] | None = None, merges: list[str] | None = None
+               ) -> None:
+    """Write ``hf`` (a Qwen2 causal LM) as an unquantized GGUF file with the gguf package's writer; ``tokens``
+    and ``merges`` add a byte-level BPE tokenizer (see :func:`byte_level_vocab`)."""
     gguf = pytest.importorskip("gguf")
     cfg = hf.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -116,6 +118,15 @@ def write_gguf(hf, path, arch: str = "qwen2") -> None:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     w.add_vocab_size(cfg.vocab_size)
+    if tokens is not None:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+        w.add_token_merges(merges or [])
+        w.add_bos_token_id(2)
+        w.add_eos_token_id(1)
+        w.add_pad_token_id(1)
+        w.add_add_bos_token(True)
     if arch == "qwen2":
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, cfg.num_hidden_layers)
         for k, v in hf.state_dict().items():
@@ -124,6 +135,25 @@ def write_gguf(hf, path, arch: str = "qwen2") -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def byte_level_vocab() -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary in which every test word with a leading space (" Mary") is one token:
+    special tokens, the 256 bytes, and each word's prefixes, merged left to right (every merge's left side
+    starts with the space byte, so no merge can fire inside a word)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    sp = bytes_to_unicode()
+    tokens = ["<unk>", "<pad>", "<s>"] + [sp[b] for b in range(256)]
+    seen, merges = set(tokens), []
+    for word in tiny.WORDS:
+        s = "".join(sp[b] for b in (" " + word).encode())
+        for i in range(1, len(s)):
+            if s[:i + 1] not in seen:
+                seen.add(s[:i + 1])
+                tokens.append(s[:i + 1])
+                merges.append(f"{s[:i]} {s[i]}")
+    return tokens, merges
 
 
 def test_gguf_loads_by_path_with_the_numbers_of_the_same_weights(tmp_path):
@@ -180,6 +210,24 @@ def test_local_folders_are_named_by_their_own_name(tmp_path):
     # a model object loaded from a folder keeps its configured name, without the path
     obj = tf.GPT2LMHeadModel.from_pretrained(folder)
     assert hp.load_model(obj, tokenizer=tiny.tokenizer()).name == "my-model"
+
+
+def test_cli_report_on_a_gguf_file(tmp_path, capsys):
+    """hydra-probe report --model file.gguf: weights and tokenizer read from the file; the report names the
+    file, never its path."""
+    from hydra_probe import cli
+
+    tokens, merges = byte_level_vocab()
+    hf = tiny.hf_model("qwen2", layers=2, heads=2, d=16, vocab=len(tokens))
+    path = tmp_path / "tiny-qwen2.gguf"
+    write_gguf(hf, path, tokens=tokens, merges=merges)
+    out = tmp_path / "report"
+    code = cli.main(["report", "--model", str(path), "--n-prompts", "6", "--top", "2",
+                     "--components", "L0H0,L1H1,MLP0", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    text = (out / "results.json").read_text()
+    assert "tiny-qwen2.gguf" in text and str(tmp_path) not in text
+    assert cli.main(["ablate", "--model", str(tmp_path / "missing.gguf")]) == 2
 
 
 def test_token_budget_follows_free_memory(monkeypatch):

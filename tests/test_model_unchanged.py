@@ -265,3 +265,32 @@ def test_interrupted_report_leaves_no_partial_report_and_the_model_unchanged(tmp
     out = rep.save(tmp_path / "report", figures=False)
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
     before.assert_same(m.hf_model, ids)
+
+
+def test_model_unchanged_after_the_issue_18_refusals():
+    """Each refusal of the argument checks (hydra_probe/checks.py) leaves the model exactly as it was,
+    including a user's own hook that the check found (it stays; nothing else is added)."""
+    m, task, ids = setup("gpt2")
+    before = State(m.hf_model, ids)
+    calls = [
+        (hp.ComponentError, lambda: hp.ablate(m, task, ["L0H0", "L0H0"])),
+        (hp.ComponentError, lambda: hp.paired_ablation(m, task, [("ATTN1", "L1H0")])),
+        (hp.ComponentError, lambda: hp.path_patch(m, task, "ATTN0+L0H1", "logits")),
+        (hp.ComponentError, lambda: hp.iterated_ablation(m, task, "ATTN1", ["L1H1"])),
+        (hp.TaskError, lambda: hp.self_repair(m, task.subset([0]), "heads")),
+        (hp.OptionError, lambda: hp.ablate(m, task, "heads", positions=[])),
+        (hp.OptionError, lambda: hp.ablate(m, task, "heads", value="resample", seed=2**40)),
+        (hp.MetricError, lambda: hp.direct_effects(m, task, metric=hp.Metric("sq", True, lambda lg, a, b: lg[:, 0] ** 2))),
+    ]
+    for cls, call in calls:
+        with pytest.raises(cls):
+            call()
+    before.assert_same(m.hf_model, ids)
+    h = m.adapter.final_norm.register_forward_hook(lambda mod, args, out: out * 2)
+    try:
+        with pytest.raises(hp.ForeignHookError):
+            hp.self_repair(m, task, "heads")
+        assert len(hooks_of(m.hf_model)) == 1
+    finally:
+        h.remove()
+    before.assert_same(m.hf_model, ids)

@@ -102,23 +102,40 @@ def test_induction_task_on_every_family(family):
 
 
 def test_metrics_per_prompt_match_manual():
+    """Every metric, on the clean run and on the run with L0H0 zero-ablated, against a plain forward (the ablated
+    logits from a hook on the output projection's input); KL compares the ablated run with the clean one."""
     m = tiny.model("qwen2")
     t = hp.tasks.ioi(m, 6)
+    o_proj = m.hf_model.model.layers[0].self_attn.o_proj  # test-only module path
+    dh = m.head_dim
+
+    def zero_head0(mod, args):
+        z = args[0].clone()
+        z[..., :dh] = 0
+        return (z,)
+
     with torch.no_grad():
         logits = torch.stack([m.hf_model(c[None]).logits[0, -1] for c in t.clean_ids])
-    lp = torch.log_softmax(logits, -1)
+        h = o_proj.register_forward_pre_hook(zero_head0)
+        try:
+            ablated = torch.stack([m.hf_model(c[None]).logits[0, -1] for c in t.clean_ids])
+        finally:
+            h.remove()
     a, b = t.answer_ids, t.alternative_ids
-    manual = {
-        "logit_diff": logits[range(6), a] - logits[range(6), b],
-        "logit": logits[range(6), a],
-        "logprob": lp[range(6), a],
-        "prob": lp[range(6), a].exp(),
-        "cross_entropy": -lp[range(6), a],
-        "kl": torch.zeros(6),
-    }
-    for name, ref in manual.items():
+
+    def manual(lg):
+        lp = torch.log_softmax(lg, -1)
+        p0 = torch.log_softmax(logits, -1)
+        return {"logit_diff": lg[range(6), a] - lg[range(6), b], "logit": lg[range(6), a], "logprob": lp[range(6), a],
+                "prob": lp[range(6), a].exp(), "cross_entropy": -lp[range(6), a],
+                "kl": (p0.exp() * (p0 - lp)).sum(-1)}
+
+    clean_ref, abl_ref = manual(logits), manual(ablated)
+    assert abl_ref["kl"].min() > 1e-6  # a real reference: the ablation moves the distribution
+    for name in clean_ref:
         f = hp.ablate(m, t, ["L0H0"], value="zero", metric=name).to_frame()
-        assert abs(f.clean_metric.to_numpy() - ref.numpy()).max() < 1e-4, name
+        assert abs(f.clean_metric.to_numpy() - clean_ref[name].numpy()).max() < 1e-4, name
+        assert abs(f.ablated_metric.to_numpy() - abl_ref[name].numpy()).max() < 1e-4 * max(1, abl_ref[name].abs().max()), name
         assert f.shape[0] == 6
     custom = hp.ablate(m, t, ["L0H0"], metric=lambda lg, a, b: lg[:, 0]).to_frame()
     assert abs(custom.clean_metric.to_numpy() - logits[:, 0].numpy()).max() < 1e-4

@@ -18,7 +18,10 @@ TEXTS = ["Then , Mary and John went to the store", "Tom gave a ring to Amy at th
          "Kate found a book at the school"]
 COMPS = ["L0H1", "L1H2", "MLP0", "L2H0+MLP1", "ATTN1"]
 COLS = {"direct_effect": "clean_de", "de_lost": "de_lost", "total_effect": "total_effect",
-        "self_repair": "self_repair", "norm_term": "norm_term"}
+        "self_repair": "self_repair", "norm_term": "norm_term", "postnorm_term": "postnorm_term",
+        "softcap_term": "softcap_term"}
+# the issue-12 families (post-attention norms, logit soft-cap, q/k norms, fused projections): one setting each
+NEW = [(f, v, s) for f, v, s in zip(tiny.NEW_FAMILIES, ["resample", "mean"] * 3, ["recomputed", "frozen"] * 3)]
 
 
 def _task(prompts: list[torch.Tensor], answers: list[int]) -> Task:
@@ -29,34 +32,38 @@ def _task(prompts: list[torch.Tensor], answers: list[int]) -> Task:
 
 
 def _reference(m, texts, comps, value, scale, runs):
-    """One self_repair task per position p (every text reaching p+1), metric = logit of token p+1."""
+    """Prefix by prefix: every prompt is a prefix t_0..t_p of a text, read at its end (metric = logit of t_{p+1}).
+
+    zero / mean: one self_repair task per position p (the texts reaching p+1; mean over the texts reaching
+    each position). resample: one task per text, its prompts every prefix, the value a mean over two copies
+    of the donor text (= the donor's activation at each position).
+    """
     ids = [torch.tensor(m.tokenizer(t)["input_ids"]) for t in texts]
     rows = []
-    for p in range(max(len(x) for x in ids) - 1):
-        if value == "resample":  # one prompt per task: the donor's prefix is a one-prompt mean
-            items = []
-            for ti, x in enumerate(ids):
-                d = int(runs.loc[runs.text == ti, "donor_text"].iloc[0])
-                if len(x) > p + 1 and len(ids[d]) > p:
-                    items.append(([ti], _task([ids[d][: p + 1]] * 2, [0, 0])))  # mean of two copies
-        else:
-            second = sorted(len(x) for x in ids)[-2]  # mean: positions one text alone reaches are not read
+    items = []  # (text index and position per prompt, value)
+    if value == "resample":
+        for ti, x in enumerate(ids):
+            d = int(runs.loc[runs.text == ti, "donor_text"].iloc[0])
+            ps = [p for p in range(len(x) - 1) if len(ids[d]) > p]
+            items.append(([(ti, p) for p in ps], _task([ids[d][: ps[-1] + 1]] * 2, [0, 0])))
+    else:
+        second = sorted(len(x) for x in ids)[-2]  # mean: positions one text alone reaches are not read
+        for p in range(max(len(x) for x in ids) - 1):
             tis = [ti for ti, x in enumerate(ids) if len(x) > p + 1 and (value != "mean" or p < second)]
-            if not tis:
-                continue
-            val = _task(ids, [0] * len(ids)) if value == "mean" else value  # mean over the texts reaching q
-            items = [(tis, val)]
-        for tis, val in items:
-            task = _task([ids[ti][: p + 1] for ti in tis], [int(ids[ti][p + 1]) for ti in tis])
-            sr = hp.self_repair(m, task, comps, value=val, scale=scale, metric="logit").to_frame()
-            sr["text"] = [tis[i] for i in sr["prompt"]]
-            sr["position"] = p
-            rows.append(sr)
+            if tis:
+                items.append(([(ti, p) for ti in tis], _task(ids, [0] * len(ids)) if value == "mean" else value))
+    for where, val in items:
+        task = _task([ids[ti][: p + 1] for ti, p in where], [int(ids[ti][p + 1]) for ti, p in where])
+        sr = hp.self_repair(m, task, comps, value=val, scale=scale, metric="logit").to_frame()
+        sr["text"] = [where[i][0] for i in sr["prompt"]]
+        sr["position"] = [where[i][1] for i in sr["prompt"]]
+        rows.append(sr)
     return pd.concat(rows, ignore_index=True)
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-@pytest.mark.parametrize("value,scale", [("zero", "frozen"), ("mean", "recomputed"), ("resample", "frozen")])
+@pytest.mark.parametrize("family,value,scale",
+                         [(f, v, s) for f in tiny.FAMILIES
+                          for v, s in [("zero", "frozen"), ("mean", "recomputed"), ("resample", "frozen")]] + NEW)
 def test_text_mode_equals_prefix_by_prefix(family, value, scale):
     m = tiny.model(family)
     res = text_self_repair(m, TEXTS, components=COMPS, value=value, scale=scale)

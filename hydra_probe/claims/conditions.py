@@ -41,7 +41,7 @@ from ..components import select, select_groups
 from ..effects.ablation import Ablation, ablation_copies
 from ..effects.common import as_model, check_scale, check_task, check_writers, make_runner
 from ..effects.patching import ActivationPatch, check_separable
-from ..effects.self_repair import SelfRepair, _decompose
+from ..effects.self_repair import SelfRepair, decompose
 from ..errors import MetricError, OptionError, TaskError
 from ..interventions import ABLATION_VALUES, interventions_for
 from ..metrics import Metric, get_metric
@@ -452,11 +452,10 @@ def _ablations(model, fam, task, runner, extra, groups, values, ms, primary, sca
             prov = _provenance(model, task, m, value=v, scale=scale if m.linear else None, seed=seed, positions=None)
             if m.linear:
                 ro = r.readout
-                sigma0 = ro.sigma(b.resid)
                 main, con = [], []
                 for g, o in zip(groups, outs_v):
-                    fr, c = _decompose(g, ro.components, model.parallel_residual, b, o, sigma0, ro.sigma(o.resid),
-                                       scale, n)
+                    fr, c = decompose(g, ro, parallel=model.parallel_residual, clean_run=b, ablated_run=o,
+                                      scale=scale, softcap=model.adapter.softcap is not None)
                     main.append(fr)
                     con.append(c)
                 out[(fam, v, m.name)] = SelfRepair(pd.concat(main, ignore_index=True), prov,

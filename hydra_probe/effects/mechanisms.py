@@ -18,7 +18,10 @@ For an ablated component c and each prompt (DESIGN.md section 2), self-repair
 * each downstream MLP is one ``mlp`` row (split over neurons by
   :func:`~hydra_probe.effects.neurons.neuron_contributions`);
 * the final-norm scale change is ``norm``; block norms' (``POSTNORM{L}``)
-  are ``block_norm``, the logit soft-cap's ``softcap``.
+  are ``block_norm``, the logit soft-cap's ``softcap``. With post-attention
+  norms (Gemma-2/3, OLMo-2) a head writes ``gamma_l W_O^h z_h / sigma_l``:
+  pattern and values are read at the clean sigma_l, whose change is the
+  layer's ``block_norm`` row.
 
 Per (component, prompt) the amounts sum to ``self_repair`` exactly. With
 ``scale="frozen"`` a head's ``pattern + values`` is its
@@ -26,8 +29,10 @@ Per (component, prompt) the amounts sum to ``self_repair`` exactly. With
 its ``delta_de``. With ``scale="recomputed"`` the head and MLP rows stay at the
 clean scale (the mechanism does not depend on the scale policy) and each
 downstream component's rescaling, ``DE_d(ablated; sigma') - DE_d(ablated; sigma)``,
-is a ``norm`` row with that component as ``downstream``; the rows of d still
-sum to its recomputed ``delta_de``.
+is a ``norm`` row with that component as ``downstream`` (with post-attention
+norms, a head's rescaling by its own layer's scale is a ``block_norm`` row
+with the head as ``downstream``); the rows of d still sum to its recomputed
+``delta_de``.
 
 Everything comes from the forwards :func:`~hydra_probe.effects.self_repair`
 runs (one stacked ablated forward per component, restarted at its layer),
@@ -46,12 +51,12 @@ import pandas as pd
 import torch
 
 from ..components import Group, select_groups
-from ..errors import InputError, OptionError
+from ..errors import ArchitectureError, InputError, OptionError
 from ..models.sites import Site
 from ..results import Result, provenance
 from .ablation import ablation_copies
 from .common import as_model, check_scale, check_writers, make_runner, positions_of, value_name
-from .self_repair import _decompose
+from .self_repair import RunReadout, SelfRepair, _decompose, _Partition
 
 ORDERS = ("pattern_first", "values_first", "symmetric")
 MECHANISMS = ("pattern", "values", "mlp", "norm", "block_norm", "softcap")
@@ -79,6 +84,12 @@ class RepairMechanisms(Result):
     def contributions(self) -> pd.DataFrame:
         """The self-repair contributions of the same forwards (as ``SelfRepair.contributions()``)."""
         return self.extras["contributions"].copy()
+
+    def as_self_repair(self) -> SelfRepair:
+        """The same forwards' self-repair as a :class:`~hydra_probe.effects.SelfRepair` (numbers equal
+        ``self_repair(...)``'s to floating-point error; attention ran eager here)."""
+        prov = {k: v for k, v in self.provenance.items() if k not in ("order", "split", "attention")}
+        return SelfRepair(self.extras["self_repair"], prov, {"contributions": self.extras["contributions"]})
 
     def per_mechanism(self) -> pd.DataFrame:
         """Amounts summed over downstream components: ``component``, ``prompt``, one column per mechanism
@@ -176,29 +187,36 @@ def repair_mechanisms(model: Any, task: Any, components: Any = "heads", value: A
         clean_sites = {Site(l, k) for l in range(1, L) for k in ("values", "attn_last")}
         base = runner.run("clean", [()], readout=True, capture=clean_sites,
                           capture_positions="all" if clean_sites else "last")[0]
-        sigma0 = ro.sigma(base.resid)
+        n = len(task)
+        clean_rr = RunReadout.of(ro, base, n)
         clean = _CleanHeads(ad, ro, runner.groups, base)
+        clean.check(clean_rr, col_of)
+        capped = ad.softcap is not None
         copies = ablation_copies(model, groups, vname, pos)
         lmin = [g.layer for g in groups]
         need_v = order != "pattern_first"
-        frames, srs, cons = [None] * len(groups), [None] * len(groups), [None] * len(groups)
-        n = len(task)
+        frames: list[Any] = [None] * len(groups)
+        srs: list[Any] = [None] * len(groups)
+        cons: list[Any] = [None] * len(groups)
+        T = max(task.lengths)
         for lm in sorted(set(lmin)):
             todo = [i for i, x in enumerate(lmin) if x == lm]
             sites = {Site(l, "attn_last") for l in range(lm + 1, L)}
             if need_v:
                 sites |= {Site(l, "values") for l in range(lm + 1, L)}
-            per_copy = sum(n * max(task.lengths) * ad.site_width(s) for s in sites) * 4 + n * max(task.lengths) * ad.d_model * 4
-            size = max(1, _CAPTURE_BYTES // max(per_copy, 1))
+            per_copy = (sum(ad.site_width(s) for s in sites) + ad.d_model) * n * T * 8
+            size = max(1, _CAPTURE_BYTES // per_copy)
             for k in range(0, len(todo), size):
                 chunk = todo[k: k + size]
                 outs = runner.run("clean", [copies[i] for i in chunk], readout=True, label="repair mechanisms",
                                   capture=sites, capture_positions="all" if sites else "last")
                 for i, o in zip(chunk, outs):
-                    sr, con = _decompose(groups[i], fin, model.parallel_residual, base, o, sigma0,
-                                         ro.sigma(o.resid), scale, n)
-                    parts = clean.split(o, lm, order) if sites else {}
-                    frames[i] = _rows(groups[i], con, parts, base, o, sigma0, col_of, n, scale)
+                    abl = RunReadout.of(ro, o, n)
+                    parts = _Partition.of(groups[i], ro, model.parallel_residual)
+                    sr, con = _decompose(groups[i].name, parts, clean=clean_rr, ablated=abl, scale=scale,
+                                         softcap=capped)
+                    split = clean.split(o, lm, order) if sites else {}
+                    frames[i] = _rows(groups[i], con, split, clean_rr, abl, col_of, n, scale, ro.has_post_norms)
                     srs[i], cons[i] = sr, con
     prov = provenance(model, task, metric=m, value=value, scale=scale, seed=seed,
                       positions=None if pos is None else list(pos), order=order, attention="eager",
@@ -216,25 +234,48 @@ class _CleanHeads:
 
     def __init__(self, ad: Any, ro: Any, groups: list[list[int]], base: Any) -> None:
         self.ad, self.ro, self.groups = ad, ro, groups
-        self.kv = ad.kv_group()
         self.n = sum(len(g) for g in groups)
         self.L, self.H = ad.n_layers, ad.n_heads
         self.w: dict[tuple[int, int], torch.Tensor] = {}    # (g, l) -> (B, H, dh) W_O^h P(gamma u)
         self.vw: dict[tuple[int, int], torch.Tensor] = {}   # (g, l) -> (B, T, H) v_j . w_h (clean)
         self.A: dict[tuple[int, int], torch.Tensor] = {}    # (g, l) -> (B, T, H) clean weights of the last query
+        self.v: dict[tuple[int, int], torch.Tensor] = {}    # (g, l) -> (B, T, n_kv * dh) clean values
         for g, idx in enumerate(groups):
             r = ro.read_vector(ro.u[torch.tensor(idx)])
             for l in range(1, self.L):
-                w = torch.einsum("hkd,bd->bhk", ro.W_O[l], r)
+                # head writes before any post-attention norm's division: gamma_post * W_O^h z_h
+                rl = r if ro.post_gamma is None else r * ro.post_gamma[l]
+                w = torch.einsum("hkd,bd->bhk", ro.W_O[l], rl).cpu()
                 self.w[g, l] = w
-                self.vw[g, l] = self.read_values(base.captures[Site(l, "values")][g], w)
-                self.A[g, l] = base.captures[Site(l, "attn_last")][g].to(torch.float64)
+                self.v[g, l] = base.captures[Site(l, "values")][g]
+                self.vw[g, l] = self.read_values(self.v[g, l], w)
+                self.A[g, l] = base.captures[Site(l, "attn_last")][g].to(torch.float64).cpu()
+
+    def check(self, clean: Any, col_of: dict[str, int]) -> None:
+        """The clean heads' writes rebuilt from their weights and values must equal the readout's (else this
+        family writes heads through something the split does not model)."""
+        for g, idx in enumerate(self.groups):
+            for l in range(1, self.L):
+                mine = (self.A[g, l] * self.vw[g, l]).sum(1)                                  # (B, H)
+                cols = [col_of[f"L{l}H{h}"] for h in range(self.H)]
+                ref = clean.pre_post[torch.tensor(idx)][:, cols]
+                tol = 1e-4 * float(ref.abs().max()) + 1e-6
+                if not torch.allclose(mine, ref, rtol=1e-3, atol=tol):
+                    raise ArchitectureError(
+                        f"layer {l}'s head outputs rebuilt from attention weights and values differ from their "
+                        f"direct-effect readout (max gap {float((mine - ref).abs().max()):.3g}); the "
+                        f"{self.ad.table.family} table writes heads through something the pattern/values split "
+                        "does not model, so repair_mechanisms cannot split it."
+                    )
 
     def read_values(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """v (B, T, n_kv * dh), w (B, H, dh) -> (B, T, H): each query head's group value read by its w."""
+        """v (B, T, n_kv * dh), w (B, H, dh) -> (B, T, H): each query head's group value read by its w.
+
+        Query heads of one key/value group are consecutive (head h uses group h // (H / n_kv))."""
         B, T, _ = v.shape
-        v = v.to(torch.float64).view(B, T, self.ad.n_kv_heads, self.ad.head_dim)[:, :, self.kv]
-        return torch.einsum("bjhk,bhk->bjh", v, w)
+        G = self.ad.n_kv_heads
+        v = v.to(torch.float64).view(B, T, G, self.ad.head_dim)
+        return torch.einsum("bjgk,bgqk->bjgq", v, w.view(B, G, self.H // G, -1)).reshape(B, T, self.H)
 
     def split(self, o: Any, lmin: int, order: str) -> dict[str, torch.Tensor]:
         """Unscaled ``pattern_pf`` = sum_j (A'-A) v.w and/or ``values_vf`` = sum_j A (v'-v).w: (n, L, H) each."""
@@ -250,24 +291,31 @@ class _CleanHeads:
                 if "pattern_pf" in out:
                     A1 = o.captures[Site(l, "attn_last")][g].to(torch.float64)
                     out["pattern_pf"][it, l] = ((A1 - A0) * vw0).sum(1)
-                if "values_vf" in out:
-                    vw1 = self.read_values(o.captures[Site(l, "values")][g], self.w[g, l])
-                    out["values_vf"][it, l] = (A0 * (vw1 - vw0)).sum(1)
+                if "values_vf" in out:  # (v' - v) in the model's dtype, then read in float64
+                    dv = o.captures[Site(l, "values")][g] - self.v[g, l]
+                    out["values_vf"][it, l] = (A0 * self.read_values(dv, self.w[g, l])).sum(1)
         return out
 
 
-def _rows(g: Group, con: pd.DataFrame, parts: dict[str, torch.Tensor], base: Any, o: Any, sigma0: torch.Tensor,
-          col_of: dict[str, int], n: int, scale: str) -> pd.DataFrame:
-    """The mechanism rows of one ablated group from its contribution rows (prompt-major) and the split parts."""
+def _rows(g: Group, con: pd.DataFrame, parts: dict[str, torch.Tensor], clean: RunReadout, ablated: RunReadout,
+          col_of: dict[str, int], n: int, scale: str, post_norms: bool) -> pd.DataFrame:
+    """The mechanism rows of one ablated group from its contribution rows (prompt-major) and the split parts.
+
+    ``parts``: unscaled (pre-post-norm) ``pattern_pf`` and/or ``values_vf`` (n, L, H); each head's are read like
+    its dDE: divided by its clean post-attention scale and the clean final-norm scale.
+    """
     names = con["downstream"].iloc[: len(con) // n].tolist()
     delta = con["delta_de"].to_numpy().reshape(n, len(names))
-    s0 = sigma0.numpy()
-    comp, mech, down, amount = [], [], [], []
+    s0, s1, q1 = clean.post_scale, ablated.post_scale, ablated.pre_post
+    sigma0, sigma1 = clean.sigma, ablated.sigma
+    mech: list[str] = []
+    down: list[str] = []
+    amount: list[np.ndarray] = []
 
-    def add(mechanism: str, d: str, x: np.ndarray) -> None:
+    def add(mechanism: str, d: str, x: Any) -> None:
         mech.append(mechanism)
         down.append(d)
-        amount.append(x)
+        amount.append(np.asarray(x, dtype=float))
 
     for j, d in enumerate(names):
         kind = _mechanism_of(d)
@@ -275,19 +323,18 @@ def _rows(g: Group, con: pd.DataFrame, parts: dict[str, torch.Tensor], base: Any
             add(kind, d, delta[:, j])
             continue
         c = col_of[d]
-        # at the clean scale (under "frozen" exactly the contribution row)
-        frozen = delta[:, j] if scale == "frozen" else ((o.proj[:, c] - base.proj[:, c]) / sigma0).numpy()
+        # d's change at the clean scales (post-attention and final); under "frozen" exactly its contribution row
+        frozen = delta[:, j] if scale == "frozen" else ((q1[:, c] / s0[:, c] - clean.proj[:, c]) / sigma0).numpy()
         if kind == "head":
             layer, head = map(int, re.fullmatch(r"L(\d+)H(\d+)", d).groups())
-            if "pattern_pf" in parts:
-                p_pf = parts["pattern_pf"][:, layer, head].numpy() / s0
-            if "values_vf" in parts:
-                v_vf = parts["values_vf"][:, layer, head].numpy() / s0
-            if "pattern_pf" in parts and "values_vf" in parts:
+            read = (s0[:, c] * sigma0).numpy()
+            p_pf = parts["pattern_pf"][:, layer, head].numpy() / read if "pattern_pf" in parts else None
+            v_vf = parts["values_vf"][:, layer, head].numpy() / read if "values_vf" in parts else None
+            if p_pf is not None and v_vf is not None:
                 pattern = 0.5 * (p_pf + (frozen - v_vf))
-            elif "pattern_pf" in parts:
+            elif p_pf is not None:
                 pattern = p_pf
-            elif "values_vf" in parts:
+            elif v_vf is not None:
                 pattern = frozen - v_vf
             else:  # pragma: no cover - a downstream head always has captures
                 raise InputError(f"no attention captures for {d}")
@@ -295,13 +342,16 @@ def _rows(g: Group, con: pd.DataFrame, parts: dict[str, torch.Tensor], base: Any
             add("values", d, frozen - pattern)
         else:
             add("mlp", d, frozen)
-        if scale == "recomputed":  # the component's rescaling by the changed final-norm scale
-            add("norm", d, delta[:, j] - frozen)
+        if scale == "recomputed":  # d's rescaling: by its layer's post-attention scale, then the final scale
+            block = (q1[:, c] * (1 / s1[:, c] - 1 / s0[:, c]) / sigma1).numpy() if post_norms and kind == "head" \
+                else np.zeros(n)
+            if post_norms and kind == "head":
+                add("block_norm", d, block)
+            add("norm", d, delta[:, j] - frozen - block)
     k = len(mech)
     vals = np.stack(amount, axis=1) if amount else np.zeros((n, 0))
-    comp = [g.name] * (n * k)
-    return pd.DataFrame({"component": comp, "prompt": np.repeat(np.arange(n), k), "mechanism": np.tile(mech, n),
-                         "downstream": np.tile(down, n), "amount": vals.reshape(-1)})
+    return pd.DataFrame({"component": [g.name] * (n * k), "prompt": np.repeat(np.arange(n), k),
+                         "mechanism": np.tile(mech, n), "downstream": np.tile(down, n), "amount": vals.reshape(-1)})
 
 
 # ---------------------------------------------------------------- the per-layer Hydra regression

@@ -194,6 +194,19 @@ class _Partition:
         return cls(members, down, [fin[i].name for i in down], post, layer_of)
 
 
+def decompose(group: Group, readout: Any, *, parallel: bool, clean_run: Any, ablated_run: Any, scale: str,
+              softcap: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The self-repair rows of one ablated ``group`` from the runner's outputs of the clean and the ablated
+    run (``readout=True``): (main frame, contribution frame), as :func:`self_repair` builds them.
+
+    ``readout``: the runner's :class:`~hydra_probe.runner.readout.Readout`; ``parallel``: the model's
+    parallel-residual flag; ``softcap``: whether the model caps its logits (adds the ``SOFTCAP`` row).
+    """
+    n = clean_run.metric.shape[0]
+    return _decompose(group.name, _Partition.of(group, readout, parallel), clean=RunReadout.of(readout, clean_run, n),
+                      ablated=RunReadout.of(readout, ablated_run, n), scale=scale, softcap=softcap)
+
+
 def _decompose(group: str, parts: _Partition, *, clean: RunReadout, ablated: RunReadout, scale: str,
                softcap: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Main rows and contribution rows of one ablated ``group`` (see module doc), every term computed directly."""

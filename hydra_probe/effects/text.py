@@ -9,8 +9,13 @@ component c, position p and text (DESIGN.md section 2, at position p):
     DEL_c  = DE_c - DE_c(replacement; sigma_p)
     TE_c   = m_p(clean) - m_p(c ablated at every position)
     SR_c   = DEL_c - TE_c
-    norm   = the final-norm share of SR_c: frozen scale, m'_p(own scale) - m'_p(clean scale);
-             recomputed scale, SR minus the downstream components' recomputed-scale changes
+    norm   = the final norm's part of SR_c (NORM in self_repair's decomposition, either scale policy)
+
+Every term is computed by :mod:`.self_repair`'s decomposition on the positions
+read (each position is one "prompt" of it), so post-attention norms
+(``postnorm_term``, the POSTNORM rows summed) and a final logit soft-cap
+(``softcap_term``; DE on the raw logit, TE on the capped one) follow the
+same definitions as on prompt tasks.
 
 Each ablation is one forward per copy (component) over whole texts; the
 runner returns the final residual at every position, and the clean run's
@@ -56,23 +61,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..components import finest, is_downstream, select_groups
+from ..components import select_groups
 from ..errors import OptionError, TaskError
-from ..interventions import Intervention, check_value, interventions_for
+from ..interventions import check_value, interventions_for
 from ..metrics import Metric, direction, get_metric
 from ..models.sites import Site
 from ..results import Result, provenance
 from ..runner import Readout, Runner
 from ..tasks.task import Task
 from .common import as_model, check_scale, check_writers
-from .direct import component_columns
+from .self_repair import RunReadout, _decompose, _Partition
 
 #: The metric of text mode, recorded in provenance.
 NEXT_TOKEN_LOGIT = Metric("next_token_logit", True, lambda lg, a, b: lg.gather(-1, a.view(-1, 1)).squeeze(-1),
                           description="logit of the actual next token t_{p+1} at each position p")
 
 FRAME_COLUMNS = ("component", "text", "position", "token", "token_id", "direct_effect", "de_lost", "total_effect",
-                 "self_repair", "norm_term", "clean_logit", "ablated_logit")
+                 "self_repair", "norm_term", "postnorm_term", "softcap_term", "clean_logit", "ablated_logit")
 
 
 # ============================================================================ inputs
@@ -274,7 +279,10 @@ class TextSelfRepair(Result):
     included), ``token`` (the actual next token t_{p+1}, decoded), ``token_id``,
     ``direct_effect``, ``de_lost``, ``total_effect``, ``self_repair``,
     ``norm_term`` (the final norm's part of self_repair under the scale
-    policy), ``clean_logit``, ``ablated_logit``. All in logits of t_{p+1}.
+    policy), ``postnorm_term`` (post-attention norms' part; 0 without them),
+    ``softcap_term`` (the logit soft-cap's part; 0 without one),
+    ``clean_logit``, ``ablated_logit`` (the model's own, capped, logits). All
+    in logits of t_{p+1}.
     """
 
     kind = "text_self_repair"
@@ -467,7 +475,7 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 # ============================================================================ computation
 def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads", value: str = "resample",
                      top_fraction: float = 0.02, scale: str = "frozen", seed: int = 0, *,
-                     window: int | None = None, batch_components: int = 32,
+                     window: int | None = None, batch_components: int = 8, memory_budget: float = 2 ** 29,
                      progress: bool | None = None) -> TextSelfRepair:
     """Self-repair at every position of every text (see module doc).
 
@@ -481,8 +489,9 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
         seed: seeds resample donors and the summary's bootstrap.
         window: None refuses texts longer than the model's context; an int splits texts into windows of at
             most that many tokens.
-        batch_components: components per :meth:`Runner.run` call (bounds memory: the final residual of every
-            copy at every position is held for that many copies).
+        batch_components: at most this many components per :meth:`Runner.run` call; fewer when the
+            ablated runs' outputs at every position (every head and MLP, and the final residual) would
+            exceed ``memory_budget`` bytes.
 
     Returns:
         :class:`TextSelfRepair`; one row per component x text x position read.
@@ -498,31 +507,39 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
         raise OptionError(f"seed must be an integer; got {seed!r}.")
     if isinstance(batch_components, bool) or not isinstance(batch_components, int) or batch_components < 1:
         raise OptionError(f"batch_components must be a positive integer; got {batch_components!r}.")
-    _check_family(model)
     groups = select_groups(model, components)
     check_writers(groups, "self-repair")
     units, _, ctx = _tokenize(model, texts, window)
     task, units, dropped, runs = _build_task(model, units, vname, seed)
     runner = Runner(model, task, get_metric("logit"), seed=seed, progress=progress)
-    fin = finest(model)
-    parallel = model.parallel_residual
-    cols = [sorted({i for c in g.members for i in component_columns(fin, c)}) for g in groups]
-    down = [[i for i, d in enumerate(fin) if i not in set(cc) and any(is_downstream(d, c, parallel) for c in g.members)]
-            for g, cc in zip(groups, cols)]
     ivalue = "corrupted" if vname == "resample" else vname
     copies = [interventions_for(g.members, ivalue, model.head_dim, None) for g in groups]
     tok = model.tokenizer
     clean = [_clean_side(model, runner, gi, idx, units, ivalue) for gi, idx in enumerate(runner.groups)]
+    parts = [_Partition.of(g, next(c for c in clean if c is not None)["ro"], model.parallel_residual)
+             for g in groups]
+    L = model.n_layers
+    sites = frozenset(Site(l, k) for l in range(L) for k in ("z", "mlp_out"))
+    # the ablated runs' every head and MLP output at every position, plus the final residual: bound the memory
+    n_pos = sum(len(idx) * int(runner.task.clean_ids[idx[0]].shape[0]) for idx in runner.groups)
+    per_copy = n_pos * (L * (model.n_heads * model.head_dim + model.d_model) + model.d_model) * 4
+    k_max = max(1, min(batch_components, int(memory_budget // max(per_copy, 1))))
+    capped = model.adapter.softcap is not None
     frames = []
-    for s in range(0, len(groups), batch_components):
-        chunk = list(range(s, min(s + batch_components, len(groups))))
-        # one forward per copy over whole texts; the runner returns the final residual at every position
-        outs = runner.run("clean", [copies[k] for k in chunk], label="text self-repair", capture_positions="all")
+    for s0 in range(0, len(groups), k_max):
+        chunk = list(range(s0, min(s0 + k_max, len(groups))))
+        # one forward per copy over whole texts; the runner returns every position
+        outs = runner.run("clean", [copies[k] for k in chunk], label="text self-repair", capture=sites,
+                          capture_positions="all")
         for gi, cs in enumerate(clean):
             if cs is None:
                 continue
             for k, o in zip(chunk, outs):
-                frames.append(_rows(cs, o.resid_all[gi], groups[k].name, cols[k], down[k], scale))
+                ablated = _readout_rows(cs, {s: v[gi] for s, v in o.captures.items()}, o.resid_all[gi], L)
+                fr, _ = _decompose(groups[k].name, parts[k], clean=cs["readout"], ablated=ablated, scale=scale,
+                                   softcap=capped)
+                frames.append(fr.assign(text=cs["text"].numpy(), position=cs["position"].numpy(),
+                                        token_id=cs["targets"].numpy()))
     frame = pd.concat(frames, ignore_index=True)
     ids = frame["token_id"].to_numpy()
     uniq = np.unique(ids)
@@ -530,7 +547,9 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
     frame["token"] = [names[int(t)] for t in ids]
     order = {g.name: i for i, g in enumerate(groups)}
     frame = frame.assign(_c=frame["component"].map(order)).sort_values(["_c", "text", "position"], kind="stable")
-    frame = frame.drop(columns="_c")[list(FRAME_COLUMNS)].reset_index(drop=True)
+    frame = frame.drop(columns="_c").rename(columns={"clean_de": "direct_effect", "clean_metric": "clean_logit",
+                                                     "ablated_metric": "ablated_logit"})
+    frame = frame[list(FRAME_COLUMNS)].reset_index(drop=True)
     prov = provenance(model, task, metric=NEXT_TOKEN_LOGIT, value=vname, scale=scale, seed=seed)
     prov.update({"n": len({u.text for u in units}), "n_texts": len(list(texts)), "n_runs": len(units),
                  "n_positions": int(len(frame) // max(len(groups), 1)), "top_fraction": f, "window": window,
@@ -547,7 +566,7 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
 def _clean_side(model: Any, runner: Runner, gi: int, idx: list[int], units: list[Unit], ivalue: str
                 ) -> dict[str, Any] | None:
     """Everything of length group ``gi`` that does not depend on the ablated component: the positions read
-    (N rows), their readout, the clean metric, scale and projections, and the replacement's projections."""
+    (N rows, as the decomposition's "prompts"), their readout and the clean run's :class:`RunReadout`."""
     ad = model.adapter
     L = ad.n_layers
     P = runner.prefix(gi, "clean")
@@ -561,69 +580,30 @@ def _clean_side(model: Any, runner: Runner, gi: int, idx: list[int], units: list
     targets = tgt[bi, pi]
     u, bias = direction(ad, get_metric("logit"), targets, targets)
     ro = Readout.build(model, u, bias)
-    dev = P.resid[0].device
 
     def rows(x: torch.Tensor) -> torch.Tensor:                                # (B, T, w) -> (N, w)
-        return x.to(dev)[bi.to(dev), pi.to(dev)]
+        return x[bi.to(x.device), pi.to(x.device)].to(ro.u.device)
 
-    x0 = rows(P.resid[L]).to(torch.float64).to(ro.u.device)
-    sig0 = ro.sigma(x0)
-    tot0 = ro.project(x0)
-    proj0 = ro.projections([rows(P.captures[_site(l, "z")]) for l in range(L)],
-                           [rows(P.captures[_site(l, "mlp_out")]) for l in range(L)])     # (N, C)
-    if ivalue == "zero":
-        projr = torch.zeros_like(proj0)
-    else:  # the replacement the runner writes (the per-position mean, or the donor text's activation)
-        zr = [rows(runner.value(Intervention(_site(l, "z"), None, None, ivalue), gi, "clean")) for l in range(L)]
-        mr = [rows(runner.value(Intervention(_site(l, "mlp_out"), None, None, ivalue), gi, "clean"))
-              for l in range(L)]
-        projr = ro.projections(zr, mr)
-    return {"ro": ro, "rows": rows, "sig0": sig0, "tot0": tot0, "m0": tot0 / sig0 + ro.beta_u, "proj0": proj0,
-            "projr": projr, "const0": ro.const_projection(rows(P.resid[0])), "targets": targets,
-            "text": torch.tensor([units[i].text for i in idx])[bi],
-            "position": torch.tensor([units[i].offset for i in idx])[bi] + pi}
+    caps = {Site(l, k): P.captures[Site(l, k)] for l in range(L) for k in ("z", "mlp_out")}
+    cs: dict[str, Any] = {"ro": ro, "rows": rows, "targets": targets, "softcap": ad.apply_softcap,
+                          "text": torch.tensor([units[i].text for i in idx])[bi],
+                          "position": torch.tensor([units[i].offset for i in idx])[bi] + pi}
+    cs["readout"] = _readout_rows(cs, caps, P.resid[L], L)
+    return cs
 
 
-def _rows(cs: dict[str, Any], resid_all: torch.Tensor, name: str, cc: list[int], down: list[int], scale: str
-          ) -> pd.DataFrame:
-    """One component's rows on one length group, from its ablated run's final residual (B, T, d)."""
-    ro, sig0, tot0, m0, proj0, projr = cs["ro"], cs["sig0"], cs["tot0"], cs["m0"], cs["proj0"], cs["projr"]
-    x1 = cs["rows"](resid_all).to(torch.float64).to(ro.u.device)
-    sig1 = ro.sigma(x1)
-    tot1 = ro.project(x1)
-    m1 = tot1 / sig1 + ro.beta_u
-    de = proj0[:, cc].sum(1) / sig0
-    dl = de - projr[:, cc].sum(1) / sig0
-    te = m0 - m1
-    sr = dl - te
-    if scale == "frozen":
-        norm = tot1 * (1 / sig1 - 1 / sig0)
-    else:  # SR minus the downstream components' recomputed-scale changes; the rest of the run is unchanged
-        C = proj0.shape[1]
-        fixed_cols = [i for i in range(C) if i not in set(cc) and i not in set(down)]
-        fixed = cs["const0"] + proj0[:, fixed_cols].sum(1)
-        s1 = tot1 - fixed - projr[:, cc].sum(1)
-        s0 = tot0 - fixed - proj0[:, cc].sum(1)
-        norm = sr - (s1 / sig1 - s0 / sig0)
-    return pd.DataFrame({
-        "component": name, "text": cs["text"].numpy(), "position": cs["position"].numpy(), "token": "",
-        "token_id": cs["targets"].numpy(), "direct_effect": de.cpu().numpy(), "de_lost": dl.cpu().numpy(),
-        "total_effect": te.cpu().numpy(), "self_repair": sr.cpu().numpy(), "norm_term": norm.cpu().numpy(),
-        "clean_logit": m0.cpu().numpy(), "ablated_logit": m1.cpu().numpy()})
-
-
-def _check_family(model: Any) -> None:
-    """Refuse what text mode does not decompose yet: post-attention (sandwich) norms and logit soft-capping."""
-    from ..errors import ArchitectureError
-
-    fam = getattr(model, "family", "?")
-    if getattr(model.adapter, "has_post_attn_norm", False):
-        raise ArchitectureError(f"text mode does not yet handle post-attention (sandwich) norms ({fam}): a head's "
-                                "write depends on its layer's normalisation in each run. Use self_repair on a prompt "
-                                "task (its decomposition handles them) or a model without post-attention norms.")
-    if getattr(getattr(model.hf_model, "config", None), "final_logit_softcapping", None):
-        raise ArchitectureError(f"text mode does not yet handle final logit soft-capping ({fam}); use self_repair on "
-                                "a prompt task (it adds a SOFTCAP row) or a model without soft-capping.")
+def _readout_rows(cs: dict[str, Any], caps: dict[Site, torch.Tensor], resid: torch.Tensor, L: int) -> RunReadout:
+    """One run's :class:`RunReadout` at the rows read: ``caps`` z / mlp_out and ``resid`` are (B, T, width)."""
+    ro, rows = cs["ro"], cs["rows"]
+    z = [rows(caps[Site(l, "z")]) for l in range(L)]
+    mlp = [rows(caps[Site(l, "mlp_out")]) for l in range(L)]
+    x = rows(resid).to(torch.float64)
+    sig = ro.sigma(x)
+    raw = ro.project(x) / sig + ro.beta_u
+    post = ro.post_sigma(z)
+    n = x.shape[0]
+    return RunReadout(metric=cs["softcap"](raw).cpu(), raw_metric=raw.cpu(), proj=ro.projections(z, mlp).cpu(),
+                      resid_proj=ro.project(x).cpu(), sigma=sig.cpu(), post_scale=ro.column_scale(post, n))
 
 
 def _site(layer: int, kind: str) -> Site:

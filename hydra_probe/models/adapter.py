@@ -602,7 +602,14 @@ class Adapter:
         raise InterventionError(f"unknown site kind {site.kind}")
 
     def check_neuron_basis(self) -> None:
-        """Raise :class:`ArchitectureError` when the table names no MLP output projection (no neuron basis)."""
+        """Raise :class:`ArchitectureError` when the MLP has no linear neuron basis: the table names no MLP
+        output projection, or the MLP writes through a post norm (its write is not linear in the neurons)."""
+        if getattr(self.table, "post_mlp_norm", None):
+            raise ArchitectureError(
+                f"{self.table.family} MLPs write through a post-MLP norm ({self.table.post_mlp_norm}), so an MLP's "
+                "write is not a sum over its neurons and neuron_contributions cannot split it exactly; the MLP "
+                "stays one unit (its 'mlp' row in repair_mechanisms)."
+            )
         if not self.table.mlp_out_proj:
             raise ArchitectureError(
                 f"the {self.table.family} table names no MLP output projection (ArchTable.mlp_out_proj), so its "
@@ -623,12 +630,12 @@ class Adapter:
                 return w[:, :, -1, :].transpose(1, 2)  # (B, H, Tq, Tk) -> (B, Tk, H) for the last query
             return weights
         if site.kind == "values" and self.table.qkv_layout != "separate":
-            H, dh, layout = self.n_heads, self.head_dim, self.table.qkv_layout
+            H, KV, dh, layout = self.n_heads, self.n_kv_heads, self.head_dim, self.table.qkv_layout
 
             def values(out: Any) -> torch.Tensor:
                 x = out[0] if isinstance(out, tuple) else out
-                if layout == "gpt2":  # [q | k | v]
-                    return x[..., 2 * H * dh: 3 * H * dh]
+                if layout in ("gpt2", "fused"):  # [q (H*dh) | k (KV*dh) | v (KV*dh)]
+                    return x[..., (H + KV) * dh: (H + 2 * KV) * dh]
                 B, T = x.shape[:2]    # neox: per head [q | k | v]
                 return x.view(B, T, H, 3 * dh)[..., 2 * dh:].reshape(B, T, H * dh)
             return values
@@ -669,6 +676,12 @@ class Adapter:
             return
         try:
             self.model.set_attn_implementation("eager")
+            if getattr(self.config, "_attn_implementation", None) != "eager":
+                raise ArchitectureError(
+                    f"{type(self.model).__name__} cannot switch to the eager attention implementation, which "
+                    "returns attention weights; load it with attn_implementation='eager' "
+                    "(from_pretrained(..., attn_implementation='eager')) to read attention patterns."
+                )
             yield
         finally:
             self.model.set_attn_implementation(old)

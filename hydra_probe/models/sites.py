@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import InterventionError
+
 SITE_KINDS = ("resid_pre", "attn_in", "q", "k", "v", "qkv", "values", "attn_last", "z", "mlp_in", "mlp_act",
               "mlp_out")
 # Kinds that are derived views of a module's output: they can be captured, not edited.
@@ -45,7 +47,7 @@ class Site:
 
     def __post_init__(self) -> None:
         if self.kind not in _ORDER:
-            raise ValueError(f"unknown site kind {self.kind!r}; known: {', '.join(SITE_KINDS)}")
+            raise InterventionError(f"unknown site kind {self.kind!r}; known: {', '.join(SITE_KINDS)}")
 
     @property
     def order(self) -> tuple[int, int]:

@@ -33,6 +33,7 @@ from .prose import (
     rerun_command,
     verdict_rule_text,
 )
+from .why_it_repairs import why_it_repairs
 
 FILES = {
     "report.md": "this report (Markdown; figures linked from figures/)",
@@ -366,6 +367,7 @@ SECTIONS: list[Callable[[Doc, Context], None]] = [
     compensation_graph,
     paired_confirmations,
     iterated_ablation,
+    why_it_repairs,
     path_patching,
     attribution,
     notes,

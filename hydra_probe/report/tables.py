@@ -70,6 +70,15 @@ def derived_tables(rep: Any) -> dict[str, pd.DataFrame]:
     if "conditions" in r:  # compare_conditions attached by `hydra-probe report --conditions`
         c = r["conditions"]
         t["conditions"], t["conditions_summary"], t["conditions_grid"] = c.to_frame(), c.summary(), c.grid().reset_index()
+    if "repair_mechanisms" in r:  # "Why it repairs"
+        t["repair_mechanisms"] = r["repair_mechanisms"].to_frame()
+        t["repair_mechanisms_summary"] = r["repair_mechanisms"].summary()
+    if "layer_regression" in r:
+        t["layer_regression"] = r["layer_regression"].to_frame()
+        t["layer_regression_shares"] = r["layer_regression"].shares()
+    if "neuron_contributions" in r:
+        t["neuron_contributions"] = r["neuron_contributions"].to_frame()
+        t["neuron_contributions_summary"] = r["neuron_contributions"].summary(top=20)
     if rep.graph is not None:
         t["graph_edges"] = edge_frame(rep.graph)
         t["graph_nodes"] = node_frame(rep.graph)

@@ -27,10 +27,11 @@ from ..components import select
 from ..effects import activation_patch, attribution_patch, direct_effects, iterated_ablation, path_patch, self_repair
 from ..effects.common import as_model, check_scale, check_task, make_runner, value_name
 from ..errors import ComponentError, MetricError, OptionError
-from ..graph import compensation_graph, compensators_of, hydra_slope, verify_edges
+from ..graph import add_mechanisms, compensation_graph, compensators_of, hydra_slope, verify_edges
 from ..metrics import get_metric
 from .prose import findings_text
 from .store import read_report
+from .why_it_repairs import mechanism_step
 from .writer import save_report
 
 #: The analyses ``triangulate`` runs, in order, with the call each one makes.
@@ -43,6 +44,8 @@ ANALYSES = {
     "graph": "compensation_graph(self_repair) + verify_edges (paired ablations of the strongest edges)",
     "iterated_ablation": "iterated_ablation(target, its compensators)",
     "path_patch": "path_patch(top components -> logits | every head and MLP, noise): direct vs indirect paths",
+    "why_it_repairs": "repair_mechanisms(components) + layer_regression + neuron_contributions(top component, "
+                      "its most compensating MLP): the mechanisms of self-repair",
 }
 
 class Steps:
@@ -226,7 +229,7 @@ def _assemble(rep: TriangulationReport) -> pd.DataFrame:
 def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "frozen", metric: Any = "logit_diff",
                 components: Any = "heads", top: int = 5, seed: int = 0, threshold: float = 0.1,
                 graph_threshold: float | None = None, graph_top_k: int = 5, iterate: int = 3,
-                progress: bool | None = None) -> TriangulationReport:
+                progress: bool | None = None, mechanisms: bool = True) -> TriangulationReport:
     """Run every analysis on ``model`` and ``task`` and return a :class:`TriangulationReport`.
 
     Args:
@@ -250,6 +253,9 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         iterate: compensators added in the iterated ablation of the most
             self-repaired component.
         progress: step messages and progress bars on stderr (default: on a terminal).
+        mechanisms: run "Why it repairs" (:func:`~hydra_probe.effects.repair_mechanisms` over the
+            components, the per-layer regression, and the neurons of the most compensating MLP);
+            local backend only (skipped with a note otherwise).
     """
     model = as_model(model)
     model.require_local("triangulate (its attribution and path patching)")
@@ -274,7 +280,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     check_task(model, task)
     make_runner(model, task, metric, value, seed)  # validates value, metric and resample donors; runs nothing
 
-    steps = Steps(total=8, enabled=progress)
+    steps = Steps(total=9 if mechanisms else 8, enabled=progress)
     bars = progress
     results: dict[str, Any] = {}
     notes: list[str] = []
@@ -297,7 +303,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     cfg = {"value": vname if isinstance(value, str) else f"mean over {getattr(value, 'name', 'reference')}",
            "scale": scale, "metric": m.name, "components": components if isinstance(components, str) else names,
            "top": int(top), "seed": int(seed), "threshold": float(threshold), "graph_top_k": int(graph_top_k),
-           "iterate": int(iterate)}
+           "iterate": int(iterate), "mechanisms": bool(mechanisms)}
     rep = TriangulationReport(results=results, config=cfg, task_info=_task_info(task), task_pairs=list(task.pairs),
                               agreement=agreement, notes=notes, model_info=_model_info(model))
     gap = rep.baseline["gap"]
@@ -330,6 +336,15 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         # (all indirect paths through downstream components)
         results["path_patch"] = path_patch(model, task, senders=top_names, receivers=[["logits"], ["all"]],
                                            direction="noise", scale=scale, progress=bars, **kw)
+
+    if mechanisms:
+        with steps.step("why_it_repairs", f"why it repairs: mechanisms of self-repair of {len(names)} components"):
+            mech, why = mechanism_step(model, task, components=names, top=top_names, value=value, scale=scale,
+                                       metric=metric, seed=seed, progress=bars)
+            results.update(mech)
+            notes.extend(why)
+            if graph is not None and "repair_mechanisms" in mech:
+                graph = add_mechanisms(graph, mech["repair_mechanisms"])
 
     hydra = hydra_slope(results["self_repair"])
     rep.results, rep.graph, rep.edges_tested, rep.hydra, rep.notes = dict(results), graph, tested, hydra, notes

@@ -20,6 +20,7 @@ from .conditions_section import conditions_grid
 from .document import build_doc
 from .store import results_json
 from .tables import derived_tables
+from .why_it_repairs import mechanism_figures
 
 
 def make_figures(rep: Any, tables: dict[str, pd.DataFrame], folder: Path) -> dict[str, Path]:
@@ -41,6 +42,7 @@ def make_figures(rep: Any, tables: dict[str, pd.DataFrame], folder: Path) -> dic
         figs["attribution_vs_exact"] = F.attribution_vs_exact(t, caption=cap)
     if "conditions" in rep.results:
         figs["conditions_grid"] = conditions_grid(rep.results["conditions"], top)
+    figs.update(mechanism_figures(rep.results, top, caption=cap))  # "Why it repairs" (when it ran)
     return {name: F.save_figure(fig, folder, name)["png"] for name, fig in figs.items()}
 
 

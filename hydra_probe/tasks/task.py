@@ -163,7 +163,7 @@ def from_pairs(model: Any, rows: Iterable[Mapping[str, Any]], *, name: str = "cu
 def from_jsonl(model: Any, path: str | os.PathLike, *, name: str | None = None) -> Task:
     """Read a task from a JSONL file (one pair an object); malformed lines are reported by number."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise TaskError(f"task file {str(p)!r} does not exist; give a JSONL file of {{clean, corrupted, answer, alternative}} rows.")
     rows = []
     from ..io import read_text
