@@ -275,6 +275,18 @@ def test_bad_remote_settings_fail_before_work(monkeypatch):
         hp.load_default_model(backend="nnsight", remote=1)
 
 
+def test_a_client_without_weights_is_refused_clearly():
+    """A LanguageModel built from a name without loading weights (meta device) cannot be read here: said at once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import transformers as tf
+
+        lm = nnsight.LanguageModel(str(DEFAULT_MODEL_DIR), tokenizer=tf.AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR))
+    assert next(lm._module.parameters()).device.type == "meta"
+    with pytest.raises(hp.OptionError, match="weights"):
+        hp.load_model(lm, backend="nnsight", remote=True)
+
+
 def test_local_only_analyses_refuse_at_once(ndif, requests, task):
     m = _remote()
     with pytest.raises(hp.OptionError, match="remote"):
