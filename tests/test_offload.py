@@ -12,7 +12,12 @@ import torch
 
 import hydra_probe as hp
 
-pytest.importorskip("accelerate")
+try:  # in the test extra: CI must run these tests, never skip them
+    import accelerate  # noqa: F401
+except ImportError:
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("device maps need accelerate (pip install '.[test]')", allow_module_level=True)
 
 
 def _same(a: pd.DataFrame, b: pd.DataFrame, atol: float = 1e-5) -> None:

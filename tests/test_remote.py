@@ -13,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+import nnsight
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,8 +21,12 @@ import pytest
 import hydra_probe as hp
 from hydra_probe.zoo import DEFAULT_MODEL_DIR
 
-nnsight = pytest.importorskip("nnsight")
-pytest.importorskip("tornado")  # the loopback server's only dependency (in the test extra)
+try:  # the loopback server's only dependency (in the test extra): CI must run these tests, never skip them
+    import tornado  # noqa: F401
+except ImportError:
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("the loopback NDIF server needs tornado (pip install '.[test]')", allow_module_level=True)
 
 SERVER = Path(__file__).with_name("ndif_loopback.py")
 
