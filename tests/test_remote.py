@@ -167,6 +167,13 @@ def test_only_the_last_position_comes_back(ndif, monkeypatch, local, task):
         assert set(job.keep.values()) == {"last"} and job.copies == 2
         for v in out.values():
             assert v.shape[:1] == (job.copies * job.ids.shape[0],) and v.dim() == 2
+    # what goes out is small too: a mean ships once per site and head (one row, broadcast on the server)
+    seen.clear()
+    hp.ablate(_remote(), task, "heads", "mean")
+    specs = [spec for job, _ in seen for sp in job.edits.values() for spec in sp]
+    assert len(specs) == len(task.groups()) * 32
+    assert all(val.shape[0] == 1 and val.shape[-1] == 16 for *_, val in specs)  # 1 row, one head's columns
+    assert len({id(val) for *_, val in specs}) == len(specs)  # one value per (site, head), none repeated
 
 
 def test_local_simulation_equals_local(local, task):
