@@ -187,7 +187,8 @@ def test_local_simulation_equals_local(local, task):
 def test_host_url_passed_directly_and_uncompressed(ndif, monkeypatch, local, task):
     monkeypatch.setattr(nnsight.CONFIG.API, "HOST", "http://127.0.0.1:9")  # not used: the URL given wins
     monkeypatch.setattr(nnsight.CONFIG.API, "COMPRESS", False)  # payload and result sent without zstd
-    m = _remote(ndif.url)
+    m = _remote(ndif.url + "/")
+    assert m.remote == ndif.url
     _same(hp.ablate(local, task, ["L1H2"], "zero").to_frame(), hp.ablate(m, task, ["L1H2"], "zero").to_frame())
 
 

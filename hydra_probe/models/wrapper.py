@@ -216,7 +216,9 @@ def check_remote(remote: Any, backend: str) -> bool | str:
     if remote != "local":
         from .nnsight_backend import remote_host
 
-        remote_host(remote)
+        host = remote_host(remote)
+        if isinstance(remote, str):
+            return host  # the URL as nnsight will use it (no trailing slash)
     return remote
 
 
