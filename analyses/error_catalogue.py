@@ -166,6 +166,18 @@ ENTRIES: list[Entry] = [
     Entry("unknown-backend", "Models", "An unknown backend",
           "hp.load_model(tiny.hf_model('gpt2', layers=1), tokenizer=tiny.tokenizer(), backend='remote')",
           "OptionError", ("unknown backend", "nnsight")),
+    Entry("remote-without-nnsight", "Models", "Remote execution without the nnsight backend",
+          "hp.load_model('default', remote=True)", "OptionError", ("remote", "backend='nnsight'")),
+    Entry("remote-host-not-url", "Models", "An NDIF host that is not a URL",
+          "hp.load_model('default', backend='nnsight', remote='api.ndif.us')",
+          "OptionError", ("'api.ndif.us'", "not a URL", "NDIF_HOST")),
+    Entry("offload-folder-unwritable", "Models", "An offload folder that cannot be written",
+          "hp.load_model('default', device_map={'transformer': 'cpu', 'lm_head': 'disk'},\n"
+          "              offload_folder='/proc/hydra_probe_offload')",
+          "OptionError", ("offload_folder", "cannot be written")),
+    Entry("device-map-missing-device", "Models", "A device_map that names a device that does not exist here",
+          "hp.load_model('default', device_map={'transformer': 'cuda:7', 'lm_head': 'cpu'})",
+          "OptionError", ("'transformer'", "'cuda:7'"), portable=False),
     # ------------------------------------------------------------------ tasks
     Entry("unequal-lengths", "Tasks", "Clean and corrupted prompts of different token lengths",
           "hp.tasks.from_pairs(m, [{'clean': 'When Mary and John went to the store , John gave a drink to',\n"

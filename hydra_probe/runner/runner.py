@@ -937,6 +937,8 @@ class Runner:
                 key = (iv.site, iv.value, iv.cols)
                 if key not in vals:
                     v = self.value(iv, g, source)
+                    if v is not None and v.dim() and v.stride(0) == 0:  # a mean: the same for every prompt
+                        v = v[:1]                                      # ships once, broadcast on the server
                     vals[key] = None if v is None else v[..., c0:c1].detach().cpu().contiguous()
                 pos = list(iv.positions) if iv.positions is not None else None
                 per_site.setdefault(iv.site, []).append((ci * B, (ci + 1) * B, pos, c0, c1, vals[key]))
