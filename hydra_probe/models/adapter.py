@@ -238,7 +238,9 @@ class Adapter:
 
     def path_of(self, site: Site) -> tuple[str, str]:
         """Dotted module path and ``"input"``/``"output"`` of ``site``, for nnsight (see :meth:`_resolve`);
-        the read-only kinds are read by local hooks only."""
+        the read-only kinds other than the neuron basis are read by local hooks only."""
+        if site.kind == "mlp_act" and self.table.mlp_out_proj:  # the MLP output projection's input
+            return self._resolve(site)
         if site.kind in READ_ONLY_KINDS + ("mlp_act",):
             raise InterventionError(f"site kind {site.kind!r} is read by local hooks only; load the model with "
                                     "backend='local' to capture it.")
@@ -588,21 +590,27 @@ class Adapter:
 
 
     def foreign_hooks(self) -> list[str]:
-        """Forward (pre-)hooks and backward hooks present on the modules the package reads through, as
-        ``"path (forward hook fn)"`` strings: the model, its base, every block, attention module, output
-        projection and MLP, the final norm and the unembedding. Called before any analysis registers its own
-        hooks, so every one found belongs to someone else. Read-only."""
+        """Hooks present on the modules the package reads through, as ``"path (forward hook fn)"`` strings.
+
+        Modules: the model, its base, every block, its attention module, output projection, MLP and post
+        norms, the final norm and the unembedding; forward (pre-)hooks and backward hooks. Called before
+        any analysis registers its own hooks, so every one found belongs to someone else; hook functions
+        marked read-only (``hydra_probe.checks.read_only``) are skipped. Read-only.
+        """
         t = self.table
         mods: list[Any] = [self.model, self.base, *self.blocks, self.final_norm, self.unembed]
-        for b in self.blocks:
+        for i, b in enumerate(self.blocks):
             for rel in (t.attn, t.o_proj, t.mlp):
                 with contextlib.suppress(AttributeError, IndexError):
                     mods.append(get_path(b, rel))
+            for which in ("attn", "mlp"):
+                with contextlib.suppress(AttributeError, IndexError):
+                    mods.append(self.post_norm(i, which))
         names = {id(m): n or "<model>" for n, m in self.model.named_modules()}
         out: list[str] = []
         seen: set[int] = set()
         for m in mods:
-            if id(m) in seen:
+            if m is None or id(m) in seen:
                 continue
             seen.add(id(m))
             for attr, kind in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
