@@ -624,19 +624,13 @@ class Adapter:
 
     # ------------------------------------------------------------------ mechanisms of self-repair
     # (owned by the mechanisms analyses: attention weights, value vectors and neuron activations;
-    # the read-only site kinds of :mod:`.sites` resolve here.)
+    # the read-only site kinds of :mod:`.sites` resolve in :meth:`_resolve` like every other kind.)
     def mechanism_module_of(self, site: Site) -> tuple[nn.Module, str]:
-        """Module and ``"input"``/``"output"`` of the ``values``, ``attn_last`` and ``mlp_act`` sites."""
-        t, block = self.table, self.blocks[site.layer]
-        if site.kind == "values":
-            path = t.qkv[2] if t.qkv_layout == "separate" else t.qkv[0]
-            return get_path(block, path), "output"
-        if site.kind == "attn_last":
-            return get_path(block, t.attn), "output"
-        if site.kind == "mlp_act":
-            self.check_neuron_basis()
-            return get_path(block, t.mlp_out_proj), "input"
-        raise InterventionError(f"unknown site kind {site.kind}")
+        """Module and ``"input"``/``"output"`` of the ``values``, ``attn_last`` and ``mlp_act`` sites
+        (the one resolver, :meth:`module_of`)."""
+        if site.kind not in ("values", "attn_last", "mlp_act"):
+            raise InterventionError(f"unknown site kind {site.kind}")
+        return self.module_of(site)
 
     def check_neuron_basis(self) -> None:
         """Raise :class:`ArchitectureError` when the MLP has no linear neuron basis: the table names no MLP
