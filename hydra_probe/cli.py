@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top", type=_positive_int, default=5, metavar="K",
                    help="components that get path patching, paired confirmations and figures (default: 5)")
     r.add_argument("--threshold", type=_fraction, default=0.1, metavar="T",
-                   help="verdict threshold as a share of the clean-corrupted gap (default: 0.1)")
+                   help="verdict threshold: a share of the verdict scale (the clean metric) for total effect and DE "
+                        "lost, of the clean-corrupted gap for restoration and damage (default: 0.1)")
     r.add_argument("--exact", choices=("auto", "all"), default="all",
                    help="exact sweeps over every component ('all', default) or only over those AtP* cannot rule "
                         "out ('auto'; the others are marked estimated and the bound is printed)")
