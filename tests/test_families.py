@@ -139,6 +139,17 @@ def test_repair_mechanisms_close(family):
     assert np.abs(pv.to_numpy() - con.reindex(pv.index).to_numpy()).max() < 1e-5
 
 
+def test_report_mechanism_step_keeps_post_normed_mlps_whole():
+    """The report's 'why it repairs' step on a post-MLP-norm family notes that MLPs stay one unit (their write
+    is not a sum over neurons) instead of failing in neuron_contributions."""
+    from hydra_probe.report.why_it_repairs import mechanism_step
+
+    m, task = build("olmo2")
+    out, notes = mechanism_step(m, task, components=["L0H1", "MLP0"], top=["L0H1", "MLP0"])
+    assert "repair_mechanisms" in out and "neuron_contributions" not in out
+    assert any("post-MLP norm" in n for n in notes), notes
+
+
 def _plain_zero_te(m, task, layer: int, head: int | None) -> np.ndarray:
     """Total effect of zero-ablating a head (or the MLP unit) with one plain torch hook on the transformers
     module, one full forward per prompt: the reference for the fast path (prefix reuse, replayed block calls
