@@ -205,6 +205,14 @@ def test_overlapping_groups_are_refused_with_the_overlap_named():
             "ATTN1 contains L1H0")
 
 
+def test_overlaps_in_the_newer_analyses():
+    m, task = small()
+    refused(hp.ComponentError, lambda: hp.repair_mechanisms(m, task, ["ATTN0+L0H1"]), "ATTN0 contains L0H1")
+    refused(hp.ComponentError, lambda: hp.neuron_contributions(m, task, "L0H0+L0H0", "MLP2"), "L0H0 appears twice")
+    refused(hp.ComponentError, lambda: hp.repair_mechanisms(m, task, ["L0H0", "L0H0"]), "more than once")
+    refused(hp.TaskError, lambda: hp.ablate(m, {"a": task}, ["L0H0"]), "expected a hydra_probe Task")
+
+
 def test_separate_overlapping_ablations_are_two_claims():
     """["ATTN1", "L1H0"] ablates each on its own: allowed, and each equals its own call."""
     m, task = small()
