@@ -122,6 +122,17 @@ ENTRIES: list[Entry] = [
           "hp.load_model(tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,\n"
           "    ffn_dim=32, word_embed_proj_dim=16, vocab_size=50)), tokenizer=tiny.tokenizer())",
           "ArchitectureError", ("'opt' is not supported", "gpt2", "register_table")),
+    Entry("vision-language", "Models", "A vision-language object (Gemma-3): its text model is what can be analysed",
+          "vc = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
+          "    num_attention_heads=2, image_size=16, patch_size=8)\n"
+          "tc = tf.Gemma3TextConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
+          "    num_attention_heads=2, num_key_value_heads=1, head_dim=8)\n"
+          "hp.load_model(tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(text_config=tc.to_dict(),\n"
+          "    vision_config=vc.to_dict(), mm_tokens_per_image=4)), tokenizer=tiny.tokenizer())",
+          "ArchitectureError", ("vision-language", "gemma3_text", "Gemma3ForCausalLM")),
+    Entry("gguf-missing", "Models", "A GGUF path that does not exist",
+          "hp.load_model('weights/model.gguf', tokenizer=tiny.tokenizer())",
+          "InputError", ("GGUF file", "does not exist")),
     Entry("not-causal", "Models", "A model that is not a causal LM (masked LM, base model, classifier)",
           "hp.load_model(tf.BertForMaskedLM(tf.BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16,\n"
           "    intermediate_size=32, vocab_size=50)), tokenizer=tiny.tokenizer())",
@@ -325,6 +336,26 @@ ENTRIES: list[Entry] = [
     Entry("unknown-split-order", "Mechanisms", "An unknown split order of the mechanisms",
           "hp.repair_mechanisms(m, task, 'heads', order='both')", "OptionError",
           ("'both'", "pattern_first", "symmetric")),
+    # ------------------------------------------------------------------ natural text and tasks
+    Entry("text-empty", "Natural text and tasks", "Text mode given no texts",
+          "hp.text_self_repair(m, [])", "TaskError", ("text list is empty",)),
+    Entry("text-one-token", "Natural text and tasks", "A text of one token (nothing to predict)",
+          "hp.text_self_repair(m, ['Mary went home', 'Mary'], value='zero')", "TaskError",
+          ("text 1", "1 token(s)", "at least 2 tokens")),
+    Entry("text-undecodable", "Natural text and tasks", "A texts file with bytes that are not UTF-8",
+          "hp.read_texts('texts.txt')", "TaskError", ("texts.txt:2", "not valid UTF-8", "column 1"),
+          setup="Path('texts.txt').write_bytes(b'Mary went home\\n\\xff oops\\n')"),
+    Entry("text-top-fraction", "Natural text and tasks", "A top fraction outside (0, 1]",
+          "hp.text_self_repair(m, ['Mary went home', 'John went home'], top_fraction=0)", "OptionError",
+          ("top_fraction", "(0, 1]")),
+    Entry("text-too-long", "Natural text and tasks", "A text longer than the model's context",
+          "hp.text_self_repair(m, [' '.join(['Mary'] * 80), 'John went home'])", "TaskError",
+          ("80 tokens", "context of 64", "window=64")),
+    Entry("pronoun-vocabulary", "Natural text and tasks", "The pronoun task on a vocabulary without ' he' / ' she'",
+          "hp.tasks.pronoun(m, 8)", "TaskError", ("' she'", "single known token")),
+    Entry("greater-than-tokenizer", "Natural text and tasks",
+          "Greater-than on a tokenizer without two-digit year tokens",
+          "hp.tasks.greater_than(m, 8)", "TaskError", ("century token", "two-digit")),
 ]
 
 CLI_ENTRIES: list[CliEntry] = [

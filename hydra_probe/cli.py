@@ -612,7 +612,8 @@ def cmd_text(args: Any) -> int:
     s = res.summary().sort_values("self_repair", ascending=False, kind="stable").head(args.rows)
     print(text_table(s[["component", "n_top", "direct_effect", "de_lost", "total_effect", "self_repair",
                         "sr_over_de_lost", "norm_share"]].round(4)))
-    print(f"written to {out}/ (summary.md, summary.csv, positions.csv, runs.csv, text_self_repair.json) in "
+    print(f"written to {out}/ (summary.md, summary.csv, positions.csv, top_contributions.csv, runs.csv, "
+          "text_self_repair.json) in "
           f"{time.perf_counter() - t0:.1f} s")
     return 0
 
