@@ -166,6 +166,18 @@ ENTRIES: list[Entry] = [
     Entry("unknown-backend", "Models", "An unknown backend",
           "hp.load_model(tiny.hf_model('gpt2', layers=1), tokenizer=tiny.tokenizer(), backend='remote')",
           "OptionError", ("unknown backend", "nnsight")),
+    Entry("remote-without-nnsight", "Models", "Remote execution without the nnsight backend",
+          "hp.load_model('default', remote=True)", "OptionError", ("remote", "backend='nnsight'")),
+    Entry("remote-host-not-url", "Models", "An NDIF host that is not a URL",
+          "hp.load_model('default', backend='nnsight', remote='api.ndif.us')",
+          "OptionError", ("'api.ndif.us'", "not a URL", "NDIF_HOST")),
+    Entry("offload-folder-unwritable", "Models", "An offload folder that cannot be written",
+          "hp.load_model('default', device_map={'transformer': 'cpu', 'lm_head': 'disk'},\n"
+          "              offload_folder='/proc/hydra_probe_offload')",
+          "OptionError", ("offload_folder", "cannot be written")),
+    Entry("device-map-missing-device", "Models", "A device_map that names a device that does not exist here",
+          "hp.load_model('default', device_map={'transformer': 'cuda:7', 'lm_head': 'cpu'})",
+          "OptionError", ("'transformer'", "'cuda:7'"), portable=False),
     # ------------------------------------------------------------------ tasks
     Entry("unequal-lengths", "Tasks", "Clean and corrupted prompts of different token lengths",
           "hp.tasks.from_pairs(m, [{'clean': 'When Mary and John went to the store , John gave a drink to',\n"
@@ -356,6 +368,19 @@ ENTRIES: list[Entry] = [
     Entry("greater-than-tokenizer", "Natural text and tasks",
           "Greater-than on a tokenizer without two-digit year tokens",
           "hp.tasks.greater_than(m, 8)", "TaskError", ("century token", "two-digit")),
+    # ------------------------------------------------------------------ conditions (compare_conditions)
+    Entry("conditions-unknown-corruption", "Conditions", "An unknown corruption in the list of conditions",
+          "hp.compare_conditions(m, task, corruptions=('abc', 'shuffle'))", "OptionError",
+          ("unknown corruption 'shuffle'", "swap, abc")),
+    Entry("conditions-corruption-not-makeable", "Conditions", "A corruption the task cannot make (its own only)",
+          "hp.compare_conditions(m, own)", "TaskError",
+          ("cannot make the corruption 'swap', 'abc'", "only 'custom'", "corruptions=('custom',)"),
+          setup="own = hp.tasks.from_pairs(m, task.pairs)"),
+    Entry("conditions-empty-list", "Conditions", "An empty list of ablation values",
+          "hp.compare_conditions(m, task, values=[])", "OptionError", ("ablation values is empty", "at least one")),
+    Entry("conditions-unknown-value", "Conditions", "An unknown ablation value in the list",
+          "hp.compare_conditions(m, task, values=('mean', 'median'))", "OptionError",
+          ("unknown ablation value 'median'", "zero, mean, resample")),
 ]
 
 CLI_ENTRIES: list[CliEntry] = [
@@ -385,6 +410,9 @@ CLI_ENTRIES: list[CliEntry] = [
              setup="Path('notes.txt').write_text('keep me')"),
     CliEntry("cli-out-dot", "An output name that is not a folder name",
              ("graph", "--out", "."), ("'.'", "does not name a folder")),
+    CliEntry("cli-conditions-unknown", "A name in `--conditions` that is no corruption, value or metric",
+             ("conditions", "--conditions", "abc,median"), ("'median'", "neither a corruption"),
+             out="hydra_conditions"),
     CliEntry("cli-duplicate-components", "A component named twice",
              ("ablate", "--components", "L1H1,L1H1,L1H1"), ("L1H1", "more than once")),
     CliEntry("cli-nan-model", "A model whose weights contain NaN",

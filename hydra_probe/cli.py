@@ -407,8 +407,11 @@ def cmd_report(args: Any) -> int:
 
         _say(args, "comparing conditions: " + "; ".join(f"{k} {', '.join(v)}" for k, v in spec.items()) + " ...")
         t1 = time.perf_counter()
+        t = rep.to_frame()  # the paired and iterated ablations' backups, measured under the report's value/metric
+        backups = t[["component", "confirmed_backups", "iterated_cost", "iterated_backups"]].assign(
+            value=args.value, metric=args.metric)
         rep.results["conditions"] = compare_conditions(model, task, comps, seed=args.seed, scale=args.scale,
-                                                       threshold=args.threshold,
+                                                       threshold=args.threshold, backups=backups,
                                                        progress=False if args.quiet else None, **spec)
         rep.timings["conditions"] = time.perf_counter() - t1
         rep.config["conditions"] = args.conditions

@@ -202,11 +202,11 @@ class Request(tornado.web.RequestHandler):
                 return
             finally:
                 s.last_activity = time.monotonic()
+        s.results[rid] = result  # staged for download (a non-blocking client polls, then GETs it)
         if len(result) <= s.inline_limit:
             resp = _response(rid, "COMPLETED", "completed", result)
             tell(resp, resp.pickle())
         else:
-            s.results[rid] = result
             tell(_response(rid, "COMPLETED", "completed", f"{s.base_url}/result/{rid}"))
 
 

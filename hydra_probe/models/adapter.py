@@ -235,7 +235,9 @@ class Adapter:
 
     def path_of(self, site: Site) -> tuple[str, str]:
         """Dotted module path and ``"input"``/``"output"`` of ``site``, for nnsight (see :meth:`_resolve`);
-        the read-only kinds are read by local hooks only."""
+        the read-only kinds other than the neuron basis are read by local hooks only."""
+        if site.kind == "mlp_act" and self.table.mlp_out_proj:  # the MLP output projection's input
+            return self._resolve(site)
         if site.kind in READ_ONLY_KINDS + ("mlp_act",):
             raise InterventionError(f"site kind {site.kind!r} is read by local hooks only; load the model with "
                                     "backend='local' to capture it.")

@@ -28,7 +28,7 @@ from .adapter import get_path
 from .sites import Site
 
 #: one edit: rows [r0, r1) of the stacked batch, positions (None: all), columns [c0, c1) (None: all), and the
-#: value (r1 - r0, T, c1 - c0) to write there, or None for zeros.
+#: value (r1 - r0 or 1, T, c1 - c0) to write there (one row broadcasts over the rows), or None for zeros.
 EditSpec = tuple[int, int, "list[int] | None", "int | None", "int | None", "torch.Tensor | None"]
 
 

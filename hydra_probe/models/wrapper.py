@@ -216,7 +216,9 @@ def check_remote(remote: Any, backend: str) -> bool | str:
     if remote != "local":
         from .nnsight_backend import remote_host
 
-        remote_host(remote)
+        host = remote_host(remote)
+        if isinstance(remote, str):
+            return host  # the URL as nnsight will use it (no trailing slash)
     return remote
 
 
@@ -302,7 +304,8 @@ def load_model(
     if isinstance(x, HookedModel):
         return x
     if isinstance(x, (str, os.PathLike)) and str(x) == "default":
-        return load_default_model(device=dev, backend=backend, remote=remote)
+        return load_default_model(device=dev, backend=backend, remote=remote, device_map=device_map,
+                                  offload_folder=offload_folder)
     nn_model = None
     name = None
     if _is_nnsight(x):
@@ -440,7 +443,8 @@ def _from_pretrained(path: str, dtype: torch.dtype | str | None, trust_remote_co
 
 
 def load_default_model(device: str | torch.device | None = None, backend: str = "local",
-                       remote: bool | str = False) -> HookedModel:
+                       remote: bool | str = False, device_map: str | dict[str, Any] | None = None,
+                       offload_folder: str | os.PathLike | None = None) -> HookedModel:
     """Load the shipped IOI model (offline) from ``hydra_probe/zoo/default``.
 
     With ``remote``, a server must serve the same folder (its repo id is the folder's path).
@@ -449,7 +453,8 @@ def load_default_model(device: str | torch.device | None = None, backend: str = 
 
     if not (DEFAULT_MODEL_DIR / "model.safetensors").exists():
         raise InputError(f"the shipped model is missing from {DEFAULT_MODEL_DIR}; reinstall hydra_probe.")
-    m = load_model(str(DEFAULT_MODEL_DIR), device=device, backend=backend, remote=remote)
+    m = load_model(str(DEFAULT_MODEL_DIR), device=device, backend=backend, remote=remote, device_map=device_map,
+                   offload_folder=offload_folder)
     m.name = "hydra_probe/default-ioi"
     return m
 

@@ -258,6 +258,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
             local backend only (skipped with a note otherwise).
     """
     model = as_model(model)
+    model.require_local("triangulate (its attribution and path patching)")
     check_scale(scale)
     vname = value_name(value)
     m = get_metric(metric)

@@ -937,6 +937,8 @@ class Runner:
                 key = (iv.site, iv.value, iv.cols)
                 if key not in vals:
                     v = self.value(iv, g, source)
+                    if v is not None and v.dim() and v.stride(0) == 0:  # a mean: the same for every prompt
+                        v = v[:1]                                      # ships once, broadcast on the server
                     vals[key] = None if v is None else v[..., c0:c1].detach().cpu().contiguous()
                 pos = list(iv.positions) if iv.positions is not None else None
                 per_site.setdefault(iv.site, []).append((ci * B, (ci + 1) * B, pos, c0, c1, vals[key]))
@@ -970,6 +972,24 @@ class Runner:
         if every:
             out["resid_all"] = acts[final].view(k, B, *acts[final].shape[1:])
         return out
+
+    def share_clean_runs(self, other: Runner) -> None:
+        """Reuse ``other``'s unedited clean forwards (prefixes) and per-position means.
+
+        For two runners whose tasks have the same clean prompts in the same
+        order (one task under two corruptions, or under two metrics) and whose
+        means come from those clean prompts: afterwards only this runner's
+        corrupted runs are new work. ``other``'s clean prefixes are computed
+        now if they are not yet. Raises :class:`TaskError` when the clean
+        prompts differ.
+        """
+        a, b = self.task, other.task
+        if len(a) != len(b) or any(not torch.equal(x, y) for x, y in zip(a.clean_ids, b.clean_ids)):
+            raise TaskError("share_clean_runs needs tasks with the same clean prompts in the same order.")
+        for g in range(len(self.groups)):
+            self._prefix.setdefault((g, "clean"), other.prefix(g, "clean"))
+        if self.reference is self.task and other.reference is other.task:
+            self._means, self._mean_len = other.means(), other._mean_len
 
 
 def _default_budget(model: Any) -> int:
