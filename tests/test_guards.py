@@ -543,7 +543,8 @@ _SEEDS = st.one_of(st.integers(-3, 3), st.sampled_from([2**32, 2**64, "1", 1.0, 
 _METRICS = st.sampled_from(["logit_diff", "logit", "prob", "nonsense", "soft"])
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(fn=st.sampled_from(["ablate", "self_repair", "direct_effects", "paired_ablation"]), comps=_COMPONENTS,
        comps2=_COMPONENTS, positions=_POSITIONS, value=_VALUES, seed=_SEEDS, metric=_METRICS)
 def test_every_call_closes_or_refuses_before_any_forward(fn, comps, comps2, positions, value, seed, metric):
@@ -590,7 +591,8 @@ _RECEIVERS = st.one_of(st.sampled_from(["logits", "L2H0", "MLP2", "ATTN2", "all"
                                 max_size=3))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(fn=st.sampled_from(["activation_patch", "attribution_patch", "path_patch"]), comps=_COMPONENTS,
        receivers=_RECEIVERS, positions=_POSITIONS, direction=st.sampled_from(["noise", "denoise", "sideways"]))
 def test_patching_calls_return_rows_or_refuse_before_any_forward(fn, comps, receivers, positions, direction):
