@@ -299,6 +299,9 @@ def test_task_from_another_tokenizer_is_refused():
     with forward_counter() as calls, pytest.raises(hp.TaskError, match="another tokenizer"):
         hp.ablate(other, task, ["L0H0"])
     assert calls == []
+    ind = hp.tasks.induction(m, n_prompts=4, seq_len=5)  # tasks built without from_pairs record it too
+    with pytest.raises(hp.TaskError, match="another tokenizer"):
+        hp.ablate(other, ind, ["L0H0"], value="zero")
     # the same tokenizer on another model (another checkpoint) is fine
     twin = hp.load_model(tiny.hf_model("gpt2", seed=1, layers=3, heads=2, d=16), tokenizer=tiny.tokenizer())
     assert len(hp.ablate(twin, task, ["L0H0"]).to_frame()) == len(task)
