@@ -272,6 +272,8 @@ def test_unreachable_host_fails_fast_naming_it(monkeypatch, task):
         hp.ablate(m, task, ["L1H2"], "zero")
     assert host in str(e.value)
     assert time.monotonic() - t0 < 10
+    with pytest.raises(hp.RemoteError, match=r"https://ndif\.invalid cannot be reached"):  # a name that never resolves
+        hp.ablate(_remote("https://ndif.invalid"), task, ["L1H2"], "zero")
 
 
 def test_bad_remote_settings_fail_before_work(monkeypatch):
