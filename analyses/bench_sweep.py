@@ -8,7 +8,14 @@ last position). Prints one line per shape and op:
     shape=NAME op=ablate|self_repair ratio=R max_abs_diff=D
 
 ratio = package time / loop time; max_abs_diff compares per-prompt total
-effects. Random-weight configs, no downloads. Usage:
+effects. Then attribution against exact activation patching of every head
+and MLP (denoising), measured in the same run:
+
+    shape=NAME op=atp|atp* ratio=R spearman=S recall=K/k
+
+ratio = estimate time / exact time; recall = how many of the exact top-k
+(by |effect|) the estimate ranks in its top 2k. Random-weight configs, no
+downloads. Usage:
     python analyses/bench_sweep.py [--shapes gpt2-small,small] [--threads 2]
 """
 
@@ -79,6 +86,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=10)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -101,6 +109,17 @@ def main(argv=None) -> None:
             diff = float((te - te_loop.double()).abs().max())
             print(f"shape={shape} op={op} ratio={t_pkg / t_loop:.3f} max_abs_diff={diff:.2e}"
                   f"  (package {t_pkg:.2f}s, loop {t_loop:.2f}s)", flush=True)
+        t0 = time.perf_counter()
+        exact = hp.activation_patch(model, task, "all", "denoise", progress=False)
+        t_exact = time.perf_counter() - t0
+        for method in ("atp", "atp*"):
+            t0 = time.perf_counter()
+            est = hp.attribution_patch(model, task, "all", "denoise", method=method, progress=False)
+            t_est = time.perf_counter() - t0
+            ag = est.agreement(exact, top_k=args.top_k)
+            print(f"shape={shape} op={method} ratio={t_est / t_exact:.3f} spearman={ag['spearman']:.3f} "
+                  f"recall={ag['exact_top_k_in_top_2k']}/{ag['top_k']}  (estimate {t_est:.2f}s, exact {t_exact:.2f}s)",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import math
 import numbers
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .components import Component, Group, parse, select, select_groups
@@ -61,8 +61,6 @@ SELECTORS = ("heads", "mlps", "layers", "resid", "all")
 # functions whose numbers are direct-effect decompositions: their metric must be linear in the logits
 NEEDS_LINEAR = {"direct_effects", "self_repair", "interaction_parts", "iterated_ablation", "triangulate",
                 "repair_mechanisms", "neuron_contributions"}
-# functions whose ``components`` may hold joint groups ("A+B", nested lists)
-GROUPED = {"ablate", "self_repair", "repair_mechanisms", "path_patch"}
 
 
 # ============================================================================ the decorator
@@ -163,8 +161,11 @@ def check_hooks(model: Any) -> None:
 def check_arguments(fn: str, model: Any, a: dict[str, Any]) -> None:
     """Check the arguments of public function ``fn`` (by parameter name) against ``model``."""
     task = a.get("task")
+    # compare_conditions takes {family: Task} too: every task is checked, and positions/values against each
+    tasks = list(task.values()) if isinstance(task, Mapping) else [task]
     if model is not None and "task" in a:
-        check_task(model, task)
+        for t in tasks:
+            check_task(model, t)
     if "progress" in a and a["progress"] is not None and not isinstance(a["progress"], bool):
         raise OptionError(f"progress must be True, False or None (a bar on a terminal only); got {a['progress']!r}.")
     if "seed" in a and a["seed"] is not None:
@@ -172,20 +173,27 @@ def check_arguments(fn: str, model: Any, a: dict[str, Any]) -> None:
     if model is None:
         return
     if "components" in a and a["components"] is not None:
-        check_components(model, a["components"], grouped=fn in GROUPED, what="components")
+        check_components(model, a["components"], grouped=True, what="components")
     if "senders" in a:
         check_components(model, a["senders"], grouped=True, what="senders")
     if "pairs" in a:
         check_pairs(model, a["pairs"])
     if "target" in a and "compensators" in a and fn == "iterated_ablation":
         check_iterated(model, a["target"], a["compensators"])
-    pos = check_positions(a["positions"], task) if "positions" in a and task is not None else None
-    if "value" in a and task is not None and not (a["value"] is None and fn in ("verify_edges",)):
-        check_value(model, task, a["value"], pos)
+    for t in tasks if task is not None else []:
+        pos = check_positions(a["positions"], t) if "positions" in a else None
+        if "value" in a and not (a["value"] is None and fn in ("verify_edges",)):
+            check_value(model, t, a["value"], pos)
+        if "values" in a and fn == "compare_conditions":
+            vals = [a["values"]] if isinstance(a["values"], str) else a["values"]
+            for v in vals if isinstance(vals, Iterable) else []:
+                if isinstance(v, str) and v == "mean":
+                    check_value(model, t, v, pos)
     if "metric" in a and a["metric"] is not None:
         m = get_metric(a["metric"])
         if fn in NEEDS_LINEAR and task is not None:
-            check_linear(m, task.answer_ids, task.alternative_ids, model.adapter.vocab_size)
+            for t in tasks:
+                check_linear(m, t.answer_ids, t.alternative_ids, model.adapter.vocab_size)
     if fn == "triangulate":
         check_triangulate(a)
     if fn == "iterated_from_graph":

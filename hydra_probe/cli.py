@@ -407,8 +407,11 @@ def cmd_report(args: Any) -> int:
 
         _say(args, "comparing conditions: " + "; ".join(f"{k} {', '.join(v)}" for k, v in spec.items()) + " ...")
         t1 = time.perf_counter()
+        t = rep.to_frame()  # the paired and iterated ablations' backups, measured under the report's value/metric
+        backups = t[["component", "confirmed_backups", "iterated_cost", "iterated_backups"]].assign(
+            value=args.value, metric=args.metric)
         rep.results["conditions"] = compare_conditions(model, task, comps, seed=args.seed, scale=args.scale,
-                                                       threshold=args.threshold,
+                                                       threshold=args.threshold, backups=backups,
                                                        progress=False if args.quiet else None, **spec)
         rep.timings["conditions"] = time.perf_counter() - t1
         rep.config["conditions"] = args.conditions
@@ -612,7 +615,8 @@ def cmd_text(args: Any) -> int:
     s = res.summary().sort_values("self_repair", ascending=False, kind="stable").head(args.rows)
     print(text_table(s[["component", "n_top", "direct_effect", "de_lost", "total_effect", "self_repair",
                         "sr_over_de_lost", "norm_share"]].round(4)))
-    print(f"written to {out}/ (summary.md, summary.csv, positions.csv, runs.csv, text_self_repair.json) in "
+    print(f"written to {out}/ (summary.md, summary.csv, positions.csv, top_contributions.csv, runs.csv, "
+          "text_self_repair.json) in "
           f"{time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -90,6 +90,29 @@ def read_text(path: Any, error: type[InputError] = InputError, what: str = "file
         raise error(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the {what} as UTF-8.") from None
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM raises KeyboardInterrupt (so atomic writes clean up) when nothing else handles it.
+
+    Only in the main thread, and only while SIGTERM has its default action; the previous handler is restored.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM") \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _widen(path: Path, folder: bool) -> None:
     """Give a private temporary file or folder the permissions the umask gives a new one."""
     os.chmod(path, (0o777 if folder else 0o666) & ~umask())
@@ -135,8 +158,9 @@ def atomic_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        _widen(tmp, folder=True)
-        yield tmp
+        with sigterm_as_interrupt():
+            _widen(tmp, folder=True)
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -165,6 +189,7 @@ def check_output_folder(folder: Path | str, overwrite: bool) -> Path:
     """
     from .errors import OutputError
 
+    check_output_location(folder, overwrite)
     p = Path(folder)
     if p.exists() and not p.is_dir():
         raise OutputError(f"the output path {str(p)!r} is a file; choose a folder (e.g. --out hydra_report/).")

@@ -133,9 +133,12 @@ class Result:
         """Read a result written by :meth:`save` (any kind when called on ``Result``)."""
         try:
             obj = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: malformed JSON (with its line) or bytes that are not UTF-8
             raise InputError(f"cannot read a saved result from {path} ({e}); give a .json file written by "
                              "a result's save().") from None
+        if not isinstance(obj, dict) or "frame" not in obj or "provenance" not in obj:
+            raise InputError(f"cannot read a saved result from {path} (it holds JSON, but not a saved result); "
+                             "give a .json file written by a result's save().")
         kind = _KINDS.get(obj.get("kind", ""), cls)
         if cls is not Result and not issubclass(kind, cls):
             raise InputError(f"{path} holds a {obj.get('kind')!r} result, not a {cls.kind!r} one.")

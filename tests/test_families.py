@@ -1,4 +1,4 @@
-"""Issue 12: Gemma-2, Gemma-3, Qwen3, OLMo-2, Phi-3 and StarCoder2 (sandwich / post norms, logit soft-cap,
+"""Issue 12: Gemma-2, Gemma-3, Qwen3, OLMo-2, OLMo-3, Phi-3 and StarCoder2 (sandwich / post norms, logit soft-cap,
 q/k norms, sliding windows, fused projections under grouped-query attention).
 
 Tiny random float64 models (tests/tiny.py, norm weights randomised with std 0.5 so that a wrong norm formula
@@ -24,7 +24,7 @@ from hydra_probe.errors import ArchitectureError
 from hydra_probe.models import ArchTable, register_table, table_for
 from hydra_probe.models.tables import LLAMA
 
-POST_NORM = {"gemma2", "gemma3", "olmo2"}
+POST_NORM = {"gemma2", "gemma3", "olmo2", "olmo3"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,6 +121,24 @@ def test_self_repair_rows_close_for_every_value_and_scale(family):
         assert np.abs(zero_frozen.loc[comp].self_repair.to_numpy() - want).max() < 1e-6
 
 
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "phi3"])
+def test_repair_mechanisms_close(family):
+    """The mechanism rows (pattern, values, mlp, norm, block_norm, softcap) sum to the self-repair; a head's
+    pattern + values is its frozen contribution row (to the float32 of the models' norms: mechanisms run the
+    eager attention implementation, self_repair the default one)."""
+    m, task = build(family)
+    r = hp.repair_mechanisms(m, task, ["L0H1", "MLP0"], value="mean")
+    f = r.to_frame()
+    sr = hp.self_repair(m, task, ["L0H1", "MLP0"], value="mean")
+    want = sr.to_frame().set_index(["component", "prompt"]).self_repair
+    got = f.groupby(["component", "prompt"]).amount.sum().reindex(want.index)
+    assert np.abs(got.to_numpy() - want.to_numpy()).max() < 1e-5
+    assert ("block_norm" in set(f.mechanism)) == (family in POST_NORM)
+    con = sr.contributions().set_index(["component", "downstream", "prompt"]).delta_de
+    pv = f[f.mechanism.isin(["pattern", "values"])].groupby(["component", "downstream", "prompt"]).amount.sum()
+    assert np.abs(pv.to_numpy() - con.reindex(pv.index).to_numpy()).max() < 1e-5
+
+
 def _plain_zero_te(m, task, layer: int, head: int | None) -> np.ndarray:
     """Total effect of zero-ablating a head (or the MLP unit) with one plain torch hook on the transformers
     module, one full forward per prompt: the reference for the fast path (prefix reuse, replayed block calls
@@ -152,10 +170,11 @@ def test_fast_path_equals_a_plain_hook_loop(family):
         assert np.abs(got.loc[comp].total_effect.to_numpy() - want).max() < 1e-9, comp
 
 
-def test_sliding_windows_matter_in_the_tiny_models():
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo3"])
+def test_sliding_windows_matter_in_the_tiny_models(family):
     """The fast-path test exercises sliding windows: with a window of 4 the prompts' logits differ from
     full attention (the masks replayed per layer are not all the same)."""
-    m, task = build("gemma3")
+    m, task = build(family)
     ids = task.clean_ids[0][None]
     assert ids.shape[1] > 6
     with torch.no_grad():
@@ -170,7 +189,7 @@ def test_sliding_windows_matter_in_the_tiny_models():
     assert (a - b).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("family", tiny.NEW_FAMILIES)
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2", "phi3"])
 def test_nnsight_backend_equals_local(family):
     m, task = build(family)
     with warnings.catch_warnings():
@@ -337,7 +356,7 @@ def test_unsupported_family_names_the_supported_ones_and_how_to_register():
     with pytest.raises(ArchitectureError) as e:
         table_for("mamba")
     msg = str(e.value)
-    for t in ("gemma2", "gemma3_text", "qwen3", "olmo2", "phi3", "starcoder2", "llama"):
+    for t in ("gemma2", "gemma3_text", "qwen3", "olmo2", "olmo3", "phi3", "starcoder2", "llama"):
         assert t in msg
     assert "register_table" in msg
 
@@ -387,8 +406,13 @@ def test_vision_language_checkpoint(tmp_path):
     analysed (the same modules, numbers equal to the full model's on text)."""
     vlm = _tiny_gemma3_vlm()
     tok = tiny.tokenizer(bos=True)
-    with pytest.raises(ArchitectureError, match="gemma3_text.*Gemma3ForCausalLM"):
+    with pytest.raises(ArchitectureError, match="gemma3_text.*Gemma3ForCausalLM.*text_causal_lm"):
         hp.load_model(vlm, tokenizer=tok)
+    text = hp.models.text_causal_lm(vlm)
+    assert text.model is vlm.model.language_model and text.lm_head is vlm.lm_head
+    ids = torch.tensor([[2, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        assert torch.allclose(text(ids).logits, vlm(ids).logits, atol=1e-6)
     vlm.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     m = hp.load_model(str(tmp_path), tokenizer=tok)

@@ -419,6 +419,19 @@ def test_task_files_read_with_the_file_named(tmp_path):
         hp.tasks.from_jsonl(m, p)
 
 
+def test_saved_results_read_with_the_file_named(tmp_path):
+    bad = tmp_path / "r.json"
+    bad.write_bytes(b'{"kind": "ablation",\n "frame": \xff}')
+    with pytest.raises(hp.InputError, match="cannot read a saved result from .*r.json"):
+        hp.load_result(bad)
+    bad.write_text('{"kind": "ablation",\n "frame": [1, 2,\n}')
+    with pytest.raises(hp.InputError, match="r.json .*line 3"):
+        hp.load_result(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(hp.InputError, match="not a saved result"):
+        hp.load_result(bad)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model") / "tiny"
@@ -469,6 +482,26 @@ def test_cli_sigterm_is_handled_like_ctrl_c(model_dir, tmp_path, capsys, monkeyp
     assert code == 1 and err.strip().splitlines() == ["hydra-probe: error: interrupted; nothing was written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is old  # the handler is restored
+
+
+def test_sigterm_while_a_folder_is_written_leaves_nothing(tmp_path):
+    """The library too: SIGTERM inside an atomic folder write (default SIGTERM action) removes the
+    temporary folder and leaves an existing folder as it was."""
+    from hydra_probe.io import atomic_folder
+
+    old = tmp_path / "out"
+    old.mkdir()
+    (old / "keep.txt").write_text("previous")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    for target, overwrite in ((tmp_path / "new", False), (old, True)):
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_folder(target, overwrite=overwrite) as tmp:
+                (tmp / "half.txt").write_text("half")
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in old.iterdir()] == ["keep.txt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
@@ -542,6 +575,29 @@ def test_every_call_closes_or_refuses_before_any_forward(fn, comps, comps2, posi
     else:
         assert abs(f.te_both - f.te_first - f.te_second - f.interaction).max() < 1e-9
     assert f["prompt"].nunique() == len(task)
+
+
+_RECEIVERS = st.one_of(st.sampled_from(["logits", "L2H0", "MLP2", "ATTN2", "all", "L0H0", "L9H0", 4, None, []]),
+                       st.lists(st.sampled_from(["logits", "L2H1", "MLP1", "L1H0+MLP2", ["L2H0", "logits"]]),
+                                max_size=3))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fn=st.sampled_from(["activation_patch", "attribution_patch", "path_patch"]), comps=_COMPONENTS,
+       receivers=_RECEIVERS, positions=_POSITIONS, direction=st.sampled_from(["noise", "denoise", "sideways"]))
+def test_patching_calls_return_rows_or_refuse_before_any_forward(fn, comps, receivers, positions, direction):
+    m, task = small()
+    args = (comps, receivers) if fn == "path_patch" else (comps,)
+    with forward_counter() as calls:
+        try:
+            r = getattr(hp, fn)(m, task, *args, direction=direction, positions=positions)
+        except hp.HydraProbeError:
+            assert calls == [], "refused after a forward pass"
+            assert hooks_of(m.hf_model) == []
+            return
+    assert hooks_of(m.hf_model) == []
+    f = r.to_frame()
+    assert len(f) > 0 and len(f) % len(task) == 0 and f.select_dtypes("number").notna().all().all()
 
 
 def test_the_command_line_refuses_duplicates(model_dir, tmp_path, capsys, monkeypatch):

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import hydra_probe as hp
 from hydra_probe.models.sites import Site
 
-COMPS = ["L0H1", "MLP0", "L1H2+L1H3"]
+COMPS = ["L0H1", "MLP0", "L1H2+L2H3"]  # a joint group across layers too
 CASES = [("zero", "frozen", "pattern_first"), ("mean", "recomputed", "values_first"),
          ("resample", "frozen", "symmetric"), ("zero", "recomputed", "symmetric"),
          ("mean", "frozen", "values_first"), ("resample", "recomputed", "pattern_first")]
@@ -87,6 +87,8 @@ def test_orders_and_scales_on_one_family():
         for order in ("pattern_first", "values_first", "symmetric"):
             r = hp.repair_mechanisms(m, t, ["L0H0", "MLP1"], value="mean", scale=scale, order=order)
             assert _closure(r) < 1e-5
+            if order == "symmetric":  # ablating at the last position only
+                assert _closure(hp.repair_mechanisms(m, t, "L0H2", scale=scale, order=order, positions="last")) < 1e-5
             f = r.to_frame()
             hv = f[f["mechanism"].isin(["pattern", "values"])]
             split[scale, order] = hv.set_index(["component", "downstream", "prompt", "mechanism"])["amount"]

@@ -233,9 +233,10 @@ def test_cli_text(tmp_path, capsys):
     assert main(["text", "--texts", str(texts), "--out", str(out), "--components", "L0H1,L1H2,MLP0",
                  "--top-fraction", "0.2", "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["positions.csv", "runs.csv", "summary.csv", "summary.md",
-                                                      "text_self_repair.json"]
+                                                      "text_self_repair.json", "top_contributions.csv"]
     md = (out / "summary.md").read_text()
     assert "Self-repair on natural text" in md and "top 20 % of positions" in md and "Hydra slope" in md
+    assert "Who compensates" in md
     res = hp.load_result(out / "text_self_repair.json")
     assert len(res.to_frame()) == 3 * res.provenance["n_positions"]
     assert "written to" in capsys.readouterr().out

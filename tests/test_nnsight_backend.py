@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import nnsight
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,8 +13,6 @@ import torch
 
 import hydra_probe as hp
 from hydra_probe.models import nnsight_backend
-
-nnsight = pytest.importorskip("nnsight")
 
 
 @pytest.fixture
@@ -51,7 +50,41 @@ def _no_hooks(hf) -> bool:
     return not any(mod._forward_hooks or mod._forward_pre_hooks for mod in hf.modules())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_every_analysis_agrees_across_backends(family, traces):
+    """Ablation, self-repair, activation, path and attribution patching (plain and AtP*) give the local
+    backend's numbers on the nnsight backend, on every family; the analyses that trace do trace."""
+    local, nn, t = _pair(family)
+    comps = ["L0H1", "ATTN1", "MLP2"]
+    a = hp.ablate(local, t, comps, "mean").to_frame()
+    assert traces[0] == 0
+    _same(a, hp.ablate(nn, t, comps, "mean").to_frame())
+    assert traces[0] > 0
+    _same(hp.self_repair(local, t, comps, "zero").to_frame(), hp.self_repair(nn, t, comps, "zero").to_frame())
+    for direction in ("denoise", "noise"):
+        _same(hp.activation_patch(local, t, comps + ["RESID1"], direction, per_position=False).to_frame(),
+              hp.activation_patch(nn, t, comps + ["RESID1"], direction, per_position=False).to_frame())
+        _same(hp.path_patch(local, t, ["L0H1", "MLP0"], [["L2H1", "MLP2"], "logits"], direction).to_frame(),
+              hp.path_patch(nn, t, ["L0H1", "MLP0"], [["L2H1", "MLP2"], "logits"], direction).to_frame())
+    for method in ("atp", "atp*"):
+        _same(hp.attribution_patch(local, t, comps, method=method).to_frame(),
+              hp.attribution_patch(nn, t, comps, method=method).to_frame())
+    assert _no_hooks(local.hf_model)
+
+
+def test_remote_refuses_what_runs_only_locally():
+    """Path and attribution patching run on the local hook path; with remote=True they say so at once."""
+    hf = tiny.hf_model("gpt2")
+    m = hp.load_model(hf, tokenizer=tiny.tokenizer(), backend="nnsight")
+    t = tiny.ioi(m, 4)
+    m.remote = True
+    with pytest.raises(hp.OptionError, match="remote"):
+        hp.path_patch(m, t, ["L0H1"], ["logits"])
+    with pytest.raises(hp.OptionError, match="remote"):
+        hp.attribution_patch(m, t, ["L0H1"])
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
 def test_backends_agree(family, traces):
     local, nn, t = _pair(family)
     comps = ["L0H1", "ATTN1", "MLP2"]
@@ -109,7 +142,8 @@ def test_load_from_an_nnsight_language_model(traces):
 
 def test_load_from_an_nnsight_transformers_model(traces):
     """nnsight 0.8's replacement for LanguageModel wraps a loaded model too; the nnsight path runs through it."""
-    TransformersModel = pytest.importorskip("nnsight.modeling.transformers").TransformersModel
+    from nnsight.modeling.transformers import TransformersModel
+
     hf = tiny.hf_model("llama")
     tok = tiny.tokenizer(bos=True)
     tm = TransformersModel(hf, tokenizer=tok, task="text-generation")

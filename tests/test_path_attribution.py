@@ -293,3 +293,236 @@ def test_attribution_result_residual_and_errors():
         at.agreement(hp.activation_patch(m, t, ["L0H1"], "noise"))
     noise = hp.attribution_patch(m, t, ["L0H1"], "noise").to_frame()
     np.testing.assert_allclose(noise.baseline_metric, noise.clean_metric)
+
+
+# ------------------------------------------------------------------- the runner executes path and attribution
+def _oom_once(monkeypatch, method: str) -> list[int]:
+    """Make Runner.<method> raise torch.OutOfMemoryError the first time it gets a stack of several copies;
+    returns the list of stack sizes it was called with."""
+    from hydra_probe.runner import Runner
+
+    real = getattr(Runner, method)
+    sizes: list[int] = []
+
+    def flaky(self, g, source, copies, *a, **k):
+        sizes.append(len(copies))
+        if len(copies) > 1 and sizes.count(-1) == 0:
+            sizes.append(-1)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, g, source, copies, *a, **k)
+
+    monkeypatch.setattr(Runner, method, flaky)
+    return sizes
+
+
+def test_path_patching_retries_out_of_memory_with_half_the_stack(monkeypatch):
+    m, t = _mt("llama")  # grouped-query: shadow copies count twice in the stack
+    args = (m, t, ["L0H1", "MLP0", "L1H2"], [["L2H1", "MLP2"], "L2H2", "logits"], "noise")
+    want = hp.path_patch(*args, receiver_input="k").to_frame()
+    sizes = _oom_once(monkeypatch, "_forward")
+    got = hp.path_patch(*args, receiver_input="k").to_frame()
+    i = sizes.index(-1)
+    assert sizes[i + 1] == max(1, sizes[i - 1] // 2), sizes  # halved, then retried
+    np.testing.assert_allclose(got.patched_metric, want.patched_metric, atol=1e-12, rtol=0)
+
+
+def test_attribution_retries_out_of_memory_with_half_the_stack(monkeypatch):
+    m, t = _mt("gpt2")
+    want = hp.attribution_patch(m, t, "all", "denoise", method="atp*").to_frame()
+    sizes = _oom_once(monkeypatch, "_gradient_forward")
+    got = hp.attribution_patch(m, t, "all", "denoise", method="atp*").to_frame()
+    i = sizes.index(-1)
+    assert sizes[i + 1] == sizes[i - 1] // 2, sizes
+    np.testing.assert_allclose(got.estimate, want.estimate, atol=1e-12, rtol=0)
+
+
+def test_an_edit_that_never_fires_raises(monkeypatch):
+    """When the architecture table points a site at a module the forward never calls, the runner says so
+    (InterventionError) for a replacement, a path delivery and a gradient read, instead of returning
+    unedited numbers."""
+    from hydra_probe.effects.common import make_runner
+    from hydra_probe.interventions import Delivery, GradientRead, SenderChange, interventions_for
+    from hydra_probe.models.sites import Site
+
+    m = _model("gpt2")
+    t = tiny.ioi(m, 4)
+    runner, _ = make_runner(m, t, "logit_diff")
+    for g in range(len(runner.groups)):  # the cached unedited runs, made with the real table
+        for s in ("clean", "corrupted"):
+            runner.prefix(g, s)
+    ad = m.adapter
+    real = ad._resolve  # the one site resolver
+    dead = {Site(1, "z"), Site(2, "qkv"), Site(1, "mlp_out")}
+    # the embedding never runs when a forward restarts at a block
+    monkeypatch.setattr(ad, "_resolve", lambda site: ("transformer.wte", "input") if site in dead else real(site))
+    with pytest.raises(hp.InterventionError, match="never"):
+        runner.run("clean", [interventions_for(m.components(["L1H0"]), "zero", m.head_dim)])
+    change = SenderChange(tuple(m.components(["L0H1"])), "corrupted")
+    with pytest.raises(hp.InterventionError, match="never"):
+        runner.run("clean", [(Delivery(change, "heads", 2, (1,), ("q",)),)])
+    with pytest.raises(hp.InterventionError, match="never"):
+        runner.gradients("clean", [GradientRead((Site(1, "mlp_out"),))])
+    assert _no_hooks(m.hf_model)
+
+
+# ------------------------------------------------------------------------------------------------ AtP*
+def _cancelling_model() -> tuple[hp.HookedModel, hp.Task]:
+    """A hand-set 2-layer GPT-2 (ReLU MLPs, norms made linear by a huge eps) in which L0H0's direct effect
+    is erased by MLP1 for small changes, but MLP1 saturates (it removes at most ``cap``).
+
+    The metric is x0 - x1 of the final residual at the last position (tokens w5 vs w6). L0H0 attends
+    uniformly and writes beta = 0.1 + S/T (clean) or 0.1 (corrupted) along e0 - e1 and along a side channel
+    e4 - e5, from which MLP1 writes -min(beta, cap) along e0 - e1. L0H1 writes 0.3 more along e0 - e1 in the
+    clean run, unrepaired. Denoising, exactly: L0H0 +4.2, MLP1 -0.8, L0H1 +0.6, the rest 0. At the corrupted
+    run MLP1 is in its linear range, so plain AtP gives L0H0 2.5 * (2 - 2) = 0; dropping layer 1's gradient
+    gives its direct path, 5.0."""
+    import transformers as tf
+
+    tok = tiny.tokenizer()
+    cfg = tf.GPT2Config(n_layer=2, n_head=2, n_embd=8, n_inner=4, n_positions=16, vocab_size=tiny.VOCAB,
+                        activation_function="relu", layer_norm_epsilon=1e8, tie_word_embeddings=False,
+                        bos_token_id=2, eos_token_id=1, pad_token_id=1)
+    hf = tf.GPT2LMHeadModel(cfg).double().eval()
+    S, T, cap = 10.0, 4, 0.5
+    ids = {w: tok.convert_tokens_to_ids(w) for w in ("w3", "w5", "w6")}
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        for name, p in hf.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.fill_(1e4)                    # LN(x) = x - mean(x), up to var/eps ~ 1e-8
+        hf.transformer.wte.weight[ids["w3"], 2] = S
+        hf.transformer.wte.weight[ids["w3"], 3] = -S
+        a0 = hf.transformer.h[0].attn
+        a0.c_attn.weight[2, 16], a0.c_attn.weight[3, 16] = 0.5, -0.5        # L0H0 value: (x2 - x3) / 2
+        a0.c_attn.bias[16] = 0.1
+        a0.c_attn.weight[2, 20], a0.c_attn.weight[3, 20] = 0.06, -0.06      # L0H1 value
+        a0.c_proj.weight[0, [0, 1, 4, 5]] = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+        a0.c_proj.weight[4, [0, 1]] = torch.tensor([1.0, -1.0], dtype=torch.float64)
+        m1 = hf.transformer.h[1].mlp
+        m1.c_fc.weight[4, :2], m1.c_fc.weight[5, :2] = 1.0, -1.0            # both neurons read 2 beta
+        m1.c_fc.bias[1] = -2 * cap
+        m1.c_proj.weight[0, [0, 1]] = torch.tensor([-0.5, 0.5], dtype=torch.float64)
+        m1.c_proj.weight[1, [0, 1]] = torch.tensor([0.5, -0.5], dtype=torch.float64)
+        hf.lm_head.weight[ids["w5"], 0] = 1.0
+        hf.lm_head.weight[ids["w6"], 1] = 1.0
+    m = hp.load_model(hf, tokenizer=tok)
+    rows = [{"clean": f"w{a} w{b} w3 w{c}", "corrupted": f"w{a} w{b} w4 w{c}", "answer": " w5", "alternative": " w6"}
+            for a, b, c in [(10, 11, 12), (13, 14, 15), (16, 17, 18), (19, 20, 21)]]
+    t = hp.tasks.from_pairs(m, rows, name="cancel")
+    assert set(t.lengths) == {T}
+    return m, t
+
+
+def test_atp_star_finds_what_cancelling_effects_hide():
+    m, t = _cancelling_model()
+    comps = "all"
+    exact = hp.activation_patch(m, t, comps, "denoise")
+    ex = exact.summary().set_index("component")["patched_metric"] - exact.to_frame().corrupted_metric.mean()
+    np.testing.assert_allclose([ex["L0H0"], ex["MLP1"], ex["L0H1"]], [4.2, -0.8, 0.6], atol=1e-6)
+    plain = hp.attribution_patch(m, t, comps, "denoise", exact=exact, top_k=1)
+    star = hp.attribution_patch(m, t, comps, "denoise", method="atp*", exact=exact, top_k=1)
+    p = plain.summary().set_index("component")["estimate"]
+    s = star.summary().set_index("component")["estimate"]
+    # plain AtP: L0H0 looks like nothing (its paths cancel in the gradient); the others are right
+    assert abs(p["L0H0"]) < 1e-6
+    np.testing.assert_allclose([p["MLP1"], p["L0H1"]], [-0.8, 0.6], atol=1e-6)
+    # AtP*: GradDrop of layer 1 exposes L0H0's direct path; it ranks first, as exact patching does
+    np.testing.assert_allclose([s["L0H0"], s["MLP1"], s["L0H1"]], [5.0, -0.8, 0.6], atol=1e-6)
+    assert s.abs().idxmax() == ex.abs().idxmax() == "L0H0"
+    f = star.to_frame()
+    assert set(f[f.component == "L0H0"].dropped_layer) == {1}
+    assert set(f[f.component == "L0H1"].dropped_layer) == {-1}  # equal magnitudes: no drop wins
+    # the recorded agreement says the same
+    assert plain.exact_agreement["exact_top_k_in_top_2k"] == 0
+    assert star.exact_agreement["exact_top_k_in_top_2k"] == 1 and star.exact_agreement["recall"] == 1.0
+    assert star.exact_agreement["spearman"] > plain.exact_agreement["spearman"]
+    assert star.summary().method.iloc[0].startswith("AtP*")
+    assert star.provenance["agreement"]["top_k"] == 1
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_atp_star_on_every_family(family):
+    """The QK fix reads downstream heads' pattern changes exactly: on a model whose final norm is linear,
+    last-layer writes have no downstream head and no layer to drop, so AtP* equals AtP (and both equal
+    exact patching); upstream components get finite estimates in both directions."""
+    m = _model(family)
+    t = tiny.ioi(m, 4)
+    L = m.n_layers
+    last = [f"L{L - 1}H0", f"MLP{L - 1}"]
+    for direction in ("denoise", "noise"):
+        a = hp.attribution_patch(m, t, last + ["L0H1", "MLP0"], direction).to_frame()
+        s = hp.attribution_patch(m, t, last + ["L0H1", "MLP0"], direction, method="atp*").to_frame()
+        np.testing.assert_allclose(s[s.component.isin(last)].estimate, a[a.component.isin(last)].estimate,
+                                   atol=1e-10, rtol=0)
+        assert np.isfinite(s.estimate).all() and (s[~s.component.isin(last)].estimate.abs() > 0).any()
+    assert _no_hooks(m.hf_model)
+
+
+def test_atp_star_bad_input_fails_before_any_work(monkeypatch):
+    from hydra_probe.runner import Runner
+
+    m, t = _mt("gpt2")
+    ran = []
+    monkeypatch.setattr(Runner, "prefix", lambda *a, **k: ran.append(1))
+    with pytest.raises(hp.OptionError, match="atp"):
+        hp.attribution_patch(m, t, "heads", method="atp**")
+    with pytest.raises(hp.MetricError, match="linear"):
+        hp.attribution_patch(m, t, "heads", method="atp*", metric="logprob")
+    with pytest.raises(hp.MetricError, match="zero"):
+        hp.attribution_patch(m, t, "heads", "noise", metric="kl")
+    with pytest.raises(hp.InputError, match="ActivationPatch"):
+        hp.attribution_patch(m, t, "heads", exact="not a result")
+    assert ran == []
+
+
+def _pattern_only_model() -> tuple[hp.HookedModel, hp.Task]:
+    """A hand-set 2-layer GPT-2 in which L0H0 acts on the metric only through L1H0's attention pattern: it
+    writes along e4 - e5, which only L1H0's keys read; L1H0's query is a constant and its values are the
+    tokens' values along e6 - e7 (1 for the first token, 0 otherwise); the metric reads L1H0's output
+    linearly (norms made linear by a huge eps). So exact patching of L0H0 is a change of softmax, which
+    plain AtP linearises and AtP*'s QK fix recomputes exactly."""
+    import transformers as tf
+
+    tok = tiny.tokenizer()
+    cfg = tf.GPT2Config(n_layer=2, n_head=2, n_embd=8, n_inner=4, n_positions=16, vocab_size=tiny.VOCAB,
+                        activation_function="relu", layer_norm_epsilon=1e8, tie_word_embeddings=False,
+                        bos_token_id=2, eos_token_id=1, pad_token_id=1)
+    hf = tf.GPT2LMHeadModel(cfg).double().eval()
+    ids = {w: tok.convert_tokens_to_ids(w) for w in ("w3", "w5", "w6", "w10")}
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.zero_()
+        for name, p in hf.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.fill_(1e4)
+        wte = hf.transformer.wte.weight
+        wte[ids["w3"], 2], wte[ids["w3"], 3] = 4.0, -4.0       # the signal (clean only)
+        wte[ids["w10"], 6], wte[ids["w10"], 7] = 1.0, -1.0     # the first token's value
+        a0, a1 = hf.transformer.h[0].attn, hf.transformer.h[1].attn
+        a0.c_attn.weight[2, 16], a0.c_attn.weight[3, 16] = 0.5, -0.5  # L0H0 value: the signal
+        a0.c_proj.weight[0, 4], a0.c_proj.weight[0, 5] = 1.0, -1.0    # ... written along e4 - e5
+        a1.c_attn.bias[0] = 1.0                                        # L1H0 query: constant
+        a1.c_attn.weight[4, 8], a1.c_attn.weight[5, 8] = 2.0, -2.0    # L1H0 key: reads e4 - e5
+        a1.c_attn.weight[6, 16], a1.c_attn.weight[7, 16] = 0.5, -0.5  # L1H0 value: the token value
+        a1.c_proj.weight[0, 0], a1.c_proj.weight[0, 1] = 1.0, -1.0    # ... written along the metric
+        hf.lm_head.weight[ids["w5"], 0] = 1.0
+        hf.lm_head.weight[ids["w6"], 1] = 1.0
+    m = hp.load_model(hf, tokenizer=tok)
+    rows = [{"clean": f"w10 w3 w{a} w{b}", "corrupted": f"w10 w4 w{a} w{b}", "answer": " w5", "alternative": " w6"}
+            for a, b in [(11, 12), (13, 14), (15, 16)]]
+    return m, hp.tasks.from_pairs(m, rows, name="pattern")
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_qk_fix_recomputes_the_softmax_exactly(direction):
+    m, t = _pattern_only_model()
+    exact = hp.activation_patch(m, t, ["L0H0"], direction).to_frame()
+    base = exact.corrupted_metric if direction == "denoise" else exact.clean_metric
+    want = (exact.patched_metric - base).to_numpy()
+    plain = hp.attribution_patch(m, t, ["L0H0"], direction).to_frame().estimate.to_numpy()
+    star = hp.attribution_patch(m, t, ["L0H0"], direction, method="atp*").to_frame()
+    assert np.abs(want).min() > 0.2
+    np.testing.assert_allclose(star.estimate, want, atol=1e-6, rtol=0)   # the softmax, recomputed
+    assert np.abs(plain - want).min() > 0.05                              # the softmax, linearised
+    assert (star.dropped_layer == -1).all()

@@ -218,6 +218,23 @@ def test_summary_on_hand_made_numbers():
     assert np.isfinite(res.hydra_slope()["slope"]) or res.hydra_slope()["n"] == 2
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_top_contributions_close_on_the_top_positions(family):
+    m = tiny.model(family)
+    res = text_self_repair(m, TEXTS, components=["L0H1", "MLP0", "L1H0+L1H2"], value="resample", top_fraction=0.3)
+    tc = res.top_contributions()
+    s = res.summary().set_index("component")
+    for c, g in tc.groupby("component"):
+        sr_mean = s.loc[c, "self_repair"]
+        assert g["delta_de"].sum() == pytest.approx(sr_mean, abs=1e-6)  # the rows close on the mean SR of the top
+        assert abs(g["share_of_self_repair"].sum() - 1) * abs(sr_mean) < 1e-6
+        assert "NORM" in set(g["downstream"]) and (g["n_top"] == s.loc[c, "n_top"]).all()
+    # the downstream rows are those of the prompt-task decomposition
+    sr = hp.self_repair(m, _task([torch.tensor(m.tokenizer(TEXTS[0])["input_ids"])], [0]), ["L0H1"], value="zero",
+                        metric="logit")
+    assert set(tc.loc[tc.component == "L0H1", "downstream"]) == set(sr.contributions()["downstream"])
+
+
 def test_summary_runs_on_a_real_result_and_round_trips(tmp_path):
     m = tiny.model("neox")
     res = text_self_repair(m, TEXTS, components="heads", value="mean", top_fraction=0.1)
@@ -228,6 +245,7 @@ def test_summary_runs_on_a_real_result_and_round_trips(tmp_path):
     assert isinstance(back, TextSelfRepair)
     pd.testing.assert_frame_equal(back.to_frame(), res.to_frame(), check_dtype=False)
     assert back.runs().equals(res.runs())
+    pd.testing.assert_frame_equal(back.top_contributions(), res.top_contributions(), check_dtype=False)
     for k in ("model", "metric", "value", "scale", "seed", "top_fraction", "n"):
         assert k in res.provenance
     assert res.provenance["metric"] == "next_token_logit"

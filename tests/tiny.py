@@ -13,7 +13,7 @@ from hydra_probe.tasks import ioi_templates as T
 
 FAMILIES = ("gpt2", "neox", "llama", "mistral", "qwen2", "gemma")
 # issue 12: sandwich / post norms, soft-capping, q/k norms, sliding windows, fused projections
-NEW_FAMILIES = ("gemma2", "gemma3", "qwen3", "olmo2", "phi3", "starcoder2")
+NEW_FAMILIES = ("gemma2", "gemma3", "qwen3", "olmo2", "olmo3", "phi3", "starcoder2")
 
 WORDS = sorted({w for t in T.TEMPLATES for w in re.findall(r"\w+|[^\w\s]", re.sub(r"\{\w+\}", " ", t))}
                | set(T.TRAIN_NAMES) | set(T.HELDOUT_NAMES) | set(T.PLACES) | set(T.OBJECTS)
@@ -91,7 +91,7 @@ def _new_family(family: str, layers: int, heads: int, d: int, common: dict, kw: 
 
     Defaults: grouped-query attention with one key/value head per four query heads where the head count
     allows (Gemma, Phi-3), head_dim != d_model / heads (Gemma), sliding windows shorter than the prompts
-    (Gemma-2/3, alternate layers), Gemma-2's final logit soft-cap and attention soft-cap at 1 (small, so
+    (Gemma-2/3, OLMo-3, alternate layers), Gemma-2's final logit soft-cap and attention soft-cap at 1 (small, so
     that both bend the numbers of a random model; weights drawn with std 0.2), q/k norms (Gemma-3, Qwen3, OLMo-2).
     """
     kv = max(1, heads // 4)
@@ -112,6 +112,9 @@ def _new_family(family: str, layers: int, heads: int, d: int, common: dict, kw: 
     elif family == "olmo2":
         cfg = tf.Olmo2Config(**base, num_key_value_heads=max(1, heads // 2))
         cls = tf.Olmo2ForCausalLM
+    elif family == "olmo3":
+        cfg = tf.Olmo3Config(**base, num_key_value_heads=max(1, heads // 2), sliding_window=4, layer_types=types)
+        cls = tf.Olmo3ForCausalLM
     elif family == "phi3":
         cfg = tf.Phi3Config(**base, num_key_value_heads=kv)
         cls = tf.Phi3ForCausalLM

@@ -16,11 +16,13 @@ condition and component, :func:`compare_conditions` measures
 The numbers of a cell are those of the single-condition analyses
 (``self_repair`` or ``ablate``, ``activation_patch`` in both directions) run
 on their own with that corruption, value and metric. Work is shared where the
-runner allows: clean prompts are the same for every corruption, so each
-ablation value is run once per prompt family (all values in one stacked
-sweep), each corruption's patching once per direction, and every metric is
-read from the same forwards (a further linear metric needs its own readout,
-so its ablations run again).
+runner allows: clean prompts are the same for every corruption, so their
+unedited forwards and means are computed once per prompt family
+(``Runner.share_clean_runs``), each ablation value is run once (all values in
+one stacked sweep), each corruption's patching once per direction (its
+corrupted forwards are the only new unedited runs), and every metric is read
+from the same forwards (a further linear metric needs its own readout, so its
+ablations run again).
 
 Prompt families: pass a mapping ``{name: task}`` (or use
 :func:`compare_tasks`); the family is then one more factor of the summary.
@@ -37,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import select, select_groups
 from ..effects.ablation import Ablation, ablation_copies
 from ..effects.common import as_model, check_scale, check_task, check_writers, make_runner
@@ -47,7 +50,7 @@ from ..interventions import ABLATION_VALUES, interventions_for
 from ..metrics import Metric, get_metric
 from ..results import Result, package_version
 from ..tasks.ioi import CORRUPTIONS as IOI_CORRUPTIONS
-from .verdicts import VERDICTS, classify
+from .verdicts import VERDICTS, classify, verdict_scale
 
 #: The factors a condition is made of, in the order they vary in the frame.
 FACTORS = ("family", "corruption", "value", "metric")
@@ -68,8 +71,12 @@ class ConditionComparison(Result):
     ``de_lost``, ``self_repair`` with intervals and ``lower_bound`` (NaN /
     False where the metric is not linear); ``restoration`` (denoising score)
     and ``damage`` (noising score), shares of the gap, with intervals;
-    ``clean_metric``, ``corrupted_metric``, ``gap`` (means); ``necessity``,
-    ``restoring``, ``masked``, ``verdict`` (the report's rule);
+    ``clean_metric``, ``corrupted_metric``, ``gap`` (means) and
+    ``verdict_scale`` (what TE and DE lost are compared with, see
+    :func:`~hydra_probe.claims.verdicts.verdict_scale`); ``confirmed_backups``,
+    ``iterated_cost``, ``iterated_backups`` where ``backups=`` gave them;
+    ``necessity``, ``restoring``, ``backed_up``, ``masked``, ``verdict``,
+    ``backups`` (the report's rule, :func:`~hydra_probe.claims.verdicts.classify`);
     ``verdict_denoise`` / ``verdict_noise`` (the verdict with only one
     patching direction as restoration-style evidence); ``note``.
 
@@ -181,11 +188,12 @@ class ConditionComparison(Result):
 
     def top_components(self, k: int = 10) -> list[str]:
         """The ``k`` most important components under the reference condition (importance as in the report: the
-        largest of |TE| / gap, |DE lost| / gap, |restoration|, |damage|)."""
+        largest of |TE| / scale, |DE lost| / scale, |restoration|, |damage|)."""
         f = self._frame
         for key, lvl in self.reference.items():
             f = f[f[key] == lvl]
-        imp = pd.concat([(f["total_effect"] / f["gap"]).abs(), (f["de_lost"] / f["gap"]).abs(),
+        sc = f["verdict_scale"]
+        imp = pd.concat([(f["total_effect"] / sc).abs(), (f["de_lost"] / sc).abs(),
                          f["restoration"].abs(), f["damage"].abs()], axis=1).max(axis=1)
         order = imp.sort_values(ascending=False, kind="stable").index
         return list(f.loc[order, "component"].head(k))
@@ -247,7 +255,8 @@ def check_corruptions(tasks: Mapping[str, Any], corruptions: Sequence[Any]) -> N
         bad = [c for c in corruptions if c not in can]
         if bad:
             raise TaskError(
-                f"the task {fam!r} ({t.name}, corruption {t.corruption!r}) cannot make the corruption "
+                f"the task {fam!r} ({'' if fam == t.name else t.name + ', '}corruption {t.corruption!r}) cannot make "
+                f"the corruption "
                 f"{', '.join(map(repr, bad))}: it has only {', '.join(map(repr, can))}"
                 + (" (its corrupted prompts come with it, e.g. from a JSONL file)" if len(can) == 1 else "")
                 + f". Pass corruptions={can!r}, or a task built by tasks.ioi."
@@ -279,11 +288,12 @@ def _check_values(values: Sequence[Any]) -> None:
 
 
 # ---------------------------------------------------------------------- main entry
+@public
 def compare_conditions(model: Any, task: Any, components: Any = "heads",
                        corruptions: Sequence[str] | str = ("swap", "abc"),
                        values: Sequence[str] | str = ("zero", "mean", "resample"),
                        metrics: Sequence[Any] | str = ("logit_diff", "logprob"), seed: int = 0, *,
-                       scale: str = "frozen", threshold: float = 0.1,
+                       scale: str = "frozen", threshold: float = 0.1, backups: pd.DataFrame | None = None,
                        progress: bool | None = None) -> ConditionComparison:
     """Every component's evidence and verdict under every condition (corruption x value x metric).
 
@@ -300,7 +310,13 @@ def compare_conditions(model: Any, task: Any, components: Any = "heads",
             self-repair are given for the linear ones only.
         seed: seeds resample donors.
         scale: final-norm scale of DE lost and self-repair (``"frozen"`` or ``"recomputed"``).
-        threshold: the verdict threshold, a share of the clean - corrupted gap (as in the report).
+        threshold: the verdict threshold t of the report's rule (:data:`~hydra_probe.claims.VERDICT_RULE`):
+            TE and DE lost against t x each condition's own verdict scale, restoration and damage against t.
+        backups: evidence measured once elsewhere (the report's paired and iterated ablations), to enter the
+            rule's "backed up" where it applies: a frame with ``component``, ``value``, ``metric`` and any of
+            ``confirmed_backups``, ``iterated_cost``, ``iterated_backups`` (as in the report's table); each row
+            joins the cells of its value and metric (those ablations run on clean prompts, so every corruption
+            and family). Without it, no cell is "backed up" by paired or iterated evidence.
         progress: progress bars on stderr (default: on a terminal).
 
     Every argument is checked, and every corrupted task made, before any forward pass. The
@@ -327,6 +343,9 @@ def compare_conditions(model: Any, task: Any, components: Any = "heads",
         raise OptionError(f"seed must be an integer; got {seed!r}.")
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
         raise OptionError(f"threshold must be a fraction of the clean - corrupted gap in (0, 1); got {threshold!r}.")
+    if backups is not None and not {"component", "value", "metric"} <= set(getattr(backups, "columns", ())):
+        raise OptionError("backups must be a DataFrame with columns component, value, metric and any of "
+                          "confirmed_backups, iterated_cost, iterated_backups.")
     comps = select(model, components)
     if any(c.kind == "resid" for c in comps):
         check_writers(comps, "ablation")
@@ -347,6 +366,9 @@ def compare_conditions(model: Any, task: Any, components: Any = "heads",
     results: dict[tuple, Result] = {}
     rows, abl_frames, patch_frames = [], [], []
     for fam, by_c, runners, extra in plans:
+        r0 = runners[corruptions[0]]
+        for r in [*list(runners.values())[1:], *extra.values()]:
+            r.share_clean_runs(r0)  # the clean prompts are the same: only corrupted runs are new
         # baselines first: where a corruption does not move a metric, patching scores are undefined
         base, separable = {}, {}
         for c, r in runners.items():
@@ -377,7 +399,8 @@ def compare_conditions(model: Any, task: Any, components: Any = "heads",
                 for m in ms:
                     rows.append(_cell(fam, c, v, m, summaries[(fam, v, m.name)],
                                       summaries[(fam, c, m.name, "denoise")], summaries[(fam, c, m.name, "noise")],
-                                      pat[(fam, c, m.name, "denoise")], threshold, separable[(c, m.name)]))
+                                      pat[(fam, c, m.name, "denoise")], threshold, separable[(c, m.name)],
+                                      _backups_for(backups, v, m.name)))
     frame = pd.concat(rows, ignore_index=True)
     ab = pd.concat(abl_frames, ignore_index=True)
     ab = ab[["component", "family", "value", "metric"] + [k for k in ab.columns
@@ -390,13 +413,14 @@ def compare_conditions(model: Any, task: Any, components: Any = "heads",
             "task": {fam: t.name for fam, t in tasks.items()}, "families": list(tasks),
             "corruptions": list(corruptions), "values": list(values), "metrics": [m.name for m in ms],
             "components": components if isinstance(components, str) else [c.name for c in comps],
-            "scale": scale, "seed": int(seed), "threshold": float(threshold), "n": {f: len(t) for f, t in tasks.items()},
+            "scale": scale, "seed": int(seed), "threshold": float(threshold), "backups": backups is not None,
+            "n": {f: len(t) for f, t in tasks.items()},
             "task_seed": first.seed, "version": package_version(),
             "reference": {"family": next(iter(tasks)), "corruption": corruptions[0], "value": values[0],
                           "metric": ms[0].name},
-            "shared": "clean prompts shared by all corruptions; ablation values stacked in one sweep per family; "
-                      "every metric read from the same forwards (further linear metrics re-run the ablations "
-                      "for their readout)"}
+            "shared": "clean forwards and means shared by all corruptions and metrics; ablation values stacked in "
+                      "one sweep per family; every metric read from the same forwards (further linear metrics "
+                      "re-run the ablations for their readout)"}
     out = ConditionComparison(frame, prov, {"ablation": ab, "patching": pt})
     out.results = results
     return out
@@ -495,10 +519,21 @@ _CELL_COLUMNS = ("total_effect", "total_effect_lo", "total_effect_hi", "de_lost"
                  "self_repair", "self_repair_lo", "self_repair_hi", "lower_bound")
 
 
+def _backups_for(backups: pd.DataFrame | None, value: str, metric: str) -> pd.DataFrame | None:
+    """The rows of ``backups`` measured under ``value`` and ``metric`` (indexed by component), or None."""
+    if backups is None:
+        return None
+    b = backups[(backups["value"] == value) & (backups["metric"] == metric)]
+    cols = [k for k in ("confirmed_backups", "iterated_cost", "iterated_backups") if k in b.columns]
+    return b.set_index("component")[cols] if len(b) and cols else None
+
+
 def _cell(fam: str, c: str, v: str, m: Metric, s: pd.DataFrame, den: pd.DataFrame, noi: pd.DataFrame,
-          patch: ActivationPatch, threshold: float, separable: bool = True) -> pd.DataFrame:
+          patch: ActivationPatch, threshold: float, separable: bool = True,
+          backups: pd.DataFrame | None = None) -> pd.DataFrame:
     """The rows of one condition from the summaries of its ablation (``s``) and patching results
-    (``den``, ``noi``; ``patch`` gives the baselines): evidence per component and the verdicts."""
+    (``den``, ``noi``; ``patch`` gives the baselines), with ``backups`` evidence (indexed by component)
+    where it applies: evidence per component and the verdicts."""
     t = pd.DataFrame({"component": s["component"]})
     for k in _CELL_COLUMNS:
         t[k] = s[k].to_numpy() if k in s.columns else (False if k == "lower_bound" else np.nan)
@@ -510,9 +545,14 @@ def _cell(fam: str, c: str, v: str, m: Metric, s: pd.DataFrame, den: pd.DataFram
     g = patch.to_frame().drop_duplicates("prompt")
     clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
     t["clean_metric"], t["corrupted_metric"], t["gap"] = clean, corr, clean - corr
-    v_all = classify(t, threshold, clean - corr)
-    v_den = classify(t.assign(damage=np.nan), threshold, clean - corr)["verdict"]
-    v_noi = classify(t.assign(restoration=np.nan), threshold, clean - corr)["verdict"]
+    vs = verdict_scale(clean, corr)
+    t["verdict_scale"] = vs
+    if backups is not None:
+        for k in backups.columns:
+            t[k] = t["component"].map(backups[k]).to_numpy()
+    v_all = classify(t, threshold, vs)
+    v_den = classify(t.assign(damage=np.nan), threshold, vs)["verdict"]
+    v_noi = classify(t.assign(restoration=np.nan), threshold, vs)["verdict"]
     for col in v_all.columns:
         t[col] = v_all[col]
     t["verdict_denoise"], t["verdict_noise"] = v_den, v_noi

@@ -20,16 +20,16 @@ backend.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pandas as pd
 import torch
 
 from ..checks import public
 from ..components import Component, select
-from ..errors import InputError
-from ..interventions import check_direction, site_of
-from ..models.adapter import check_fired
+from ..errors import InputError, MetricError, OptionError
+from ..interventions import Delivery, Direction, GradientRead, Intervention, SenderChange, check_direction, site_of
+from ..metrics import Metric
 from ..models.sites import Site
 from ..results import Result, provenance
 from .common import as_model, make_runner, positions_of
@@ -37,6 +37,14 @@ from .patching import ActivationPatch, check_separable
 from .path import normalised_summary
 
 METHOD = "attribution (first-order estimate)"
+METHOD_STAR = "AtP* (QK fix and GradDrop; estimate)"
+AttributionMethod = Literal["atp", "atp*"]
+"""How attribution patching estimates.
+
+* ``"atp"``: the plain first-order estimate (Nanda 2023).
+* ``"atp*"``: with the QK fix and GradDrop (Kramar et al. 2024; see the module doc).
+"""
+METHODS: tuple[str, ...] = get_args(AttributionMethod)
 
 
 class AttributionPatch(Result):
@@ -46,6 +54,16 @@ class AttributionPatch(Result):
     residual rows, -1 meaning all positions)."""
 
     kind = "attribution_patch"
+
+    @property
+    def method_label(self) -> str:
+        return METHOD_STAR if self.provenance.get("estimator") == "atp*" else METHOD
+
+    @property
+    def exact_agreement(self) -> dict[str, Any] | None:
+        """The agreement with exact patching recorded when ``exact=`` was given (see :meth:`agreement`;
+        without the ``disagreements`` frame), else None."""
+        return self.provenance.get("agreement")
 
     def _keys(self) -> list[str]:
         return ["component", "position"] if "position" in self._frame.columns else ["component"]
@@ -63,12 +81,12 @@ class AttributionPatch(Result):
         out = normalised_summary(f, self._keys(), "estimated_metric")
         est = f.groupby(self._keys(), sort=False)["estimate"].mean().to_numpy()
         out.insert(len(self._keys()) + 2, "estimate", est)
-        out["method"] = METHOD
+        out["method"] = self.method_label
         out.attrs["score"] = ("estimated restoration (denoise) or damage (noise): a first-order (attribution "
                               "patching) estimate, normalised on the mean clean and corrupted metrics")
         return out
 
-    def agreement(self, exact: ActivationPatch, top: int = 5) -> dict[str, Any]:
+    def agreement(self, exact: ActivationPatch, top: int = 5, top_k: int = 5) -> dict[str, Any]:
         """Agreement of the estimates with exact activation patching of the same components.
 
         Per component (and position), the exact effect is the mean over
@@ -77,7 +95,10 @@ class AttributionPatch(Result):
         fewer than two components or no spread), ``n_components``, and
         ``disagreements``: a frame of the ``top`` largest absolute
         differences with ``component``, ``estimate``, ``exact``,
-        ``difference`` (= estimate - exact).
+        ``difference`` (= estimate - exact); ``top_k`` and ``recall``: how
+        many of the ``top_k`` components of largest exact effect (absolute)
+        the estimate ranks in its own top ``2 * top_k`` (by absolute value),
+        and that count over ``top_k``.
         """
         from scipy import stats as sps
 
@@ -106,8 +127,13 @@ class AttributionPatch(Result):
         else:
             pearson = spearman = float("nan")
         dis = both.reindex(both["difference"].abs().sort_values(ascending=False).index).head(top)
+        k = min(top_k, len(both))
+        top_exact = set(both["exact"].abs().sort_values(ascending=False, kind="stable").index[:k])
+        top_est = set(both["estimate"].abs().sort_values(ascending=False, kind="stable").index[:2 * k])
+        hits = len(top_exact & top_est)
         return {"pearson": pearson, "spearman": spearman, "n_components": len(both),
-                "disagreements": dis.reset_index(drop=True), "method": METHOD}
+                "disagreements": dis.reset_index(drop=True), "method": self.method_label,
+                "top_k": k, "exact_top_k_in_top_2k": hits, "recall": hits / k if k else float("nan")}
 
 
 def _site(c: Component, head_dim: int) -> tuple[Site, slice]:
@@ -115,8 +141,32 @@ def _site(c: Component, head_dim: int) -> tuple[Site, slice]:
     return site, slice(*cols) if cols else slice(None)
 
 
+def _check_method(method: Any, metric: Metric, direction: str, exact: Any) -> None:
+    """Refuse a bad method, a metric the estimate cannot use, or an unusable ``exact`` (before any work)."""
+    if method not in METHODS:
+        raise OptionError(f"unknown attribution method {method!r}; choose 'atp' (first-order estimate) or 'atp*' "
+                          "(with the QK fix and GradDrop).")
+    if metric.needs_clean and direction == "noise":
+        raise MetricError(f"metric {metric.name!r} is minimal at the clean run, so its gradient there is zero and a "
+                          "first-order estimate of noising is zero for every component; use direction='denoise' or "
+                          "a linear metric such as 'logit_diff'.")
+    if method == "atp*" and not metric.linear:
+        raise MetricError(f"AtP* compares the estimates of gradient paths (GradDrop), which add up only for a metric "
+                          f"linear in the logits; {metric.name!r} is not. Use metric='logit_diff' (or 'logit'), or "
+                          "method='atp'.")
+    if exact is not None:
+        if not isinstance(exact, ActivationPatch):
+            raise InputError(f"exact= takes an ActivationPatch result (activation_patch(...)); got "
+                             f"{type(exact).__name__}.")
+        d = exact.to_frame()["direction"].iloc[0]
+        if d != direction:
+            raise InputError(f"the exact patching ran in direction {d!r} but the estimates are asked in "
+                             f"{direction!r}; run both in the same direction.")
+
+
 @public
-def attribution_patch(model: Any, task: Any, components: Any = "heads", direction: str = "denoise", *,
+def attribution_patch(model: Any, task: Any, components: Any = "heads", direction: Direction = "denoise", *,
+                      method: AttributionMethod = "atp", exact: ActivationPatch | None = None, top_k: int = 5,
                       metric: Any = "logit_diff", positions: Any = None, per_position: bool | None = None,
                       progress: bool | None = None) -> AttributionPatch:
     """First-order estimates of activation patching for every component (see the module doc).
@@ -126,6 +176,13 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     ``per_position`` (default when a residual component is asked for) each
     position gets its own row, with positions numbered as activation
     patching numbers them (from the end when prompt lengths differ).
+
+    ``method``: ``"atp"`` (the plain first-order estimate) or ``"atp*"``
+    (QK fix and GradDrop; needs a metric linear in the logits; residual
+    components get GradDrop only). ``exact``: an :class:`ActivationPatch` of
+    the same components and direction; the result then records the
+    agreement (``result.exact_agreement``: rank correlation and how many of
+    the exact ``top_k`` the estimate ranks in its top ``2 * top_k``).
     """
     model = as_model(model)
     model.require_local("attribution_patch")
@@ -133,71 +190,106 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     comps = select(model, components)
     pos = positions_of(positions)
     runner, m = make_runner(model, task, metric, progress=progress, positions=pos)
-    ad = runner.ad
+    _check_method(method, m, direction, exact)
+    star = method == "atp*"
     source, other = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
     per_pos = any(c.kind == "resid" for c in comps) if per_position is None else per_position
     T_min = min(task.lengths)
     pos_list = list(range(-T_min, 0)) if per_pos and len(set(task.lengths)) > 1 else list(range(T_min))
     plan = [(c, p) for c in comps for p in pos_list] if per_pos and pos is None else [(c, None) for c in comps]
-    sites = {_site(c, model.head_dim)[0] for c in comps}
-    n = len(task)
-    est = torch.zeros(len(plan), n, dtype=torch.float64)
-    base_metric = torch.zeros(n, dtype=torch.float64)
+    own = tuple(sorted({_site(c, model.head_dim)[0] for c in comps}, key=lambda s: s.order))
+    L, n = model.n_layers, len(task)
+    # AtP*: the heads' outputs downstream of any component carry the QK fix's pattern changes
+    first = min((c.layer for c in comps), default=L)
+    zs = tuple(Site(l, "z") for l in range(first + 1, L)) if star else ()
+    sites = tuple(sorted(set(own) | set(zs), key=lambda s: s.order))
+    drops = sorted({l for c in comps for l in range(c.layer if c.kind == "resid" else c.layer + 1, L)}) if star else []
+    reads = [GradientRead(sites, None, star)] + [GradientRead(sites, l, True) for l in drops]
+    label = f"{'AtP*' if star else 'attribution'} ({direction})"
+    outs = runner.gradients(source, reads, label=label)
+    other_run, = runner.run(other, [()], capture=own, capture_positions="all")
+    qk = _qk_changes(runner, model, plan, source, other, pos, zs, label) if star else None
+    est = torch.zeros(len(reads), len(plan), n, dtype=torch.float64)
+    base_metric = outs[0].metric
     for g, idx in enumerate(runner.groups):
-        Po = runner.local_prefix(g, other)
-        ids = task.batch(idx, source)
-        T = ids.shape[1]
+        T = len(task.clean_ids[idx[0]])
         mask = torch.zeros(T, dtype=torch.float64)
         if pos is None:
             mask[:] = 1
         else:
             mask[list(pos)] = 1
-        deltas: dict[Site, torch.Tensor] = {}
-        acts: dict[Site, torch.Tensor] = {}
-
-        def make(site: Site, acts=acts, deltas=deltas):
-            def edit(x: torch.Tensor) -> torch.Tensor:
-                acts[site] = x.detach()
-                deltas[site] = torch.zeros_like(x, requires_grad=True)
-                return x + deltas[site]
-            return edit
-
-        edits = {s: make(s) for s in sites}
-        with runner.model.evaluating(), torch.enable_grad():
-            with ad.hooks(edits) as fired:
-                logits = ad.last_logits(ids)
-            check_fired(fired, edits)
-            a = task.answer_ids[idx]
-            b = task.alternative_ids[idx]
-            clean_lg = runner.clean_logits()[idx] if runner.metric.needs_clean else None
-            mvals = runner.metric(logits, a, b, clean_lg)
-            order = sorted(sites, key=lambda s: s.order)
-            grads = torch.autograd.grad(mvals.sum(), [deltas[s] for s in order], allow_unused=True)
-        grad = {s: (torch.zeros_like(deltas[s]) if gr is None else gr).detach() for s, gr in zip(order, grads)}
-        base_metric[torch.tensor(idx)] = mvals.detach().to(torch.float64).cpu()
         it = torch.tensor(idx)
         for i, (c, p) in enumerate(plan):
             site, cols = _site(c, model.head_dim)
-            other_act = Po.resid[site.layer] if site.kind == "resid_pre" else Po.captures[site]
-            diff = (other_act[..., cols] - acts[site][..., cols]).to(torch.float64)
-            prod = (diff * grad[site][..., cols].to(torch.float64)).sum(-1)  # (B, T)
+            diff = (other_run.captures[site][g][..., cols] - outs[0].acts[site][g][..., cols]).to(torch.float64)
             w = mask
             if p is not None:
                 w = torch.zeros(T, dtype=torch.float64)
                 w[p] = 1
-            est[i, it] = (prod * w.to(prod.device)).sum(-1).cpu()
+            for r, read in enumerate(outs):
+                prod = (diff * read.grads[site][g][..., cols].to(torch.float64)).sum(-1)  # (B, T)
+                est[r, i, it] = (prod * w).sum(-1)
+                if qk is not None and i in qk:
+                    for zsite, dz in qk[i][g].items():
+                        est[r, i, it] += (dz * read.grads[zsite][g].to(torch.float64)).sum((-1, -2))
+    dropped = [-1] * len(plan)
+    final = est[0]
+    if star:
+        final = est[0].clone()
+        for i, (c, _) in enumerate(plan):
+            allowed = [0] + [1 + j for j, l in enumerate(drops) if l >= (c.layer if c.kind == "resid" else c.layer + 1)]
+            means = est[allowed, i].mean(-1).abs()
+            best = allowed[int(torch.argmax(means))]  # the first of equal magnitudes: no drop wins ties
+            final[i] = est[best, i]
+            dropped[i] = -1 if best == 0 else drops[best - 1]
     clean_m = base_metric if source == "clean" else runner.baseline("clean").metric
     corr_m = base_metric if source == "corrupted" else runner.baseline("corrupted").metric
     check_separable(clean_m.numpy(), corr_m.numpy())
     rows = []
     for i, (c, p) in enumerate(plan):
-        rows.append(pd.DataFrame({"component": c.name, "prompt": range(n), "estimate": est[i].numpy(),
-                                  "direction": direction, "baseline_metric": base_metric.numpy(),
-                                  "clean_metric": clean_m.numpy(), "corrupted_metric": corr_m.numpy(),
-                                  "position": -1 if p is None else p}))
+        row = {"component": c.name, "prompt": range(n), "estimate": final[i].numpy(),
+               "direction": direction, "baseline_metric": base_metric.numpy(),
+               "clean_metric": clean_m.numpy(), "corrupted_metric": corr_m.numpy(),
+               "position": -1 if p is None else p}
+        if star:
+            row["dropped_layer"] = dropped[i]
+        rows.append(pd.DataFrame(row))
     frame = pd.concat(rows, ignore_index=True)
     if not per_pos:
         frame = frame.drop(columns="position")
     prov = provenance(model, task, metric=m, direction=direction, positions=None if pos is None else list(pos),
-                      method=METHOD)
-    return AttributionPatch(frame, prov)
+                      method=METHOD_STAR if star else METHOD, **({"estimator": "atp*"} if star else {}))
+    result = AttributionPatch(frame, prov)
+    if exact is not None:
+        ag = result.agreement(exact, top_k=top_k)
+        result.provenance["agreement"] = {k: v for k, v in ag.items() if k != "disagreements"}
+    return result
+
+
+def _qk_changes(runner: Any, model: Any, plan: list[tuple[Component, int | None]], source: str, other: str,
+                pos: tuple[int, ...] | None, zs: tuple[Site, ...], label: str
+                ) -> dict[int, list[dict[Site, torch.Tensor]]]:
+    """AtP*'s QK fix: per plan row i (heads, ATTN and MLP components), per group g, the change
+    ``z'_l - z_l`` (B, T, width), float64, of every downstream layer's heads when the component's change
+    reaches only their queries and keys (each block's input held at the baseline run's)."""
+    L, H = model.n_layers, model.n_heads
+    rows, copies = [], []
+    for i, (c, p) in enumerate(plan):
+        if c.kind == "resid" or c.layer + 1 >= L:
+            continue
+        change = SenderChange((c,), other, (p,) if p is not None else pos)
+        copy: list[Any] = []
+        for l in range(c.layer + 1, L):
+            copy.append(Intervention(Site(l, "resid_pre"), None, None, source))
+            copy.append(Delivery(change, "heads", l, tuple(range(H)), ("q", "k")))
+        rows.append((i, c))
+        copies.append(tuple(copy))
+    if not copies:
+        return {}
+    outs = runner.run(source, copies, label=f"{label}: QK fix", capture=zs, capture_positions="all")
+    base, = runner.run(source, [()], capture=zs, capture_positions="all")
+    out: dict[int, list[dict[Site, torch.Tensor]]] = {}
+    for (i, c), o in zip(rows, outs):
+        out[i] = [{s: (o.captures[s][g] - base.captures[s][g]).to(torch.float64) for s in zs if s.layer > c.layer}
+                  for g in range(len(runner.groups))]
+    return out

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import Component, is_downstream, select, select_groups
 from ..errors import ComponentError
 from ..models.sites import Site
@@ -87,6 +88,7 @@ def _parse(model: Any, component: Any, mlp: Any) -> tuple[Any, Component]:
     return g, d
 
 
+@public
 def neuron_contributions(model: Any, task: Any, component: Any, mlp: Any, value: Any = "mean",
                          scale: str = "frozen", *, metric: Any = "logit_diff", positions: Any = None,
                          seed: int = 0, progress: bool | None = None) -> NeuronContributions:

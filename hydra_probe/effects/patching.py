@@ -17,7 +17,7 @@ import pandas as pd
 from ..checks import public
 from ..components import select
 from ..errors import MetricError
-from ..interventions import check_direction, interventions_for
+from ..interventions import Direction, check_direction, interventions_for
 from ..results import Result, provenance
 from .common import as_model, make_runner, positions_of
 
@@ -61,7 +61,7 @@ def check_separable(clean: np.ndarray, corr: np.ndarray) -> None:
 
 
 @public
-def activation_patch(model: Any, task: Any, components: Any = "heads", direction: str = "denoise", *,
+def activation_patch(model: Any, task: Any, components: Any = "heads", direction: Direction = "denoise", *,
                      metric: Any = "logit_diff", positions: Any = None, per_position: bool | None = None,
                      progress: bool | None = None) -> ActivationPatch:
     """Patch each component's activation between clean and corrupted runs.

@@ -61,6 +61,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import public
 from ..components import select_groups
 from ..errors import OptionError, TaskError
 from ..interventions import check_value, interventions_for
@@ -287,6 +288,14 @@ class TextSelfRepair(Result):
 
     kind = "text_self_repair"
 
+    def top_contributions(self) -> pd.DataFrame:
+        """Who compensates on text: per ablated ``component`` and ``downstream`` row of the decomposition
+        (every head and MLP it can reach, ``POSTNORM{l}``, ``NORM``, ``SOFTCAP``), the mean ``delta_de`` over
+        the component's top positions by clean DE (at the ``top_fraction`` the result was made with) and its
+        ``share_of_self_repair`` (sum over those positions / their summed self-repair; the rows of one
+        component sum to 1)."""
+        return self.extras["top_contributions"].copy()
+
     def runs(self) -> pd.DataFrame:
         """One row per run (a text or a window of it): ``run``, ``text``, ``offset`` (text position of the run's
         first token after any BOS, minus the BOS), ``n_tokens``, ``donor_run``, ``donor_text`` (resample; else -1)."""
@@ -364,12 +373,24 @@ class TextSelfRepair(Result):
                          f"{_ci(r.sr_over_de_lost, r.sr_over_de_lost_lo, r.sr_over_de_lost_hi)} | "
                          f"{_ci(r.norm_share, r.norm_share_lo, r.norm_share_hi)} | "
                          f"{_ci(r.hydra_slope, r.hydra_slope_lo, r.hydra_slope_hi)} |")
+        tc = self.extras.get("top_contributions")
+        if tc is not None and len(tc) and (top_fraction is None or f == p.get("top_fraction")):
+            lines += ["", "## Who compensates", "",
+                      f"For the five components with the most self-repair: the three largest rows of the exact "
+                      f"decomposition (downstream heads and MLPs, NORM for the final norm, POSTNORM/SOFTCAP where "
+                      f"the model has them), mean change of direct effect over the component's top {100 * f:g} % "
+                      "of positions, and its share of the self-repair.", "",
+                      "| component | compensator | mean delta DE | share |", "|---|---|---|---|"]
+            for c in s.sort_values("self_repair", ascending=False, kind="stable").head(5)["component"]:
+                g = tc[tc["component"] == c].sort_values("delta_de", ascending=False, kind="stable").head(3)
+                for r in g.itertuples():
+                    lines.append(f"| {c} | {r.downstream} | {_fmt(r.delta_de)} | {_fmt(r.share_of_self_repair)} |")
         return "\n".join(lines) + "\n"
 
     def write_report(self, folder: str | os.PathLike, overwrite: bool = False, top_fraction: float | None = None
                      ) -> Path:
         """Write ``folder`` atomically: ``text_self_repair.json`` (this result), ``positions.csv`` (the frame),
-        ``summary.csv``, ``runs.csv`` and ``summary.md``. Refuses a non-empty folder unless ``overwrite``."""
+        ``summary.csv``, ``runs.csv``, ``top_contributions.csv`` and ``summary.md``. Refuses a non-empty folder unless ``overwrite``."""
         from ..errors import OutputError
         from ..io import atomic_folder
 
@@ -382,6 +403,7 @@ class TextSelfRepair(Result):
             self._frame.to_csv(tmp / "positions.csv", index=False)
             self.summary(top_fraction).to_csv(tmp / "summary.csv", index=False)
             self.runs().to_csv(tmp / "runs.csv", index=False)
+            self.top_contributions().to_csv(tmp / "top_contributions.csv", index=False)
             (tmp / "summary.md").write_text(self.markdown(top_fraction), encoding="utf-8")
         return out
 
@@ -473,6 +495,7 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 # ============================================================================ computation
+@public
 def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads", value: str = "resample",
                      top_fraction: float = 0.02, scale: str = "frozen", seed: int = 0, *,
                      window: int | None = None, batch_components: int = 8, memory_budget: float = 2 ** 29,
@@ -507,6 +530,8 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
         raise OptionError(f"seed must be an integer; got {seed!r}.")
     if isinstance(batch_components, bool) or not isinstance(batch_components, int) or batch_components < 1:
         raise OptionError(f"batch_components must be a positive integer; got {batch_components!r}.")
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+        raise OptionError(f"memory_budget must be a positive number of bytes; got {memory_budget!r}.")
     groups = select_groups(model, components)
     check_writers(groups, "self-repair")
     units, _, ctx = _tokenize(model, texts, window)
@@ -515,7 +540,7 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
     ivalue = "corrupted" if vname == "resample" else vname
     copies = [interventions_for(g.members, ivalue, model.head_dim, None) for g in groups]
     tok = model.tokenizer
-    clean = [_clean_side(model, runner, gi, idx, units, ivalue) for gi, idx in enumerate(runner.groups)]
+    clean = [_clean_side(model, runner, gi, idx, units) for gi, idx in enumerate(runner.groups)]
     parts = [_Partition.of(g, next(c for c in clean if c is not None)["ro"], model.parallel_residual)
              for g in groups]
     L = model.n_layers
@@ -525,21 +550,26 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
     per_copy = n_pos * (L * (model.n_heads * model.head_dim + model.d_model) + model.d_model) * 4
     k_max = max(1, min(batch_components, int(memory_budget // max(per_copy, 1))))
     capped = model.adapter.softcap is not None
-    frames = []
+    frames, tops = [], []
     for s0 in range(0, len(groups), k_max):
         chunk = list(range(s0, min(s0 + k_max, len(groups))))
         # one forward per copy over whole texts; the runner returns every position
         outs = runner.run("clean", [copies[k] for k in chunk], label="text self-repair", capture=sites,
                           capture_positions="all")
-        for gi, cs in enumerate(clean):
-            if cs is None:
-                continue
-            for k, o in zip(chunk, outs):
+        for k, o in zip(chunk, outs):
+            per, cons = [], []
+            for gi, cs in enumerate(clean):
+                if cs is None:
+                    continue
                 ablated = _readout_rows(cs, {s: v[gi] for s, v in o.captures.items()}, o.resid_all[gi], L)
-                fr, _ = _decompose(groups[k].name, parts[k], clean=cs["readout"], ablated=ablated, scale=scale,
-                                   softcap=capped)
-                frames.append(fr.assign(text=cs["text"].numpy(), position=cs["position"].numpy(),
-                                        token_id=cs["targets"].numpy()))
+                fr, con = _decompose(groups[k].name, parts[k], clean=cs["readout"], ablated=ablated, scale=scale,
+                                     softcap=capped)
+                per.append(fr.assign(text=cs["text"].numpy(), position=cs["position"].numpy(),
+                                     token_id=cs["targets"].numpy()))
+                cons.append(con)
+            fk = pd.concat(per, ignore_index=True)
+            frames.append(fk)
+            tops.append(_top_contributions(fk, cons, f))
     frame = pd.concat(frames, ignore_index=True)
     ids = frame["token_id"].to_numpy()
     uniq = np.unique(ids)
@@ -560,11 +590,24 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
                  else None,
                  "position_rule": "position p reads the logit of the actual token at p+1; BOS positions of windows "
                                   "after the first are not read"})
-    return TextSelfRepair(frame, prov, {"runs": runs})
+    return TextSelfRepair(frame, prov, {"runs": runs, "top_contributions": pd.concat(tops, ignore_index=True)})
 
 
-def _clean_side(model: Any, runner: Runner, gi: int, idx: list[int], units: list[Unit], ivalue: str
-                ) -> dict[str, Any] | None:
+def _top_contributions(fk: pd.DataFrame, cons: list[pd.DataFrame], top_fraction: float) -> pd.DataFrame:
+    """Mean of each downstream row of the decomposition over one component's top positions by clean DE
+    (selected as :func:`select_top` does on the sorted frame)."""
+    names = list(dict.fromkeys(cons[0]["downstream"]))  # one row per downstream name and prompt, prompt-major
+    mat = np.concatenate([c["delta_de"].to_numpy().reshape(-1, len(names)) for c in cons])   # (rows, names)
+    order = np.lexsort((fk["position"].to_numpy(), fk["text"].to_numpy()))                   # the frame's order
+    top = select_top(fk.iloc[order].rename(columns={"clean_de": "direct_effect"}), top_fraction)
+    rows = top.index.to_numpy()                         # positions in fk (iloc order == index order)
+    vals = mat[rows]
+    return pd.DataFrame({"component": fk["component"].iloc[0], "downstream": names, "n_top": len(rows),
+                         "delta_de": vals.mean(0), "share_of_self_repair": vals.sum(0) / top["self_repair"].sum()
+                         if top["self_repair"].sum() != 0 else np.nan})
+
+
+def _clean_side(model: Any, runner: Runner, gi: int, idx: list[int], units: list[Unit]) -> dict[str, Any] | None:
     """Everything of length group ``gi`` that does not depend on the ablated component: the positions read
     (N rows, as the decomposition's "prompts"), their readout and the clean run's :class:`RunReadout`."""
     ad = model.adapter
@@ -604,7 +647,3 @@ def _readout_rows(cs: dict[str, Any], caps: dict[Site, torch.Tensor], resid: tor
     n = x.shape[0]
     return RunReadout(metric=cs["softcap"](raw).cpu(), raw_metric=raw.cpu(), proj=ro.projections(z, mlp).cpu(),
                       resid_proj=ro.project(x).cpu(), sigma=sig.cpu(), post_scale=ro.column_scale(post, n))
-
-
-def _site(layer: int, kind: str) -> Site:
-    return Site(layer, kind)

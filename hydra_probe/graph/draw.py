@@ -34,6 +34,10 @@ def layout(G: nx.DiGraph) -> dict[str, tuple[float, float]]:
             pos[n] = (layer, -float(H))
         elif kind == "mlp":
             pos[n] = (layer, mlp_y)
+        elif kind == "norm" and str(n).startswith("POSTNORM"):   # a block's post-attention norm, after its layer
+            pos[n] = (layer + 0.5, -float(H) + 0.5)
+        elif kind == "norm" and n != NORM:                         # SOFTCAP, beside NORM
+            pos[n] = (float(L), mlp_y / 2 - 1)
         elif kind == "norm" or n == NORM:
             pos[n] = (float(L), mlp_y / 2)
         else:

@@ -3,7 +3,7 @@
 from .adapter import Adapter
 from .sites import Site
 from .tables import ArchTable, register_table, supported_model_types, table_for
-from .wrapper import HookedModel, load_default_model, load_model, resolve_device
+from .wrapper import HookedModel, load_default_model, load_model, resolve_device, text_causal_lm
 
 __all__ = [
     "Adapter",
@@ -16,4 +16,5 @@ __all__ = [
     "resolve_device",
     "supported_model_types",
     "table_for",
+    "text_causal_lm",
 ]

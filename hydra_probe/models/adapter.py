@@ -88,6 +88,24 @@ def _tile(obj: Any, batch: int, copies: int) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def temporary_hooks() -> Iterator[Callable[..., None]]:
+    """The one register-then-remove pattern: yields ``register(module, fn, pre=False, **kw)``, which
+    adds a forward hook (``pre=True``: a forward pre-hook; ``kw`` as torch takes them); every hook
+    added is removed on exit, also on error."""
+    handles: list[Any] = []
+
+    def register(module: nn.Module, fn: Callable[..., Any], pre: bool = False, **kw: Any) -> None:
+        add = module.register_forward_pre_hook if pre else module.register_forward_hook
+        handles.append(add(fn, **kw))
+
+    try:
+        yield register
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class Adapter:
     """Architecture-aware access to a Hugging Face causal LM (see module doc)."""
 
@@ -180,52 +198,55 @@ class Adapter:
         return self.apply_softcap(self.unembed(self.final_norm(x)))
 
     # ------------------------------------------------------------------ sites
-    def module_of(self, site: Site) -> tuple[nn.Module, str]:
-        """The module of ``site`` and whether its ``"input"`` or ``"output"`` is meant."""
+    def _resolve(self, site: Site) -> tuple[str, str]:
+        """The one site resolver: dotted module path (from the model's root) of ``site`` and whether its
+        ``"input"`` or ``"output"`` is meant. Raises :class:`~hydra_probe.errors.InterventionError` for a layer
+        out of range or a kind this architecture does not have."""
         t, L = self.table, site.layer
         if not 0 <= L <= self.n_layers or (L == self.n_layers and site.kind != "resid_pre"):
             raise InterventionError(f"site {site} is outside layers 0..{self.n_layers - 1}")
         if site.kind == "resid_pre":
-            return (self.final_norm if L == self.n_layers else self.blocks[L]), "input"
-        block = self.blocks[L]
+            return (t.final_norm if L == self.n_layers else f"{t.blocks}.{L}"), "input"
+        rel: str
         if site.kind == "z":
-            return get_path(block, t.o_proj), "input"
-        if site.kind == "mlp_out":
-            return get_path(block, t.post_mlp_norm or t.mlp), "output"
-        if site.kind == "mlp_in":
-            return get_path(block, t.mlp), "input"
-        if site.kind == "attn_in":
-            return (get_path(block, t.attn), "input") if t.attn_norm is None else (get_path(block, t.attn_norm), "output")
-        if site.kind == "qkv":
+            rel, io = t.o_proj, "input"
+        elif site.kind == "mlp_out":
+            rel, io = t.post_mlp_norm or t.mlp, "output"
+        elif site.kind == "mlp_in":
+            rel, io = t.mlp, "input"
+        elif site.kind == "attn_in":
+            rel, io = (t.attn, "input") if t.attn_norm is None else (t.attn_norm, "output")
+        elif site.kind == "qkv":
             if t.qkv_layout == "separate":
                 raise InterventionError(f"{t.family} has separate q/k/v projections; use sites q, k, v")
-            return get_path(block, t.qkv[0]), "output"
-        if site.kind in ("q", "k", "v"):
-            if t.qkv_layout != "separate":
-                return get_path(block, t.qkv[0]), "output"
-            return get_path(block, t.qkv["qkv".index(site.kind)]), "output"
-        if site.kind in ("values", "attn_last", "mlp_act"):
-            return self.mechanism_module_of(site)
-        raise InterventionError(f"unknown site kind {site.kind}")
+            rel, io = t.qkv[0], "output"
+        elif site.kind in ("q", "k", "v", "values"):
+            kind = "v" if site.kind == "values" else site.kind
+            rel = t.qkv[0] if t.qkv_layout != "separate" else t.qkv["qkv".index(kind)]
+            io = "output"
+        elif site.kind == "attn_last":
+            rel, io = t.attn, "output"
+        elif site.kind == "mlp_act":
+            self.check_neuron_basis()
+            rel, io = t.mlp_out_proj, "input"
+        else:
+            raise InterventionError(f"unknown site kind {site.kind}")
+        return f"{t.blocks}.{L}.{rel}", io
 
     def path_of(self, site: Site) -> tuple[str, str]:
-        """Dotted module path and ``"input"``/``"output"`` of ``site`` (for nnsight)."""
-        t, L = self.table, site.layer
+        """Dotted module path and ``"input"``/``"output"`` of ``site``, for nnsight (see :meth:`_resolve`);
+        the read-only kinds other than the neuron basis are read by local hooks only."""
         if site.kind == "mlp_act" and self.table.mlp_out_proj:  # the MLP output projection's input
-            self.check_neuron_basis()
-            return f"{t.blocks}.{L}.{self.table.mlp_out_proj}", "input"
+            return self._resolve(site)
         if site.kind in READ_ONLY_KINDS + ("mlp_act",):
             raise InterventionError(f"site kind {site.kind!r} is read by local hooks only; load the model with "
                                     "backend='local' to capture it.")
-        if site.kind == "resid_pre":
-            return (t.final_norm if L == self.n_layers else f"{t.blocks}.{L}"), "input"
-        rel = {"z": t.o_proj, "mlp_out": t.post_mlp_norm or t.mlp, "mlp_in": t.mlp,
-               "attn_in": t.attn_norm or t.attn}.get(site.kind)
-        io = {"z": "input", "mlp_out": "output", "mlp_in": "input",
-              "attn_in": "output" if t.attn_norm else "input"}.get(site.kind, "output")
-        if rel is None:
-            rel = t.qkv[0] if t.qkv_layout != "separate" or site.kind == "qkv" else t.qkv["qkv".index(site.kind)]
-        return f"{t.blocks}.{L}.{rel}", io
+        return self._resolve(site)
+
+    def module_of(self, site: Site) -> tuple[nn.Module, str]:
+        """The module of ``site`` and whether its ``"input"`` or ``"output"`` is meant (see :meth:`_resolve`)."""
+        path, io = self._resolve(site)
+        return get_path(self.model, path), io
 
     def head_slice(self, head: int) -> slice:
         """Columns of head ``head`` in the ``z`` site."""
@@ -266,7 +287,6 @@ class Adapter:
         if edits or captures:
             self._refuse_remote()
         fired: dict[Site, int] = {s: 0 for s in set(edits) | set(captures)}
-        handles = []
 
         def make(site: Site, io: str):
             edit = edits.get(site)
@@ -301,18 +321,11 @@ class Adapter:
         if bad:
             raise InterventionError(f"{', '.join(bad)} can be captured but not edited (read-only site kinds: "
                                     f"{', '.join(READ_ONLY_KINDS)}).")
-        try:
+        with temporary_hooks() as register:
             for site in sorted(fired, key=lambda s: s.order):
                 mod, io = self.module_of(site)
-                fn = make(site, io)
-                if io == "input":
-                    handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True))
-                else:
-                    handles.append(mod.register_forward_hook(fn))
+                register(mod, make(site, io), pre=io == "input", **({"with_kwargs": True} if io == "input" else {}))
             yield fired
-        finally:
-            for h in handles:
-                h.remove()
 
     # ------------------------------------------------------------------ fast path
     def prefix(
@@ -329,7 +342,6 @@ class Adapter:
         L = self.n_layers
         resid: list[torch.Tensor | None] = [None] * (L + 1)
         calls: list[Any] = [None] * L
-        handles = []
         caps: dict[Site, torch.Tensor] = {}
 
         def block_pre(i: int):
@@ -345,16 +357,13 @@ class Adapter:
             resid[L] = args[0]
 
         cap_fns = {s: (lambda x, s=s: caps.__setitem__(s, x)) for s in capture}
-        try:
+        with temporary_hooks() as register:
             for i, b in enumerate(self.blocks):
-                handles.append(b.register_forward_pre_hook(block_pre(i), with_kwargs=True))
-            handles.append(self.final_norm.register_forward_pre_hook(norm_pre))
+                register(b, block_pre(i), pre=True, with_kwargs=True)
+            register(self.final_norm, norm_pre, pre=True)
             with self.hooks(edits, cap_fns) as fired, torch.no_grad():
                 self.base(input_ids=ids.to(self.device), use_cache=False)
             _check_fired(fired, edits or {})
-        finally:
-            for h in handles:
-                h.remove()
         return Prefix(resid=resid, calls=calls, captures=caps)  # type: ignore[arg-type]
 
     def run_blocks(
@@ -382,20 +391,16 @@ class Adapter:
         B = prefix.batch
         stop = self.n_layers if stop is None else stop
         h = prefix.resid[start].repeat(copies, 1, 1) if hidden is None else hidden
-        handle = None
-        if last_position_mlp and stop == self.n_layers and start < stop:
-            def last_only(mod, args, kwargs):
-                return _map_first_input(args, kwargs, lambda x: x[:, -1:])
-            handle = get_path(self.blocks[stop - 1], self.table.mlp).register_forward_pre_hook(
-                last_only, with_kwargs=True, prepend=True)
-        try:
+        with temporary_hooks() as register:
+            if last_position_mlp and stop == self.n_layers and start < stop:
+                def last_only(mod, args, kwargs):
+                    return _map_first_input(args, kwargs, lambda x: x[:, -1:])
+                register(get_path(self.blocks[stop - 1], self.table.mlp), last_only, pre=True, with_kwargs=True,
+                         prepend=True)
             for i in range(start, stop):
                 args, kw = prefix.calls[i]
                 out = self.blocks[i](h, *_tile(args, B, copies), **_tile(kw, B, copies))
                 h = out[0] if isinstance(out, tuple) else out
-        finally:
-            if handle is not None:
-                handle.remove()
         return h
 
     # ------------------------------------------------------------------ module-level operations
@@ -434,7 +439,6 @@ class Adapter:
         """
         self._refuse_remote()
         fired = {key: 0 for key in fns}
-        handles = []
 
         def make(key):
             fn = fns[key]
@@ -447,7 +451,7 @@ class Adapter:
                 return fn(inp, out)
             return post
 
-        try:
+        with temporary_hooks() as register:
             for key in sorted(fns):
                 layer, which = key
                 if which not in ("attn", "mlp"):
@@ -455,17 +459,17 @@ class Adapter:
                 path = self.table.attn_norm if which == "attn" else self.table.mlp_norm
                 if path is None:  # no pre-norm (OLMo-2): edit the sublayer's input, the "norm" is the identity
                     sub = get_path(self.blocks[layer], self.table.attn if which == "attn" else self.table.mlp)
-                    handles.append(sub.register_forward_pre_hook(_identity_norm_hook(make(key)), with_kwargs=True))
+                    register(sub, _identity_norm_hook(make(key)), pre=True, with_kwargs=True)
                     continue
-                mod = get_path(self.blocks[layer], path)
-                handles.append(mod.register_forward_hook(make(key), with_kwargs=True))
+                register(get_path(self.blocks[layer], path), make(key), with_kwargs=True)
             yield fired
-        finally:
-            for h in handles:
-                h.remove()
 
     def final_sigma(self, x: torch.Tensor) -> torch.Tensor:
-        """The final norm's scale of residual vectors ``x`` (..., d) -> (...), float64."""
+        """The final norm's scale sigma(x) of residual vectors ``x`` (..., d) -> (...), float64:
+        ``sqrt(var(x) + eps)`` for LayerNorm, ``sqrt(mean(x^2) + eps)`` for RMSNorm.
+
+        The package's one final-norm scale function (the readout and the
+        training script should call this rather than restate it)."""
         _, _, eps = self.norm_params()
         x = x.to(torch.float64)
         if self.table.norm_kind == "layernorm":
@@ -485,20 +489,6 @@ class Adapter:
         extra = gamma.to(torch.float64) * d / self.final_sigma(x)[..., None]
         return self.apply_softcap(self.unembed(self.final_norm(x) + extra.to(x.dtype)))
 
-    def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """One full forward of ``ids`` (B, T); logits at the last position (B, vocab).
-
-        Runs in the caller's grad mode (attribution patching differentiates it).
-        """
-        self._refuse_remote()
-        out = self.base(input_ids=ids.to(self.device), use_cache=False)
-        h = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        return self.apply_softcap(self.unembed(h[:, -1]))
-
-
-    # ------------------------------------------------------------------ block (post) norms and soft-capping
-    # Added for the sandwich / post-norm families (Gemma-2/3, OLMo-2) and Gemma-2's final logit soft-cap;
-    # the readout and effects read these, nothing here registers hooks.
     def post_norm(self, layer: int, which: str = "attn") -> nn.Module | None:
         """The norm block ``layer`` applies to its attention (``"attn"``) or MLP (``"mlp"``) output before
         the residual add, or None when the family has none."""
@@ -559,21 +549,27 @@ class Adapter:
 
 
     def foreign_hooks(self) -> list[str]:
-        """Forward (pre-)hooks and backward hooks present on the modules the package reads through, as
-        ``"path (forward hook fn)"`` strings: the model, its base, every block, attention module, output
-        projection and MLP, the final norm and the unembedding. Called before any analysis registers its own
-        hooks, so every one found belongs to someone else. Read-only."""
+        """Hooks present on the modules the package reads through, as ``"path (forward hook fn)"`` strings.
+
+        Modules: the model, its base, every block, its attention module, output projection, MLP and post
+        norms, the final norm and the unembedding; forward (pre-)hooks and backward hooks. Called before
+        any analysis registers its own hooks, so every one found belongs to someone else; hook functions
+        marked read-only (``hydra_probe.checks.read_only``) are skipped. Read-only.
+        """
         t = self.table
         mods: list[Any] = [self.model, self.base, *self.blocks, self.final_norm, self.unembed]
-        for b in self.blocks:
+        for i, b in enumerate(self.blocks):
             for rel in (t.attn, t.o_proj, t.mlp):
                 with contextlib.suppress(AttributeError, IndexError):
                     mods.append(get_path(b, rel))
+            for which in ("attn", "mlp"):
+                with contextlib.suppress(AttributeError, IndexError):
+                    mods.append(self.post_norm(i, which))
         names = {id(m): n or "<model>" for n, m in self.model.named_modules()}
         out: list[str] = []
         seen: set[int] = set()
         for m in mods:
-            if id(m) in seen:
+            if m is None or id(m) in seen:
                 continue
             seen.add(id(m))
             for attr, kind in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),

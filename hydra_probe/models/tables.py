@@ -10,7 +10,7 @@ paths. To support a new family, add a table and register it with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import ArchitectureError
 
@@ -182,6 +182,8 @@ OLMO2 = _llama_like("OLMo-2", ("olmo2",), attn_norm=None, mlp_norm=None,
                     post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm",
                     notes="post-norm only: sublayers read the raw residual and their outputs are normalised; "
                           "q/k norms over all heads")
+OLMO3 = replace(OLMO2, family="OLMo-3", model_types=("olmo3",),
+               notes="OLMo-2's block (post norms only, q/k norms over all heads) with sliding-window layers")
 PHI3 = _llama_like("Phi-3", ("phi3",), qkv=("self_attn.qkv_proj",), qkv_layout="fused",
                    notes="fused qkv_proj [q|k|v] (grouped-query) and gate_up_proj")
 STARCODER2 = _llama_like("StarCoder2", ("starcoder2",), norm_kind="layernorm", mlp_out_proj="mlp.c_proj",
@@ -218,7 +220,8 @@ def register_table(table: ArchTable) -> None:
         _REGISTRY[mt] = table
 
 
-for _t in (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, GEMMA2, GEMMA3, QWEN3, OLMO2, PHI3, STARCODER2):
+for _t in (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA, GEMMA2, GEMMA3, QWEN3, OLMO2, OLMO3, PHI3,
+           STARCODER2):
     register_table(_t)
 
 
@@ -249,5 +252,6 @@ def vision_language_message(model_type: str) -> str:
     """What to do with a vision-language ``model_type`` whose text model hydra_probe can analyse."""
     text, cls = VISION_LANGUAGE[model_type]
     return (f"{model_type!r} is a vision-language model; hydra_probe analyses its text model ({text!r}). "
-            f"Load the checkpoint by name or folder with hydra_probe.load_model(...) (it reads the language "
-            f"model through transformers' {cls}), or pass transformers.{cls}.from_pretrained(...) yourself.")
+            f"Load the checkpoint by name or folder with hydra_probe.load_model(...), which analyses its "
+            f"language model as a {cls} (the same modules), or pass "
+            f"hydra_probe.models.text_causal_lm(model) for a model object already loaded.")

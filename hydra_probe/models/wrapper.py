@@ -437,7 +437,7 @@ def _from_pretrained(path: str, dtype: torch.dtype | str | None, trust_remote_co
             hint = (" A hub name must be in the local Hugging Face cache when there is no network: download it "
                     "where there is one (e.g. `hf download NAME`) or save it with save_pretrained and pass the folder.")
         raise InputError(f"cannot load model {path!r}: {str(e).splitlines()[0]}{hint}") from None
-    hf = _text_model_of(hf)
+    hf = text_causal_lm(hf)
     tok = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return hf.eval(), tok, public_name(path)
 
@@ -474,9 +474,10 @@ def public_name(name: str) -> str:
     return (p.name or s) if local else s
 
 
-def _text_model_of(hf: nn.Module) -> nn.Module:
-    """A vision-language model whose text model has a table, as that text model's causal LM (the same modules,
-    no copy); other models unchanged."""
+def text_causal_lm(hf: nn.Module) -> nn.Module:
+    """A vision-language model whose text model has a table (Gemma-3), as that text model's causal LM sharing
+    its modules (no copy: the language model and the unembedding are the vision-language model's own);
+    other models are returned unchanged."""
     from .tables import VISION_LANGUAGE
 
     mt = getattr(getattr(hf, "config", None), "model_type", None)

@@ -143,8 +143,11 @@ def conditions_blocks(d: Any, cmp: Any, top: Sequence[str] | None = None, figure
         f"{', '.join(f'`{c}`' for c in p['corruptions'])} × ablation values {', '.join(f'`{v}`' for v in p['values'])} "
         f"× metrics {', '.join(f'`{m}`' for m in p['metrics'])}"
         + (f" × prompt families {', '.join(f'`{x}`' for x in p['families'])}" if len(p["families"]) > 1 else "")
-        + f", with the same verdict rule and threshold ({fmt(p['threshold'])} of each condition's own clean - "
-        f"corrupted gap). The reference condition (outlined) is the report's own: corruption `{ref['corruption']}`, "
+        + f", with the report's verdict rule and threshold ({fmt(p['threshold'])}; TE and DE lost against each "
+        "condition's own scale, restoration and damage against its own clean - corrupted gap)"
+        + (". The report's paired and iterated ablations (run once, under its own value and metric) count as "
+           "backup evidence in every condition with that value and metric" if p.get("backups") else "")
+        + f". The reference condition (outlined) is the report's own: corruption `{ref['corruption']}`, "
         f"value `{ref['value']}`, metric `{ref['metric']}`. A claim that holds across a row does not depend on these "
         "choices; where a row changes colour, the summary names the factor that changes it (two conditions that "
         "differ only in that factor disagree); `direction` means denoising alone and noising alone would give "

@@ -142,6 +142,19 @@ def layer_regression_figure(points: pd.DataFrame, regression: pd.DataFrame, shar
             x = np.arange(len(layers)) + (j - (len(mechs) - 1) / 2) * width
             bx.bar(x, s["share"], width=width * 0.95, color=MECHANISM_COLOURS[mm], label=MECHANISM_LABELS[mm],
                    yerr=_err(s, "share"), capsize=1.5, error_kw={"linewidth": 0.6}, zorder=2)
+        # a layer whose self-repair is near 0 has unbounded shares: keep the axis readable, label what overflows
+        vals = shares["share"].to_numpy(dtype=float)
+        vals = vals[np.isfinite(vals)]
+        lo = max(-3.0, min(-0.2, vals.min() if vals.size else 0.0)) - 0.1
+        hi = min(3.0, max(1.1, vals.max() if vals.size else 1.0)) + 0.1
+        bx.set_ylim(lo, hi)
+        for j, mm in enumerate(mechs):
+            s = shares[shares["mechanism"] == mm].set_index("layer").reindex(layers)
+            for i, v in enumerate(s["share"].to_numpy(dtype=float)):
+                if np.isfinite(v) and not lo <= v <= hi:
+                    x = i + (j - (len(mechs) - 1) / 2) * width
+                    bx.text(x, hi if v > hi else lo, f"{v:.1f}", ha="center", va="top" if v > hi else "bottom",
+                            fontsize=5.5, rotation=90)
         bx.axhline(0, color="black", linewidth=0.6)
         bx.set_xticks(range(len(layers)), [str(int(x)) for x in layers])
         bx.set_xlabel("layer of the ablated components")

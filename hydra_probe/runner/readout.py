@@ -22,12 +22,30 @@ norm is one unit: its ``mlp_out`` site is the norm's output already.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..components import Component, finest
 from ..errors import ArchitectureError
+
+
+class Float64Weights(Sequence):
+    """Each layer's per-head output matrices (H, dh, d) in float64, converted from the model's weights when
+    read: a float64 copy of every layer would cost 8 bytes per weight (about 1 GB for Gemma-2-2B)."""
+
+    def __init__(self, adapter: Any, device: torch.device) -> None:
+        self.ad, self.device = adapter, device
+
+    def __len__(self) -> int:
+        return self.ad.n_layers
+
+    def __getitem__(self, layer: int) -> torch.Tensor:  # type: ignore[override]
+        if not -len(self) <= layer < len(self):
+            raise IndexError(layer)
+        return self.ad.W_O(layer % len(self)).detach().to(self.device, torch.float64)
 
 
 @dataclass
@@ -39,7 +57,7 @@ class Readout:
     u: torch.Tensor              # (B, d) float64
     eps: float
     centre: bool                 # LayerNorm centres, RMSNorm does not
-    W_O: list[torch.Tensor]      # per layer (H, dh, d) float64
+    W_O: Sequence[torch.Tensor]  # per layer (H, dh, d) float64, converted when read (no float64 copy kept)
     b_O_sum: torch.Tensor        # (d,) sum of attention output biases
     components: list[Component]  # the finest partition (heads, MLPs), model order
     post_gamma: list[torch.Tensor] | None = None  # per layer (d,) post-attention norm scale, float64
@@ -72,8 +90,7 @@ class Readout:
                 post.append(pg.detach().to(dev, f))
             bsum = torch.zeros(ad.d_model, dtype=f, device=dev)
         return cls(gamma.detach().to(dev, f), beta_u, u64, eps, ad.table.norm_kind == "layernorm",
-                   [ad.W_O(l).detach().to(dev, f) for l in range(ad.n_layers)], bsum.to(dev), finest(model), post,
-                   post_eps)
+                   Float64Weights(ad, dev), bsum.to(dev), finest(model), post, post_eps)
 
     def P(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.mean(-1, keepdim=True) if self.centre else x

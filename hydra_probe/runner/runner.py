@@ -22,21 +22,26 @@ was: hooks are removed on exit, also on error, and train/eval flags restored.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
-from ..errors import NumericalError, OptionError, ResourceError, TaskError
-from ..interventions import Intervention
+from ..errors import InterventionError, NumericalError, OptionError, ResourceError, TaskError
+from ..interventions import Delivery, GradientRead, Intervention, SenderChange
 from ..metrics import Metric
 from ..models.adapter import Prefix, check_fired
 from ..models.sites import Site
 from .readout import Readout
 
 SOURCES = ("clean", "corrupted")
+
+Copy = tuple[Intervention | Delivery, ...]
+"""One copy: the interventions applied together in one run of every prompt."""
 
 CapturePositions = Literal["last", "all"]
 """Which positions :meth:`Runner.run` keeps of captured sites.
@@ -80,22 +85,59 @@ class RunOutput:
     post_sigma: torch.Tensor | None = None
 
 
-class Progress:
-    """A minimal progress bar on a terminal; silent otherwise."""
+@dataclass
+class GradientOutput:
+    """The result of one :class:`~hydra_probe.interventions.GradientRead` over all prompts.
 
-    def __init__(self, total: int, label: str, enabled: bool | None = None) -> None:
-        self.total, self.done, self.label = max(total, 1), 0, label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+    Attributes:
+        metric: (n,) float64 metric of the unedited run, task order.
+        acts: ``{site: [per length group g a (B_g, T_g, width) tensor]}``: the
+            activations read (model dtype, CPU).
+        grads: the same layout: the metric's gradient with respect to each activation.
+    """
 
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.enabled:
-            w = 30
-            f = int(w * self.done / self.total)
-            sys.stderr.write(f"\r{self.label} [{'#' * f}{'.' * (w - f)}] {self.done}/{self.total}")
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+    metric: torch.Tensor
+    acts: dict[Site, list[torch.Tensor]]
+    grads: dict[Site, list[torch.Tensor]]
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str, enabled: bool | None = None) -> Iterator[Any]:
+    """A tqdm bar with an estimate of the time left; ``enabled=None``: only on a terminal."""
+    show = sys.stderr.isatty() if enabled is None else bool(enabled)
+    bar = tqdm(total=max(total, 1), desc=label, disable=not show, leave=False, file=sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _compose(fns: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    if len(fns) == 1:
+        return fns[0]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for f in fns:
+            x = f(x)
+        return x
+    return run
+
+
+class _SkipOnlyGradient(torch.autograd.Function):
+    """``x_out`` unchanged in the forward; in the backward, for the rows where ``mask`` is true, the
+    gradient of ``x_out`` goes to the block input ``x_in`` (the skip connection) instead of through
+    the block (GradDrop)."""
+
+    @staticmethod
+    def forward(ctx: Any, x_out: torch.Tensor, x_in: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return x_out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+        return torch.where(mask, zero, g), torch.where(mask, g, zero), None
 
 
 class Runner:
@@ -130,6 +172,7 @@ class Runner:
         self._means: dict[Site, torch.Tensor] | None = None
         self._readout: Readout | None = None
         self._clean_logits: torch.Tensor | None = None
+        self._changes: dict[Any, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- caches
     def capture_sites(self) -> set[Site]:
@@ -271,30 +314,39 @@ class Runner:
         for s in sites:
             if not isinstance(s, Site):
                 raise OptionError(f"capture takes Site objects (hydra_probe.models.sites.Site); got {s!r}.")
-            if s != Site(self.ad.n_layers, "resid_pre"):
-                self.ad.module_of(s)  # raises InterventionError when the site does not exist
+            # raises InterventionError when the site does not exist (or, on nnsight, cannot be read there)
+            (self.ad.path_of if self.model.backend == "nnsight" else self.ad.module_of)(s)
         return sites
 
-    def run(self, source: str, copies: Sequence[tuple[Intervention, ...]], readout: bool = False,
+    def run(self, source: str, copies: Sequence[Copy], readout: bool = False,
             label: str = "running", capture: Iterable[Site] = frozenset(),
             capture_positions: CapturePositions = "last") -> list[RunOutput]:
         """Run every copy on every prompt; see the module doc.
 
         Args:
             source: ``"clean"`` or ``"corrupted"``: the prompts every copy runs on.
-            copies: one tuple of interventions per copy.
-            readout: also compute the finest components' projections (``RunOutput.proj``).
+            copies: one tuple of interventions per copy (:class:`~hydra_probe.interventions.Intervention`
+                and :class:`~hydra_probe.interventions.Delivery` items).
+            readout: also compute the finest components' projections (``RunOutput.proj``);
+                not with deliveries.
             label: progress-bar label.
             capture: sites whose (edited) activations to return, from the same
                 forward. ``Site(n_layers, "resid_pre")`` is the final residual.
             capture_positions: ``"last"`` or ``"all"`` (see :data:`CapturePositions`).
 
         Returns:
-            one :class:`RunOutput` per copy, in the order of ``copies``.
+            one :class:`RunOutput` per copy, in the order of ``copies``. For a copy
+            that delivers a change to the logits, ``metric`` includes it and
+            ``resid`` does not.
         """
         if source not in SOURCES:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
         cap = self.check_capture(capture, capture_positions)
+        paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
+        if paths:
+            self.check_local("path patching (deliveries of a sender's change)")
+            if readout:
+                raise OptionError("readout=True does not combine with deliveries; run the readout separately.")
         every = capture_positions == "all"
         n, C = len(self.task), len(self.readout.components) if readout else 0
         d = self.ad.d_model
@@ -308,33 +360,45 @@ class Runner:
         resid_all: list[torch.Tensor] = []
         psig = (torch.empty(K, n, self.ad.n_layers, dtype=torch.float64)
                 if readout and self.readout.has_post_norms else None)
-        bar = Progress(K * len(self.groups), label, self.progress)
-        for g, idx in enumerate(self.groups):
-            it = torch.tensor(idx)
-            B, T = len(idx), len(self.task.clean_ids[idx[0]])
-            if every:
-                resid_all.append(torch.empty(K, B, T, d, dtype=self.ad.dtype))
-            for chunk, out in self._run_group(g, source, copies, readout, bar, cap, every):
-                ci = torch.tensor(chunk)
-                # results live on the CPU whatever the model's device
-                metric[ci[:, None], it[None, :]] = out["metric"].cpu()
-                resid[ci[:, None], it[None, :]] = out["resid"].cpu()
-                if readout:
-                    proj[ci[:, None], it[None, :]] = out["proj"].cpu()
-                    pconst[ci[:, None], it[None, :]] = out["proj_const"].cpu()
-                    if psig is not None:
-                        psig[ci[:, None], it[None, :]] = out["post_sigma"].cpu()
-                for s, v in out.get("captures", {}).items():
-                    if every:
-                        if len(caps_all[s]) == g:
-                            caps_all[s].append(torch.empty(K, *v.shape[1:], dtype=v.dtype))
-                        caps_all[s][g][ci] = v.cpu()
-                    else:
-                        if s not in caps_last:
-                            caps_last[s] = torch.empty(K, n, v.shape[-1], dtype=v.dtype)
-                        caps_last[s][ci[:, None], it[None, :]] = v.cpu()
+        starts = [self._start(c, cap) for c in copies]
+        if self.model.backend == "nnsight" and not paths:
+            # full forwards, chunked by the budget alone (one request each); a copy that edits nothing and
+            # captures only cached sites reads them
+            L = self.ad.n_layers
+            starts = [0 if c or s < L else L for c, s in zip(copies, starts)]
+        weights = [1 + bool(self._shadow_layers(c)) for c in copies]
+        with progress_bar(K * len(self.groups), label, self.progress) as bar:
+            for g, idx in enumerate(self.groups):
+                it = torch.tensor(idx)
+                B, T = len(idx), len(self.task.clean_ids[idx[0]])
                 if every:
-                    resid_all[g][ci] = out["resid_all"].cpu()
+                    resid_all.append(torch.empty(K, B, T, d, dtype=self.ad.dtype))
+
+                def forward(chunk: list[int], start: int, g: int = g) -> dict[str, Any]:
+                    return self._forward(g, source, [copies[i] for i in chunk], start, readout, cap, every)
+
+                for chunk, out in self._batched(g, starts, weights, forward):
+                    ci = torch.tensor(chunk)
+                    # results live on the CPU whatever the model's device
+                    metric[ci[:, None], it[None, :]] = out["metric"].cpu()
+                    resid[ci[:, None], it[None, :]] = out["resid"].cpu()
+                    if readout:
+                        proj[ci[:, None], it[None, :]] = out["proj"].cpu()
+                        pconst[ci[:, None], it[None, :]] = out["proj_const"].cpu()
+                        if psig is not None:
+                            psig[ci[:, None], it[None, :]] = out["post_sigma"].cpu()
+                    for s, v in out.get("captures", {}).items():
+                        if every:
+                            if len(caps_all[s]) == g:
+                                caps_all[s].append(torch.empty(K, *v.shape[1:], dtype=v.dtype))
+                            caps_all[s][g][ci] = v.cpu()
+                        else:
+                            if s not in caps_last:
+                                caps_last[s] = torch.empty(K, n, v.shape[-1], dtype=v.dtype)
+                            caps_last[s][ci[:, None], it[None, :]] = v.cpu()
+                    if every:
+                        resid_all[g][ci] = out["resid_all"].cpu()
+                    bar.update(len(chunk))
         outs = []
         for i in range(K):
             if every:
@@ -347,30 +411,62 @@ class Runner:
                                   None if psig is None else psig[i]))
         return outs
 
-    def _start(self, copy: tuple[Intervention, ...], capture: frozenset[Site]) -> int:
+    def check_local(self, what: str) -> None:
+        """Refuse ``what`` (an analysis that runs on the local hook path) for a remote model, at once."""
+        self.model.require_local(what)
+
+    def _start(self, copy: Copy, capture: frozenset[Site] = frozenset()) -> int:
         """The earliest layer a forward of ``copy`` must run from (its interventions, and the captures
         that the prefix does not hold)."""
         L = self.ad.n_layers
         need = [s.layer for s in capture if s.kind not in ("z", "mlp_out", "resid_pre")]
-        return min([iv.site.layer for iv in copy] + need, default=L)
+        for iv in copy:
+            if isinstance(iv, Intervention):
+                need.append(iv.site.layer)
+            elif iv.target != "logits":
+                need.append(iv.layer)
+        return min(need, default=L)
 
-    def _run_group(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], readout: bool,
-                   bar: Progress, capture: frozenset[Site] = frozenset(), every: bool = False):
+    def _shadow_layers(self, copy: Copy) -> set[int]:
+        """Layers where a delivery to some heads' k or v must not reach the other heads of their key/value
+        group (grouped-query attention): there the copy gets a shadow batch (see :meth:`_path_edits`)."""
+        ad = self.ad
+        out: set[int] = set()
+        if ad.n_kv_heads >= ad.n_heads:
+            return out
+        size = ad.n_heads // ad.n_kv_heads
+        heads: dict[int, set[int]] = {}
+        for iv in copy:
+            if isinstance(iv, Delivery) and iv.target == "heads" and ({"k", "v"} & set(iv.inputs)):
+                heads.setdefault(iv.layer, set()).update(iv.heads)
+        for layer, hs in heads.items():
+            if any(set(range(q * size, (q + 1) * size)) - hs for q in {h // size for h in hs}):
+                out.add(layer)
+        return out
+
+    def _batched(self, g: int, starts: Sequence[int], weights: Sequence[int],
+                 forward: Callable[[list[int], int], Any]) -> Iterator[tuple[list[int], Any]]:
+        """Run copies of group ``g`` in stacks of equal start layer within the token budget (a copy of
+        weight w counts w batches); on out-of-memory halve the stack and retry, and keep the smaller
+        budget. Yields (copy indices, ``forward(indices, start)``)."""
         idx = self.groups[g]
         B, T = len(idx), len(self.task.clean_ids[idx[0]])
-        starts = [self._start(c, capture) for c in copies]
-        if self.model.backend == "nnsight":  # full forwards, chunked by the budget alone (one request each);
-            L = self.ad.n_layers             # a copy that edits nothing and captures only cached sites reads them
-            starts = [0 if c or s < L else L for c, s in zip(copies, starts)]
-        order = sorted(range(len(copies)), key=lambda i: starts[i])
-        per = max(1, self.token_budget // (B * T))
+        order = sorted(range(len(starts)), key=lambda i: starts[i])
         pos = 0
         while pos < len(order):
-            start = starts[order[pos]]
-            chunk = [i for i in order[pos: pos + per] if starts[i] == start]
+            per = max(1, self.token_budget // (B * T))
+            start, chunk, weight = starts[order[pos]], [], 0
+            j = pos
+            while j < len(order) and starts[order[j]] == start:
+                w = weights[order[j]]
+                if chunk and weight + w > per:
+                    break
+                chunk.append(order[j])
+                weight += w
+                j += 1
             while True:
                 try:
-                    out = self._forward(g, source, [copies[i] for i in chunk], start, readout, capture, every)
+                    out = forward(chunk, start)
                     break
                 except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
                     if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower() \
@@ -378,44 +474,59 @@ class Runner:
                         raise
                     if len(chunk) == 1:
                         raise ResourceError(_oom_advice(B, T)) from None
-                    per = max(1, len(chunk) // 2)
-                    self.token_budget = per * B * T
-                    chunk = chunk[:per]
-            bar.update(len(chunk))
+                    half = max(1, len(chunk) // 2)
+                    self.token_budget = max(1, sum(weights[i] for i in chunk[:half])) * B * T
+                    chunk = chunk[:half]
             yield chunk, out
             pos += len(chunk)
 
-    def _forward(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], start: int,
+    def _forward(self, g: int, source: str, copies: Sequence[Copy], start: int,
                  readout: bool, capture: frozenset[Site] = frozenset(), every: bool = False
                  ) -> dict[str, Any]:
-        if self.model.backend == "nnsight" and start < self.ad.n_layers:
+        paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
+        if self.model.backend == "nnsight" and not paths and start < self.ad.n_layers:
             return self._forward_nnsight_stacked(g, source, copies, readout, capture, every)
-        P = self.prefix(g, source)
+        P = self.local_prefix(g, source) if paths else self.prefix(g, source)
         k, B = len(copies), P.batch
         L = self.ad.n_layers
         final = Site(L, "resid_pre")
         edits = self._edits(g, source, copies, B)
+        norm_fns: dict[tuple[int, str], Callable] = {}
+        shadow: dict[int, int] = {}
+        deliveries: list[tuple[int, Delivery]] = []
+        if paths:
+            shadow, deliveries = self._path_edits(g, source, copies, B, edits, norm_fns)
+        n_rows = k + len(shadow)
         acts: dict[Site, torch.Tensor] = {}
         want = {Site(l, kind) for l in range(start, L) for kind in ("z", "mlp_out")} if readout else set()
         want |= {s for s in capture if s.layer >= start and s != final}
         caps: dict[Site, Callable] = {s: (lambda x, s=s: acts.__setitem__(s, x.detach())) for s in want}
-        with self.model.evaluating(), torch.no_grad(), self.ad.hooks(edits, caps) as fired:
+        edit_fns = {s: _compose(fs) for s, fs in edits.items()}
+        norms = self.ad.norm_hooks(norm_fns) if norm_fns else contextlib.nullcontext({})
+        with self.model.evaluating(), torch.no_grad(), self.ad.hooks(edit_fns, caps) as fired, norms as nfired:
             # only the last position is read: the final MLP may skip the others unless something edits it
-            # or the final residual, or every position is captured
-            skip = not every and not any(s.layer >= L - 1 and s.kind != "z" for s in edits) \
+            # or the final residual, or every position is captured, or a path is patched
+            skip = not every and not paths and not any(s.layer >= L - 1 and s.kind != "z" for s in edits) \
                 and not any(s.layer >= L - 1 and s.kind in ("mlp_in", "mlp_out") for s in capture)
-            x = (self.ad.run_blocks(P, start, k, last_position_mlp=skip) if start < L
-                 else P.resid[L].repeat(k, 1, 1).clone())
-            if final in edits:
-                x = edits[final](x)
+            x = (self.ad.run_blocks(P, start, n_rows, last_position_mlp=skip) if start < L
+                 else P.resid[L].repeat(n_rows, 1, 1).clone())
+            if final in edit_fns:
+                x = edit_fns[final](x)
                 fired[final] += 1
-        check_fired(fired, edits)
+        check_fired(fired, edit_fns)
+        dead = [f"{w} norm of layer {layer}" for (layer, w), c in nfired.items() if c == 0]
+        if dead:
+            raise InterventionError(f"path-patching hooks at the {', '.join(dead)} never fired; the architecture "
+                                    "table may point at a norm the forward does not call.")
+        x = x[: k * B]
+        acts = {s: v[: k * B] for s, v in acts.items()}
         acts[final] = x
         for s in capture:
             if s not in acts:  # below the restart layer: the prefix holds it unedited
                 acts[s] = (P.resid[s.layer] if s.kind == "resid_pre" else P.captures[s]).repeat(k, 1, 1)
         last = {s: v[:, -1] for s, v in acts.items()}
-        out = self._finish(g, P, x[:, -1], last, start, k, readout)
+        logits = self._path_logits(g, source, x[:, -1], deliveries, B) if paths else None
+        out = self._finish(g, P, x[:, -1], last, start, k, readout, logits)
         if capture:
             out["captures"] = {s: (acts[s] if every else last[s]).reshape(k, B, *acts[s].shape[1 + (not every):])
                                for s in capture}
@@ -424,14 +535,15 @@ class Runner:
         return out
 
     def _finish(self, g: int, P: Prefix, x_last: torch.Tensor, last: dict[Site, torch.Tensor], start: int,
-                k: int, readout: bool) -> dict[str, Any]:
+                k: int, readout: bool, logits: torch.Tensor | None = None) -> dict[str, Any]:
         """Metric and readout from last-position activations (shared by both backends)."""
         idx = self.groups[g]
         B = len(idx)
         _check_finite(x_last, "an intervened run")
         a = self.task.answer_ids[idx].repeat(k)
         b = self.task.alternative_ids[idx].repeat(k)
-        logits = self._logits_of(x_last)
+        if logits is None:
+            logits = self._logits_of(x_last)
         clean = self.clean_logits()[idx].repeat(k, 1) if self.metric.needs_clean else None
         m = self.metric(logits, a, b, clean).detach().to(torch.float64)
         out = {"metric": m.view(k, B), "resid": x_last.detach().to(torch.float64).view(k, B, -1)}
@@ -449,12 +561,14 @@ class Runner:
             out["proj_const"] = ro.const_projection(P.resid[0][:, -1].repeat(k, 1), u).view(k, B)
         return out
 
-    def _edits(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], B: int
-               ) -> dict[Site, Callable[[torch.Tensor], torch.Tensor]]:
+    def _edits(self, g: int, source: str, copies: Sequence[Copy], B: int) -> dict[Site, list[Callable]]:
+        """Replacement edits of the copies' :class:`Intervention` items, per site (in a list, so that
+        other edits of the same site can follow)."""
         per_site: dict[Site, list[tuple[int, Intervention, torch.Tensor | None]]] = {}
         for ci, c in enumerate(copies):
             for iv in c:
-                per_site.setdefault(iv.site, []).append((ci, iv, self.value(iv, g, source)))
+                if isinstance(iv, Intervention):
+                    per_site.setdefault(iv.site, []).append((ci, iv, self.value(iv, g, source)))
 
         def make(items):
             def edit(x: torch.Tensor) -> torch.Tensor:
@@ -470,7 +584,321 @@ class Runner:
                 return x
             return edit
 
-        return {s: make(items) for s, items in per_site.items()}
+        return {s: [make(items)] for s, items in per_site.items()}
+
+    # ---------------------------------------------------------------- path patching (deliveries)
+    def sender_change(self, g: int, source: str, change: SenderChange) -> torch.Tensor:
+        """The senders' change of their residual writes (B, T, d) on group ``g`` (see
+        :class:`~hydra_probe.interventions.SenderChange`), from the cached local prefixes.
+
+        MLPs: ``mlp_out' - mlp_out``. Heads of one layer go together: without a
+        post-attention norm ``sum_h (z_h' - z_h) W_O^h``; with one (Gemma-2/3,
+        OLMo-2) the layer's write ``N_post(sum_h W_O^h z_h)`` is recomputed with
+        the senders' heads at the other run's z, so the rescaling of the layer's
+        other heads is part of the change.
+        """
+        key = (g, source, change)
+        if key in self._changes:
+            return self._changes[key]
+        ad = self.ad
+        Pb, Po = self.local_prefix(g, source), self.local_prefix(g, change.value)
+        T = Pb.resid[0].shape[1]
+        mask = torch.zeros(T, dtype=ad.dtype, device=ad.device)
+        if change.positions is None:
+            mask[:] = 1
+        else:
+            mask[list(change.positions)] = 1
+        out = None
+        with torch.no_grad():
+            heads: dict[int, list[int] | None] = {}
+            for m in change.senders:
+                if m.kind == "mlp":
+                    s = Site(m.layer, "mlp_out")
+                    d = Po.captures[s] - Pb.captures[s]
+                    out = d if out is None else out + d
+                elif m.kind == "attn" or heads.get(m.layer, []) is None:
+                    heads[m.layer] = None
+                else:
+                    heads.setdefault(m.layer, []).append(m.head)  # type: ignore[union-attr,arg-type]
+            for layer, hs in heads.items():
+                s = Site(layer, "z")
+                zb, zo = Pb.captures[s], Po.captures[s]
+                if hs is None:
+                    zm = zo
+                else:
+                    zm = zb.clone()
+                    for h in hs:
+                        zm[..., ad.head_slice(h)] = zo[..., ad.head_slice(h)]
+                if ad.has_post_attn_norm:
+                    d = ad.head_writes(layer, zm).sum(-2) - ad.head_writes(layer, zb).sum(-2)
+                else:
+                    B = zb.shape[0]
+                    dz = (zm - zb).view(B, T, ad.n_heads, ad.head_dim)
+                    d = torch.einsum("bthk,hkd->btd", dz, ad.W_O(layer))
+                out = d if out is None else out + d
+        out = out * mask[None, :, None]
+        self._changes[key] = out
+        return out
+
+    def _path_edits(self, g: int, source: str, copies: Sequence[Copy], B: int,
+                    edits: dict[Site, list[Callable]], norm_fns: dict[tuple[int, str], Callable]
+                    ) -> tuple[dict[int, int], list[tuple[int, Delivery]]]:
+        """Add the hooks of the copies' deliveries to ``edits`` and ``norm_fns``.
+
+        A receiver head's q/k/v is projected from ``norm(x + change)`` (x its
+        block input in this forward); a receiver MLP reads ``norm(x_mid +
+        change)``. Grouped-query attention: where a delivery to k/v must not
+        reach the other heads of a key/value group, a *shadow* batch of the
+        copy gets the copy's block input, the patched k/v, and the receiver
+        heads' ``z`` is copied from the shadow into the copy. Returns (copy ->
+        shadow batch index, the logits deliveries).
+        """
+        ad = self.ad
+        k = len(copies)
+        shadow: dict[int, int] = {}
+        shadow_layers: dict[int, set[int]] = {}
+        for ci, c in enumerate(copies):
+            sl = self._shadow_layers(c)
+            if sl:
+                shadow[ci] = k + len(shadow)
+                shadow_layers[ci] = sl
+
+        def rows(j: int) -> slice:
+            return slice(j * B, (j + 1) * B)
+
+        attn_in: dict[int, torch.Tensor] = {}
+        normed: dict[tuple[int, int, SenderChange], torch.Tensor] = {}
+        qkv_items: dict[Site, list[tuple[int, SenderChange, int, list[slice]]]] = {}
+        copy_in: dict[int, list[tuple[int, int]]] = {}
+        copy_z: dict[int, list[tuple[int, int, list[slice]]]] = {}
+        mlp_items: dict[int, list[tuple[int, SenderChange]]] = {}
+        logits: list[tuple[int, Delivery]] = []
+        for ci, c in enumerate(copies):
+            for dv in c:
+                if not isinstance(dv, Delivery):
+                    continue
+                self.sender_change(g, source, dv.change)  # now, not inside a hook (it may run a forward)
+                if dv.target == "logits":
+                    logits.append((ci, dv))
+                elif dv.target == "mlp":
+                    mlp_items.setdefault(dv.layer, []).append((ci, dv.change))
+                else:
+                    layer = dv.layer
+                    sh = layer in shadow_layers.get(ci, ())
+                    tgt = shadow[ci] if sh else ci
+                    per_site: dict[Site, list[slice]] = {}
+                    for h in dv.heads:
+                        for w in dv.inputs:
+                            site, cols = ad.head_input_slice(layer, h, w)
+                            if cols not in per_site.setdefault(site, []):
+                                per_site[site].append(cols)
+                    for site, cols in per_site.items():
+                        qkv_items.setdefault(site, []).append((tgt, dv.change, layer, cols))
+                    if sh:
+                        if (ci, tgt) not in copy_in.get(layer, []):
+                            copy_in.setdefault(layer, []).append((ci, tgt))
+                        copy_z.setdefault(layer, []).append((ci, tgt, [ad.head_slice(h) for h in dv.heads]))
+
+        def capture_attn(layer: int):
+            def fn(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                attn_in[layer] = inp
+                return out
+            return fn
+
+        def edit_mlp(layer: int, items: list[tuple[int, SenderChange]]):
+            def fn(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                out = out.clone()
+                for ci, ch in items:
+                    d = self.sender_change(g, source, ch)
+                    out[rows(ci)] = ad.block_norm(layer, "mlp", inp[rows(ci)] + d).to(out.dtype)
+                return out
+            return fn
+
+        def edit_qkv(site: Site, items: list[tuple[int, SenderChange, int, list[slice]]]):
+            def fn(y: torch.Tensor) -> torch.Tensor:
+                y = y.clone()
+                for tgt, ch, layer, cols in items:
+                    key = (layer, tgt, ch)
+                    if key not in normed:
+                        d = self.sender_change(g, source, ch)
+                        normed[key] = ad.block_norm(layer, "attn", attn_in[layer][rows(tgt)] + d)
+                    proj = ad.project(site, normed[key])
+                    for c in cols:
+                        y[rows(tgt), :, c] = proj[:, :, c].to(y.dtype)
+                return y
+            return fn
+
+        def edit_copy_in(pairs: list[tuple[int, int]]):
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                x = x.clone()
+                for ci, tgt in pairs:
+                    x[rows(tgt)] = x[rows(ci)]
+                return x
+            return fn
+
+        def edit_copy_z(items: list[tuple[int, int, list[slice]]]):
+            def fn(z: torch.Tensor) -> torch.Tensor:
+                z = z.clone()
+                for ci, tgt, slices in items:
+                    for s in slices:
+                        z[rows(ci), :, s] = z[rows(tgt), :, s]
+                return z
+            return fn
+
+        for layer in {site.layer for site in qkv_items}:
+            norm_fns[(layer, "attn")] = capture_attn(layer)
+        for layer, items in mlp_items.items():
+            norm_fns[(layer, "mlp")] = edit_mlp(layer, items)
+        for s, items in qkv_items.items():
+            edits.setdefault(s, []).append(edit_qkv(s, items))
+        for layer, pairs in copy_in.items():
+            edits.setdefault(Site(layer, "resid_pre"), []).append(edit_copy_in(pairs))
+        for layer, items in copy_z.items():
+            edits.setdefault(Site(layer, "z"), []).append(edit_copy_z(items))
+        return shadow, logits
+
+    def _path_logits(self, g: int, source: str, x_last: torch.Tensor, deliveries: list[tuple[int, Delivery]],
+                     B: int) -> torch.Tensor:
+        """Logits (k*B, vocab) of the final residual, with each copy's logits deliveries added."""
+        ad = self.ad
+        k = x_last.shape[0] // B
+        add: dict[int, tuple[torch.Tensor, str]] = {}
+        for ci, dv in deliveries:
+            d = self.sender_change(g, source, dv.change)[:, -1]
+            prev = add.get(ci)
+            add[ci] = (d if prev is None else prev[0] + d, dv.scale)
+        out = []
+        with torch.no_grad():
+            for ci in range(k):
+                xl = x_last[ci * B:(ci + 1) * B]
+                if ci in add:
+                    d, scale = add[ci]
+                    out.append(ad.logits_frozen(xl, d) if scale == "frozen" else ad.logits(xl + d))
+                else:
+                    out.append(ad.logits(xl))
+        return torch.cat(out)
+
+    # ---------------------------------------------------------------- gradients (attribution)
+    def gradients(self, source: str, reads: Sequence[GradientRead], label: str = "gradients"
+                  ) -> list[GradientOutput]:
+        """Run every :class:`~hydra_probe.interventions.GradientRead` on the ``source`` prompts.
+
+        Reads are stacked along the batch within the token budget (one
+        forward and one backward per stack), restart at their earliest site's
+        layer, and halve on out-of-memory. The gradient is taken with respect
+        to zero tensors added to the activations, so it works when the
+        parameters do not require gradients and leaves no ``.grad`` on them.
+        Runs on the local hook path for every local backend.
+        """
+        if source not in SOURCES:
+            raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
+        self.check_local("attribution patching (gradient reads)")
+        L = self.ad.n_layers
+        for r in reads:
+            for s in r.sites:
+                self.ad.module_of(s)
+            if r.drop_layer is not None and not 0 <= r.drop_layer < L:
+                raise OptionError(f"drop_layer {r.drop_layer} is outside layers 0..{L - 1}.")
+        n, K = len(self.task), len(reads)
+        metric = torch.empty(n, dtype=torch.float64)
+        acts: dict[Site, list[torch.Tensor]] = {}
+        grads: list[dict[Site, list[torch.Tensor]]] = [{} for _ in reads]
+        starts = [min((s.layer for s in r.sites), default=L) for r in reads]
+        with progress_bar(K * len(self.groups), label, self.progress) as bar:
+            for g, idx in enumerate(self.groups):
+                def forward(chunk: list[int], start: int, g: int = g) -> Any:
+                    return self._gradient_forward(g, source, [reads[i] for i in chunk], start)
+
+                for chunk, (m, a, gr) in self._batched(g, starts, [1] * K, forward):
+                    metric[torch.tensor(idx)] = m.cpu()
+                    for s, v in a.items():
+                        if len(acts.setdefault(s, [])) == g:
+                            acts[s].append(v.cpu())
+                    for j, i in enumerate(chunk):
+                        for s, v in gr[j].items():
+                            grads[i].setdefault(s, []).append(v.cpu())
+                    bar.update(len(chunk))
+        return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i]) for i, r in enumerate(reads)]
+
+    def _gradient_forward(self, g: int, source: str, reads: Sequence[GradientRead], start: int
+                          ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """One stacked forward and backward of ``reads``: (metric (B,), activations {site: (B, T, w)},
+        per read {site: gradient (B, T, w)})."""
+        ad = self.ad
+        P = self.local_prefix(g, source)
+        k, B, L = len(reads), P.batch, ad.n_layers
+        final = Site(L, "resid_pre")
+        sites = sorted({s for r in reads for s in r.sites}, key=lambda s: s.order)
+        deltas: dict[Site, torch.Tensor] = {}
+        acts: dict[Site, torch.Tensor] = {}
+        edits: dict[Site, list[Callable]] = {}
+        caps: dict[Site, Callable] = {}
+
+        def rowmask(keep: Callable[[GradientRead], bool], x: torch.Tensor) -> torch.Tensor:
+            m = torch.tensor([keep(r) for r in reads], device=x.device).repeat_interleave(B)
+            return m.view(-1, *([1] * (x.dim() - 1)))
+
+        # AtP*'s QK fix: queries and keys pass no gradient (attention patterns are constants for it)
+        if any(r.freeze_patterns for r in reads):
+            for layer in range(start, L):
+                cols: dict[Site, list[slice]] = {}
+                for h in range(ad.n_heads):
+                    for w in ("q", "k"):
+                        site, sl = ad.head_input_slice(layer, h, w)
+                        cols.setdefault(site, []).append(sl)
+
+                def freeze(y: torch.Tensor, sls: list[slice] = ()) -> torch.Tensor:  # type: ignore[assignment]
+                    cm = torch.zeros(y.shape[-1], dtype=torch.bool, device=y.device)
+                    for sl in sls:
+                        cm[sl] = True
+                    return torch.where(rowmask(lambda r: r.freeze_patterns, y) & cm, y.detach(), y)
+                for site, sls in cols.items():
+                    edits.setdefault(site, []).append(lambda y, sls=sls: freeze(y, sls))
+        # GradDrop: block l's write to the residual passes no gradient (its input's skip path does)
+        block_in: dict[int, torch.Tensor] = {}
+        for layer in sorted({r.drop_layer for r in reads if r.drop_layer is not None}):
+            if layer < start:
+                continue
+            caps[Site(layer, "resid_pre")] = lambda x, layer=layer: block_in.__setitem__(layer, x)
+
+            def drop(x_out: torch.Tensor, layer: int = layer) -> torch.Tensor:
+                m = rowmask(lambda rd: rd.drop_layer == layer, x_out)
+                return _SkipOnlyGradient.apply(x_out, block_in[layer], m)
+            edits.setdefault(Site(layer + 1, "resid_pre"), []).append(drop)
+        # the reads: zero tensors added to the activations carry the gradient
+        for s in sites:
+            def read(x: torch.Tensor, s: Site = s) -> torch.Tensor:
+                acts[s] = x.detach()
+                deltas[s] = torch.zeros_like(x, requires_grad=True)
+                return x + deltas[s]
+            edits.setdefault(s, []).append(read)
+        for s, fn in list(caps.items()):
+            if s in edits:  # capture after the site's edits, in one function
+                edits[s].append(lambda x, fn=fn: (fn(x), x)[1])
+                del caps[s]
+        edit_fns = {s: _compose(fs) for s, fs in edits.items()}
+        with self.model.evaluating(), torch.enable_grad():
+            hook_edits = {s: f for s, f in edit_fns.items() if s != final}
+            with self.ad.hooks(hook_edits, caps) as fired:
+                x = self.ad.run_blocks(P, start, k) if start < L else P.resid[L].repeat(k, 1, 1)
+            check_fired(fired, hook_edits)
+            if final in edit_fns:
+                x = edit_fns[final](x)
+            logits = ad.logits(x[:, -1])
+            idx = self.groups[g]
+            a = self.task.answer_ids[idx].repeat(k)
+            b = self.task.alternative_ids[idx].repeat(k)
+            clean = self.clean_logits()[idx].repeat(k, 1) if self.metric.needs_clean else None
+            mvals = self.metric(logits, a, b, clean)
+            gr = torch.autograd.grad(mvals.sum(), [deltas[s] for s in sites], allow_unused=True)
+        per = [{} for _ in reads]  # type: list[dict[Site, torch.Tensor]]
+        for s, gv in zip(sites, gr):
+            gv = torch.zeros_like(deltas[s]) if gv is None else gv.detach()
+            for j, r in enumerate(reads):
+                if s in r.sites:
+                    per[j][s] = gv[j * B:(j + 1) * B]
+        m0 = mvals.detach().to(torch.float64)[:B]
+        return m0, {s: v[:B] for s, v in acts.items()}, per
 
     # ---------------------------------------------------------------- nnsight (also remote): plain-data traces
     def _prefixes_nnsight(self, g: int) -> dict[str, Prefix]:
@@ -544,6 +972,24 @@ class Runner:
         if every:
             out["resid_all"] = acts[final].view(k, B, *acts[final].shape[1:])
         return out
+
+    def share_clean_runs(self, other: Runner) -> None:
+        """Reuse ``other``'s unedited clean forwards (prefixes) and per-position means.
+
+        For two runners whose tasks have the same clean prompts in the same
+        order (one task under two corruptions, or under two metrics) and whose
+        means come from those clean prompts: afterwards only this runner's
+        corrupted runs are new work. ``other``'s clean prefixes are computed
+        now if they are not yet. Raises :class:`TaskError` when the clean
+        prompts differ.
+        """
+        a, b = self.task, other.task
+        if len(a) != len(b) or any(not torch.equal(x, y) for x, y in zip(a.clean_ids, b.clean_ids)):
+            raise TaskError("share_clean_runs needs tasks with the same clean prompts in the same order.")
+        for g in range(len(self.groups)):
+            self._prefix.setdefault((g, "clean"), other.prefix(g, "clean"))
+        if self.reference is self.task and other.reference is other.task:
+            self._means, self._mean_len = other.means(), other._mean_len
 
 
 def _default_budget(model: Any) -> int:
