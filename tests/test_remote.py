@@ -39,7 +39,11 @@ class Loopback:
         self.proc = subprocess.Popen([sys.executable, str(SERVER), "--model", str(DEFAULT_MODEL_DIR), "--idle", "300",
                                       *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, env=env)
-        line = self.proc.stdout.readline()
+        line = ""
+        for _ in range(100):  # bounded: anything printed before the port line is skipped
+            line = self.proc.stdout.readline()
+            if not line or line.startswith("PORT "):
+                break
         if not line.startswith("PORT "):
             self.proc.kill()
             raise RuntimeError(f"the loopback server did not start: {line!r}")
