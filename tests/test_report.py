@@ -272,3 +272,26 @@ def test_report_and_claims_import_no_cycle_and_not_the_package_root():
     # the verdicts sit below the report: claims never imports report
     assert not any(t.startswith("hydra_probe.report") for m, ts in edges.items() if m.startswith("hydra_probe.claims")
                    for t in ts)
+
+
+def test_exact_auto_sweeps_fewer_components_with_the_exhaustive_verdicts():
+    """issue 14: on the shipped model, exact='auto' sweeps only what AtP* cannot rule out, marks the rest estimated,
+    states the bound, and every component gets the verdict of the exhaustive run."""
+    m = hp.load_default_model()
+    task = hp.tasks.ioi(m, 12, seed=0)
+    kw = dict(top=3, progress=False, mechanisms=False, iterate=1)
+    full = hp.triangulate(m, task, exact="all", **kw)
+    auto = hp.triangulate(m, task, exact="auto", **kw)
+    a, f = auto.to_frame().set_index("component"), full.to_frame().set_index("component")
+    assert f["exact"].all() and 0 < a["exact"].sum() < len(a)
+    assert set(auto.config["exact_components"]) == set(a.index[a["exact"]])
+    assert (a.loc[f.index, "verdict"] == f["verdict"]).all(), a[["exact", "verdict"]].join(f["verdict"].rename("all"))
+    assert (a.loc[~a["exact"], "verdict"] == "agree: minor").all()
+    assert a.loc[~a["exact"], ["total_effect", "restoration", "damage"]].isna().all().all()
+    assert "swept exactly" in auto.config["exact_bound"] and any("exact sweeps" in n for n in auto.notes)
+    sr = auto.results["self_repair"].to_frame()
+    assert set(sr["component"]) == set(auto.config["exact_components"])
+    assert auto.results["attribution"].provenance.get("method", "") != full.results["attribution"].provenance.get(
+        "method", "")
+    with pytest.raises(hp.OptionError, match="exact"):
+        hp.triangulate(m, task, exact="some")
