@@ -526,3 +526,6 @@ def test_qk_fix_recomputes_the_softmax_exactly(direction):
     np.testing.assert_allclose(star.estimate, want, atol=1e-6, rtol=0)   # the softmax, recomputed
     assert np.abs(plain - want).min() > 0.05                              # the softmax, linearised
     assert (star.dropped_layer == -1).all()
+    # GradDrop alone linearises the softmax like plain AtP (nothing to drop here)
+    gd = hp.attribution_patch(m, t, ["L0H0"], direction, method="atp*", qk_fix=False).to_frame()
+    np.testing.assert_allclose(gd.estimate, plain, atol=1e-10, rtol=0)

@@ -167,6 +167,7 @@ def _check_method(method: Any, metric: Metric, direction: str, exact: Any) -> No
 @public
 def attribution_patch(model: Any, task: Any, components: Any = "heads", direction: Direction = "denoise", *,
                       method: AttributionMethod = "atp", exact: ActivationPatch | None = None, top_k: int = 5,
+                      qk_fix: bool = True,
                       metric: Any = "logit_diff", positions: Any = None, per_position: bool | None = None,
                       progress: bool | None = None) -> AttributionPatch:
     """First-order estimates of activation patching for every component (see the module doc).
@@ -183,6 +184,9 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     the same components and direction; the result then records the
     agreement (``result.exact_agreement``: rank correlation and how many of
     the exact ``top_k`` the estimate ranks in its top ``2 * top_k``).
+    ``qk_fix=False`` (with ``"atp*"``): GradDrop alone, the softmax
+    linearised as in plain AtP; it saves the QK fix's forwards, about one
+    exact activation-patching sweep.
     """
     model = as_model(model)
     model.require_local("attribution_patch")
@@ -192,6 +196,9 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     runner, m = make_runner(model, task, metric, progress=progress, positions=pos)
     _check_method(method, m, direction, exact)
     star = method == "atp*"
+    if not isinstance(qk_fix, bool):
+        raise OptionError(f"qk_fix must be True or False; got {qk_fix!r}.")
+    qk_on = star and qk_fix
     source, other = ("corrupted", "clean") if direction == "denoise" else ("clean", "corrupted")
     per_pos = any(c.kind == "resid" for c in comps) if per_position is None else per_position
     T_min = min(task.lengths)
@@ -201,14 +208,14 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     L, n = model.n_layers, len(task)
     # AtP*: the heads' outputs downstream of any component carry the QK fix's pattern changes
     first = min((c.layer for c in comps), default=L)
-    zs = tuple(Site(l, "z") for l in range(first + 1, L)) if star else ()
+    zs = tuple(Site(l, "z") for l in range(first + 1, L)) if qk_on else ()
     sites = tuple(sorted(set(own) | set(zs), key=lambda s: s.order))
     drops = sorted({l for c in comps for l in range(c.layer if c.kind == "resid" else c.layer + 1, L)}) if star else []
-    reads = [GradientRead(sites, None, star)] + [GradientRead(sites, l, True) for l in drops]
+    reads = [GradientRead(sites, None, qk_on)] + [GradientRead(sites, l, qk_on) for l in drops]
     label = f"{'AtP*' if star else 'attribution'} ({direction})"
     outs = runner.gradients(source, reads, label=label)
     other_run, = runner.run(other, [()], capture=own, capture_positions="all")
-    qk = _qk_terms(runner, model, plan, source, other, pos, zs, label, outs) if star else {}
+    qk = _qk_terms(runner, model, plan, source, other, pos, zs, label, outs) if qk_on else {}
     est = torch.zeros(len(reads), len(plan), n, dtype=torch.float64)
     base_metric = outs[0].metric
     for g, idx in enumerate(runner.groups):
@@ -257,7 +264,8 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     if not per_pos:
         frame = frame.drop(columns="position")
     prov = provenance(model, task, metric=m, direction=direction, positions=None if pos is None else list(pos),
-                      method=METHOD_STAR if star else METHOD, **({"estimator": "atp*"} if star else {}))
+                      method=METHOD_STAR if star else METHOD,
+                      **({"estimator": "atp*", "qk_fix": qk_fix} if star else {}))
     result = AttributionPatch(frame, prov)
     if exact is not None:
         ag = result.agreement(exact, top_k=top_k)
