@@ -8,7 +8,12 @@ last position). Prints one line per shape and op:
     shape=NAME op=ablate|self_repair ratio=R max_abs_diff=D
 
 ratio = package time / loop time; max_abs_diff compares per-prompt total
-effects. Then attribution against exact activation patching of every head
+effects. The same all-heads ablation with the runner's restart at the
+output projection switched off (``Runner.fast_attention = False``):
+
+    shape=NAME op=ablate_fast_vs_plain_restart ratio=R max_abs_diff=D
+
+Then attribution against exact activation patching of every head
 and MLP (denoising), measured in the same run:
 
     shape=NAME op=atp|atp* ratio=R spearman=S recall=K/k
@@ -109,6 +114,18 @@ def main(argv=None) -> None:
             diff = float((te - te_loop.double()).abs().max())
             print(f"shape={shape} op={op} ratio={t_pkg / t_loop:.3f} max_abs_diff={diff:.2e}"
                   f"  (package {t_pkg:.2f}s, loop {t_loop:.2f}s)", flush=True)
+        from hydra_probe.runner import Runner
+
+        times, tes = {}, {}
+        for flag in (False, True):
+            Runner.fast_attention = flag
+            t0 = time.perf_counter()
+            res = hp.ablate(model, task, "heads", value="zero", progress=False)
+            times[flag] = time.perf_counter() - t0
+            tes[flag] = torch.tensor(res.to_frame().total_effect.to_numpy())
+        diff = float((tes[True] - tes[False]).abs().max())
+        print(f"shape={shape} op=ablate_fast_vs_plain_restart ratio={times[True] / times[False]:.3f} "
+              f"max_abs_diff={diff:.2e}  (fast {times[True]:.2f}s, plain {times[False]:.2f}s)", flush=True)
         t0 = time.perf_counter()
         exact = hp.activation_patch(model, task, "all", "denoise", progress=False)
         t_exact = time.perf_counter() - t0

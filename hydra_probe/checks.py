@@ -162,7 +162,7 @@ def check_arguments(fn: str, model: Any, a: dict[str, Any]) -> None:
     """Check the arguments of public function ``fn`` (by parameter name) against ``model``."""
     task = a.get("task")
     # compare_conditions takes {family: Task} too: every task is checked, and positions/values against each
-    tasks = list(task.values()) if isinstance(task, Mapping) else [task]
+    tasks = list(task.values()) if isinstance(task, Mapping) and fn == "compare_conditions" else [task]
     if model is not None and "task" in a:
         for t in tasks:
             check_task(model, t)
@@ -178,6 +178,9 @@ def check_arguments(fn: str, model: Any, a: dict[str, Any]) -> None:
         check_components(model, a["senders"], grouped=True, what="senders")
     if "pairs" in a:
         check_pairs(model, a["pairs"])
+    if fn == "neuron_contributions" and isinstance(a.get("component"), (str, list, tuple)) \
+            and str(a["component"]) not in SELECTORS:
+        check_group(_members(model, a["component"], "component"), "component")
     if "target" in a and "compensators" in a and fn == "iterated_ablation":
         check_iterated(model, a["target"], a["compensators"])
     for t in tasks if task is not None else []:

@@ -158,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top", type=_positive_int, default=5, metavar="K",
                    help="components that get path patching, paired confirmations and figures (default: 5)")
     r.add_argument("--threshold", type=_fraction, default=0.1, metavar="T",
-                   help="verdict threshold as a share of the clean-corrupted gap (default: 0.1)")
+                   help="verdict threshold: a share of the verdict scale (the clean metric) for total effect and DE "
+                        "lost, of the clean-corrupted gap for restoration and damage (default: 0.1)")
+    r.add_argument("--exact", choices=("auto", "all"), default="all",
+                   help="exact sweeps over every component ('all', default) or only over those AtP* cannot rule "
+                        "out ('auto'; the others are marked estimated and the bound is printed)")
     r.add_argument("--no-figures", action="store_true",
                    help="skip the figures (faster); report.md/html then have tables only")
     r.add_argument("--conditions", default=None, metavar="all|LIST",
@@ -401,7 +405,8 @@ def cmd_report(args: Any) -> int:
     _say(args, f"triangulating {task.name} (n={len(task)}, corruption {task.corruption}) on {model.name} ...")
     spec = _condition_lists(args, task) if args.conditions else None
     rep = triangulate(model, task, value=args.value, scale=args.scale, metric=args.metric, components=comps,
-                      top=args.top, seed=args.seed, threshold=args.threshold, progress=False if args.quiet else None)
+                      top=args.top, seed=args.seed, threshold=args.threshold, progress=False if args.quiet else None,
+                      exact=args.exact)
     if spec is not None:
         from .claims.conditions import compare_conditions
 

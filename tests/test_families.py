@@ -139,6 +139,30 @@ def test_repair_mechanisms_close(family):
     assert np.abs(pv.to_numpy() - con.reindex(pv.index).to_numpy()).max() < 1e-5
 
 
+@pytest.mark.parametrize("family", ["gemma2", "olmo2"])
+def test_path_patching_through_post_norms_equals_activation_patching(family):
+    """Sender -> every downstream receiver (q, k, v, MLP inputs) and the logits, recomputed scale, equals
+    activation patching of the sender: the sender's change goes through its layer's post-attention norm (the
+    other heads' rescaling included) and, on OLMo-2, receivers read the raw residual (no pre-norms)."""
+    m, task = build(family)
+    for sender in ("L0H1", "ATTN1", "MLP0"):
+        r = hp.path_patch(m, task, [sender], [["all", "logits"]], direction="noise", scale="recomputed").to_frame()
+        a = hp.activation_patch(m, task, [sender], direction="noise", per_position=False).to_frame()
+        assert np.abs(r.patched_metric.to_numpy() - a.patched_metric.to_numpy()).max() < 1e-5, sender
+        assert np.abs(r.patched_metric.to_numpy() - r.baseline_metric.to_numpy()).max() > 1e-4, sender
+
+
+def test_report_mechanism_step_keeps_post_normed_mlps_whole():
+    """The report's 'why it repairs' step on a post-MLP-norm family notes that MLPs stay one unit (their write
+    is not a sum over neurons) instead of failing in neuron_contributions."""
+    from hydra_probe.report.why_it_repairs import mechanism_step
+
+    m, task = build("olmo2")
+    out, notes = mechanism_step(m, task, components=["L0H1", "MLP0"], top=["L0H1", "MLP0"])
+    assert "repair_mechanisms" in out and "neuron_contributions" not in out
+    assert any("post-MLP norm" in n for n in notes), notes
+
+
 def _plain_zero_te(m, task, layer: int, head: int | None) -> np.ndarray:
     """Total effect of zero-ablating a head (or the MLP unit) with one plain torch hook on the transformers
     module, one full forward per prompt: the reference for the fast path (prefix reuse, replayed block calls

@@ -205,6 +205,14 @@ def test_overlapping_groups_are_refused_with_the_overlap_named():
             "ATTN1 contains L1H0")
 
 
+def test_overlaps_in_the_newer_analyses():
+    m, task = small()
+    refused(hp.ComponentError, lambda: hp.repair_mechanisms(m, task, ["ATTN0+L0H1"]), "ATTN0 contains L0H1")
+    refused(hp.ComponentError, lambda: hp.neuron_contributions(m, task, "L0H0+L0H0", "MLP2"), "L0H0 appears twice")
+    refused(hp.ComponentError, lambda: hp.repair_mechanisms(m, task, ["L0H0", "L0H0"]), "more than once")
+    refused(hp.TaskError, lambda: hp.ablate(m, {"a": task}, ["L0H0"]), "expected a hydra_probe Task")
+
+
 def test_separate_overlapping_ablations_are_two_claims():
     """["ATTN1", "L1H0"] ablates each on its own: allowed, and each equals its own call."""
     m, task = small()
@@ -291,6 +299,9 @@ def test_task_from_another_tokenizer_is_refused():
     with forward_counter() as calls, pytest.raises(hp.TaskError, match="another tokenizer"):
         hp.ablate(other, task, ["L0H0"])
     assert calls == []
+    ind = hp.tasks.induction(m, n_prompts=4, seq_len=5)  # tasks built without from_pairs record it too
+    with pytest.raises(hp.TaskError, match="another tokenizer"):
+        hp.ablate(other, ind, ["L0H0"], value="zero")
     # the same tokenizer on another model (another checkpoint) is fine
     twin = hp.load_model(tiny.hf_model("gpt2", seed=1, layers=3, heads=2, d=16), tokenizer=tiny.tokenizer())
     assert len(hp.ablate(twin, task, ["L0H0"]).to_frame()) == len(task)
@@ -535,7 +546,8 @@ _SEEDS = st.one_of(st.integers(-3, 3), st.sampled_from([2**32, 2**64, "1", 1.0, 
 _METRICS = st.sampled_from(["logit_diff", "logit", "prob", "nonsense", "soft"])
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(fn=st.sampled_from(["ablate", "self_repair", "direct_effects", "paired_ablation"]), comps=_COMPONENTS,
        comps2=_COMPONENTS, positions=_POSITIONS, value=_VALUES, seed=_SEEDS, metric=_METRICS)
 def test_every_call_closes_or_refuses_before_any_forward(fn, comps, comps2, positions, value, seed, metric):
@@ -582,7 +594,8 @@ _RECEIVERS = st.one_of(st.sampled_from(["logits", "L2H0", "MLP2", "ATTN2", "all"
                                 max_size=3))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(fn=st.sampled_from(["activation_patch", "attribution_patch", "path_patch"]), comps=_COMPONENTS,
        receivers=_RECEIVERS, positions=_POSITIONS, direction=st.sampled_from(["noise", "denoise", "sideways"]))
 def test_patching_calls_return_rows_or_refuse_before_any_forward(fn, comps, receivers, positions, direction):

@@ -176,6 +176,56 @@ def test_gguf_loads_by_path_with_the_numbers_of_the_same_weights(tmp_path):
     assert str(tmp_path) not in json.dumps(prov, default=str)
 
 
+def test_gemma2_gguf_loads_with_the_numbers_of_the_same_weights(tmp_path):
+    """A Gemma-2 GGUF (sandwich norms stored as 1 + w as llama.cpp writes them, tied embeddings, sliding
+    window): the same direct effects, SOFTCAP row included, as the weights loaded as an object."""
+    gguf = pytest.importorskip("gguf")
+    torch.manual_seed(0)
+    cfg = tf.Gemma2Config(vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                          max_position_embeddings=64, bos_token_id=2, eos_token_id=1, pad_token_id=1,
+                          initializer_range=0.2)   # transformers' GGUF defaults: soft-caps 30 / 50, scalar 256
+    hf = tf.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(0.5 * torch.randn_like(p))
+    path = tmp_path / "tiny-gemma2.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma2")
+    w.add_name("tiny-gemma2")
+    w.add_context_length(64)
+    w.add_block_count(2)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(1)
+    w.add_key_length(16)
+    w.add_value_length(16)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(4)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(tiny.VOCAB)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2, 2)
+    for k, v in hf.state_dict().items():
+        if k != "lm_head.weight":    # tied to the embedding
+            x = v.detach().float() + (1.0 if "norm" in k else 0.0)
+            w.add_tensor(names.get_name(k, try_suffixes=(".weight", ".bias")), x.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = tiny.tokenizer(bos=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = hp.load_model(str(path), tokenizer=tok)
+    a = hp.load_model(hf, tokenizer=tok)
+    assert g.family == "Gemma-2" and g.adapter.softcap == a.adapter.softcap == 30.0
+    task = tiny.ioi(a, 4)
+    x, y = hp.direct_effects(a, task).to_frame(), hp.direct_effects(g, task).to_frame()
+    assert list(x.component) == list(y.component) and "SOFTCAP" in set(y.component)
+    assert np.abs(x.direct_effect.to_numpy() - y.direct_effect.to_numpy()).max() < 1e-6
+
+
 def test_gguf_errors(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
     with pytest.raises(hp.InputError, match="does not exist"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import tiny
 import torch
@@ -274,3 +275,40 @@ def test_run_captures_sites_from_the_same_forward(family, backend):
         r.run("clean", copies, capture=cap, capture_positions="first")
     with pytest.raises(hp.InterventionError, match="outside"):
         r.run("clean", copies, capture={Site(L + 3, "z")})
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.NEW_FAMILIES)
+def test_head_ablation_restarts_at_the_output_projection(family, monkeypatch):
+    """A copy whose earliest edits are heads' outputs restarts at their layer's output projection (that layer's
+    attention is the prefix's, never recomputed); its numbers equal the plain restart's, for ablation and
+    self-repair, and the attention module's forward is restored."""
+    from hydra_probe.models.adapter import get_path
+
+    hf = tiny.hf_model(family).double()
+    m = hp.load_model(hf, tokenizer=tiny.tokenizer(bos=family not in ("gpt2", "neox")))
+    t = tiny.ioi(m, 4)
+    ad = m.adapter
+    comps = ["L1H0", "L1H2", "ATTN2", "L0H1+L2H3", "MLP1"]
+    plain, fast = {}, {}
+    for flag, out in ((False, plain), (True, fast)):
+        monkeypatch.setattr(Runner, "fast_attention", flag)
+        out["ablate"] = hp.ablate(m, t, comps, "mean").to_frame().ablated_metric.to_numpy()
+        out["sr"] = hp.self_repair(m, t, comps, "zero").to_frame()[["de_lost", "self_repair"]].to_numpy()
+        r = Runner(m, t, get_metric("logit_diff"))
+        for g in range(len(r.groups)):
+            r.prefix(g, "clean")
+        direct = ad.can_start_at_z(r.prefix(0, "clean"), 1)
+        # the families whose attention returns more than its output (e.g. eager weights) keep the plain path
+        assert direct or family not in tiny.FAMILIES
+        qproj = get_path(ad.blocks[1], ad.table.qkv[0])
+        calls = [0]
+        h = qproj.register_forward_hook(lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1))
+        try:
+            r.run("clean", [interventions_for(select(m, ["L1H0"]), "zero", m.head_dim)])
+        finally:
+            h.remove()
+        out["calls"] = calls[0]
+    assert fast["calls"] == (0 if direct else plain["calls"]) and plain["calls"] > 0
+    np.testing.assert_allclose(fast["ablate"], plain["ablate"], atol=1e-12, rtol=0)
+    np.testing.assert_allclose(fast["sr"], plain["sr"], atol=1e-12, rtol=0)
+    assert all("forward" not in get_path(b, ad.table.attn).__dict__ for b in ad.blocks)

@@ -39,7 +39,11 @@ class Loopback:
         self.proc = subprocess.Popen([sys.executable, str(SERVER), "--model", str(DEFAULT_MODEL_DIR), "--idle", "300",
                                       *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, env=env)
-        line = self.proc.stdout.readline()
+        line = ""
+        for _ in range(100):  # bounded: anything printed before the port line is skipped
+            line = self.proc.stdout.readline()
+            if not line or line.startswith("PORT "):
+                break
         if not line.startswith("PORT "):
             self.proc.kill()
             raise RuntimeError(f"the loopback server did not start: {line!r}")
@@ -272,6 +276,8 @@ def test_unreachable_host_fails_fast_naming_it(monkeypatch, task):
         hp.ablate(m, task, ["L1H2"], "zero")
     assert host in str(e.value)
     assert time.monotonic() - t0 < 10
+    with pytest.raises(hp.RemoteError, match=r"https://ndif\.invalid cannot be reached"):  # a name that never resolves
+        hp.ablate(_remote("https://ndif.invalid"), task, ["L1H2"], "zero")
 
 
 def test_bad_remote_settings_fail_before_work(monkeypatch):

@@ -108,7 +108,7 @@ def classify(frame: pd.DataFrame, threshold: float, scale: float) -> pd.DataFram
     del_lo = f["de_lost_lo"] if scale >= 0 else -f["de_lost_hi"]
     N = (side_lo > 0) & (te_n >= threshold)
     R = (f["restoration"] >= threshold) | (f["damage"] >= threshold)
-    L = f["lower_bound"].astype(bool)
+    L = f["lower_bound"].eq(True)  # NaN (a component not ablated) is no lower bound
     paired = (f["confirmed_backups"].map(_names).str.len() > 0 if "confirmed_backups" in f
               else pd.Series(False, index=f.index))
     cost_n = f["iterated_cost"] / scale if "iterated_cost" in f else pd.Series(np.full(n, np.nan), index=f.index)

@@ -208,7 +208,7 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     label = f"{'AtP*' if star else 'attribution'} ({direction})"
     outs = runner.gradients(source, reads, label=label)
     other_run, = runner.run(other, [()], capture=own, capture_positions="all")
-    qk = _qk_changes(runner, model, plan, source, other, pos, zs, label) if star else None
+    qk = _qk_terms(runner, model, plan, source, other, pos, zs, label, outs) if star else {}
     est = torch.zeros(len(reads), len(plan), n, dtype=torch.float64)
     base_metric = outs[0].metric
     for g, idx in enumerate(runner.groups):
@@ -229,9 +229,8 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
             for r, read in enumerate(outs):
                 prod = (diff * read.grads[site][g][..., cols].to(torch.float64)).sum(-1)  # (B, T)
                 est[r, i, it] = (prod * w).sum(-1)
-                if qk is not None and i in qk:
-                    for zsite, dz in qk[i][g].items():
-                        est[r, i, it] += (dz * read.grads[zsite][g].to(torch.float64)).sum((-1, -2))
+    for i, term in qk.items():
+        est[:, i] += term
     dropped = [-1] * len(plan)
     final = est[0]
     if star:
@@ -266,13 +265,15 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     return result
 
 
-def _qk_changes(runner: Any, model: Any, plan: list[tuple[Component, int | None]], source: str, other: str,
-                pos: tuple[int, ...] | None, zs: tuple[Site, ...], label: str
-                ) -> dict[int, list[dict[Site, torch.Tensor]]]:
-    """AtP*'s QK fix: per plan row i (heads, ATTN and MLP components), per group g, the change
-    ``z'_l - z_l`` (B, T, width), float64, of every downstream layer's heads when the component's change
-    reaches only their queries and keys (each block's input held at the baseline run's)."""
-    L, H = model.n_layers, model.n_heads
+def _qk_terms(runner: Any, model: Any, plan: list[tuple[Component, int | None]], source: str, other: str,
+              pos: tuple[int, ...] | None, zs: tuple[Site, ...], label: str, reads: list[Any],
+              chunk: int = 16) -> dict[int, torch.Tensor]:
+    """AtP*'s QK fix: per plan row i (heads, ATTN and MLP components), per gradient read r, per prompt,
+    ``sum_l (z'_l - z_l) . g_r[z_l]`` over every downstream layer l, where z'_l is that layer's heads' output
+    when the component's change reaches only their queries and keys (each block's input held at the
+    baseline run's): a tensor (R, n). Runs ``chunk`` components per call and reduces at once, so the
+    captured outputs of only that many are held in memory."""
+    L, H, n = model.n_layers, model.n_heads, len(runner.task)
     rows, copies = [], []
     for i, (c, p) in enumerate(plan):
         if c.kind == "resid" or c.layer + 1 >= L:
@@ -284,12 +285,21 @@ def _qk_changes(runner: Any, model: Any, plan: list[tuple[Component, int | None]
             copy.append(Delivery(change, "heads", l, tuple(range(H)), ("q", "k")))
         rows.append((i, c))
         copies.append(tuple(copy))
+    out: dict[int, torch.Tensor] = {}
     if not copies:
-        return {}
-    outs = runner.run(source, copies, label=f"{label}: QK fix", capture=zs, capture_positions="all")
+        return out
     base, = runner.run(source, [()], capture=zs, capture_positions="all")
-    out: dict[int, list[dict[Site, torch.Tensor]]] = {}
-    for (i, c), o in zip(rows, outs):
-        out[i] = [{s: (o.captures[s][g] - base.captures[s][g]).to(torch.float64) for s in zs if s.layer > c.layer}
-                  for g in range(len(runner.groups))]
+    for j in range(0, len(copies), chunk):
+        outs = runner.run(source, copies[j:j + chunk], label=f"{label}: QK fix", capture=zs, capture_positions="all")
+        for (i, c), o in zip(rows[j:j + chunk], outs):
+            term = torch.zeros(len(reads), n, dtype=torch.float64)
+            for g, idx in enumerate(runner.groups):
+                it = torch.tensor(idx)
+                for s in zs:
+                    if s.layer <= c.layer:
+                        continue
+                    dz = (o.captures[s][g] - base.captures[s][g]).to(torch.float64)
+                    for r, read in enumerate(reads):
+                        term[r, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
+            out[i] = term
     return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,6 +65,9 @@ class Prefix:
     resid: list[torch.Tensor]
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
     captures: dict[Site, torch.Tensor]
+    #: per layer: the attention module's output structure when it is exactly its output projection's
+    #: output (``"tensor"`` or the tuple's length, the rest None), so a restart may begin at ``z``; else None
+    attn_direct: list[Any] = field(default_factory=list)
 
     @property
     def batch(self) -> int:
@@ -357,14 +360,33 @@ class Adapter:
             resid[L] = args[0]
 
         cap_fns = {s: (lambda x, s=s: caps.__setitem__(s, x)) for s in capture}
+        o_out: dict[int, torch.Tensor] = {}
+        direct: list[Any] = [None] * L
+
+        def o_post(i: int):
+            def post(mod, args, out):
+                o_out[i] = out
+            return post
+
+        def attn_post(i: int):
+            def post(mod, args, out):
+                first = out[0] if isinstance(out, tuple) else out
+                rest_none = not isinstance(out, tuple) or all(x is None for x in out[1:])
+                if rest_none and i in o_out and torch.equal(o_out.pop(i), first):
+                    direct[i] = len(out) if isinstance(out, tuple) else "tensor"
+            return post
+
         with temporary_hooks() as register:
             for i, b in enumerate(self.blocks):
                 register(b, block_pre(i), pre=True, with_kwargs=True)
+                if not edits:
+                    register(get_path(b, self.table.o_proj), o_post(i))
+                    register(get_path(b, self.table.attn), attn_post(i))
             register(self.final_norm, norm_pre, pre=True)
             with self.hooks(edits, cap_fns) as fired, torch.no_grad():
                 self.base(input_ids=ids.to(self.device), use_cache=False)
             _check_fired(fired, edits or {})
-        return Prefix(resid=resid, calls=calls, captures=caps)  # type: ignore[arg-type]
+        return Prefix(resid=resid, calls=calls, captures=caps, attn_direct=direct)  # type: ignore[arg-type]
 
     def run_blocks(
         self,
@@ -374,6 +396,7 @@ class Adapter:
         hidden: torch.Tensor | None = None,
         stop: int | None = None,
         last_position_mlp: bool = False,
+        attn_z: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run blocks ``start..stop-1`` on ``copies`` stacked copies of the prefix batch.
 
@@ -386,6 +409,11 @@ class Adapter:
         add), so only the last position of the result is exact. For callers
         that read nothing else and edit nothing in or after that MLP; saves
         about one MLP per copy.
+
+        ``attn_z`` (copies*B, T, H*dh): block ``start``'s attention module is
+        not run; its output is its output projection applied to ``attn_z``
+        (hooks on the projection fire). Only where ``prefix.attn_direct[start]``
+        says the module's output is exactly that (see :meth:`can_start_at_z`).
         """
         self._refuse_remote()
         B = prefix.batch
@@ -399,9 +427,22 @@ class Adapter:
                          prepend=True)
             for i in range(start, stop):
                 args, kw = prefix.calls[i]
-                out = self.blocks[i](h, *_tile(args, B, copies), **_tile(kw, B, copies))
+                skip = (_attention_from_z(get_path(self.blocks[i], self.table.attn),
+                                          get_path(self.blocks[i], self.table.o_proj), attn_z, prefix.attn_direct[i])
+                        if attn_z is not None and i == start else contextlib.nullcontext())
+                with skip:
+                    out = self.blocks[i](h, *_tile(args, B, copies), **_tile(kw, B, copies))
                 h = out[0] if isinstance(out, tuple) else out
         return h
+
+    def can_start_at_z(self, prefix: Prefix, layer: int) -> bool:
+        """Whether :meth:`run_blocks` may begin block ``layer`` at its attention output projection's input:
+        the prefix found the attention module's output to be exactly that projection's output, and nothing
+        (accelerate offload, another wrapper) has replaced the module's forward."""
+        if not prefix.attn_direct or prefix.attn_direct[layer] is None:
+            return False
+        attn = get_path(self.blocks[layer], self.table.attn)
+        return "forward" not in attn.__dict__ and not hasattr(attn, "_hf_hook")
 
     # ------------------------------------------------------------------ module-level operations
     # Used by path and attribution patching: they apply a block's norm or a
@@ -731,6 +772,27 @@ def _param(module: nn.Module, name: str) -> torch.Tensor | None:
 
     with torch.no_grad(), align_module_device(module):
         return getattr(module, name).detach().clone()
+
+
+@contextlib.contextmanager
+def _attention_from_z(attn: nn.Module, o_proj: nn.Module, z: torch.Tensor, kind: Any) -> Iterator[None]:
+    """Within the block, ``attn`` does not compute: its output is ``o_proj(z)`` (in its usual structure:
+    a tensor, or a tuple whose other items are None). Its own hooks still run; its forward is restored on exit."""
+    had = "forward" in attn.__dict__
+    old = attn.__dict__.get("forward")
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = o_proj(z)
+        return out if kind == "tensor" else (out, *([None] * (kind - 1)))
+
+    attn.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            attn.forward = old
+        else:
+            del attn.forward
 
 
 def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:

@@ -76,6 +76,31 @@ def remote_host(remote: Any) -> str:
     return check_host(nnsight.CONFIG.API.HOST)
 
 
+_REACHED: set[str] = set()
+
+
+def check_reachable(host: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming ``host``, when nothing answers a TCP connection to it within ``timeout`` seconds.
+
+    (nnsight's websocket would otherwise wait for the system's connect timeout, minutes on a silent network.)
+    Checked once per host and process.
+    """
+    if host in _REACHED:
+        return
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(host)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        with socket.create_connection((u.hostname or "", port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise RemoteError(f"the NDIF host {host} cannot be reached ({e.strerror or e}); check NDIF_HOST "
+                          "(nnsight.CONFIG.API.HOST) and the network.") from None
+    _REACHED.add(host)
+
+
 def _prepare_key(lm: Any) -> None:
     """Let a model whose repo id needs no hub lookup (a local folder, or offline mode) go remote.
 
@@ -106,7 +131,7 @@ def run_jobs(model: Any, jobs: Sequence[Job]) -> list[dict[Site, torch.Tensor]]:
     lm = model.nnsight
     remote = getattr(model, "remote", False)
     if remote and remote != "local":
-        remote_host(remote)  # a host that is not a URL fails before anything is sent
+        check_reachable(remote_host(remote))  # a host that is not a URL, or silent, fails before anything is sent
     here = not remote or remote == "local"
     dev = model.adapter.device
     plans = []

@@ -143,6 +143,10 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
         "masked verdict, with the ablation that confirmed them. SR/DE lost is left blank where DE lost is under 1% "
         "of the scale.")
     d.pre(verdict_rule_text(rep))
+    if cfg.get("exact") == "auto":
+        d.p("**Exact sweeps where attribution cannot rule a component out** (`exact='auto'`): "
+            f"{cfg['exact_bound']} Rows marked *estimated* in the `exact` column have no ablation or patching "
+            "measurement; their attribution column is the AtP* estimate.")
     show = t.head(max_rows)
     tab = pd.DataFrame({
         "component": show["component"],
@@ -162,6 +166,8 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
         "attribution": [pct(x) for x in show["attribution"]],
         "verdict": show["verdict"],
     })
+    if cfg.get("exact") == "auto":
+        tab["exact"] = ["yes" if x else "estimated" for x in show["exact"]]
     d.table(tab, f"Conditions: {claim_conditions(prov)}."
             + (f" Top {max_rows} of {len(t)} rows; all in tables/triangulation.csv." if len(t) > max_rows else ""))
     d.h(3, "Claims for the top components")

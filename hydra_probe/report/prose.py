@@ -166,6 +166,8 @@ def rerun_command(rep: Any) -> str:
     comps = cfg["components"] if isinstance(cfg["components"], str) else ",".join(cfg["components"])
     common = (f"--value {cfg['value']} --metric {cfg['metric']} --scale {cfg['scale']} --components {comps} "
               f"--seed {cfg['seed']}")
+    if cfg.get("exact") == "auto":
+        common += " --exact auto"
     if cfg.get("conditions"):  # the section of compare_conditions (hydra-probe report --conditions)
         common += f" --conditions {cfg['conditions']}"
     if ti.get("name") == "ioi" and ti.get("seed") == cfg["seed"]:

@@ -51,6 +51,8 @@ def derived_tables(rep: Any) -> dict[str, pd.DataFrame]:
     t["activation_patch_noise"] = r["patch_noise"].to_frame()
     t["activation_patch_noise_summary"] = r["patch_noise"].summary()
     t["attribution_patch"] = r["attribution"].to_frame()
+    if "attribution_noise" in r:  # exact="auto": AtP* in the noising direction too
+        t["attribution_patch_noise"] = r["attribution_noise"].to_frame()
     if "paired_ablation" in r:
         t["paired_ablation"] = r["paired_ablation"].to_frame()
         t["paired_ablation_summary"] = r["paired_ablation"].summary()

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..checks import public
 from ..claims import VERDICT_RULE, VERDICTS, verdict_scale, verdict_table
-from ..components import select
+from ..components import is_norm_row, select
 from ..effects import activation_patch, attribution_patch, direct_effects, iterated_ablation, path_patch, self_repair
 from ..effects.common import as_model, check_scale, check_task, make_runner, value_name
 from ..errors import ComponentError, MetricError, OptionError
@@ -213,7 +213,7 @@ def _assemble(rep: TriangulationReport) -> pd.DataFrame:
     """The per-component table: the results' summaries, joined and classified by :func:`verdict_table`."""
     r = rep.results
     de = r["direct_effects"]
-    return verdict_table(
+    t = verdict_table(
         components=de.to_frame().drop_duplicates("component")[["component", "layer", "head", "kind"]],
         direct=de.summary(), self_repair=r["self_repair"].summary(),
         self_repair_top=r["self_repair"].summary(top_fraction=TOP_FRACTION),
@@ -222,6 +222,9 @@ def _assemble(rep: TriangulationReport) -> pd.DataFrame:
         attribution=r["attribution"].to_frame(),
         edges_tested=rep.edges_tested,
         iterated=r["iterated_ablation"].summary() if "iterated_ablation" in r else None)
+    swept = rep.config.get("exact_components")
+    t["exact"] = True if swept is None else t["component"].isin(swept)
+    return t
 
 
 # ---------------------------------------------------------------------- main entry
@@ -229,7 +232,7 @@ def _assemble(rep: TriangulationReport) -> pd.DataFrame:
 def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "frozen", metric: Any = "logit_diff",
                 components: Any = "heads", top: int = 5, seed: int = 0, threshold: float = 0.1,
                 graph_threshold: float | None = None, graph_top_k: int = 5, iterate: int = 3,
-                progress: bool | None = None, mechanisms: bool = True) -> TriangulationReport:
+                progress: bool | None = None, mechanisms: bool = True, exact: str = "all") -> TriangulationReport:
     """Run every analysis on ``model`` and ``task`` and return a :class:`TriangulationReport`.
 
     Args:
@@ -253,6 +256,11 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         iterate: compensators added in the iterated ablation of the most
             self-repaired component.
         progress: step messages and progress bars on stderr (default: on a terminal).
+        exact: ``"all"`` runs the exact sweeps (activation patching both ways, ablation and self-repair,
+            mechanisms) over every component; ``"auto"`` first estimates both patching directions with
+            AtP* (``attribution_patch(method="atp*")``) and sweeps exactly only the components it cannot
+            rule out (see :func:`_exact_plan`; the others are marked ``exact = False`` and the bound is
+            recorded in ``config["exact_bound"]`` and printed in the report).
         mechanisms: run "Why it repairs" (:func:`~hydra_probe.effects.repair_mechanisms` over the
             components, the per-layer regression, and the neurons of the most compensating MLP);
             local backend only (skipped with a note otherwise).
@@ -270,6 +278,9 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
         raise OptionError(f"threshold must be a fraction in (0, 1) (of the verdict scale for TE and DE lost, "
                           f"of the clean - corrupted gap for restoration and damage); got {threshold!r}.")
+    if exact not in ("auto", "all"):
+        raise OptionError(f"exact must be 'auto' (exact sweeps only where AtP* cannot rule a component out) or "
+                          f"'all' (every component); got {exact!r}.")
     if isinstance(iterate, bool) or not isinstance(iterate, (int, np.integer)) or iterate < 0:
         raise OptionError(f"iterate must be an integer >= 0; got {iterate!r}.")
     comps = select(model, components)
@@ -288,22 +299,35 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
 
     with steps.step("direct_effects", "direct effects"):
         results["direct_effects"] = direct_effects(model, task, names, scale=scale, **kw)
+    swept, bound = names, ""
+    if exact == "auto":
+        with steps.step("attribution", "attribution patching (AtP*, both directions: which components to sweep)"):
+            results["attribution"] = attribution_patch(model, task, components=names, direction="denoise",
+                                                       method="atp*", **kw)
+            results["attribution_noise"] = attribution_patch(model, task, components=names, direction="noise",
+                                                             method="atp*", **kw)
+        swept, bound = _exact_plan(results["direct_effects"].summary(), results["attribution"].to_frame(),
+                                   results["attribution_noise"].to_frame(), float(threshold), int(top))
     with steps.step("patch_denoise", "activation patching, denoise (clean -> corrupted)"):
-        results["patch_denoise"] = activation_patch(model, task, names, "denoise", progress=bars, **kw)
+        results["patch_denoise"] = activation_patch(model, task, swept, "denoise", progress=bars, **kw)
     with steps.step("patch_noise", "activation patching, noise (corrupted -> clean)"):
-        results["patch_noise"] = activation_patch(model, task, names, "noise", progress=bars, **kw)
+        results["patch_noise"] = activation_patch(model, task, swept, "noise", progress=bars, **kw)
 
-    with steps.step("self_repair", f"ablation ({vname}) and self-repair of {len(names)} components"):
-        results["self_repair"] = self_repair(model, task, names, value=value, scale=scale, seed=seed,
+    with steps.step("self_repair", f"ablation ({vname}) and self-repair of {len(swept)} components"):
+        results["self_repair"] = self_repair(model, task, swept, value=value, scale=scale, seed=seed,
                                              progress=bars, **kw)
-    with steps.step("attribution", "attribution patching (estimate)"):
-        results["attribution"] = attribution_patch(model, task, components=names, direction="denoise", **kw)
-        agreement = results["attribution"].agreement(results["patch_denoise"])
+    if exact == "all":
+        with steps.step("attribution", "attribution patching (estimate)"):
+            results["attribution"] = attribution_patch(model, task, components=names, direction="denoise", **kw)
+    agreement = results["attribution"].agreement(results["patch_denoise"])
 
     cfg = {"value": vname if isinstance(value, str) else f"mean over {getattr(value, 'name', 'reference')}",
            "scale": scale, "metric": m.name, "components": components if isinstance(components, str) else names,
            "top": int(top), "seed": int(seed), "threshold": float(threshold), "graph_top_k": int(graph_top_k),
            "iterate": int(iterate), "mechanisms": bool(mechanisms)}
+    if exact == "auto":
+        cfg.update(exact="auto", exact_components=list(swept), exact_bound=bound)
+        notes.append(f"exact sweeps: {bound}")
     rep = TriangulationReport(results=results, config=cfg, task_info=_task_info(task), task_pairs=list(task.pairs),
                               agreement=agreement, notes=notes, model_info=_model_info(model))
     gap = rep.baseline["gap"]
@@ -339,7 +363,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
 
     if mechanisms:
         with steps.step("why_it_repairs", f"why it repairs: mechanisms of self-repair of {len(names)} components"):
-            mech, why = mechanism_step(model, task, components=names, top=top_names, value=value, scale=scale,
+            mech, why = mechanism_step(model, task, components=swept, top=top_names, value=value, scale=scale,
                                        metric=metric, seed=seed, progress=bars)
             results.update(mech)
             notes.extend(why)
@@ -353,6 +377,38 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     return rep
 
 
+#: ``exact="auto"`` rules a component out when its AtP* restoration and damage estimates and its direct effect are
+#: all below this share of the threshold (the rest of the threshold is the margin for the estimate's error).
+RULE_OUT = 0.5
+
+
+def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame, threshold: float,
+                top: int) -> tuple[list[str], str]:
+    """Which components ``exact="auto"`` sweeps exactly: (names, the stated bound).
+
+    ``direct``: ``DirectEffects.summary()``; ``denoise``, ``noise``: AtP* ``to_frame()`` of each direction
+    (with ``clean_metric`` and ``corrupted_metric``). A component is ruled out when |AtP* denoise| and |AtP*
+    noise| (mean estimates, shares of the gap) are below ``RULE_OUT * threshold`` and so is |clean DE| as a share
+    of the verdict scale; the ``top`` components with the largest of those shares are always swept.
+    """
+    g = denoise.drop_duplicates("prompt")
+    clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
+    gap, scale = abs(clean - corr) or 1.0, abs(verdict_scale(clean, corr)) or 1.0
+    den = denoise.groupby("component", sort=False)["estimate"].mean().abs() / gap
+    noi = noise.groupby("component", sort=False)["estimate"].mean().abs() / gap
+    de = direct.set_index("component")["direct_effect"].abs() / scale
+    share = pd.concat([den, noi, de.reindex(den.index)], axis=1).max(axis=1)
+    cut = RULE_OUT * threshold
+    keep = set(share[share >= cut].index) | set(share.sort_values(ascending=False, kind="stable").index[:top])
+    names = [c for c in den.index if c in keep]
+    bound = (f"{len(names)} of {len(den)} components swept exactly; the other {len(den) - len(names)} have AtP* "
+             f"restoration and damage estimates below {cut:.3g} of the gap and a direct effect below {cut:.3g} of "
+             f"the verdict scale (half the threshold {threshold:g}), and read 'agree: minor' (estimated). One of them "
+             f"could reach the threshold only if AtP* is off by more than {threshold - cut:.3g} of the gap, or its "
+             "total effect exceeds its direct effect by more than that through indirect paths.")
+    return names, bound
+
+
 def _iteration_plan(table: pd.DataFrame, graph: Any, k: int,
                     contrib: pd.DataFrame) -> tuple[str | None, list[str], str]:
     """Pick the iterated ablation: (target, compensators, note).
@@ -364,7 +420,7 @@ def _iteration_plan(table: pd.DataFrame, graph: Any, k: int,
     """
     if k == 0:
         return None, [], "iterate=0"
-    cand = table[table["lower_bound"].astype(bool)].sort_values("self_repair", ascending=False, kind="stable")
+    cand = table[table["lower_bound"].eq(True)].sort_values("self_repair", ascending=False, kind="stable")
     if cand.empty:
         cand = table[table["self_repair"] > 0].sort_values("self_repair", ascending=False, kind="stable")
     if cand.empty:
@@ -379,7 +435,7 @@ def _iteration_plan(table: pd.DataFrame, graph: Any, k: int,
         if comps:
             return target, comps, f"{target}'s compensators are graph edges not confirmed by paired ablation"
     for target in cand["component"]:
-        g = contrib[(contrib["component"] == target) & (contrib["downstream"] != "NORM")
+        g = contrib[(contrib["component"] == target) & ~contrib["downstream"].map(is_norm_row)
                     & (contrib["delta_de"] > 0)].sort_values("delta_de", ascending=False, kind="stable")
         if len(g):
             return (target, list(g["downstream"].head(k)),

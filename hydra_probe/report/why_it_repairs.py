@@ -79,6 +79,9 @@ def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Seq
     elif not model.adapter.table.mlp_out_proj:
         notes.append(f"neuron contributions: the {model.adapter.table.family} table names no MLP output "
                      "projection (no neuron basis).")
+    elif model.adapter.table.post_mlp_norm:
+        notes.append(f"neuron contributions: {model.adapter.table.family} MLPs write through a post-MLP norm, so "
+                     "an MLP's write is not a sum over its neurons; each MLP stays one unit (its 'mlp' row).")
     else:
         out["neuron_contributions"] = neuron_contributions(model, task, pick[0], pick[1], value=value, scale=scale,
                                                            metric=metric, seed=seed, progress=progress)

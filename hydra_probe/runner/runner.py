@@ -143,6 +143,11 @@ class _SkipOnlyGradient(torch.autograd.Function):
 class Runner:
     """Runs interventions for one model, task and metric (see module doc).
 
+    ``Runner.fast_attention`` (default True): a copy whose earliest edits are
+    heads' outputs (``z``) restarts at that layer's attention output
+    projection, the layer's attention taken from the cached prefix (it does
+    not depend on the edit); False recomputes it (the plain path).
+
     Args:
         model: a :class:`~hydra_probe.models.HookedModel`.
         task: a :class:`~hydra_probe.tasks.Task`.
@@ -155,6 +160,8 @@ class Runner:
             memory (8192 on the CPU; see ``HookedModel.token_budget``).
         progress: show a progress bar (default: only on a terminal).
     """
+
+    fast_attention: bool = True
 
     def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
                  token_budget: int | None = None, progress: bool | None = None) -> None:
@@ -508,7 +515,14 @@ class Runner:
             # or the final residual, or every position is captured, or a path is patched
             skip = not every and not paths and not any(s.layer >= L - 1 and s.kind != "z" for s in edits) \
                 and not any(s.layer >= L - 1 and s.kind in ("mlp_in", "mlp_out") for s in capture)
-            x = (self.ad.run_blocks(P, start, n_rows, last_position_mlp=skip) if start < L
+            z0 = None
+            if self.fast_attention and not paths and start < L and self.ad.can_start_at_z(P, start) \
+                    and all(iv.site.kind == "z" for c in copies for iv in c if iv.site.layer == start) \
+                    and not any(s.layer == start and s.kind not in ("z", "mlp_out", "mlp_in", "resid_pre")
+                                for s in capture):
+                # the ablated heads' layer restarts at its output projection's input: its attention is the prefix's
+                z0 = P.captures[Site(start, "z")].repeat(n_rows, 1, 1)
+            x = (self.ad.run_blocks(P, start, n_rows, last_position_mlp=skip, attn_z=z0) if start < L
                  else P.resid[L].repeat(n_rows, 1, 1).clone())
             if final in edit_fns:
                 x = edit_fns[final](x)

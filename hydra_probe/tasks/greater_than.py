@@ -36,7 +36,7 @@ import torch
 
 from ..errors import OptionError, TaskError
 from ..metrics import Metric
-from .task import Task, in_context_ids
+from .task import Task, in_context_ids, tokenizer_fingerprint
 
 CORRUPTIONS = {"01": "the start year is set to XX01, so nearly every two-digit year after it is valid"}
 NOUNS: tuple[str, ...] = ("war", "expedition", "dynasty", "siege", "drought", "famine", "reign", "voyage",
@@ -158,7 +158,8 @@ def greater_than(model: Any, n_prompts: int = 32, corruption: str = "01", seed: 
                 torch.tensor([years[int(r["answer"])] for r in rows]),
                 torch.tensor([years[int(r["alternative"])] for r in rows]), getattr(model, "name", ""))
     lin, prob = greater_than_metrics(years)
-    task.meta.update({"corruption_description": CORRUPTIONS[corruption], "metric": lin, "prob_diff": prob,
+    task.meta.update({"tokenizer": tokenizer_fingerprint(tok),
+                      "corruption_description": CORRUPTIONS[corruption], "metric": lin, "prob_diff": prob,
                       "century": xx, "years": sorted(years),
                       "metric_description": lin.description + "; the paper's metric is the probability difference "
                                                               "(task.meta['prob_diff'])"})

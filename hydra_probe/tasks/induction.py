@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import TaskError
-from .task import Task
+from .task import Task, tokenizer_fingerprint
 
 
 def induction(model: Any, n_prompts: int = 32, seq_len: int = 8, seed: int = 0) -> Task:
@@ -41,4 +41,5 @@ def induction(model: Any, n_prompts: int = 32, seq_len: int = 8, seed: int = 0) 
         pairs.append({"clean": tok.decode(c), "corrupted": tok.decode(k),
                       "answer": tok.decode([int(r[-1])]), "alternative": tok.decode([int(other)])})
     return Task(pairs, "induction", "fresh-random-second-half", seed, clean, corr,
-                torch.tensor(ans), torch.tensor(alt), getattr(model, "name", ""), {"seq_len": seq_len})
+                torch.tensor(ans), torch.tensor(alt), getattr(model, "name", ""),
+                {"seq_len": seq_len, "tokenizer": tokenizer_fingerprint(tok)})
