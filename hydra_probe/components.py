@@ -167,6 +167,12 @@ def select_groups(model: Any, selector: Any) -> list[Group]:
     return out
 
 
+def is_norm_row(name: str) -> bool:
+    """Whether a self-repair contribution row is a scale term rather than a component: ``NORM`` (final norm),
+    ``POSTNORM{l}`` (layer l's post-attention norm) or ``SOFTCAP`` (the logit cap)."""
+    return name in ("NORM", "SOFTCAP") or (name.startswith("POSTNORM") and name[8:].isdigit())
+
+
 def is_downstream(d: Component, c: Component, parallel: bool) -> bool:
     """True when ``d`` reads (directly or not) what ``c`` writes.
 

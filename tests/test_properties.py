@@ -180,3 +180,21 @@ def test_interaction_parts_round_trip(tmp_path):
     assert isinstance(back, hp.InteractionParts) and back.provenance == r.provenance
     pd.testing.assert_frame_equal(back.to_frame(), r.to_frame())
     assert list(back.summary()["first"]) == ["L0H1"]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "olmo2"])
+def test_interaction_norm_part_holds_every_scale_row(family):
+    """On families with post-attention norms (and Gemma-2's logit cap) the norm part of a paired interaction is
+    the non-additive change of every scale row (NORM, POSTNORM{l}, SOFTCAP), computed here from the three
+    self-repair decompositions; `others` holds components only."""
+    m = tiny.model64(family, layers=3, heads=4, d=32, seed=2)
+    task = tiny.ioi(m, 6)
+    a, b = "L0H1", "L1H2"
+    r = hp.interaction_parts(m, task, [(a, b)], value="zero").to_frame()
+    con = hp.self_repair(m, task, [a, b, f"{a}+{b}"], value="zero").contributions()
+    scale = con[con.downstream.str.match(r"^(NORM|SOFTCAP|POSTNORM\d+)$")]
+    assert scale.downstream.str.startswith("POSTNORM").any()
+    per = scale.groupby(["component", "prompt"]).delta_de.sum().unstack("component")
+    want = (per[a] + per[b] - per[f"{a}+{b}"]).to_numpy()
+    assert np.abs(r["norm"].to_numpy() - want).max() < 1e-9
+    assert (r["interaction"] - r[["edge", "reverse", "others", "norm"]].sum(axis=1)).abs().max() < 1e-5

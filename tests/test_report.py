@@ -215,6 +215,10 @@ def test_whole_report_on_other_families(family, tmp_path):
     assert (rows - want.loc[rows.index]).abs().max() < 1e-4
     rep.save(tmp_path / "rep")
     assert (tmp_path / "rep" / "report.html").exists()
+    # exact="auto" (AtP* on this family decides what is swept) gives the exhaustive run's verdicts
+    auto = hp.triangulate(m, task, top=2, progress=False, exact="auto", mechanisms=False)
+    a, f = auto.to_frame().set_index("component"), rep.to_frame().set_index("component")
+    assert (a.loc[f.index, "verdict"] == f["verdict"]).all()
 
 
 def test_adding_a_section_is_one_function_and_one_list_entry(setup, tmp_path, monkeypatch):

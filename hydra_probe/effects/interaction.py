@@ -12,7 +12,8 @@ Splitting each SR into its rows (:func:`~hydra_probe.effects.self_repair`):
     edge    = dDE_d(c ablated)                   (the compensation-graph weight c -> d)
     reverse = dDE_c(d ablated)                   (0 unless c reads what d writes)
     others  = sum over e not in c, d of [dDE_e(c) + dDE_e(d) - dDE_e(c, d)]
-    norm    = Norm_c + Norm_d - Norm_cd          (the final norm's rows)
+    norm    = Norm_c + Norm_d - Norm_cd          (the scale rows: NORM, and POSTNORM{l} and SOFTCAP where
+                                                  the family has them)
 
 So a paired ablation confirms the edge c -> d cleanly when ``edge`` dominates;
 when interaction and edge disagree in sign, ``others`` and ``norm`` say why
@@ -27,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from ..checks import public
-from ..components import Group, finest
+from ..components import Group, finest, is_norm_row
 from ..results import Result
 from .ablation import parse_pairs
 from .common import as_model
@@ -111,8 +112,9 @@ def interaction_parts(model: Any, task: Any, pairs: Sequence[Sequence[Any]], val
         te = {g.name: main.loc[name(g), "total_effect"] for g in (a, b, ab)}
         sr_ = {g.name: main.loc[name(g), "self_repair"] for g in (a, b, ab)}
         edge, reverse = total(a, rb), total(b, ra)
-        norm = total(a, ["NORM"]) + total(b, ["NORM"]) - total(ab, ["NORM"])
-        rest = [x for x in con.columns if x != "NORM" and x not in ra and x not in rb]
+        scales = [x for x in con.columns if is_norm_row(x)]  # NORM, and POSTNORM{l} / SOFTCAP where they exist
+        norm = total(a, scales) + total(b, scales) - total(ab, scales)
+        rest = [x for x in con.columns if not is_norm_row(x) and x not in ra and x not in rb]
         others = total(a, rest) + total(b, rest) - total(ab, rest)
         inter = te[ab.name] - te[a.name] - te[b.name]
         frames.append(pd.DataFrame({

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..checks import public
 from ..claims import VERDICT_RULE, VERDICTS, verdict_scale, verdict_table
-from ..components import select
+from ..components import is_norm_row, select
 from ..effects import activation_patch, attribution_patch, direct_effects, iterated_ablation, path_patch, self_repair
 from ..effects.common import as_model, check_scale, check_task, make_runner, value_name
 from ..errors import ComponentError, MetricError, OptionError
@@ -435,7 +435,7 @@ def _iteration_plan(table: pd.DataFrame, graph: Any, k: int,
         if comps:
             return target, comps, f"{target}'s compensators are graph edges not confirmed by paired ablation"
     for target in cand["component"]:
-        g = contrib[(contrib["component"] == target) & (contrib["downstream"] != "NORM")
+        g = contrib[(contrib["component"] == target) & ~contrib["downstream"].map(is_norm_row)
                     & (contrib["delta_de"] > 0)].sort_values("delta_de", ascending=False, kind="stable")
         if len(g):
             return (target, list(g["downstream"].head(k)),

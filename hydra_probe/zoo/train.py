@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from hydra_probe.effects import direct_effects, self_repair
+from hydra_probe.errors import TaskError
 from hydra_probe.models import HookedModel
 from hydra_probe.models.adapter import Adapter
 from hydra_probe.models.sites import Site
@@ -164,7 +165,7 @@ def build_vocab() -> dict[str, int]:
         for w in group:
             words = _words(w)
             if len(words) != 1:
-                raise ValueError(f"word list entry {w!r} is not a single token")
+                raise TaskError(f"word list entry {w!r} is not a single token of the training tokenizer")
             add(words[0])
     return vocab
 
@@ -199,7 +200,7 @@ def check_tokenizer(tok: Any) -> dict[str, Any]:
     (``" Name"``) and inside a prompt.
     """
     def fail(msg: str) -> None:
-        raise ValueError(f"tokenizer check failed: {msg}")
+        raise TaskError(f"tokenizer check failed: {msg}")
 
     prompt = "Then, Mary and John went to the store. John gave a ring to"
     ids = tok(prompt, add_special_tokens=True).input_ids
