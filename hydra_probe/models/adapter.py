@@ -512,10 +512,7 @@ class Adapter:
         The package's one final-norm scale function (the readout and the
         training script should call this rather than restate it)."""
         _, _, eps = self.norm_params()
-        x = x.to(torch.float64)
-        if self.table.norm_kind == "layernorm":
-            return torch.sqrt(x.var(-1, unbiased=False) + eps)
-        return torch.sqrt(x.pow(2).mean(-1) + eps)
+        return norm_scale(x, eps, centre=self.table.norm_kind == "layernorm")
 
     def logits_frozen(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Logits of ``x + delta`` with the final norm's scale held at that of ``x``.
@@ -716,6 +713,15 @@ class Adapter:
             yield
         finally:
             self.model.set_attn_implementation(old)
+
+
+def norm_scale(x: torch.Tensor, eps: float, centre: bool) -> torch.Tensor:
+    """A norm's scale of vectors ``x`` (..., d) -> (...), float64: ``sqrt(var(x) + eps)`` when the norm centres
+    (LayerNorm), ``sqrt(mean(x^2) + eps)`` otherwise (RMSNorm). The one formula the package uses for it."""
+    x = x.to(torch.float64)
+    if centre:
+        return torch.sqrt(x.var(-1, unbiased=False) + eps)
+    return torch.sqrt(x.pow(2).mean(-1) + eps)
 
 
 def _eps_of(n: nn.Module) -> float:

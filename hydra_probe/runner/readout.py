@@ -30,6 +30,7 @@ import torch
 
 from ..components import Component, finest
 from ..errors import ArchitectureError
+from ..models.adapter import norm_scale
 
 
 class Float64Weights(Sequence):
@@ -97,10 +98,7 @@ class Readout:
 
     def sigma(self, x: torch.Tensor) -> torch.Tensor:
         """Norm scale of residual vectors x (..., d) -> (...)."""
-        x = x.to(torch.float64)
-        if self.centre:
-            return torch.sqrt(x.var(-1, unbiased=False) + self.eps)
-        return torch.sqrt(x.pow(2).mean(-1) + self.eps)
+        return norm_scale(x, self.eps, self.centre)
 
     def project(self, v: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """<gamma * P(v), u> for v (..., B, d) -> (..., B)."""
@@ -128,7 +126,7 @@ class Readout:
         cols = []
         for l, W in enumerate(self.W_O):
             a = z[l].to(W.device, torch.float64) @ W.reshape(-1, W.shape[-1])          # (N, d) attention output
-            cols.append(torch.sqrt(a.pow(2).mean(-1) + self.post_eps))
+            cols.append(norm_scale(a, self.post_eps, centre=False))  # post norms are RMSNorms
         return torch.stack(cols, dim=1)
 
     def head_layers(self) -> torch.Tensor:
