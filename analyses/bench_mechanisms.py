@@ -24,33 +24,18 @@ import sys
 import time
 
 import torch
-import transformers as tf
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import hydra_probe as hp  # noqa: E402
-from hydra_probe.tasks.task import Task  # noqa: E402
 
-SHAPES = {
-    "small": dict(n_layer=6, n_head=8, n_embd=256, vocab_size=50257),
-    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257),
-}
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_sweep import make as make_random  # noqa: E402
 
 
 def make(shape: str, n_prompts: int, n_tokens: int, seed: int = 0):
-    from tokenizers import Tokenizer, models
-
-    torch.manual_seed(seed)
-    hf = tf.GPT2LMHeadModel(tf.GPT2Config(n_positions=64, **SHAPES[shape])).eval()
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
-                                     unk_token="[UNK]")
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, hf.config.vocab_size, (n_prompts, n_tokens), generator=g)
-    corr = torch.randint(0, hf.config.vocab_size, (n_prompts, n_tokens), generator=g)
-    ans = torch.randint(0, hf.config.vocab_size, (n_prompts,), generator=g)
-    alt = (ans + 1) % hf.config.vocab_size
-    task = Task([{"clean": "", "corrupted": "", "answer": "", "alternative": ""}] * n_prompts, "random", "random",
-                seed, list(ids), list(corr), ans, alt)
+    """The model wrapper and task of bench_sweep's random GPT-2 of ``shape``."""
+    hf, tok, task = make_random(shape, n_prompts, n_tokens, seed)
     return hp.load_model(hf, tokenizer=tok), task
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..checks import check_positions
 from ..errors import ComponentError, InputError, OptionError, TaskError
 from ..metrics import Metric, get_metric
 from ..models.wrapper import HookedModel, load_model
@@ -54,19 +55,6 @@ def check_writers(components: Any, what: str) -> None:
         )
 
 
-def check_positions(task: Any, positions: tuple[int, ...] | None) -> None:
-    """Every position must exist in the shortest prompt (counted from the start, or from the end if negative)."""
-    if positions is None:
-        return
-    T = min(task.lengths)
-    bad = [p for p in positions if not -T <= p < T]
-    if bad:
-        raise OptionError(
-            f"position(s) {', '.join(map(str, bad))} do not exist in the task's shortest prompt ({T} tokens); "
-            f"use positions in 0..{T - 1}, or -{T}..-1 counted from the end (e.g. 'last')."
-        )
-
-
 def positions_of(positions: Any) -> tuple[int, ...] | None:
     """``None`` (all), an int, a list of ints, or ``"last"``."""
     if positions is None or positions == "all":
@@ -87,7 +75,7 @@ def make_runner(model: HookedModel, task: Any, metric: Any, value: Any = None, s
     m = get_metric(metric)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise OptionError(f"seed must be an integer; got {seed!r}.")
-    check_positions(task, positions)
+    check_positions(positions, task)
     reference = None
     if value is not None and not isinstance(value, str):
         if not hasattr(value, "clean_ids"):
