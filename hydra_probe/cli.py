@@ -364,13 +364,11 @@ def _set_threads(args: Any, model: Any) -> None:
         torch.set_num_threads(1)
 
 
-def load_inputs(args: Any) -> tuple[Any, Any, Any]:
-    """Model, task and components (validated against the model), still before any analysis."""
+def _load_model(args: Any) -> Any:
+    """The ``--model`` (quietly), with the thread count of ``--threads``."""
     import warnings
 
-    from .components import select_groups
     from .models import load_model
-    from .tasks import from_jsonl, greater_than, induction, ioi, pronoun
 
     _say(args, f"loading model {args.model} ...")
     _quiet_transformers()
@@ -379,6 +377,16 @@ def load_inputs(args: Any) -> tuple[Any, Any, Any]:
         model = load_model(args.model if args.model == "default" else str(Path(args.model).expanduser()),
                            device=args.device, dtype=args.dtype)
     _set_threads(args, model)
+    return model
+
+
+def load_inputs(args: Any) -> tuple[Any, Any, Any]:
+    """Model, task and components (validated against the model), still before any analysis."""
+
+    from .components import select_groups
+    from .tasks import from_jsonl, greater_than, induction, ioi, pronoun
+
+    model = _load_model(args)
     if args.task == "ioi":
         task = ioi(model, args.n_prompts, corruption=args.corruption or "swap", seed=args.seed)
     elif args.task == "pronoun":
@@ -593,20 +601,12 @@ def cmd_conditions(args: Any) -> int:
 
 def cmd_text(args: Any) -> int:
     """``hydra-probe text``: read and check the texts, load the model, measure, write the folder."""
-    import warnings
 
     from .components import select_groups
     from .effects.text import read_texts, text_self_repair
-    from .models import load_model
 
     texts = read_texts(args.texts)  # bad files fail before the model loads
-    _say(args, f"loading model {args.model} ...")
-    _quiet_transformers()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_model(args.model if args.model == "default" else str(Path(args.model).expanduser()),
-                           device=args.device, dtype=args.dtype)
-    _set_threads(args, model)
+    model = _load_model(args)
     comps = _components(args.components)
     select_groups(model, comps)
     t0 = time.perf_counter()
