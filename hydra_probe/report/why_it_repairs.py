@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..errors import ArchitectureError
+
 #: Result keys of the section in ``TriangulationReport.results``.
 KEYS = ("repair_mechanisms", "layer_regression", "neuron_contributions")
 #: Figure names of the section.
@@ -76,15 +78,14 @@ def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Seq
     pick = most_compensating_mlp(mech, [c for c in top if c in set(names)])
     if pick is None:
         notes.append("neuron contributions: no MLP downstream of the top components.")
-    elif not model.adapter.table.mlp_out_proj:
-        notes.append(f"neuron contributions: the {model.adapter.table.family} table names no MLP output "
-                     "projection (no neuron basis).")
-    elif model.adapter.table.post_mlp_norm:
-        notes.append(f"neuron contributions: {model.adapter.table.family} MLPs write through a post-MLP norm, so "
-                     "an MLP's write is not a sum over its neurons; each MLP stays one unit (its 'mlp' row).")
-    else:
-        out["neuron_contributions"] = neuron_contributions(model, task, pick[0], pick[1], value=value, scale=scale,
-                                                           metric=metric, seed=seed, progress=progress)
+        return out, notes
+    try:
+        model.adapter.check_neuron_basis()  # the refusal neuron_contributions itself makes, read as a note
+    except ArchitectureError as e:
+        notes.append(f"neuron contributions: skipped; {e}")
+        return out, notes
+    out["neuron_contributions"] = neuron_contributions(model, task, pick[0], pick[1], value=value, scale=scale,
+                                                       metric=metric, seed=seed, progress=progress)
     return out, notes
 
 
