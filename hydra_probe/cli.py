@@ -26,6 +26,9 @@ TASKS = {"ioi": "IOI's corruption is --corruption swap|abc",
          "greater_than": "greater-than sets the start year to XX01",
          "induction": "induction replaces the repeated half by fresh random tokens"}
 
+THRESHOLD_HELP = ("verdict threshold: a share of the verdict scale (the clean metric) for total effect and DE lost, "
+                  "of the clean-corrupted gap for restoration and damage (default: 0.1)")
+
 _EPILOG = """\
 exit codes: 0 success; 2 bad input (one-line message, no traceback); 1 any other error.
 examples:
@@ -158,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top", type=_positive_int, default=5, metavar="K",
                    help="components that get path patching, paired confirmations and figures (default: 5)")
     r.add_argument("--threshold", type=_fraction, default=0.1, metavar="T",
-                   help="verdict threshold: a share of the verdict scale (the clean metric) for total effect and DE "
-                        "lost, of the clean-corrupted gap for restoration and damage (default: 0.1)")
+                   help=THRESHOLD_HELP)
     r.add_argument("--exact", choices=("auto", "all"), default="all",
                    help="exact sweeps over every component ('all', default) or only over those AtP* cannot rule "
                         "out ('auto'; the others are marked estimated and the bound is printed)")
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top", type=_positive_int, default=10, metavar="K",
                    help="components in the figure, the printed table and the sentences (default: 10)")
     c.add_argument("--threshold", type=_fraction, default=0.1, metavar="T",
-                   help="verdict threshold as a share of the clean-corrupted gap (default: 0.1)")
+                   help=THRESHOLD_HELP)
     c.add_argument("--no-figures", action="store_true", help="skip the figure")
     _add_text_parser(sub)
     return p
