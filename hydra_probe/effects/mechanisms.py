@@ -57,7 +57,7 @@ from ..models.sites import Site
 from ..results import Result, provenance
 from .ablation import ablation_copies
 from .common import as_model, check_scale, check_writers, make_runner, positions_of, value_name
-from .self_repair import RunReadout, SelfRepair, _decompose, _Partition
+from .self_repair import Partition, RunReadout, SelfRepair, decompose_run
 
 ORDERS = ("pattern_first", "values_first", "symmetric")
 MECHANISMS = ("pattern", "values", "mlp", "norm", "block_norm", "softcap")
@@ -214,8 +214,8 @@ def repair_mechanisms(model: Any, task: Any, components: Any = "heads", value: A
                                   capture=sites, capture_positions="all" if sites else "last")
                 for i, o in zip(chunk, outs):
                     abl = RunReadout.of(ro, o, n)
-                    parts = _Partition.of(groups[i], ro, model.parallel_residual)
-                    sr, con = _decompose(groups[i].name, parts, clean=clean_rr, ablated=abl, scale=scale,
+                    parts = Partition.of(groups[i], ro, model.parallel_residual)
+                    sr, con = decompose_run(groups[i].name, parts, clean=clean_rr, ablated=abl, scale=scale,
                                          softcap=capped)
                     split = clean.split(o, lm, order) if sites else {}
                     frames[i] = _rows(groups[i], con, split, clean_rr, abl, col_of, n, scale, ro.has_post_norms)

@@ -130,8 +130,8 @@ def self_repair(model: Any, task: Any, components: Any = "heads", value: Any = "
     outs = runner.run("clean", ablation_copies(model, groups, vname, pos), readout=True, label="self-repair")
     main, contrib = [], []
     for g, o in zip(groups, outs):
-        parts = _Partition.of(g, ro, model.parallel_residual)
-        frame, con = _decompose(g.name, parts, clean=clean, ablated=RunReadout.of(ro, o, n), scale=scale,
+        parts = Partition.of(g, ro, model.parallel_residual)
+        frame, con = decompose_run(g.name, parts, clean=clean, ablated=RunReadout.of(ro, o, n), scale=scale,
                                 softcap=capped)
         main.append(frame)
         contrib.append(con)
@@ -171,7 +171,7 @@ class RunReadout:
 
 
 @dataclass(frozen=True)
-class _Partition:
+class Partition:
     """The finest columns of one ablated group: ``members``, ``downstream`` (every non-member some member can
     reach) with their ``names``, the ``post_layers`` whose post-attention scale the ablation can change, and
     ``layer_of`` (C,) each column's layer for heads (-1 for MLPs)."""
@@ -183,7 +183,7 @@ class _Partition:
     layer_of: torch.Tensor
 
     @classmethod
-    def of(cls, g: Group, ro: Any, parallel: bool) -> _Partition:
+    def of(cls, g: Group, ro: Any, parallel: bool) -> Partition:
         fin = ro.components
         members = sorted({i for c in g.members for i in component_columns(fin, c)})
         # every non-member that any member can reach (for a group across layers, also those between its members)
@@ -203,12 +203,12 @@ def decompose(group: Group, readout: Any, *, parallel: bool, clean_run: Any, abl
     parallel-residual flag; ``softcap``: whether the model caps its logits (adds the ``SOFTCAP`` row).
     """
     n = clean_run.metric.shape[0]
-    return _decompose(group.name, _Partition.of(group, readout, parallel), clean=RunReadout.of(readout, clean_run, n),
+    return decompose_run(group.name, Partition.of(group, readout, parallel), clean=RunReadout.of(readout, clean_run, n),
                       ablated=RunReadout.of(readout, ablated_run, n), scale=scale, softcap=softcap)
 
 
-def _decompose(group: str, parts: _Partition, *, clean: RunReadout, ablated: RunReadout, scale: str,
-               softcap: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+def decompose_run(group: str, parts: Partition, *, clean: RunReadout, ablated: RunReadout, scale: str,
+                  softcap: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Main rows and contribution rows of one ablated ``group`` (see module doc), every term computed directly."""
     n = clean.metric.shape[0]
     M, D = parts.members, parts.downstream

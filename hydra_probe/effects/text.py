@@ -71,7 +71,7 @@ from ..results import Result, provenance
 from ..runner import Readout, Runner
 from ..tasks.task import Task
 from .common import as_model, check_scale, check_writers
-from .self_repair import RunReadout, _decompose, _Partition
+from .self_repair import Partition, RunReadout, decompose_run
 
 #: The metric of text mode, recorded in provenance.
 NEXT_TOKEN_LOGIT = Metric("next_token_logit", True, lambda lg, a, b: lg.gather(-1, a.view(-1, 1)).squeeze(-1),
@@ -541,7 +541,7 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
     copies = [interventions_for(g.members, ivalue, model.head_dim, None) for g in groups]
     tok = model.tokenizer
     clean = [_clean_side(model, runner, gi, idx, units) for gi, idx in enumerate(runner.groups)]
-    parts = [_Partition.of(g, next(c for c in clean if c is not None)["ro"], model.parallel_residual)
+    parts = [Partition.of(g, next(c for c in clean if c is not None)["ro"], model.parallel_residual)
              for g in groups]
     L = model.n_layers
     sites = frozenset(Site(l, k) for l in range(L) for k in ("z", "mlp_out"))
@@ -562,7 +562,7 @@ def text_self_repair(model: Any, texts: Sequence[str], components: Any = "heads"
                 if cs is None:
                     continue
                 ablated = _readout_rows(cs, {s: v[gi] for s, v in o.captures.items()}, o.resid_all[gi], L)
-                fr, con = _decompose(groups[k].name, parts[k], clean=cs["readout"], ablated=ablated, scale=scale,
+                fr, con = decompose_run(groups[k].name, parts[k], clean=cs["readout"], ablated=ablated, scale=scale,
                                      softcap=capped)
                 per.append(fr.assign(text=cs["text"].numpy(), position=cs["position"].numpy(),
                                      token_id=cs["targets"].numpy()))
