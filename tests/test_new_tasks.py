@@ -10,7 +10,7 @@ import pytest
 import tiny
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import hydra_probe as hp
 from hydra_probe.cli import main
@@ -67,18 +67,7 @@ def bpe_tokenizer() -> tf.PreTrainedTokenizerFast:
 
 def sp_tokenizer() -> tf.PreTrainedTokenizerFast:
     """tests/tiny.py's Llama-2-style tokenizer (dummy prefix, BOS) over the larger word list."""
-    words = [w for w in WORDS if re.match(r"\w", w)]
-    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "▁": 3, **{"▁" + w: i + 4 for i, w in enumerate(words)}}
-    for w in WORDS:
-        if not re.match(r"\w", w):
-            vocab[w] = len(vocab)
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
-                                               pre_tokenizers.Punctuation()])
-    t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    return tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", pad_token="<pad>", bos_token="<s>")
+    return tiny.sp_tokenizer(WORDS)
 
 
 TOKENIZERS = {"word": (word_tokenizer, "neox"), "bpe": (bpe_tokenizer, "gpt2"), "sp": (sp_tokenizer, "llama")}

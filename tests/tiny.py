@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 import transformers as tf
@@ -35,13 +36,13 @@ def tokenizer(bos: bool = False) -> tf.PreTrainedTokenizerFast:
 VOCAB = len(WORDS) + 3
 
 
-def sp_tokenizer() -> tf.PreTrainedTokenizerFast:
-    """A Llama-2-style tokenizer: SentencePiece word pieces ("▁Mary"), a dummy-prefix normalizer that puts "▁"
-    before every text, and a BOS token. Like Llama-2's, it tokenizes " Mary" *alone* as two tokens ["▁", "▁Mary"]
-    while inside a prompt the name is the single token "▁Mary"."""
-    words = [w for w in WORDS if re.match(r"\w", w)]
+def sp_tokenizer(vocabulary: Sequence[str] = WORDS) -> tf.PreTrainedTokenizerFast:
+    """A Llama-2-style tokenizer over ``vocabulary`` (default: the IOI words): SentencePiece word pieces ("▁Mary"),
+    a dummy-prefix normalizer that puts "▁" before every text, and a BOS token. Like Llama-2's, it tokenizes
+    " Mary" *alone* as two tokens ["▁", "▁Mary"] while inside a prompt the name is the single token "▁Mary"."""
+    words = [w for w in vocabulary if re.match(r"\w", w)]
     vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "▁": 3, **{"▁" + w: i + 4 for i, w in enumerate(words)}}
-    for w in WORDS:
+    for w in vocabulary:
         if not re.match(r"\w", w):
             vocab[w] = len(vocab)
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
