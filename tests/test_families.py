@@ -18,6 +18,7 @@ import pytest
 import tiny
 import torch
 import transformers as tf
+from test_handset import ROWS
 
 import hydra_probe as hp
 from hydra_probe.errors import ArchitectureError
@@ -318,17 +319,10 @@ def handset(family: str):
         blk.self_attn.v_proj.weight[2, 0] = v
         blk.self_attn.o_proj.weight[:, 0] = torch.tensor([0.0, 0.0, 2.0, 0.0])
         blk.self_attn.o_proj.weight[:, 2] = torch.tensor([0.0, 0.0, 0.0, -2.0])
-        m.lm_head.weight.normal_()
-        a, b = tok(" Mary", add_special_tokens=False).input_ids[0], tok(" John", add_special_tokens=False).input_ids[0]
-        m.lm_head.weight[a] = torch.tensor([0.0, 0.0, 1.0, 0.0])
-        m.lm_head.weight[b] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+        tiny.read_mary_minus_john(m.lm_head.weight, tok)
     return hp.load_model(m, tokenizer=tok)
 
 
-ROWS = [{"clean": "Then , Tom and Amy went", "corrupted": "Then , Tom and Dan went", "answer": " Mary",
-         "alternative": " John"},
-        {"clean": "When Sid and Bob got", "corrupted": "When Sid and Ben got", "answer": " Mary",
-         "alternative": " John"}]
 
 
 @pytest.mark.parametrize("family", ["olmo2", "gemma2"])

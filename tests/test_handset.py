@@ -35,10 +35,7 @@ def handset_model():
         attn.c_attn.bias[8:12] = torch.tensor([1.0, 0.0, 1.0, 0.0])   # v bias, both heads
         attn.c_proj.weight[0] = torch.tensor([0.0, 0.0, 1.5, -1.5])   # head 0, z dim 0
         attn.c_proj.weight[2] = torch.tensor([0.0, 0.0, 0.5, -0.5])   # head 1, z dim 0
-        m.lm_head.weight.normal_()
-        a, b = tok(" Mary", add_special_tokens=False).input_ids[0], tok(" John", add_special_tokens=False).input_ids[0]
-        m.lm_head.weight[a] = torch.tensor([0.0, 0.0, 1.0, 0.0])
-        m.lm_head.weight[b] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+        tiny.read_mary_minus_john(m.lm_head.weight, tok)
     return hp.load_model(m, tokenizer=tok)
 
 

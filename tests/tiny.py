@@ -54,6 +54,15 @@ def sp_tokenizer(vocabulary: Sequence[str] = WORDS) -> tf.PreTrainedTokenizerFas
     return tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", pad_token="<pad>", bos_token="<s>")
 
 
+def read_mary_minus_john(unembed: torch.Tensor, tok: tf.PreTrainedTokenizerFast) -> None:
+    """Hand-set models with d_model 4: random unembedding rows, except " Mary" reads residual dim 2 and " John"
+    dim 3, so the logit difference Mary - John is x[2] - x[3] after the final norm (in place, under no_grad)."""
+    unembed.normal_()
+    a, b = tok(" Mary", add_special_tokens=False).input_ids[0], tok(" John", add_special_tokens=False).input_ids[0]
+    unembed[a] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    unembed[b] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+
+
 def hf_model(family: str, seed: int = 0, layers: int = 3, heads: int = 4, d: int = 32, vocab: int = VOCAB,
              **kw) -> torch.nn.Module:
     """A random-weight causal LM of ``family`` (eval mode)."""
