@@ -222,3 +222,206 @@ def _remote_error(e: Exception, remote: Any) -> Exception:
         return RemoteError(f"the NDIF host {host} cannot be reached ({type(e).__name__}: {e}); check NDIF_HOST "
                            "(nnsight.CONFIG.API.HOST) and the network.")
     return e
+
+
+# ---------------------------------------------------------------------------- path patching (deliveries) as traces
+#: where path-patching ops act: a :class:`Site`, ``("attn_norm", layer)`` (the pre-attention norm's input, the
+#: block input without one) or ``("mlp_norm", layer)`` (the pre-MLP norm; the MLP's input without one)
+PathPoint = Any
+
+#: one op at a point (plain data; see :class:`PathJob`):
+#: ("edit", r0, r1, positions, c0, c1, value)  an :data:`EditSpec` (a replacement)
+#: ("copy", src, dst, n, cols)  rows [dst, dst + n) take rows [src, src + n) (cols: list of (c0, c1), None: all)
+#: ("stash", key)  keep this point's (edited) value as ``key`` (at a receiver layer's ``("attn_norm", layer)``)
+#: ("qkv", r0, r1, key, layer, delta, cols)  at a q/k/v site: rows [r0, r1), columns cols take the projection
+#:     of ``attn_norm_layer(stash[key][r0:r1] + deltas[delta])``
+#: ("mlp", r0, r1, delta)  at ``("mlp_norm", layer)``: rows [r0, r1) of the norm's output take
+#:     ``norm(norm input + deltas[delta])`` (without a pre-MLP norm the MLP's input rows take ``x + delta``)
+PathOp = tuple
+
+
+@dataclass
+class PathJob:
+    """One trace of path patching: ``ids`` (B, T) stacked ``copies`` times (shadow batches included),
+    ``ops[point]`` applied in execution order, ``keep`` sites returned (as in :class:`Job`).
+
+    ``deltas`` are the sender changes (B, T, d) the ops add, each shipped once.
+    """
+
+    ids: torch.Tensor
+    ops: Mapping[PathPoint, Sequence[PathOp]] = field(default_factory=dict)
+    keep: Mapping[Site, str] = field(default_factory=dict)
+    deltas: Sequence[torch.Tensor] = ()
+    copies: int = 1
+
+
+def block_module_path(model: Any, layer: int, rel: str) -> str:
+    """The dotted path of ``rel`` (a path inside a block, from the architecture table) in block ``layer``,
+    any ``a|b`` alternative resolved on the loaded model."""
+    path = f"{model.adapter.table.blocks}.{layer}.{rel}"
+    for alt in path.split("|") if "|" in path else [path]:
+        try:
+            get_path(model.hf_model, alt)
+        except (AttributeError, IndexError):
+            continue
+        return alt
+    raise InterventionError(f"none of the module paths {path!r} exists in {type(model.hf_model).__name__}")
+
+
+def norm_path(model: Any, layer: int, which: str) -> str | None:
+    """Module path of block ``layer``'s pre-attention (``"attn"``) or pre-MLP (``"mlp"``) norm; None without one."""
+    t = model.adapter.table
+    rel = t.attn_norm if which == "attn" else t.mlp_norm
+    return None if rel is None else block_module_path(model, layer, rel)
+
+
+def _path_point(model: Any, point: PathPoint) -> tuple[tuple, str, str, bool]:
+    """(execution order key, module path, io, whether ``mlp`` ops there run the norm) of a path point."""
+    if isinstance(point, Site):
+        path, io = concrete_path(model, point)
+        return point.order, path, io, False
+    what, layer = point
+    norm = norm_path(model, layer, "attn" if what == "attn_norm" else "mlp")
+    if what == "attn_norm":  # the norm's input; without a norm the attention reads the block input
+        if norm is None:
+            path, io = concrete_path(model, Site(layer, "resid_pre"))
+            return (*Site(layer, "resid_pre").order, 1), path, io, False
+        return (layer, 0.5), norm, "input", False
+    if what == "mlp_norm":
+        if norm is None:  # no pre-MLP norm (OLMo-2): the MLP's input, after any edit of it
+            path, io = concrete_path(model, Site(layer, "mlp_in"))
+            return (*Site(layer, "mlp_in").order, 1), path, io, False
+        return (layer, 8.5), norm, "output", True
+    raise InterventionError(f"unknown path-patching point {point!r}")
+
+
+def run_path_jobs(model: Any, jobs: Sequence[PathJob]) -> list[dict[Site, torch.Tensor]]:
+    """Run path-patching ``jobs`` as traces of one nnsight session (one request when remote).
+
+    Like :func:`run_jobs`; the trace body (:func:`_path_session`) is plain data, torch and the model's own
+    modules (norms and q/k/v projections called on the delivered inputs), so a remote server runs it.
+    """
+    import nnsight
+
+    lm = model.nnsight
+    remote = getattr(model, "remote", False)
+    if remote and remote != "local":
+        check_reachable(remote_host(remote))
+    here = not remote or remote == "local"
+    dev = model.adapter.device
+    plans = []
+    for job in jobs:
+        points: dict[tuple[str, str], list] = {}
+        located = [(*_path_point(model, pt), ops) for pt, ops in job.ops.items()]
+        for order, path, io, with_norm, ops in sorted(located, key=lambda e: e[0]):
+            ops = [(*op[:4], norm_path(model, op[4], "attn"), *op[5:]) if op[0] == "qkv"
+                   else (*op, with_norm) if op[0] == "mlp" else tuple(op) for op in ops]
+            points.setdefault((path, io), [order, path, io, [], ""])[3].extend(ops)
+        for s, k in job.keep.items():
+            path, io = concrete_path(model, s)
+            points.setdefault((path, io), [s.order, path, io, [], ""])[4] = k
+        plan = [(path, io, ops, keep) for _, path, io, ops, keep in sorted(points.values(), key=lambda p: p[0])]
+        ids = job.ids.repeat(job.copies, 1)
+        deltas = [d.detach().to(dev) if here else d.detach().cpu().contiguous() for d in job.deltas]
+        plans.append((ids.to(dev) if here else ids.cpu(), plan, deltas))
+    if remote and remote != "local":
+        _prepare_key(lm)
+    try:
+        outs, hits = _path_session(lm, plans, remote, nnsight)
+    except Exception as e:
+        raise _remote_error(e, remote) from None
+    results = []
+    for job, (_, plan, _), out, hit in zip(jobs, plans, outs, hits):
+        dead = sorted({p for p, _, ops, _ in plan if ops} - set(hit))
+        if dead:
+            raise InterventionError(f"path-patching edits at {', '.join(dead)} never touched a real activation in "
+                                    "the nnsight trace; the architecture table may point at a module the forward "
+                                    "skips.")
+        where = {concrete_path(model, s): s for s in job.keep}
+        results.append({where[(p, io)]: v for (p, io, _, k), v in zip(plan, out) if k})
+    return results
+
+
+def _path_session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, list]:
+    # The bodies below are what a server runs: plain data, torch and the model's own modules (no package code).
+    with torch.no_grad(), lm.session(remote=remote):
+        outs = nnsight.save([])
+        hits = nnsight.save([])
+        for ids, plan, deltas in plans:
+            with lm.trace(ids):
+                out = []
+                hit = []
+                stash = {}
+                normed = {}
+                for path, io, ops, keep in plan:
+                    env = lm
+                    for part in path.split("."):
+                        env = env[int(part)] if part.isdigit() else getattr(env, part)
+                    xin = None
+                    if io == "output" and any(op[0] == "mlp" and op[4] for op in ops):
+                        xin = env.input
+                        if isinstance(xin, tuple):
+                            xin = xin[0]
+                    x = env.input if io == "input" else env.output
+                    rest = None
+                    if isinstance(x, tuple):
+                        x, rest = x[0], x[1:]
+                    if ops:
+                        if isinstance(x, torch.Tensor):
+                            hit.append(path)
+                        x = x.clone()
+                        changed = False
+                        for op in ops:
+                            if op[0] == "edit":
+                                _, r0, r1, pos, c0, c1, val = op
+                                p = slice(None) if pos is None else pos
+                                if val is None:
+                                    x[r0:r1, p, c0:c1] = 0
+                                else:
+                                    x[r0:r1, p, c0:c1] = val[:, p].to(x.device, x.dtype)
+                                changed = True
+                            elif op[0] == "copy":
+                                _, src, dst, n, cols = op
+                                for c0, c1 in cols if cols is not None else [(None, None)]:
+                                    x[dst:dst + n, :, c0:c1] = x[src:src + n, :, c0:c1]
+                                changed = True
+                            elif op[0] == "stash":
+                                stash[op[1]] = x.clone()
+                            elif op[0] == "qkv":
+                                _, r0, r1, key, norm, di, cols = op
+                                nk = (key, r0, di)
+                                if nk not in normed:
+                                    h = stash[key][r0:r1] + deltas[di].to(x.device, x.dtype)
+                                    if norm is not None:
+                                        nm = lm
+                                        for part in norm.split("."):
+                                            nm = nm[int(part)] if part.isdigit() else getattr(nm, part)
+                                        h = nm(h)
+                                    normed[nk] = h
+                                proj = env(normed[nk])
+                                for c0, c1 in cols:
+                                    x[r0:r1, :, c0:c1] = proj[:, :, c0:c1].to(x.dtype)
+                                changed = True
+                            elif op[0] == "mlp":
+                                _, r0, r1, di, norm = op
+                                d = deltas[di].to(x.device, x.dtype)
+                                if norm:
+                                    x[r0:r1] = env(xin[r0:r1] + d).to(x.dtype)
+                                else:
+                                    x[r0:r1] = x[r0:r1] + d
+                                changed = True
+                        if changed:
+                            y = x if rest is None else (x, *rest)
+                            if io == "input":
+                                env.input = y
+                            else:
+                                env.output = y
+                    if keep == "last":
+                        out.append(x[:, -1].detach().cpu())
+                    elif keep == "all":
+                        out.append(x.detach().cpu())
+                    else:
+                        out.append(None)
+                outs.append(out)
+                hits.append(hit)
+    return outs, hits

@@ -351,7 +351,6 @@ class Runner:
         cap = self.check_capture(capture, capture_positions)
         paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
         if paths:
-            self.check_local("path patching (deliveries of a sender's change)")
             if readout:
                 raise OptionError("readout=True does not combine with deliveries; run the readout separately.")
         every = capture_positions == "all"
@@ -373,6 +372,10 @@ class Runner:
             # captures only cached sites reads them
             L = self.ad.n_layers
             starts = [0 if c or s < L else L for c, s in zip(copies, starts)]
+        elif self.model.backend == "nnsight":
+            # deliveries: full forwards chunked by the budget alone; logits-only copies read the cached run
+            L = self.ad.n_layers
+            starts = [0 if s < L else L for s in starts]
         weights = [1 + bool(self._shadow_layers(c)) for c in copies]
         with progress_bar(K * len(self.groups), label, self.progress) as bar:
             for g, idx in enumerate(self.groups):
@@ -493,6 +496,8 @@ class Runner:
         paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
         if self.model.backend == "nnsight" and not paths and start < self.ad.n_layers:
             return self._forward_nnsight_stacked(g, source, copies, readout, capture, every)
+        if self.model.backend == "nnsight" and paths:  # deliveries as one trace (also remote)
+            return self._forward_nnsight_paths(g, source, copies, start, capture, every)
         P = self.local_prefix(g, source) if paths else self.prefix(g, source)
         k, B = len(copies), P.batch
         L = self.ad.n_layers
@@ -615,7 +620,7 @@ class Runner:
         if key in self._changes:
             return self._changes[key]
         ad = self.ad
-        Pb, Po = self.local_prefix(g, source), self.local_prefix(g, change.value)
+        Pb, Po = self.prefix(g, source), self.prefix(g, change.value)  # captures only (nnsight: the traced runs)
         T = Pb.resid[0].shape[1]
         mask = torch.zeros(T, dtype=ad.dtype, device=ad.device)
         if change.positions is None:
@@ -983,6 +988,104 @@ class Runner:
         if capture:
             out["captures"] = {s: (acts[s] if every else last[s]).reshape(k, B, *(acts[s] if every else last[s]).shape[1:])
                                for s in capture}
+        if every:
+            out["resid_all"] = acts[final].view(k, B, *acts[final].shape[1:])
+        return out
+
+    def _forward_nnsight_paths(self, g: int, source: str, copies: Sequence[Copy], start: int,
+                               capture: frozenset[Site] = frozenset(), every: bool = False) -> dict[str, Any]:
+        """A chunk of copies with deliveries (path patching) as ONE nnsight trace (one request when remote).
+
+        The plain-data twin of :meth:`_path_edits`' hooks: per receiver head the server projects
+        ``norm(x + change)`` (x the block's pre-attention norm input in this forward) with the head's own
+        q/k/v projection, per receiver MLP it computes ``norm(x_mid + change)``, with the model's own
+        modules; the changes (:meth:`sender_change`, computed here from the cached runs and the weights) ship
+        once per chunk. Grouped-query attention's shadow batches are extra rows of the same trace. Only the
+        final residual (last position; every position with ``every``) and the ``capture`` sites come back;
+        logits deliveries are added here (:meth:`_path_logits`). A chunk that edits nothing inside the model
+        (logits deliveries only) reads the cached run and sends nothing.
+        """
+        from ..models.nnsight_backend import PathJob, run_path_jobs
+
+        ad = self.ad
+        P = self.prefix(g, source)
+        k, B, L = len(copies), P.batch, ad.n_layers
+        final = Site(L, "resid_pre")
+        shadow: dict[int, int] = {}
+        shadow_layers: dict[int, set[int]] = {}
+        for ci, c in enumerate(copies):
+            sl = self._shadow_layers(c)
+            if sl:
+                shadow[ci] = k + len(shadow)
+                shadow_layers[ci] = sl
+        plain = [tuple(iv for iv in c if isinstance(iv, Intervention)) for c in copies]
+        ops: dict[Any, list[tuple]] = {s: [("edit", *spec) for spec in specs]
+                                       for s, specs in self._plain_edits(g, source, plain, B).items()}
+        deltas: list[torch.Tensor] = []
+        index: dict[SenderChange, int] = {}
+        logits: list[tuple[int, Delivery]] = []
+
+        def delta(ch: SenderChange) -> int:
+            if ch not in index:
+                index[ch] = len(deltas)
+                deltas.append(self.sender_change(g, source, ch).detach())
+            return index[ch]
+
+        stashed: set[int] = set()
+        for ci, c in enumerate(copies):
+            for dv in c:
+                if not isinstance(dv, Delivery):
+                    continue
+                if dv.target == "logits":
+                    self.sender_change(g, source, dv.change)
+                    logits.append((ci, dv))
+                    continue
+                di, layer = delta(dv.change), dv.layer
+                if dv.target == "mlp":
+                    ops.setdefault(("mlp_norm", layer), []).append(("mlp", ci * B, (ci + 1) * B, di))
+                    continue
+                sh = layer in shadow_layers.get(ci, ())
+                tgt = shadow[ci] if sh else ci
+                cols: dict[Site, list[tuple[int, int]]] = {}
+                for h in dv.heads:
+                    for w in dv.inputs:
+                        site, sl = ad.head_input_slice(layer, h, w)
+                        if (sl.start, sl.stop) not in cols.setdefault(site, []):
+                            cols[site].append((sl.start, sl.stop))
+                if sh:
+                    copy_in = ("copy", ci * B, tgt * B, B, None)
+                    if copy_in not in ops.setdefault(Site(layer, "resid_pre"), []):
+                        ops[Site(layer, "resid_pre")].append(copy_in)
+                    ops.setdefault(Site(layer, "z"), []).append(
+                        ("copy", tgt * B, ci * B, B, [(ad.head_slice(h).start, ad.head_slice(h).stop)
+                                                      for h in dv.heads]))
+                if layer not in stashed:
+                    stashed.add(layer)
+                    ops.setdefault(("attn_norm", layer), []).append(("stash", layer))
+                for site, cs in cols.items():
+                    ops.setdefault(site, []).append(("qkv", tgt * B, (tgt + 1) * B, layer, layer, di, cs))
+        n_rows = k + len(shadow)
+        prefix_only = {"resid_pre", "z", "mlp_out"}
+        if start >= L and all(s.kind in prefix_only for s in capture):
+            # nothing inside the model is edited: the cached run, with any edit of the final residual here
+            x = P.resid[L].repeat(k, 1, 1)
+            if final in ops:
+                x = _compose(self._edits(g, source, plain, B)[final])(x)
+            acts = {s: (x if s == final else (P.resid[s.layer] if s.kind == "resid_pre" else P.captures[s])
+                        .repeat(k, 1, 1)) for s in set(capture) | {final}}
+        else:
+            keep = {s: "all" if every else "last" for s in set(capture) | {final}}
+            job = PathJob(self.task.batch(self.groups[g], source), ops, keep, deltas, n_rows)
+            with self.model.evaluating():
+                saved = run_path_jobs(self.model, [job])[0]
+            dev = ad.device
+            acts = {s: v[: k * B].to(dev) for s, v in saved.items()}
+        last = {s: v[:, -1] if v.dim() == 3 else v for s, v in acts.items()}
+        x_last = last[final]
+        out = self._finish(g, P, x_last, last, 0, k, False, self._path_logits(g, source, x_last, logits, B))
+        if capture:
+            out["captures"] = {s: (acts[s] if every else last[s]).reshape(k, B, *(acts[s] if every else last[s])
+                                                                           .shape[1:]) for s in capture}
         if every:
             out["resid_all"] = acts[final].view(k, B, *acts[final].shape[1:])
         return out
