@@ -296,9 +296,9 @@ def _path_point(model: Any, point: PathPoint) -> tuple[tuple, str, str, bool]:
 
 
 def run_path_jobs(model: Any, jobs: Sequence[PathJob]) -> list[dict[Site, torch.Tensor]]:
-    """Run path-patching ``jobs`` as traces of one nnsight session (one request when remote).
+    """Run each path-patching job as one nnsight trace (one request when remote).
 
-    Like :func:`run_jobs`; the trace body (:func:`_path_session`) is plain data, torch and the model's own
+    Like :func:`run_jobs`; the trace body (:func:`_path_trace`) is plain data, torch and the model's own
     modules (norms and q/k/v projections called on the delivered inputs), so a remote server runs it.
     """
     import nnsight
@@ -343,85 +343,91 @@ def run_path_jobs(model: Any, jobs: Sequence[PathJob]) -> list[dict[Site, torch.
 
 
 def _path_session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, list]:
-    # The bodies below are what a server runs: plain data, torch and the model's own modules (no package code).
-    with torch.no_grad(), lm.session(remote=remote):
-        outs = nnsight.save([])
-        hits = nnsight.save([])
-        for ids, plan, deltas in plans:
-            with lm.trace(ids):
-                out = []
-                hit = []
-                stash = {}
-                normed = {}
-                for path, io, ops, keep in plan:
-                    env = lm
-                    for part in path.split("."):
-                        env = env[int(part)] if part.isdigit() else getattr(env, part)
-                    xin = None
-                    if io == "output" and any(op[0] == "mlp" and op[4] for op in ops):
-                        xin = env.input
-                        if isinstance(xin, tuple):
-                            xin = xin[0]
-                    x = env.input if io == "input" else env.output
-                    rest = None
-                    if isinstance(x, tuple):
-                        x, rest = x[0], x[1:]
-                    if ops:
-                        if isinstance(x, torch.Tensor):
-                            hit.append(path)
-                        x = x.clone()
-                        changed = False
-                        for op in ops:
-                            if op[0] == "edit":
-                                _, r0, r1, pos, c0, c1, val = op
-                                p = slice(None) if pos is None else pos
-                                if val is None:
-                                    x[r0:r1, p, c0:c1] = 0
-                                else:
-                                    x[r0:r1, p, c0:c1] = val[:, p].to(x.device, x.dtype)
-                                changed = True
-                            elif op[0] == "copy":
-                                _, src, dst, n, cols = op
-                                for c0, c1 in cols if cols is not None else [(None, None)]:
-                                    x[dst:dst + n, :, c0:c1] = x[src:src + n, :, c0:c1]
-                                changed = True
-                            elif op[0] == "stash":
-                                stash[op[1]] = x.clone()
-                            elif op[0] == "qkv":
-                                _, r0, r1, key, norm, di, cols = op
-                                nk = (key, r0, di)
-                                if nk not in normed:
-                                    h = stash[key][r0:r1] + deltas[di].to(x.device, x.dtype)
-                                    if norm is not None:
-                                        nm = lm
-                                        for part in norm.split("."):
-                                            nm = nm[int(part)] if part.isdigit() else getattr(nm, part)
-                                        h = nm(h)
-                                    normed[nk] = h
-                                proj = env(normed[nk])
-                                for c0, c1 in cols:
-                                    x[r0:r1, :, c0:c1] = proj[:, :, c0:c1].to(x.dtype)
-                                changed = True
-                            elif op[0] == "mlp":
-                                _, r0, r1, di, norm = op
-                                d = deltas[di].to(x.device, x.dtype)
-                                if norm:
-                                    x[r0:r1] = env(xin[r0:r1] + d).to(x.dtype)
-                                else:
-                                    x[r0:r1] = x[r0:r1] + d
-                                changed = True
-                        if changed:
-                            y = x if rest is None else (x, *rest)
-                            if io == "input":
-                                env.input = y
-                            else:
-                                env.output = y
-                    if keep == "last":
-                        out.append(x[:, -1].detach().cpu())
-                    elif keep == "all":
-                        out.append(x.detach().cpu())
-                    else:
-                        out.append(None)
-                outs.append(out)
-                hits.append(hit)
+    # One plain trace per plan (one request each), not a session: a server caches the source of a file's first
+    # session body and would look for a second, different session body of the same file in it.
+    outs, hits = [], []
+    for plan in plans:
+        o, h = _path_trace(lm, plan, remote, nnsight)
+        outs.append(o)
+        hits.append(h)
     return outs, hits
+
+
+def _path_trace(lm: Any, plan_: tuple, remote: Any, nnsight: Any) -> tuple[list, list]:
+    # The body below is what a server runs: plain data, torch and the model's own modules (no package code).
+    ids, plan, deltas = plan_
+    with torch.no_grad(), lm.trace(ids, remote=remote):
+        out = nnsight.save([])
+        hit = nnsight.save([])
+        stash = {}
+        normed = {}
+        for path, io, ops, keep in plan:
+            env = lm
+            for part in path.split("."):
+                env = env[int(part)] if part.isdigit() else getattr(env, part)
+            xin = None
+            if io == "output" and any(op[0] == "mlp" and op[4] for op in ops):
+                xin = env.input
+                if isinstance(xin, tuple):
+                    xin = xin[0]
+            x = env.input if io == "input" else env.output
+            rest = None
+            if isinstance(x, tuple):
+                x, rest = x[0], x[1:]
+            if ops:
+                if isinstance(x, torch.Tensor):
+                    hit.append(path)
+                x = x.clone()
+                changed = False
+                for op in ops:
+                    if op[0] == "edit":
+                        _, r0, r1, pos, c0, c1, val = op
+                        p = slice(None) if pos is None else pos
+                        if val is None:
+                            x[r0:r1, p, c0:c1] = 0
+                        else:
+                            x[r0:r1, p, c0:c1] = val[:, p].to(x.device, x.dtype)
+                        changed = True
+                    elif op[0] == "copy":
+                        _, src, dst, n, cols = op
+                        for c0, c1 in cols if cols is not None else [(None, None)]:
+                            x[dst:dst + n, :, c0:c1] = x[src:src + n, :, c0:c1]
+                        changed = True
+                    elif op[0] == "stash":
+                        stash[op[1]] = x.clone()
+                    elif op[0] == "qkv":
+                        _, r0, r1, key, norm, di, cols = op
+                        nk = (key, r0, di)
+                        if nk not in normed:
+                            h = stash[key][r0:r1] + deltas[di].to(x.device, x.dtype)
+                            if norm is not None:
+                                nm = lm
+                                for part in norm.split("."):
+                                    nm = nm[int(part)] if part.isdigit() else getattr(nm, part)
+                                h = nm(h)
+                            normed[nk] = h
+                        proj = env(normed[nk])
+                        for c0, c1 in cols:
+                            x[r0:r1, :, c0:c1] = proj[:, :, c0:c1].to(x.dtype)
+                        changed = True
+                    elif op[0] == "mlp":
+                        _, r0, r1, di, norm = op
+                        d = deltas[di].to(x.device, x.dtype)
+                        if norm:
+                            x[r0:r1] = env(xin[r0:r1] + d).to(x.dtype)
+                        else:
+                            x[r0:r1] = x[r0:r1] + d
+                        changed = True
+                if changed:
+                    y = x if rest is None else (x, *rest)
+                    if io == "input":
+                        env.input = y
+                    else:
+                        env.output = y
+            if keep == "last":
+                out.append(x[:, -1].detach().cpu())
+            elif keep == "all":
+                out.append(x.detach().cpu())
+            else:
+                out.append(None)
+    return out, hit
