@@ -73,13 +73,11 @@ def test_every_analysis_agrees_across_backends(family, traces):
 
 
 def test_remote_refuses_what_runs_only_locally():
-    """Path and attribution patching run on the local hook path; with remote=True they say so at once."""
+    """Attribution patching runs on the local hook path; with remote=True it says so at once."""
     hf = tiny.hf_model("gpt2")
     m = hp.load_model(hf, tokenizer=tiny.tokenizer(), backend="nnsight")
     t = tiny.ioi(m, 4)
     m.remote = True
-    with pytest.raises(hp.OptionError, match="remote"):
-        hp.path_patch(m, t, ["L0H1"], ["logits"])
     with pytest.raises(hp.OptionError, match="remote"):
         hp.attribution_patch(m, t, ["L0H1"])
 
