@@ -84,11 +84,17 @@ def _nnsight(model_or_hf, remote, **kw) -> hp.HookedModel:
 RECEIVERS = ["logits", ["L3H0", "L2H1"], "MLP3", "all"]
 
 
-def test_remote_path_patch_equals_local(ndif, requests, path_jobs):
+def test_remote_path_patch_equals_local(ndif, requests, path_jobs, monkeypatch):
     local = hp.load_default_model()
     task = hp.tasks.ioi(local, n_prompts=6, seed=1)
     m = _nnsight(None, True)
     n_groups = len(task.groups())
+
+    def local_forward(*a, **k):
+        raise AssertionError("a remote model ran a forward here")
+
+    for name in ("prefix", "run_blocks"):  # nothing falls back to the client's copy of the model
+        monkeypatch.setattr(m.adapter, name, local_forward)
     for direction in ("noise", "denoise"):
         before = requests[0]
         a = hp.path_patch(local, task, ["L0H1", "MLP0", "ATTN1"], RECEIVERS, direction).to_frame()
@@ -129,3 +135,37 @@ def test_local_simulation_equals_local_across_families(family, path_jobs):
         _same(hp.path_patch(local, t, *args).to_frame(), hp.path_patch(m, t, *args).to_frame())
     shadows = [j for j, _ in path_jobs if j.copies > 9]
     assert bool(shadows) == (local.adapter.n_kv_heads < local.adapter.n_heads)
+
+
+def test_runner_deliveries_with_captures_and_interventions_remote(ndif, requests):
+    """The runner's interface for deliveries (as AtP*'s QK fix uses it): deliveries to some heads' q and k mixed
+    with a replacement, and sites captured at every position, on the server equal the local hooks; the copies
+    that edit the model go out as one request per group."""
+    from hydra_probe.components import select
+    from hydra_probe.interventions import Delivery, SenderChange, interventions_for
+    from hydra_probe.metrics import get_metric
+    from hydra_probe.runner import Runner
+
+    local = hp.load_default_model()
+    task = hp.tasks.ioi(local, n_prompts=4, seed=2)
+    m = _nnsight(None, True)
+    L = local.n_layers
+    cap = {Site(2, "z"), Site(3, "mlp_out"), Site(L, "resid_pre")}
+    outs = []
+    for model in (local, m):
+        heads = {c.name: c for c in select(model, "heads")}
+        change = SenderChange((heads["L0H1"], heads["L1H2"]), "corrupted")
+        copies = [(Delivery(change, "heads", 2, (0, 3), ("q", "k")),),
+                  (Delivery(change, "heads", 3, (1,), ("v",)), Delivery(change, "mlp", 3), *interventions_for(
+                      select(model, ["L2H2"]), "zero", model.head_dim)),
+                  (Delivery(change, "logits", scale="recomputed"),)]
+        before = requests[0]
+        outs.append(Runner(model, task, get_metric("logit_diff")).run("clean", copies, capture=cap,
+                                                                        capture_positions="all"))
+    assert requests[0] - before == 2 * len(task.groups())
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a.metric.numpy(), b.metric.numpy(), atol=1e-5, rtol=0)
+        for s in cap:
+            for x, y in zip(a.captures[s], b.captures[s]):
+                np.testing.assert_allclose(x.float().numpy(), y.float().numpy(), atol=1e-5, rtol=0, err_msg=str(s))
+    assert not np.allclose(outs[0][0].captures[Site(2, "z")][0].numpy(), outs[0][2].captures[Site(2, "z")][0].numpy())
