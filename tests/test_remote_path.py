@@ -169,3 +169,16 @@ def test_runner_deliveries_with_captures_and_interventions_remote(ndif, requests
             for x, y in zip(a.captures[s], b.captures[s]):
                 np.testing.assert_allclose(x.float().numpy(), y.float().numpy(), atol=1e-5, rtol=0, err_msg=str(s))
     assert not np.allclose(outs[0][0].captures[Site(2, "z")][0].numpy(), outs[0][2].captures[Site(2, "z")][0].numpy())
+
+
+def test_a_path_request_failing_on_the_server_carries_its_message(ndif, monkeypatch):
+    """A module the server's model does not have (here: a norm of block 17 of 4) fails there, and its message
+    comes back as a package error naming the host; nothing runs locally instead."""
+    local = hp.load_default_model()
+    task = hp.tasks.ioi(local, n_prompts=4, seed=2)
+    real = nnsight_backend.norm_path
+    monkeypatch.setattr(nnsight_backend, "norm_path", lambda model, layer, which: real(model, layer, which)
+                        .replace(f".{layer}.", ".17."))
+    with pytest.raises(hp.RemoteError, match="rejected or failed the request: .*17") as e:
+        hp.path_patch(_nnsight(None, True), task, ["L0H1"], ["L3H0"])
+    assert ndif.url in str(e.value)
