@@ -203,6 +203,190 @@ def _session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, lis
     return outs, hits
 
 
+# ---------------------------------------------------------------------------- gradient reads (attribution) as traces
+@dataclass
+class GradJob:
+    """One trace of gradient reads: ``ids`` (B, T) stacked ``copies`` times (one copy per read).
+
+    ``rows[site]``: the read sites (a zero tensor added there carries the gradient) and, per site, the rows
+    (long) whose gradient comes back. ``freeze[site]``: (a bool row mask (copies*B,), column ranges [(c0, c1)])
+    of a q/k/qkv site: the entries that pass no gradient (AtP*'s QK fix). ``drops[l]``: a bool mask (copies*B, 1, 1): rows whose block
+    ``l`` write to the residual passes no gradient, the skip path carrying it (GradDrop). ``tokens`` (K,) and
+    ``weights`` (B, K): the gradient is that of ``sum weights * u[:, -1, tokens]``, u the unembedding's
+    output (see :func:`logit_weights`), summed over copies.
+    """
+
+    ids: torch.Tensor
+    copies: int
+    rows: Mapping[Site, torch.Tensor]
+    tokens: torch.Tensor
+    weights: torch.Tensor
+    freeze: Mapping[Site, tuple[torch.Tensor, list[tuple[int, int]]]] = field(default_factory=dict)
+    drops: Mapping[int, torch.Tensor] = field(default_factory=dict)
+
+
+def logit_weights(model: Any, x_last: torch.Tensor, fn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A metric's value and its gradient with respect to the unembedding's output, from final residuals.
+
+    ``x_last`` (B, d): final residuals at the last position; ``fn(logits) -> (B,)`` the metric of the
+    (soft-capped) logits. Returns ``(metric (B,) float64, tokens (K,), weights (B, K))``: the tokens where the
+    gradient is non-zero and the gradient there (float64 for a float64 model, else float32). By the chain
+    rule, ``sum weights * u[:, tokens]`` (u the unembedding's output) has the metric's gradient with respect
+    to every activation of that run, so a trace body computes it without the metric's code.
+    """
+    ad = model.adapter
+    wdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
+    with torch.enable_grad():
+        u = ad.unembed(ad.final_norm(x_last.to(ad.device))).detach().requires_grad_(True)
+        m = fn(ad.apply_softcap(u))
+        if m.requires_grad:
+            (w,) = torch.autograd.grad(m.sum(), [u], allow_unused=True)
+        else:
+            w = None
+    w = torch.zeros_like(u) if w is None else w.detach()
+    tokens = torch.nonzero(w.abs().sum(0)).flatten()
+    if len(tokens) == 0:
+        tokens = torch.zeros(1, dtype=torch.long, device=w.device)
+    return m.detach().to(torch.float64).cpu(), tokens.cpu(), w[:, tokens].to(wdt).cpu()
+
+
+def module_path(model: Any, path: str) -> str:
+    """A dotted module path of the architecture table (maybe ``a|b`` alternatives) resolved on the loaded model."""
+    for alt in path.split("|"):
+        try:
+            get_path(model.hf_model, alt)
+        except (AttributeError, IndexError):
+            continue
+        return alt
+    raise InterventionError(f"none of the module paths {path!r} exists in {type(model.hf_model).__name__}")
+
+
+def run_gradient_jobs(model: Any, jobs: Sequence[GradJob]
+                      ) -> list[tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]]:
+    """Run gradient ``jobs`` as traces of one nnsight session (one request when remote).
+
+    Returns per job ``(acts, grads)``: per read site its activation of the first copy (B, T, width) and the
+    gradient at its ``rows`` (len(rows), T, width), detached, on the CPU. The trace body
+    (:func:`_grad_session`) is plain data and torch: the forward runs with gradients enabled, zero tensors
+    added at the read sites, ``.detach()`` on the frozen and dropped paths, and ``torch.autograd.grad`` of
+    the metric's linear form at the unembedding's output. Raises as :func:`run_jobs`.
+    """
+    import nnsight
+
+    lm = model.nnsight
+    remote = getattr(model, "remote", False)
+    if remote and remote != "local":
+        check_reachable(remote_host(remote))
+    here = not remote or remote == "local"
+    dev = model.adapter.device
+    head = module_path(model, model.adapter.table.unembed)
+    plans = []
+    for job in jobs:
+        points: dict[tuple[str, str], list] = {}
+
+        def at(s: Site, points: dict = points) -> list:
+            path, io = concrete_path(model, s)
+            return points.setdefault((path, io), [s.order, path, io, []])[3]
+        for s, (m, cols) in job.freeze.items():
+            at(s).append(("freeze", m, cols))
+        for layer, m in job.drops.items():
+            at(Site(layer + 1, "resid_pre")).append(("drop", layer, m))
+        for i, (s, r) in enumerate(job.rows.items()):
+            at(s).append(("read", r, i))
+        for layer in job.drops:
+            at(Site(layer, "resid_pre")).append(("stash", layer))
+        order = {"freeze": 0, "drop": 1, "read": 2, "stash": 3}
+        plan = [(path, io, sorted(ops, key=lambda op: order[op[0]]))
+                for _, path, io, ops in sorted(points.values(), key=lambda p: p[0])]
+        ids = job.ids.repeat(job.copies, 1)
+        plans.append((ids.to(dev) if here else ids.cpu(), plan, job.tokens.cpu(), job.weights.cpu(), job.copies))
+    if remote and remote != "local":
+        _prepare_key(lm)
+    try:
+        outs, hits = _grad_session(lm, plans, head, remote, nnsight)
+    except Exception as e:
+        raise _remote_error(e, remote) from None
+    results = []
+    for job, (_, plan, *_), (acts, grads), hit in zip(jobs, plans, outs, hits):
+        dead = sorted({p for p, _, _ in plan} - set(hit))
+        if dead:
+            raise InterventionError(f"gradient reads at {', '.join(dead)} never touched a real activation in the "
+                                    "nnsight trace; the architecture table may point at a module the forward skips.")
+        listed = list(job.rows)
+        sites = [listed[op[2]] for _, _, ops in plan for op in ops if op[0] == "read"]
+        results.append((dict(zip(sites, acts)), dict(zip(sites, grads))))
+    return results
+
+
+def _grad_session(lm: Any, plans: list, head: str, remote: Any, nnsight: Any) -> tuple[list, list]:
+    # The bodies below are what a server runs: plain data and torch only (no package code).
+    with lm.session(remote=remote):
+        outs = nnsight.save([])
+        hits = nnsight.save([])
+        for ids, plan, tokens, weights, k in plans:
+            with torch.enable_grad():  # the server may run requests without gradients
+                with lm.trace(ids):
+                    acts = []
+                    deltas = []
+                    rows = []
+                    stash = {}
+                    hit = []
+                    for path, io, ops in plan:
+                        env = lm
+                        for part in path.split("."):
+                            env = env[int(part)] if part.isdigit() else getattr(env, part)
+                        x = env.input if io == "input" else env.output
+                        rest = None
+                        if isinstance(x, tuple):
+                            x, rest = x[0], x[1:]
+                        if isinstance(x, torch.Tensor):
+                            hit.append(path)
+                        edited = False
+                        for op in ops:
+                            if op[0] == "freeze":  # no gradient through these queries and keys
+                                cm = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+                                for c0, c1 in op[2]:
+                                    cm[c0:c1] = True
+                                mask = op[1].to(x.device)[:, None, None] & cm
+                                x = torch.where(mask, x.detach(), x)
+                                edited = True
+                            elif op[0] == "drop":  # the same values; the gradient goes to the block input only
+                                xin = stash[op[1]]
+                                x = torch.where(op[2].to(x.device), x.detach() + (xin - xin.detach()), x)
+                                edited = True
+                            elif op[0] == "read":
+                                acts.append(x[: x.shape[0] // k].detach().cpu())
+                                d = torch.zeros_like(x, requires_grad=True)
+                                x = x + d
+                                deltas.append(d)
+                                rows.append(op[1])
+                                edited = True
+                            else:
+                                stash[op[1]] = x
+                        if edited:
+                            y = x if rest is None else (x, *rest)
+                            if io == "input":
+                                env.input = y
+                            else:
+                                env.output = y
+                    env = lm
+                    for part in head.split("."):
+                        env = env[int(part)] if part.isdigit() else getattr(env, part)
+                    u = env.output
+                    if isinstance(u, tuple):
+                        u = u[0]
+                    lg = u[:, -1][:, tokens.to(u.device)].to(weights.dtype)
+                    m = (lg.reshape(k, -1, lg.shape[-1]) * weights.to(lg.device)).sum()
+                    got = torch.autograd.grad(m, deltas, allow_unused=True)
+                    grads = []
+                    for d, gv, r in zip(deltas, got, rows):
+                        gv = torch.zeros_like(d) if gv is None else gv
+                        grads.append(gv[r.to(gv.device)].detach().cpu())
+                    outs.append((acts, grads))
+                    hits.append(hit)
+    return outs, hits
+
+
 def _remote_error(e: Exception, remote: Any) -> Exception:
     """The package error for a failed nnsight run (rejected, failed or unreachable server); others pass through."""
     if not remote or remote == "local" or isinstance(e, (InterventionError, OptionError)):

@@ -806,6 +806,8 @@ class Runner:
         """
         if source not in SOURCES:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
+        if self.model.backend == "nnsight":
+            return self._gradients_nnsight(source, reads, label)
         self.check_local("attribution patching (gradient reads)")
         L = self.ad.n_layers
         for r in reads:
@@ -937,6 +939,83 @@ class Runner:
         dev = self.ad.device
         return Prefix(resid=[saved[Site(l, "resid_pre")].to(dev) for l in range(L + 1)], calls=[],
                       captures={s: saved[s].to(dev) for s in self.capture_sites()})
+
+    # ---------------------------------------------------------------- nnsight (also remote): gradient reads, QK fix
+    def _gradients_nnsight(self, source: str, reads: Sequence[GradientRead], label: str) -> list[GradientOutput]:
+        """:meth:`gradients` as nnsight traces (one request per chunk of reads stacked along the batch).
+
+        The metric is taken to the server as its gradient with respect to the unembedding's output at the
+        last position (from the cached ``source`` run's final residual; see
+        ``nnsight_backend.logit_weights``), so every metric works and no package code is sent."""
+        from ..models.nnsight_backend import logit_weights
+
+        L = self.ad.n_layers
+        for r in reads:
+            for s in r.sites:
+                self.ad.path_of(s)
+            if r.drop_layer is not None and not 0 <= r.drop_layer < L:
+                raise OptionError(f"drop_layer {r.drop_layer} is outside layers 0..{L - 1}.")
+        n, K = len(self.task), len(reads)
+        metric = torch.empty(n, dtype=torch.float64)
+        acts: dict[Site, list[torch.Tensor]] = {}
+        grads: list[dict[Site, list[torch.Tensor]]] = [{} for _ in reads]
+        with progress_bar(K * len(self.groups), label, self.progress) as bar:
+            for g, idx in enumerate(self.groups):
+                a, b = self.task.answer_ids[idx], self.task.alternative_ids[idx]
+                clean = self.clean_logits()[idx] if self.metric.needs_clean else None
+                x_last = self.prefix(g, source).resid[-1][:, -1]
+                m0, tok, wts = logit_weights(self.model, x_last,
+                                             lambda lg, a=a, b=b, c=clean: self.metric(lg, a, b, c))
+                metric[torch.tensor(idx)] = m0
+
+                def forward(chunk: list[int], start: int, g: int = g, tok: torch.Tensor = tok,
+                            wts: torch.Tensor = wts) -> Any:
+                    return self._gradient_job(g, source, [reads[i] for i in chunk], tok, wts)
+
+                for chunk, (av, gr) in self._batched(g, [0] * K, [1] * K, forward):
+                    for s, v in av.items():
+                        if len(acts.setdefault(s, [])) == g:
+                            acts[s].append(v)
+                    for j, i in enumerate(chunk):
+                        for s, v in gr[j].items():
+                            grads[i].setdefault(s, []).append(v)
+                    bar.update(len(chunk))
+        return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i]) for i, r in enumerate(reads)]
+
+    def _gradient_job(self, g: int, source: str, reads: Sequence[GradientRead], tokens: torch.Tensor,
+                      weights: torch.Tensor) -> tuple[dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """One nnsight trace of ``reads`` stacked along the batch: (activations {site: (B, T, w)}, per read
+        {site: gradient (B, T, w)}), with the same edits as :meth:`_gradient_forward` as plain data."""
+        from ..models.nnsight_backend import GradJob, run_gradient_jobs
+
+        ad = self.ad
+        idx = self.groups[g]
+        k, B, L = len(reads), len(idx), ad.n_layers
+        sites = sorted({s for r in reads for s in r.sites}, key=lambda s: s.order)
+        rows = {s: torch.cat([torch.arange(j * B, (j + 1) * B) for j, r in enumerate(reads) if s in r.sites])
+                for s in sites}
+        freeze: dict[Site, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
+        if any(r.freeze_patterns for r in reads):
+            rowmask = torch.tensor([r.freeze_patterns for r in reads]).repeat_interleave(B)
+            for layer in range(L):
+                cols: dict[Site, list[slice]] = {}
+                for h in range(ad.n_heads):
+                    for w in ("q", "k"):
+                        site, sl = ad.head_input_slice(layer, h, w)
+                        cols.setdefault(site, []).append(sl)
+                for site, sls in cols.items():
+                    freeze[site] = (rowmask, [(sl.start, sl.stop) for sl in sls])
+        drops = {layer: torch.tensor([r.drop_layer == layer for r in reads]).repeat_interleave(B)[:, None, None]
+                 for layer in sorted({r.drop_layer for r in reads if r.drop_layer is not None})}
+        job = GradJob(self.task.batch(idx, source), k, rows, tokens, weights, freeze, drops)
+        with self.model.evaluating():
+            av, gv = run_gradient_jobs(self.model, [job])[0]
+        per: list[dict[Site, torch.Tensor]] = [{} for _ in reads]
+        for s in sites:
+            held = [j for j, r in enumerate(reads) if s in r.sites]
+            for pos, j in enumerate(held):
+                per[j][s] = gv[s][pos * B:(pos + 1) * B]
+        return av, per
 
     def _plain_edits(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], B: int) -> dict:
         """The copies' interventions as plain data for a stacked nnsight trace (see ``nnsight_backend.EditSpec``).
