@@ -387,6 +387,129 @@ def _grad_session(lm: Any, plans: list, head: str, remote: Any, nnsight: Any) ->
     return outs, hits
 
 
+# ---------------------------------------------------------------------------- AtP*'s QK fix as traces
+@dataclass
+class QKJob:
+    """One trace of AtP*'s QK fix: ``ids`` (B, T) stacked ``1 + k`` times, the first copy the unedited run.
+
+    Copy ``j + 1`` gets, at every layer ``l >= first[j]``, the block input of the unedited copy plus
+    ``deltas[j]`` (k, B, T, d) and the unedited copy's values: its heads' output ``z`` is then that of the
+    change reaching only layer l's queries and keys, the block input (and values) held at the unedited
+    run's. What comes back is, per layer, that ``z`` minus the unedited one for the copies that reach it.
+    """
+
+    ids: torch.Tensor
+    deltas: torch.Tensor
+    first: Sequence[int]
+
+
+def run_qk_jobs(model: Any, jobs: Sequence[QKJob]) -> list[dict[int, torch.Tensor]]:
+    """Run QK-fix ``jobs`` as traces of one nnsight session (one request when remote).
+
+    Returns per job ``{layer: dz (m, B, T, n_heads*head_dim)}`` for every layer some copy reaches, its rows
+    the copies with ``first[j] <= layer`` in order (model dtype, CPU). The trace body (:func:`_qk_session`) is
+    plain data and torch: row copies and adds, no module calls. Raises as :func:`run_jobs`.
+    """
+    import nnsight
+
+    ad = model.adapter
+    lm = model.nnsight
+    remote = getattr(model, "remote", False)
+    if remote and remote != "local":
+        check_reachable(remote_host(remote))
+    here = not remote or remote == "local"
+    dev = ad.device
+    L = ad.n_layers
+    plans = []
+    layers_of = []
+    for job in jobs:
+        first = list(job.first)
+        layers = list(range(min(first, default=L), L))
+        points: dict[tuple[str, str], list] = {}
+
+        def at(s: Site, points: dict = points) -> list:
+            path, io = concrete_path(model, s)
+            return points.setdefault((path, io), [s.order, path, io, []])[3]
+        for layer in layers:
+            sel = torch.tensor([j for j, f in enumerate(first) if f <= layer], dtype=torch.long)
+            at(Site(layer, "resid_pre")).append(("shift", sel))
+            vcols: dict[Site, list[tuple[int, int]]] = {}
+            for h in range(ad.n_heads):
+                site, sl = ad.head_input_slice(layer, h, "v")
+                if (sl.start, sl.stop) not in vcols.setdefault(site, []):
+                    vcols[site].append((sl.start, sl.stop))
+            for site, cols in vcols.items():
+                at(site).append(("values", sel, cols))
+            at(Site(layer, "z")).append(("dz", sel))
+        plan = [(path, io, ops) for _, path, io, ops in sorted(points.values(), key=lambda p: p[0])]
+        ids = job.ids.repeat(1 + len(first), 1)
+        deltas = job.deltas.detach()
+        plans.append((ids.to(dev) if here else ids.cpu(), plan,
+                      deltas.to(dev) if here else deltas.cpu().contiguous(), 1 + len(first)))
+        layers_of.append(layers)
+    if remote and remote != "local":
+        _prepare_key(lm)
+    try:
+        outs, hits = _qk_session(lm, plans, remote, nnsight)
+    except Exception as e:
+        raise _remote_error(e, remote) from None
+    results = []
+    for (_, plan, _, _), out, hit, layers in zip(plans, outs, hits, layers_of):
+        dead = sorted({p for p, _, _ in plan} - set(hit))
+        if dead:
+            raise InterventionError(f"the QK fix's edits at {', '.join(dead)} never touched a real activation in "
+                                    "the nnsight trace; the architecture table may point at a module the forward "
+                                    "skips.")
+        results.append(dict(zip(layers, out)))
+    return results
+
+
+def _qk_session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, list]:
+    # The bodies below are what a server runs: plain data and torch only (no package code).
+    with torch.no_grad(), lm.session(remote=remote):
+        outs = nnsight.save([])
+        hits = nnsight.save([])
+        for ids, plan, deltas, n in plans:
+            with lm.trace(ids):
+                out = []
+                hit = []
+                for path, io, ops in plan:
+                    env = lm
+                    for part in path.split("."):
+                        env = env[int(part)] if part.isdigit() else getattr(env, part)
+                    x = env.input if io == "input" else env.output
+                    rest = None
+                    if isinstance(x, tuple):
+                        x, rest = x[0], x[1:]
+                    if isinstance(x, torch.Tensor):
+                        hit.append(path)
+                    xv = x.reshape(n, x.shape[0] // n, *x.shape[1:])
+                    edited = False
+                    for op in ops:
+                        sel = op[1].to(x.device)
+                        if op[0] == "dz":  # these copies' heads' output minus the unedited copy's
+                            out.append((xv[1 + sel] - xv[0]).detach().cpu())
+                            continue
+                        if not edited:
+                            xv = xv.clone()
+                            edited = True
+                        if op[0] == "shift":  # the block input: the unedited copy's plus the change
+                            xv[1 + sel] = xv[0] + deltas[sel].to(x.device, x.dtype)
+                        else:  # the values: the unedited copy's
+                            for c0, c1 in op[2]:
+                                xv[1 + sel, :, :, c0:c1] = xv[0, :, :, c0:c1]
+                    if edited:
+                        x = xv.reshape(x.shape)
+                        y = x if rest is None else (x, *rest)
+                        if io == "input":
+                            env.input = y
+                        else:
+                            env.output = y
+                outs.append(out)
+                hits.append(hit)
+    return outs, hits
+
+
 def _remote_error(e: Exception, remote: Any) -> Exception:
     """The package error for a failed nnsight run (rejected, failed or unreachable server); others pass through."""
     if not remote or remote == "local" or isinstance(e, (InterventionError, OptionError)):

@@ -205,7 +205,7 @@ class Runner:
 
     def local_prefix(self, g: int, source: str) -> Prefix:
         """Like :meth:`prefix`, but always from the local path (with block calls, for restarting)."""
-        if self.model.backend != "nnsight":
+        if self.model.backend != "nnsight" or self.model.remote:  # remote: the nnsight run's (nothing restarts)
             return self.prefix(g, source)
         key = (g, source + ":local")
         if key not in self._prefix:
@@ -1016,6 +1016,73 @@ class Runner:
             for pos, j in enumerate(held):
                 per[j][s] = gv[s][pos * B:(pos + 1) * B]
         return av, per
+
+    def qk_fix(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+               label: str = "QK fix") -> torch.Tensor:
+        """AtP*'s QK fix terms (R, C, n) float64: ``term[r, c, i]`` sums over layers l above the senders of
+        ``changes[c]`` and positions ``(z'_l - z_l) . reads[r].grads[Site(l, "z")]`` for prompt i (task order),
+        z'_l being layer l's heads' output when the change reaches only that layer's queries and keys (its
+        block input and values held at the ``source`` run's), z_l the ``source`` run's. Layers a read has no
+        ``z`` gradient for add nothing."""
+        if self.model.backend == "nnsight":
+            return self._qk_fix_nnsight(source, changes, reads, label)
+        # the plain reference: one forward per change, every block input pinned and a delivery to q and k
+        L, H, n = self.ad.n_layers, self.ad.n_heads, len(self.task)
+        out = torch.zeros(len(reads), len(changes), n, dtype=torch.float64)
+        zs = tuple(sorted({s for r in reads for s in r.grads if s.kind == "z"}, key=lambda s: s.order))
+        base, = self.run(source, [()], capture=zs, capture_positions="all")
+        for c, ch in enumerate(changes):
+            top = max(m.layer for m in ch.senders)
+            copy = tuple(x for l in range(top + 1, L) for x in (Intervention(Site(l, "resid_pre"), None, None, source),
+                                                                 Delivery(ch, "heads", l, tuple(range(H)), ("q", "k"))))
+            if not copy:
+                continue
+            o, = self.run(source, [copy], label=label, capture=zs, capture_positions="all")
+            for g, idx in enumerate(self.groups):
+                it = torch.tensor(idx)
+                for s in zs:
+                    if s.layer <= top:
+                        continue
+                    dz = (o.captures[s][g] - base.captures[s][g]).to(torch.float64)
+                    for r, read in enumerate(reads):
+                        if s in read.grads:
+                            out[r, c, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
+        return out
+
+    def _qk_fix_nnsight(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+                        label: str) -> torch.Tensor:
+        """:meth:`qk_fix` as nnsight traces: per chunk of changes one trace of the ``source`` prompts stacked
+        1 + k times (see ``nnsight_backend.QKJob``); the changes go out, the heads' outputs' changes come back
+        and are reduced here with the gradients."""
+        from ..models.nnsight_backend import QKJob, run_qk_jobs
+
+        L, n = self.ad.n_layers, len(self.task)
+        out = torch.zeros(len(reads), len(changes), n, dtype=torch.float64)
+        first = [max(m.layer for m in ch.senders) + 1 for ch in changes]
+        todo = [c for c in range(len(changes)) if first[c] < L]
+        with progress_bar(len(todo) * len(self.groups), label, self.progress) as bar:
+            for g, idx in enumerate(self.groups):
+                it = torch.tensor(idx)
+
+                def forward(chunk: list[int], start: int, g: int = g) -> dict[int, torch.Tensor]:
+                    cs = [todo[j] for j in chunk]
+                    deltas = torch.stack([self.sender_change(g, source, changes[c]) for c in cs])
+                    job = QKJob(self.task.batch(self.groups[g], source), deltas, [first[c] for c in cs])
+                    with self.model.evaluating():
+                        return run_qk_jobs(self.model, [job])[0]
+
+                # a chunk of k changes runs k + 1 copies (the unedited one too)
+                for chunk, dz in self._batched(g, [0] * len(todo), [1] * len(todo), forward):
+                    cs = [todo[j] for j in chunk]
+                    for layer, v in dz.items():
+                        rows = torch.tensor([c for c in cs if first[c] <= layer])
+                        for r, read in enumerate(reads):
+                            gz = read.grads.get(Site(layer, "z"))
+                            if gz is not None:
+                                t = torch.einsum("mbtw,btw->mb", v.to(torch.float64), gz[g].to(torch.float64))
+                                out[r, rows[:, None], it[None, :]] += t
+                    bar.update(len(chunk))
+        return out
 
     def _plain_edits(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], B: int) -> dict:
         """The copies' interventions as plain data for a stacked nnsight trace (see ``nnsight_backend.EditSpec``).
