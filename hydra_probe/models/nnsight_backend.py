@@ -263,11 +263,11 @@ def module_path(model: Any, path: str) -> str:
 
 def run_gradient_jobs(model: Any, jobs: Sequence[GradJob]
                       ) -> list[tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]]:
-    """Run gradient ``jobs`` as traces of one nnsight session (one request when remote).
+    """Run gradient ``jobs``, each as one nnsight trace (one request when remote).
 
     Returns per job ``(acts, grads)``: per read site its activation of the first copy (B, T, width) and the
     gradient at its ``rows`` (len(rows), T, width), detached, on the CPU. The trace body
-    (:func:`_grad_session`) is plain data and torch: the forward runs with gradients enabled, zero tensors
+    (:func:`_grad_trace`) is plain data and torch: the forward runs with gradients enabled, zero tensors
     added at the read sites, ``.detach()`` on the frozen and dropped paths, and ``torch.autograd.grad`` of
     the metric's linear form at the unembedding's output. Raises as :func:`run_jobs`.
     """
@@ -302,10 +302,14 @@ def run_gradient_jobs(model: Any, jobs: Sequence[GradJob]
         plans.append((ids.to(dev) if here else ids.cpu(), plan, job.tokens.cpu(), job.weights.cpu(), job.copies))
     if remote and remote != "local":
         _prepare_key(lm)
-    try:
-        outs, hits = _grad_session(lm, plans, head, remote, nnsight)
-    except Exception as e:
-        raise _remote_error(e, remote) from None
+    outs, hits = [], []
+    for ids, plan, tokens, weights, k in plans:
+        try:
+            out, hit = _grad_trace(lm, ids, plan, head, tokens, weights, k, remote, nnsight)
+        except Exception as e:
+            raise _remote_error(e, remote) from None
+        outs.append(out)
+        hits.append(hit)
     results = []
     for job, (_, plan, *_), (acts, grads), hit in zip(jobs, plans, outs, hits):
         dead = sorted({p for p, _, _ in plan} - set(hit))
@@ -318,73 +322,78 @@ def run_gradient_jobs(model: Any, jobs: Sequence[GradJob]
     return results
 
 
-def _grad_session(lm: Any, plans: list, head: str, remote: Any, nnsight: Any) -> tuple[list, list]:
-    # The bodies below are what a server runs: plain data and torch only (no package code).
-    with lm.session(remote=remote):
-        outs = nnsight.save([])
-        hits = nnsight.save([])
-        for ids, plan, tokens, weights, k in plans:
-            with torch.enable_grad():  # the server may run requests without gradients
-                with lm.trace(ids):
-                    acts = []
-                    deltas = []
-                    rows = []
-                    stash = {}
-                    hit = []
-                    for path, io, ops in plan:
-                        env = lm
-                        for part in path.split("."):
-                            env = env[int(part)] if part.isdigit() else getattr(env, part)
-                        x = env.input if io == "input" else env.output
-                        rest = None
-                        if isinstance(x, tuple):
-                            x, rest = x[0], x[1:]
-                        if isinstance(x, torch.Tensor):
-                            hit.append(path)
-                        edited = False
-                        for op in ops:
-                            if op[0] == "freeze":  # no gradient through these queries and keys
-                                cm = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-                                for c0, c1 in op[2]:
-                                    cm[c0:c1] = True
-                                mask = op[1].to(x.device)[:, None, None] & cm
-                                x = torch.where(mask, x.detach(), x)
-                                edited = True
-                            elif op[0] == "drop":  # the same values; the gradient goes to the block input only
-                                xin = stash[op[1]]
-                                x = torch.where(op[2].to(x.device), x.detach() + (xin - xin.detach()), x)
-                                edited = True
-                            elif op[0] == "read":
-                                acts.append(x[: x.shape[0] // k].detach().cpu())
-                                d = torch.zeros_like(x, requires_grad=True)
-                                x = x + d
-                                deltas.append(d)
-                                rows.append(op[1])
-                                edited = True
-                            else:
-                                stash[op[1]] = x
-                        if edited:
-                            y = x if rest is None else (x, *rest)
-                            if io == "input":
-                                env.input = y
-                            else:
-                                env.output = y
-                    env = lm
-                    for part in head.split("."):
-                        env = env[int(part)] if part.isdigit() else getattr(env, part)
-                    u = env.output
-                    if isinstance(u, tuple):
-                        u = u[0]
-                    lg = u[:, -1][:, tokens.to(u.device)].to(weights.dtype)
-                    m = (lg.reshape(k, -1, lg.shape[-1]) * weights.to(lg.device)).sum()
-                    got = torch.autograd.grad(m, deltas, allow_unused=True)
-                    grads = []
-                    for d, gv, r in zip(deltas, got, rows):
-                        gv = torch.zeros_like(d) if gv is None else gv
-                        grads.append(gv[r.to(gv.device)].detach().cpu())
-                    outs.append((acts, grads))
-                    hits.append(hit)
-    return outs, hits
+def _grad_trace(lm: Any, ids: torch.Tensor, plan: list, head: str, tokens: torch.Tensor, weights: torch.Tensor,
+                k: int, remote: Any, nnsight: Any) -> tuple[tuple[list, list], list]:
+    # One top-level trace per request: a server compiles its body from the shipped source (a trace nested in a
+    # session is looked up by file name on the server, which may hold another body of this file from an
+    # earlier request). The body below is what a server runs: plain data and torch only (no package code).
+    was = torch.is_grad_enabled()
+    try:
+        with lm.trace(ids, remote=remote):
+            grad_was = torch.is_grad_enabled()
+            torch.set_grad_enabled(True)  # the server may run requests without gradients
+            acts = []
+            deltas = []
+            rows = []
+            stash = {}
+            hit = []
+            for path, io, ops in plan:
+                env = lm
+                for part in path.split("."):
+                    env = env[int(part)] if part.isdigit() else getattr(env, part)
+                x = env.input if io == "input" else env.output
+                rest = None
+                if isinstance(x, tuple):
+                    x, rest = x[0], x[1:]
+                if isinstance(x, torch.Tensor):
+                    hit.append(path)
+                edited = False
+                for op in ops:
+                    if op[0] == "freeze":  # no gradient through these queries and keys
+                        cm = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+                        for c0, c1 in op[2]:
+                            cm[c0:c1] = True
+                        mask = op[1].to(x.device)[:, None, None] & cm
+                        x = torch.where(mask, x.detach(), x)
+                        edited = True
+                    elif op[0] == "drop":  # the same values; the gradient goes to the block input only
+                        xin = stash[op[1]]
+                        x = torch.where(op[2].to(x.device), x.detach() + (xin - xin.detach()), x)
+                        edited = True
+                    elif op[0] == "read":
+                        acts.append(x[: x.shape[0] // k].detach().cpu())
+                        d = torch.zeros_like(x, requires_grad=True)
+                        x = x + d
+                        deltas.append(d)
+                        rows.append(op[1])
+                        edited = True
+                    else:
+                        stash[op[1]] = x
+                if edited:
+                    y = x if rest is None else (x, *rest)
+                    if io == "input":
+                        env.input = y
+                    else:
+                        env.output = y
+            env = lm
+            for part in head.split("."):
+                env = env[int(part)] if part.isdigit() else getattr(env, part)
+            u = env.output
+            if isinstance(u, tuple):
+                u = u[0]
+            lg = u[:, -1][:, tokens.to(u.device)].to(weights.dtype)
+            m = (lg.reshape(k, -1, lg.shape[-1]) * weights.to(lg.device)).sum()
+            got = torch.autograd.grad(m, deltas, allow_unused=True)
+            grads = []
+            for d, gv, r in zip(deltas, got, rows):
+                gv = torch.zeros_like(d) if gv is None else gv
+                grads.append(gv[r.to(gv.device)].detach().cpu())
+            torch.set_grad_enabled(grad_was)
+            out = nnsight.save((acts, grads))
+            hits = nnsight.save(hit)
+    finally:
+        torch.set_grad_enabled(was)  # nnsight's local simulation runs the body here
+    return out, hits
 
 
 # ---------------------------------------------------------------------------- AtP*'s QK fix as traces
@@ -404,10 +413,10 @@ class QKJob:
 
 
 def run_qk_jobs(model: Any, jobs: Sequence[QKJob]) -> list[dict[int, torch.Tensor]]:
-    """Run QK-fix ``jobs`` as traces of one nnsight session (one request when remote).
+    """Run QK-fix ``jobs``, each as one nnsight trace (one request when remote).
 
     Returns per job ``{layer: dz (m, B, T, n_heads*head_dim)}`` for every layer some copy reaches, its rows
-    the copies with ``first[j] <= layer`` in order (model dtype, CPU). The trace body (:func:`_qk_session`) is
+    the copies with ``first[j] <= layer`` in order (model dtype, CPU). The trace body (:func:`_qk_trace`) is
     plain data and torch: row copies and adds, no module calls. Raises as :func:`run_jobs`.
     """
     import nnsight
@@ -449,10 +458,14 @@ def run_qk_jobs(model: Any, jobs: Sequence[QKJob]) -> list[dict[int, torch.Tenso
         layers_of.append(layers)
     if remote and remote != "local":
         _prepare_key(lm)
-    try:
-        outs, hits = _qk_session(lm, plans, remote, nnsight)
-    except Exception as e:
-        raise _remote_error(e, remote) from None
+    outs, hits = [], []
+    for ids, plan, deltas, n in plans:
+        try:
+            out, hit = _qk_trace(lm, ids, plan, deltas, n, remote, nnsight)
+        except Exception as e:
+            raise _remote_error(e, remote) from None
+        outs.append(out)
+        hits.append(hit)
     results = []
     for (_, plan, _, _), out, hit, layers in zip(plans, outs, hits, layers_of):
         dead = sorted({p for p, _, _ in plan} - set(hit))
@@ -464,51 +477,48 @@ def run_qk_jobs(model: Any, jobs: Sequence[QKJob]) -> list[dict[int, torch.Tenso
     return results
 
 
-def _qk_session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, list]:
-    # The bodies below are what a server runs: plain data and torch only (no package code).
-    with torch.no_grad(), lm.session(remote=remote):
-        outs = nnsight.save([])
-        hits = nnsight.save([])
-        for ids, plan, deltas, n in plans:
-            with lm.trace(ids):
-                out = []
-                hit = []
-                for path, io, ops in plan:
-                    env = lm
-                    for part in path.split("."):
-                        env = env[int(part)] if part.isdigit() else getattr(env, part)
-                    x = env.input if io == "input" else env.output
-                    rest = None
-                    if isinstance(x, tuple):
-                        x, rest = x[0], x[1:]
-                    if isinstance(x, torch.Tensor):
-                        hit.append(path)
-                    xv = x.reshape(n, x.shape[0] // n, *x.shape[1:])
-                    edited = False
-                    for op in ops:
-                        sel = op[1].to(x.device)
-                        if op[0] == "dz":  # these copies' heads' output minus the unedited copy's
-                            out.append((xv[1 + sel] - xv[0]).detach().cpu())
-                            continue
-                        if not edited:
-                            xv = xv.clone()
-                            edited = True
-                        if op[0] == "shift":  # the block input: the unedited copy's plus the change
-                            xv[1 + sel] = xv[0] + deltas[sel].to(x.device, x.dtype)
-                        else:  # the values: the unedited copy's
-                            for c0, c1 in op[2]:
-                                xv[1 + sel, :, :, c0:c1] = xv[0, :, :, c0:c1]
-                    if edited:
-                        x = xv.reshape(x.shape)
-                        y = x if rest is None else (x, *rest)
-                        if io == "input":
-                            env.input = y
-                        else:
-                            env.output = y
-                outs.append(out)
-                hits.append(hit)
-    return outs, hits
-
+def _qk_trace(lm: Any, ids: torch.Tensor, plan: list, deltas: torch.Tensor, n: int, remote: Any, nnsight: Any
+              ) -> tuple[list, list]:
+    # One top-level trace per request (see _grad_trace). The body below is what a server runs: plain data and
+    # torch only (no package code).
+    with torch.no_grad(), lm.trace(ids, remote=remote):
+        out = []
+        hit = []
+        for path, io, ops in plan:
+            env = lm
+            for part in path.split("."):
+                env = env[int(part)] if part.isdigit() else getattr(env, part)
+            x = env.input if io == "input" else env.output
+            rest = None
+            if isinstance(x, tuple):
+                x, rest = x[0], x[1:]
+            if isinstance(x, torch.Tensor):
+                hit.append(path)
+            xv = x.reshape(n, x.shape[0] // n, *x.shape[1:])
+            edited = False
+            for op in ops:
+                sel = op[1].to(x.device)
+                if op[0] == "dz":  # these copies' heads' output minus the unedited copy's
+                    out.append((xv[1 + sel] - xv[0]).detach().cpu())
+                    continue
+                if not edited:
+                    xv = xv.clone()
+                    edited = True
+                if op[0] == "shift":  # the block input: the unedited copy's plus the change
+                    xv[1 + sel] = xv[0] + deltas[sel].to(x.device, x.dtype)
+                else:  # the values: the unedited copy's
+                    for c0, c1 in op[2]:
+                        xv[1 + sel, :, :, c0:c1] = xv[0, :, :, c0:c1].clone()
+            if edited:
+                x = xv.reshape(x.shape)
+                y = x if rest is None else (x, *rest)
+                if io == "input":
+                    env.input = y
+                else:
+                    env.output = y
+        out = nnsight.save(out)
+        hit = nnsight.save(hit)
+    return out, hit
 
 def _remote_error(e: Exception, remote: Any) -> Exception:
     """The package error for a failed nnsight run (rejected, failed or unreachable server); others pass through."""

@@ -1,0 +1,140 @@
+"""Attribution patching (AtP and AtP*) as nnsight traces: remote numbers equal the local ones.
+
+The gradient reads and the QK fix's forwards run on the loopback NDIF server (tests/ndif_loopback.py, which
+cannot import hydra_probe and runs requests without gradients), or in nnsight's local simulation of a
+remote server (``remote="local"``) on tiny models of several families.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import nnsight
+import numpy as np
+import pytest
+import tiny
+from test_remote import KEY, Loopback, _remote, _same
+
+import hydra_probe as hp
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Loopback("--api-key", KEY)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def ndif(server, monkeypatch):
+    monkeypatch.setattr(nnsight.CONFIG.API, "HOST", server.url)
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", KEY)
+    monkeypatch.setattr(nnsight.CONFIG.APP, "REMOTE_LOGGING", False)
+    return server
+
+
+@pytest.fixture
+def requests(monkeypatch):
+    """Count requests sent by nnsight's remote backend."""
+    from nnsight.intervention.backends import remote
+
+    calls = [0]
+    real = remote.RemoteBackend.request
+
+    def counted(self, *a, **k):
+        calls[0] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(remote.RemoteBackend, "request", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def local():
+    return hp.load_default_model()
+
+
+@pytest.fixture(scope="module")
+def task(local):
+    return hp.tasks.ioi(local, n_prompts=6, seed=1)
+
+
+def test_remote_atp_equals_local_both_directions(ndif, requests, local, task):
+    """Heads, MLPs and per-position residual rows; one request per length group for the gradient reads."""
+    m = _remote()
+    comps = [c.name for c in local.components("heads") + local.components("mlps")]
+    groups = len(task.groups())
+    for direction in ("denoise", "noise"):
+        a = hp.attribution_patch(local, task, comps, direction).to_frame()
+        requests[0] = 0
+        b = hp.attribution_patch(m, task, comps, direction).to_frame()
+        _same(a, b)
+        assert (a.estimate.abs() > 1e-3).sum() > len(comps)  # real estimates, not zeros on both sides
+        # per group: one request for the clean and corrupted runs, one for every gradient read of the group
+        assert requests[0] == 2 * groups
+    a = hp.attribution_patch(local, task, ["RESID1", "RESID3", "L2H1"], "denoise").to_frame()
+    b = hp.attribution_patch(m, task, ["RESID1", "RESID3", "L2H1"], "denoise").to_frame()
+    assert "position" in b.columns and b.position.nunique() > 1
+    _same(a, b)
+
+
+def test_remote_atp_star_equals_local(ndif, requests, local, task):
+    """AtP* (GradDrop reads stacked in one request, the QK fix's forwards for all components in one more)."""
+    m = _remote()
+    comps = ["L0H1", "L0H5", "L1H2", "L2H1", "ATTN1", "MLP0", "MLP2", "L3H0"]
+    a = hp.attribution_patch(local, task, comps, "denoise", method="atp*").to_frame()
+    requests[0] = 0
+    b = hp.attribution_patch(m, task, comps, "denoise", method="atp*").to_frame()
+    _same(a, b)
+    assert requests[0] == 3 * len(task.groups())
+    plain = hp.attribution_patch(local, task, comps, "denoise").to_frame()
+    assert np.abs(a.estimate - plain.estimate).max() > 1e-3  # the QK fix and GradDrop changed something
+    n = hp.attribution_patch(local, task, comps[:4], "noise", method="atp*", qk_fix=False).to_frame()
+    _same(n, hp.attribution_patch(m, task, comps[:4], "noise", method="atp*", qk_fix=False).to_frame())
+
+
+def test_rejected_or_failed_requests_are_remote_errors(ndif, monkeypatch, task):
+    m = _remote()
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", None)
+    with pytest.raises(hp.RemoteError, match="missing or invalid API key") as e:
+        hp.attribution_patch(m, task, ["L1H2"], "denoise")
+    assert ndif.url in str(e.value)
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", KEY)
+    from hydra_probe.models import nnsight_backend
+
+    real = nnsight_backend.concrete_path
+
+    def wrong(model, site):  # a gradient read at a block the server's model does not have
+        path, io = real(model, site)
+        return path.replace(".h.1.", ".h.17."), io
+
+    m = _remote()
+    from hydra_probe.effects.common import make_runner
+
+    runner, _ = make_runner(m, task, "logit_diff")
+    runner.prefix(0, "corrupted")  # the unedited runs with the real paths
+    monkeypatch.setattr(nnsight_backend, "concrete_path", wrong)
+    from hydra_probe.interventions import GradientRead
+    from hydra_probe.models.sites import Site
+
+    with pytest.raises(hp.RemoteError, match="rejected or failed the request: .*17"):
+        runner.gradients("corrupted", [GradientRead((Site(1, "z"),))])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma2"])
+def test_local_simulation_equals_local_on_tiny_families(family):
+    """nnsight's remote='local' (serialised, local modules hidden): fused, interleaved and separate q/k/v,
+    grouped-query attention (llama, gemma2), post norms and logit soft-capping (gemma2)."""
+    hf = tiny.hf_model(family).double()
+    tok = tiny.tokenizer(bos=family != "gpt2")
+    m = hp.load_model(hf, tokenizer=tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = hp.load_model(hf, tokenizer=tok, backend="nnsight", remote="local")
+    t = tiny.ioi(m, 4)
+    comps = ["L0H1", "L1H0", "MLP0", "ATTN1"]
+    for method, direction in (("atp*", "denoise"), ("atp", "noise")):
+        a = hp.attribution_patch(m, t, comps, direction, method=method).to_frame()
+        b = hp.attribution_patch(r, t, comps, direction, method=method).to_frame()
+        _same(a, b, atol=1e-9)
+        assert (a.estimate.abs() > 1e-6).any()
