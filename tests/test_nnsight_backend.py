@@ -80,8 +80,6 @@ def test_remote_refuses_what_runs_only_locally():
     m.remote = True
     with pytest.raises(hp.OptionError, match="remote"):
         hp.path_patch(m, t, ["L0H1"], ["logits"])
-    with pytest.raises(hp.OptionError, match="remote"):
-        hp.attribution_patch(m, t, ["L0H1"])
 
 
 @pytest.mark.parametrize("family", ["gpt2"])
