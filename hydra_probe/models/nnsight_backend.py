@@ -383,7 +383,7 @@ def _grad_trace(lm: Any, ids: torch.Tensor, plan: list, head: str, tokens: torch
                 u = u[0]
             lg = u[:, -1][:, tokens.to(u.device)].to(weights.dtype)
             m = (lg.reshape(k, -1, lg.shape[-1]) * weights.to(lg.device)).sum()
-            got = torch.autograd.grad(m, deltas, allow_unused=True)
+            got = torch.autograd.grad(m, deltas, allow_unused=True) if deltas else []
             grads = []
             for d, gv, r in zip(deltas, got, rows):
                 gv = torch.zeros_like(d) if gv is None else gv
