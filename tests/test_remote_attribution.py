@@ -78,8 +78,21 @@ def test_remote_atp_equals_local_both_directions(ndif, requests, local, task):
     _same(a, b)
 
 
-def test_remote_atp_star_equals_local(ndif, requests, local, task):
-    """AtP* (GradDrop reads stacked in one request, the QK fix's forwards for all components in one more)."""
+def test_remote_atp_star_equals_local(ndif, requests, monkeypatch, local, task):
+    """AtP* (GradDrop reads stacked in one request, the QK fix's forwards for all components in one more);
+    only the read sites' activations (first copy) and gradients, and the heads' output changes, come back."""
+    from hydra_probe.models import nnsight_backend
+
+    seen: list[tuple] = []
+    def spying(name, real):
+        def spy(model, jobs):
+            out = real(model, jobs)
+            seen.extend((name, j, o) for j, o in zip(jobs, out))
+            return out
+        return spy
+
+    for name in ("run_gradient_jobs", "run_qk_jobs"):
+        monkeypatch.setattr(nnsight_backend, name, spying(name, getattr(nnsight_backend, name)))
     m = _remote()
     comps = ["L0H1", "L0H5", "L1H2", "L2H1", "ATTN1", "MLP0", "MLP2", "L3H0"]
     a = hp.attribution_patch(local, task, comps, "denoise", method="atp*").to_frame()
@@ -87,6 +100,17 @@ def test_remote_atp_star_equals_local(ndif, requests, local, task):
     b = hp.attribution_patch(m, task, comps, "denoise", method="atp*").to_frame()
     _same(a, b)
     assert requests[0] == 3 * len(task.groups())
+    names = [n for n, _, _ in seen]
+    assert names.count("run_gradient_jobs") == names.count("run_qk_jobs") == len(task.groups())
+    for name, job, out in seen:
+        B, T = job.ids.shape
+        if name == "run_gradient_jobs":
+            acts, grads = out
+            assert set(acts) == set(grads) == set(job.rows) and job.copies > 1
+            assert all(v.shape[:2] == (B, T) for v in acts.values())
+            assert all(grads[s].shape[:2] == (len(r), T) for s, r in job.rows.items())
+        else:  # per downstream layer the changes that reach it (3 senders in layer 0, 2 in layer 1, 2 in layer 2)
+            assert {layer: v.shape[0] for layer, v in out.items()} == {1: 3, 2: 5, 3: 7}
     plain = hp.attribution_patch(local, task, comps, "denoise").to_frame()
     assert np.abs(a.estimate - plain.estimate).max() > 1e-3  # the QK fix and GradDrop changed something
     n = hp.attribution_patch(local, task, comps[:4], "noise", method="atp*", qk_fix=False).to_frame()
