@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InterventionError, OptionError, RemoteError
+from ..errors import InterventionError, MetricError, OptionError, RemoteError
 from .adapter import get_path
 from .sites import Site
 
@@ -239,10 +239,11 @@ def logit_weights(model: Any, x_last: torch.Tensor, fn: Any) -> tuple[torch.Tens
     with torch.enable_grad():
         u = ad.unembed(ad.final_norm(x_last.to(ad.device))).detach().requires_grad_(True)
         m = fn(ad.apply_softcap(u))
-        if m.requires_grad:
-            (w,) = torch.autograd.grad(m.sum(), [u], allow_unused=True)
-        else:
-            w = None
+        if not m.requires_grad:
+            raise MetricError("the metric has no gradient with respect to the logits (it detaches them or is not "
+                              "built from torch operations on them); attribution patching needs a differentiable "
+                              "metric such as 'logit_diff'.")
+        (w,) = torch.autograd.grad(m.sum(), [u], allow_unused=True)
     w = torch.zeros_like(u) if w is None else w.detach()
     tokens = torch.nonzero(w.abs().sum(0)).flatten()
     if len(tokens) == 0:
