@@ -213,7 +213,7 @@ class GradJob:
     of a q/k/qkv site: the entries that pass no gradient (AtP*'s QK fix). ``drops[l]``: a bool mask (copies*B, 1, 1): rows whose block
     ``l`` write to the residual passes no gradient, the skip path carrying it (GradDrop). ``tokens`` (K,) and
     ``weights`` (B, K): the gradient is that of ``sum weights * u[:, -1, tokens]``, u the unembedding's
-    output (see :func:`logit_weights`), summed over copies.
+    output (see :func:`logit_weights`), summed over copies. ``acts``: also return the read sites' activations.
     """
 
     ids: torch.Tensor
@@ -223,6 +223,7 @@ class GradJob:
     weights: torch.Tensor
     freeze: Mapping[Site, tuple[torch.Tensor, list[tuple[int, int]]]] = field(default_factory=dict)
     drops: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    acts: bool = True
 
 
 def logit_weights(model: Any, x_last: torch.Tensor, fn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,7 +267,8 @@ def run_gradient_jobs(model: Any, jobs: Sequence[GradJob]
                       ) -> list[tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]]:
     """Run gradient ``jobs``, each as one nnsight trace (one request when remote).
 
-    Returns per job ``(acts, grads)``: per read site its activation of the first copy (B, T, width) and the
+    Returns per job ``(acts, grads)``: per read site its activation of the first copy (B, T, width; empty
+    without ``job.acts``) and the
     gradient at its ``rows`` (len(rows), T, width), detached, on the CPU. The trace body
     (:func:`_grad_trace`) is plain data and torch: the forward runs with gradients enabled, zero tensors
     added at the read sites, ``.detach()`` on the frozen and dropped paths, and ``torch.autograd.grad`` of
@@ -293,7 +295,7 @@ def run_gradient_jobs(model: Any, jobs: Sequence[GradJob]
         for layer, m in job.drops.items():
             at(Site(layer + 1, "resid_pre")).append(("drop", layer, m))
         for i, (s, r) in enumerate(job.rows.items()):
-            at(s).append(("read", r, i))
+            at(s).append(("read", r, i, job.acts))
         for layer in job.drops:
             at(Site(layer, "resid_pre")).append(("stash", layer))
         order = {"freeze": 0, "drop": 1, "read": 2, "stash": 3}
@@ -319,7 +321,7 @@ def run_gradient_jobs(model: Any, jobs: Sequence[GradJob]
                                     "nnsight trace; the architecture table may point at a module the forward skips.")
         listed = list(job.rows)
         sites = [listed[op[2]] for _, _, ops in plan for op in ops if op[0] == "read"]
-        results.append((dict(zip(sites, acts)), dict(zip(sites, grads))))
+        results.append(({s: v for s, v in zip(sites, acts) if v is not None}, dict(zip(sites, grads))))
     return results
 
 
@@ -362,7 +364,7 @@ def _grad_trace(lm: Any, ids: torch.Tensor, plan: list, head: str, tokens: torch
                         x = torch.where(op[2].to(x.device), x.detach() + (xin - xin.detach()), x)
                         edited = True
                     elif op[0] == "read":
-                        acts.append(x[: x.shape[0] // k].detach().cpu())
+                        acts.append(x[: x.shape[0] // k].detach().cpu() if op[3] else None)
                         d = torch.zeros_like(x, requires_grad=True)
                         x = x + d
                         deltas.append(d)

@@ -970,7 +970,9 @@ class Runner:
 
                 def forward(chunk: list[int], start: int, g: int = g, tok: torch.Tensor = tok,
                             wts: torch.Tensor = wts) -> Any:
-                    return self._gradient_job(g, source, [reads[i] for i in chunk], tok, wts)
+                    todo = [reads[i] for i in chunk]
+                    need = any(len(acts.get(s, [])) <= g for r in todo for s in r.sites)  # the group's first
+                    return self._gradient_job(g, source, todo, tok, wts, need)
 
                 for chunk, (av, gr) in self._batched(g, [0] * K, [1] * K, forward):
                     for s, v in av.items():
@@ -983,9 +985,11 @@ class Runner:
         return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i]) for i, r in enumerate(reads)]
 
     def _gradient_job(self, g: int, source: str, reads: Sequence[GradientRead], tokens: torch.Tensor,
-                      weights: torch.Tensor) -> tuple[dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
-        """One nnsight trace of ``reads`` stacked along the batch: (activations {site: (B, T, w)}, per read
-        {site: gradient (B, T, w)}), with the same edits as :meth:`_gradient_forward` as plain data."""
+                      weights: torch.Tensor, need_acts: bool = True
+                      ) -> tuple[dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """One nnsight trace of ``reads`` stacked along the batch: (activations {site: (B, T, w)} when
+        ``need_acts``, per read {site: gradient (B, T, w)}), with the same edits as :meth:`_gradient_forward`
+        as plain data."""
         from ..models.nnsight_backend import GradJob, run_gradient_jobs
 
         ad = self.ad
@@ -1007,7 +1011,7 @@ class Runner:
                     freeze[site] = (rowmask, [(sl.start, sl.stop) for sl in sls])
         drops = {layer: torch.tensor([r.drop_layer == layer for r in reads]).repeat_interleave(B)[:, None, None]
                  for layer in sorted({r.drop_layer for r in reads if r.drop_layer is not None})}
-        job = GradJob(self.task.batch(idx, source), k, rows, tokens, weights, freeze, drops)
+        job = GradJob(self.task.batch(idx, source), k, rows, tokens, weights, freeze, drops, need_acts)
         with self.model.evaluating():
             av, gv = run_gradient_jobs(self.model, [job])[0]
         per: list[dict[Site, torch.Tensor]] = [{} for _ in reads]
