@@ -1070,7 +1070,13 @@ class Runner:
 
                 def forward(chunk: list[int], start: int, g: int = g) -> dict[int, torch.Tensor]:
                     cs = [todo[j] for j in chunk]
-                    deltas = torch.stack([self.sender_change(g, source, changes[c]) for c in cs])
+                    d = []
+                    for c in cs:  # not kept: each change is used by this chunk only
+                        had = (g, source, changes[c]) in self._changes
+                        d.append(self.sender_change(g, source, changes[c]))
+                        if not had:
+                            del self._changes[(g, source, changes[c])]
+                    deltas = torch.stack(d)
                     job = QKJob(self.task.batch(self.groups[g], source), deltas, [first[c] for c in cs])
                     with self.model.evaluating():
                         return run_qk_jobs(self.model, [job])[0]
