@@ -76,6 +76,11 @@ def test_local_simulation_equals_local_on_tiny_families(family):
         b = hp.attribution_patch(r, t, comps, direction, method=method).to_frame()
         _same(a, b, atol=1e-9)
         assert (a.estimate.abs() > 1e-6).any()
+    if family == "llama":  # metrics that are not linear in the logits go out as their gradient at the logits
+        for metric in ("logprob", "kl"):
+            a = hp.attribution_patch(m, t, comps, "denoise", metric=metric).to_frame()
+            _same(a, hp.attribution_patch(r, t, comps, "denoise", metric=metric).to_frame(), atol=1e-9)
+            assert (a.estimate.abs() > 1e-6).any()
     if family == "gpt2":  # a token budget of two copies: reads and changes go out in several chunks
         r.token_budget = lambda: 2 * max(len(idx) * len(t.clean_ids[idx[0]]) for idx in t.groups())
         b = hp.attribution_patch(r, t, comps, "denoise", method="atp*").to_frame()
