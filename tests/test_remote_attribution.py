@@ -7,6 +7,7 @@ remote server (``remote="local"``) on tiny models of several families.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import nnsight
@@ -171,3 +172,19 @@ def test_rejected_or_failed_requests_are_remote_errors(ndif, monkeypatch, task):
 
     with pytest.raises(hp.RemoteError, match="rejected or failed the request: .*17"):
         runner.gradients("corrupted", [GradientRead((Site(1, "z"),))])
+
+
+@pytest.mark.skipif(not os.environ.get("NDIF_API_KEY"), reason="live NDIF check: set NDIF_API_KEY to run it")
+def test_live_ndif_attribution():  # pragma: no cover - needs the network and an NDIF key
+    """Against the live service (nnsight's configured host): AtP* on a small model it serves equals local."""
+    import transformers as tf
+
+    name = os.environ.get("HYDRA_PROBE_NDIF_MODEL", "openai-community/gpt2")
+    hf = tf.AutoModelForCausalLM.from_pretrained(name)
+    tok = tf.AutoTokenizer.from_pretrained(name)
+    local = hp.load_model(hf, tokenizer=tok)
+    remote = hp.load_model(hf, tokenizer=tok, backend="nnsight", remote=True)
+    t = hp.tasks.ioi(local, n_prompts=4)
+    comps = ["L9H6", "L10H0", "MLP9"]
+    _same(hp.attribution_patch(local, t, comps, method="atp*").to_frame(),
+          hp.attribution_patch(remote, t, comps, method="atp*").to_frame(), atol=1e-3)
