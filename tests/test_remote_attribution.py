@@ -187,4 +187,4 @@ def test_live_ndif_attribution():  # pragma: no cover - needs the network and an
     t = hp.tasks.ioi(local, n_prompts=4)
     comps = ["L9H6", "L10H0", "MLP9"]
     _same(hp.attribution_patch(local, t, comps, method="atp*").to_frame(),
-          hp.attribution_patch(remote, t, comps, method="atp*").to_frame(), atol=1e-3)
+          hp.attribution_patch(remote, t, comps, method="atp*").to_frame(), atol=1e-2)
