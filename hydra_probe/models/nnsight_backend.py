@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InterventionError, OptionError, RemoteError
+from ..errors import InterventionError, MetricError, OptionError, RemoteError
 from .adapter import get_path
 from .sites import Site
 
@@ -202,6 +202,326 @@ def _session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, lis
                 hits.append(hit)
     return outs, hits
 
+
+# ---------------------------------------------------------------------------- gradient reads (attribution) as traces
+@dataclass
+class GradJob:
+    """One trace of gradient reads: ``ids`` (B, T) stacked ``copies`` times (one copy per read).
+
+    ``rows[site]``: the read sites (a zero tensor added there carries the gradient) and, per site, the rows
+    (long) whose gradient comes back. ``freeze[site]``: (a bool row mask (copies*B,), column ranges [(c0, c1)])
+    of a q/k/qkv site: the entries that pass no gradient (AtP*'s QK fix). ``drops[l]``: a bool mask (copies*B, 1, 1): rows whose block
+    ``l`` write to the residual passes no gradient, the skip path carrying it (GradDrop). ``tokens`` (K,) and
+    ``weights`` (B, K): the gradient is that of ``sum weights * u[:, -1, tokens]``, u the unembedding's
+    output (see :func:`logit_weights`), summed over copies. ``acts``: also return the read sites' activations.
+    """
+
+    ids: torch.Tensor
+    copies: int
+    rows: Mapping[Site, torch.Tensor]
+    tokens: torch.Tensor
+    weights: torch.Tensor
+    freeze: Mapping[Site, tuple[torch.Tensor, list[tuple[int, int]]]] = field(default_factory=dict)
+    drops: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    acts: bool = True
+
+
+def logit_weights(model: Any, x_last: torch.Tensor, fn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A metric's value and its gradient with respect to the unembedding's output, from final residuals.
+
+    ``x_last`` (B, d): final residuals at the last position; ``fn(logits) -> (B,)`` the metric of the
+    (soft-capped) logits. Returns ``(metric (B,) float64, tokens (K,), weights (B, K))``: the tokens where the
+    gradient is non-zero and the gradient there (float64 for a float64 model, else float32). By the chain
+    rule, ``sum weights * u[:, tokens]`` (u the unembedding's output) has the metric's gradient with respect
+    to every activation of that run, so a trace body computes it without the metric's code.
+    """
+    ad = model.adapter
+    wdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
+    with torch.enable_grad():
+        u = ad.unembed(ad.final_norm(x_last.to(ad.device))).detach().requires_grad_(True)
+        m = fn(ad.apply_softcap(u))
+        if not m.requires_grad:
+            raise MetricError("the metric has no gradient with respect to the logits (it detaches them or is not "
+                              "built from torch operations on them); attribution patching needs a differentiable "
+                              "metric such as 'logit_diff'.")
+        (w,) = torch.autograd.grad(m.sum(), [u], allow_unused=True)
+    w = torch.zeros_like(u) if w is None else w.detach()
+    tokens = torch.nonzero(w.abs().sum(0)).flatten()
+    if len(tokens) == 0:
+        tokens = torch.zeros(1, dtype=torch.long, device=w.device)
+    return m.detach().to(torch.float64).cpu(), tokens.cpu(), w[:, tokens].to(wdt).cpu()
+
+
+def module_path(model: Any, path: str) -> str:
+    """A dotted module path of the architecture table (maybe ``a|b`` alternatives) resolved on the loaded model."""
+    for alt in path.split("|"):
+        try:
+            get_path(model.hf_model, alt)
+        except (AttributeError, IndexError):
+            continue
+        return alt
+    raise InterventionError(f"none of the module paths {path!r} exists in {type(model.hf_model).__name__}")
+
+
+def run_gradient_jobs(model: Any, jobs: Sequence[GradJob]
+                      ) -> list[tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]]:
+    """Run gradient ``jobs``, each as one nnsight trace (one request when remote).
+
+    Returns per job ``(acts, grads)``: per read site its activation of the first copy (B, T, width; empty
+    without ``job.acts``) and the
+    gradient at its ``rows`` (len(rows), T, width), detached, on the CPU. The trace body
+    (:func:`_grad_trace`) is plain data and torch: the forward runs with gradients enabled, zero tensors
+    added at the read sites, ``.detach()`` on the frozen and dropped paths, and ``torch.autograd.grad`` of
+    the metric's linear form at the unembedding's output. Raises as :func:`run_jobs`.
+    """
+    import nnsight
+
+    lm = model.nnsight
+    remote = getattr(model, "remote", False)
+    if remote and remote != "local":
+        check_reachable(remote_host(remote))
+    here = not remote or remote == "local"
+    dev = model.adapter.device
+    head = module_path(model, model.adapter.table.unembed)
+    plans = []
+    for job in jobs:
+        points: dict[tuple[str, str], list] = {}
+
+        def at(s: Site, points: dict = points) -> list:
+            path, io = concrete_path(model, s)
+            return points.setdefault((path, io), [s.order, path, io, []])[3]
+        for s, (m, cols) in job.freeze.items():
+            at(s).append(("freeze", m, cols))
+        for layer, m in job.drops.items():
+            at(Site(layer + 1, "resid_pre")).append(("drop", layer, m))
+        for i, (s, r) in enumerate(job.rows.items()):
+            at(s).append(("read", r, i, job.acts))
+        for layer in job.drops:
+            at(Site(layer, "resid_pre")).append(("stash", layer))
+        order = {"freeze": 0, "drop": 1, "read": 2, "stash": 3}
+        plan = [(path, io, sorted(ops, key=lambda op: order[op[0]]))
+                for _, path, io, ops in sorted(points.values(), key=lambda p: p[0])]
+        ids = job.ids.repeat(job.copies, 1)
+        plans.append((ids.to(dev) if here else ids.cpu(), plan, job.tokens.cpu(), job.weights.cpu(), job.copies))
+    if remote and remote != "local":
+        _prepare_key(lm)
+    outs, hits = [], []
+    for ids, plan, tokens, weights, k in plans:
+        try:
+            out, hit = _grad_trace(lm, ids, plan, head, tokens, weights, k, remote, nnsight)
+        except Exception as e:
+            raise _remote_error(e, remote) from None
+        outs.append(out)
+        hits.append(hit)
+    results = []
+    for job, (_, plan, *_), (acts, grads), hit in zip(jobs, plans, outs, hits):
+        dead = sorted({p for p, _, _ in plan} - set(hit))
+        if dead:
+            raise InterventionError(f"gradient reads at {', '.join(dead)} never touched a real activation in the "
+                                    "nnsight trace; the architecture table may point at a module the forward skips.")
+        listed = list(job.rows)
+        sites = [listed[op[2]] for _, _, ops in plan for op in ops if op[0] == "read"]
+        results.append(({s: v for s, v in zip(sites, acts) if v is not None}, dict(zip(sites, grads))))
+    return results
+
+
+def _grad_trace(lm: Any, ids: torch.Tensor, plan: list, head: str, tokens: torch.Tensor, weights: torch.Tensor,
+                k: int, remote: Any, nnsight: Any) -> tuple[tuple[list, list], list]:
+    # One top-level trace per request: a server compiles its body from the shipped source (a trace nested in a
+    # session is looked up by file name on the server, which may hold another body of this file from an
+    # earlier request). The body below is what a server runs: plain data and torch only (no package code).
+    was = torch.is_grad_enabled()
+    try:
+        with lm.trace(ids, remote=remote):
+            grad_was = torch.is_grad_enabled()
+            torch.set_grad_enabled(True)  # the server may run requests without gradients
+            acts = []
+            deltas = []
+            rows = []
+            stash = {}
+            hit = []
+            for path, io, ops in plan:
+                env = lm
+                for part in path.split("."):
+                    env = env[int(part)] if part.isdigit() else getattr(env, part)
+                x = env.input if io == "input" else env.output
+                rest = None
+                if isinstance(x, tuple):
+                    x, rest = x[0], x[1:]
+                if isinstance(x, torch.Tensor):
+                    hit.append(path)
+                edited = False
+                for op in ops:
+                    if op[0] == "freeze":  # no gradient through these queries and keys
+                        cm = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+                        for c0, c1 in op[2]:
+                            cm[c0:c1] = True
+                        mask = op[1].to(x.device)[:, None, None] & cm
+                        x = torch.where(mask, x.detach(), x)
+                        edited = True
+                    elif op[0] == "drop":  # the same values; the gradient goes to the block input only
+                        xin = stash[op[1]]
+                        x = torch.where(op[2].to(x.device), x.detach() + (xin - xin.detach()), x)
+                        edited = True
+                    elif op[0] == "read":
+                        acts.append(x[: x.shape[0] // k].detach().cpu() if op[3] else None)
+                        d = torch.zeros_like(x, requires_grad=True)
+                        x = x + d
+                        deltas.append(d)
+                        rows.append(op[1])
+                        edited = True
+                    else:
+                        stash[op[1]] = x
+                if edited:
+                    y = x if rest is None else (x, *rest)
+                    if io == "input":
+                        env.input = y
+                    else:
+                        env.output = y
+            env = lm
+            for part in head.split("."):
+                env = env[int(part)] if part.isdigit() else getattr(env, part)
+            u = env.output
+            if isinstance(u, tuple):
+                u = u[0]
+            lg = u[:, -1][:, tokens.to(u.device)].to(weights.dtype)
+            m = (lg.reshape(k, -1, lg.shape[-1]) * weights.to(lg.device)).sum()
+            got = torch.autograd.grad(m, deltas, allow_unused=True) if deltas else []
+            grads = []
+            for d, gv, r in zip(deltas, got, rows):
+                gv = torch.zeros_like(d) if gv is None else gv
+                grads.append(gv[r.to(gv.device)].detach().cpu())
+            torch.set_grad_enabled(grad_was)
+            out = nnsight.save((acts, grads))
+            hits = nnsight.save(hit)
+    finally:
+        torch.set_grad_enabled(was)  # nnsight's local simulation runs the body here
+    return out, hits
+
+
+# ---------------------------------------------------------------------------- AtP*'s QK fix as traces
+@dataclass
+class QKJob:
+    """One trace of AtP*'s QK fix: ``ids`` (B, T) stacked ``1 + k`` times, the first copy the unedited run.
+
+    Copy ``j + 1`` gets, at every layer ``l >= first[j]``, the block input of the unedited copy plus
+    ``deltas[j]`` (k, B, T, d) and the unedited copy's values: its heads' output ``z`` is then that of the
+    change reaching only layer l's queries and keys, the block input (and values) held at the unedited
+    run's. What comes back is, per layer, that ``z`` minus the unedited one for the copies that reach it.
+    """
+
+    ids: torch.Tensor
+    deltas: torch.Tensor
+    first: Sequence[int]
+
+
+def run_qk_jobs(model: Any, jobs: Sequence[QKJob]) -> list[dict[int, torch.Tensor]]:
+    """Run QK-fix ``jobs``, each as one nnsight trace (one request when remote).
+
+    Returns per job ``{layer: dz (m, B, T, n_heads*head_dim)}`` for every layer some copy reaches, its rows
+    the copies with ``first[j] <= layer`` in order (model dtype, CPU). The trace body (:func:`_qk_trace`) is
+    plain data and torch: row copies and adds, no module calls. Raises as :func:`run_jobs`.
+    """
+    import nnsight
+
+    ad = model.adapter
+    lm = model.nnsight
+    remote = getattr(model, "remote", False)
+    if remote and remote != "local":
+        check_reachable(remote_host(remote))
+    here = not remote or remote == "local"
+    dev = ad.device
+    L = ad.n_layers
+    plans = []
+    layers_of = []
+    for job in jobs:
+        first = list(job.first)
+        layers = list(range(min(first, default=L), L))
+        points: dict[tuple[str, str], list] = {}
+
+        def at(s: Site, points: dict = points) -> list:
+            path, io = concrete_path(model, s)
+            return points.setdefault((path, io), [s.order, path, io, []])[3]
+        for layer in layers:
+            sel = torch.tensor([j for j, f in enumerate(first) if f <= layer], dtype=torch.long)
+            at(Site(layer, "resid_pre")).append(("shift", sel))
+            vcols: dict[Site, list[tuple[int, int]]] = {}
+            for h in range(ad.n_heads):
+                site, sl = ad.head_input_slice(layer, h, "v")
+                if (sl.start, sl.stop) not in vcols.setdefault(site, []):
+                    vcols[site].append((sl.start, sl.stop))
+            for site, cols in vcols.items():
+                at(site).append(("values", sel, cols))
+            at(Site(layer, "z")).append(("dz", sel))
+        plan = [(path, io, ops) for _, path, io, ops in sorted(points.values(), key=lambda p: p[0])]
+        ids = job.ids.repeat(1 + len(first), 1)
+        deltas = job.deltas.detach()
+        plans.append((ids.to(dev) if here else ids.cpu(), plan,
+                      deltas.to(dev) if here else deltas.cpu().contiguous(), 1 + len(first)))
+        layers_of.append(layers)
+    if remote and remote != "local":
+        _prepare_key(lm)
+    outs, hits = [], []
+    for ids, plan, deltas, n in plans:
+        try:
+            out, hit = _qk_trace(lm, ids, plan, deltas, n, remote, nnsight)
+        except Exception as e:
+            raise _remote_error(e, remote) from None
+        outs.append(out)
+        hits.append(hit)
+    results = []
+    for (_, plan, _, _), out, hit, layers in zip(plans, outs, hits, layers_of):
+        dead = sorted({p for p, _, _ in plan} - set(hit))
+        if dead:
+            raise InterventionError(f"the QK fix's edits at {', '.join(dead)} never touched a real activation in "
+                                    "the nnsight trace; the architecture table may point at a module the forward "
+                                    "skips.")
+        results.append(dict(zip(layers, out)))
+    return results
+
+
+def _qk_trace(lm: Any, ids: torch.Tensor, plan: list, deltas: torch.Tensor, n: int, remote: Any, nnsight: Any
+              ) -> tuple[list, list]:
+    # One top-level trace per request (see _grad_trace). The body below is what a server runs: plain data and
+    # torch only (no package code).
+    with torch.no_grad(), lm.trace(ids, remote=remote):
+        out = []
+        hit = []
+        for path, io, ops in plan:
+            env = lm
+            for part in path.split("."):
+                env = env[int(part)] if part.isdigit() else getattr(env, part)
+            x = env.input if io == "input" else env.output
+            rest = None
+            if isinstance(x, tuple):
+                x, rest = x[0], x[1:]
+            if isinstance(x, torch.Tensor):
+                hit.append(path)
+            xv = x.reshape(n, x.shape[0] // n, *x.shape[1:])
+            edited = False
+            for op in ops:
+                sel = op[1].to(x.device)
+                if op[0] == "dz":  # these copies' heads' output minus the unedited copy's
+                    out.append((xv[1 + sel] - xv[0]).detach().cpu())
+                    continue
+                if not edited:
+                    xv = xv.clone()
+                    edited = True
+                if op[0] == "shift":  # the block input: the unedited copy's plus the change
+                    xv[1 + sel] = xv[0] + deltas[sel].to(x.device, x.dtype)
+                else:  # the values: the unedited copy's
+                    for c0, c1 in op[2]:
+                        xv[1 + sel, :, :, c0:c1] = xv[0, :, :, c0:c1].clone()
+            if edited:
+                x = xv.reshape(x.shape)
+                y = x if rest is None else (x, *rest)
+                if io == "input":
+                    env.input = y
+                else:
+                    env.output = y
+        out = nnsight.save(out)
+        hit = nnsight.save(hit)
+    return out, hit
 
 def _remote_error(e: Exception, remote: Any) -> Exception:
     """The package error for a failed nnsight run (rejected, failed or unreachable server); others pass through."""
