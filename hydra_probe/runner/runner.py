@@ -205,7 +205,7 @@ class Runner:
 
     def local_prefix(self, g: int, source: str) -> Prefix:
         """Like :meth:`prefix`, but always from the local path (with block calls, for restarting)."""
-        if self.model.backend != "nnsight" or self.model.remote:  # remote: the nnsight run's (nothing restarts)
+        if self.model.backend != "nnsight":
             return self.prefix(g, source)
         key = (g, source + ":local")
         if key not in self._prefix:
