@@ -28,7 +28,7 @@ import torch
 from ..checks import public
 from ..components import Component, select
 from ..errors import InputError, MetricError, OptionError
-from ..interventions import Delivery, Direction, GradientRead, Intervention, SenderChange, check_direction, site_of
+from ..interventions import Direction, GradientRead, SenderChange, check_direction, site_of
 from ..metrics import Metric
 from ..models.sites import Site
 from ..results import Result, provenance
@@ -215,7 +215,7 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     label = f"{'AtP*' if star else 'attribution'} ({direction})"
     outs = runner.gradients(source, reads, label=label)
     other_run, = runner.run(other, [()], capture=own, capture_positions="all")
-    qk = _qk_terms(runner, model, plan, source, other, pos, zs, label, outs) if qk_on else {}
+    qk = _qk_terms(runner, model, plan, source, other, pos, label, outs) if qk_on else {}
     est = torch.zeros(len(reads), len(plan), n, dtype=torch.float64)
     base_metric = outs[0].metric
     for g, idx in enumerate(runner.groups):
@@ -274,40 +274,18 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
 
 
 def _qk_terms(runner: Any, model: Any, plan: list[tuple[Component, int | None]], source: str, other: str,
-              pos: tuple[int, ...] | None, zs: tuple[Site, ...], label: str, reads: list[Any],
-              chunk: int = 16) -> dict[int, torch.Tensor]:
-    """AtP*'s QK fix: per plan row i (heads, ATTN and MLP components), per gradient read r, per prompt,
-    ``sum_l (z'_l - z_l) . g_r[z_l]`` over every downstream layer l, where z'_l is that layer's heads' output
-    when the component's change reaches only their queries and keys (each block's input held at the
-    baseline run's): a tensor (R, n). Runs ``chunk`` components per call and reduces at once, so the
-    captured outputs of only that many are held in memory."""
-    L, H, n = model.n_layers, model.n_heads, len(runner.task)
-    rows, copies = [], []
+              pos: tuple[int, ...] | None, label: str, reads: list[Any]) -> dict[int, torch.Tensor]:
+    """AtP*'s QK fix: per plan row i (heads, ATTN and MLP components below the last layer), per gradient read r,
+    per prompt, ``sum_l (z'_l - z_l) . g_r[z_l]`` over every downstream layer l, where z'_l is that layer's
+    heads' output when the component's change reaches only their queries and keys (each block's input held
+    at the baseline run's): a tensor (R, n). :meth:`Runner.qk_fix` computes them all."""
+    rows, changes = [], []
     for i, (c, p) in enumerate(plan):
-        if c.kind == "resid" or c.layer + 1 >= L:
+        if c.kind == "resid" or c.layer + 1 >= model.n_layers:
             continue
-        change = SenderChange((c,), other, (p,) if p is not None else pos)
-        copy: list[Any] = []
-        for l in range(c.layer + 1, L):
-            copy.append(Intervention(Site(l, "resid_pre"), None, None, source))
-            copy.append(Delivery(change, "heads", l, tuple(range(H)), ("q", "k")))
-        rows.append((i, c))
-        copies.append(tuple(copy))
-    out: dict[int, torch.Tensor] = {}
-    if not copies:
-        return out
-    base, = runner.run(source, [()], capture=zs, capture_positions="all")
-    for j in range(0, len(copies), chunk):
-        outs = runner.run(source, copies[j:j + chunk], label=f"{label}: QK fix", capture=zs, capture_positions="all")
-        for (i, c), o in zip(rows[j:j + chunk], outs):
-            term = torch.zeros(len(reads), n, dtype=torch.float64)
-            for g, idx in enumerate(runner.groups):
-                it = torch.tensor(idx)
-                for s in zs:
-                    if s.layer <= c.layer:
-                        continue
-                    dz = (o.captures[s][g] - base.captures[s][g]).to(torch.float64)
-                    for r, read in enumerate(reads):
-                        term[r, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
-            out[i] = term
-    return out
+        rows.append(i)
+        changes.append(SenderChange((c,), other, (p,) if p is not None else pos))
+    if not changes:
+        return {}
+    term = runner.qk_fix(source, changes, reads, label=f"{label}: QK fix")
+    return {i: term[:, j] for j, i in enumerate(rows)}

@@ -714,6 +714,46 @@ class Adapter:
         finally:
             self.model.set_attn_implementation(old)
 
+    # ------------------------------------------------------------------ AtP*'s QK fix (attention only)
+    def attention_z(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block ``layer``'s heads' output ``z`` (copies*B, T, H*dh), its attention output projection's input,
+        for the block input ``hidden`` (copies*B, T, d) with the prefix's call arguments (masks, positions).
+
+        The block stops there: its output projection, post norms, MLP and residual adds are not run (a
+        forward pre-hook on the output projection raises a private signal the call catches). Hooks
+        registered with :meth:`hooks` on sites before ``z`` (q/k/v projections, norms) fire as in a full
+        forward. Where accelerate dispatches modules of the block (its hooks must see the forward end),
+        the block runs to its end instead; the numbers are the same.
+        """
+        self._refuse_remote()
+        block = self.blocks[layer]
+        o_proj = get_path(block, self.table.o_proj)
+        stop = not any(hasattr(m, "_hf_hook") for m in block.modules())
+        got: dict[str, torch.Tensor] = {}
+
+        def at_z(mod, args, kwargs):
+            got["z"] = args[0] if args else next(iter(kwargs.values()))
+            if stop:
+                raise _StopAtZ
+
+        args, kw = prefix.calls[layer]
+        B = prefix.batch
+        with temporary_hooks() as register:
+            register(o_proj, at_z, pre=True, with_kwargs=True)
+            try:
+                block(hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
+            except _StopAtZ:
+                pass
+        if "z" not in got:
+            raise ArchitectureError(f"block {layer} never called its attention output projection "
+                                    f"({self.table.o_proj}); check the architecture table's o_proj path.")
+        return got["z"]
+
+
+class _StopAtZ(BaseException):
+    """Raised by :meth:`Adapter.attention_z`'s hook on the output projection and caught by it: the rest of the
+    block is not run. A BaseException, so that no ``except Exception`` inside a model swallows it."""
+
 
 def norm_scale(x: torch.Tensor, eps: float, centre: bool) -> torch.Tensor:
     """A norm's scale of vectors ``x`` (..., d) -> (...), float64: ``sqrt(var(x) + eps)`` when the norm centres

@@ -94,11 +94,14 @@ class GradientOutput:
         acts: ``{site: [per length group g a (B_g, T_g, width) tensor]}``: the
             activations read (model dtype, CPU).
         grads: the same layout: the metric's gradient with respect to each activation.
+        drop_layer: the read's GradDrop layer (None: nothing dropped); :meth:`Runner.qk_fix` skips the
+            terms a read that drops a layer at or below a sender never uses.
     """
 
     metric: torch.Tensor
     acts: dict[Site, list[torch.Tensor]]
     grads: dict[Site, list[torch.Tensor]]
+    drop_layer: int | None = None
 
 
 @contextlib.contextmanager
@@ -147,6 +150,9 @@ class Runner:
     heads' outputs (``z``) restarts at that layer's attention output
     projection, the layer's attention taken from the cached prefix (it does
     not depend on the edit); False recomputes it (the plain path).
+    ``Runner.fast_qk`` and ``Runner.shared_gradients`` (default True) switch
+    AtP*'s engine (:meth:`qk_fix`, :meth:`gradients`) to its plain reference
+    when False (same numbers, for tests and benchmarks).
 
     Args:
         model: a :class:`~hydra_probe.models.HookedModel`.
@@ -162,6 +168,12 @@ class Runner:
     """
 
     fast_attention: bool = True
+    #: AtP*'s QK fix runs only each downstream layer's attention, all senders stacked (False: the plain
+    #: reference, one full forward per sender with every block input pinned and a delivery to q and k)
+    fast_qk: bool = True
+    #: gradient reads share one forward per group (GradDrop reads as vector-Jacobian products of the
+    #: blocks under the dropped layer); False: the plain reference, one stacked copy per read
+    shared_gradients: bool = True
 
     def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
                  token_budget: int | None = None, progress: bool | None = None) -> None:
@@ -832,12 +844,122 @@ class Runner:
                         for s, v in gr[j].items():
                             grads[i].setdefault(s, []).append(v.cpu())
                     bar.update(len(chunk))
-        return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i]) for i, r in enumerate(reads)]
+        return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i], r.drop_layer)
+                for i, r in enumerate(reads)]
 
     def _gradient_forward(self, g: int, source: str, reads: Sequence[GradientRead], start: int
                           ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
-        """One stacked forward and backward of ``reads``: (metric (B,), activations {site: (B, T, w)},
-        per read {site: gradient (B, T, w)})."""
+        """The forward and backward of ``reads`` on group ``g``: (metric (B,), activations {site: (B, T, w)},
+        per read {site: gradient (B, T, w)}). Shared (one forward per ``freeze_patterns`` setting) unless
+        ``Runner.shared_gradients`` is False."""
+        if not self.shared_gradients:
+            return self._gradient_forward_stacked(g, source, reads, start)
+        m0: torch.Tensor | None = None
+        acts: dict[Site, torch.Tensor] = {}
+        per: list[dict[Site, torch.Tensor]] = [{} for _ in reads]
+        for flag in (False, True):
+            js = [j for j, r in enumerate(reads) if r.freeze_patterns == flag]
+            if js:
+                m0, a, got = self._gradient_forward_shared(g, source, [reads[j] for j in js], start, flag)
+                acts.update(a)
+                for j, p in zip(js, got):
+                    per[j] = p
+        assert m0 is not None
+        return m0, acts, per
+
+    def _gradient_forward_shared(self, g: int, source: str, reads: Sequence[GradientRead], start: int,
+                                 freeze: bool
+                                 ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """One forward of group ``g`` for every read (all with ``freeze_patterns == freeze``) and one full
+        backward; each GradDrop read then reuses it: dropping block l's write leaves the gradient at the
+        sites above l as it is, makes it zero inside block l, and below l it is the vector-Jacobian product
+        of the blocks under l with the residual gradient at block l's output placed at block l's input
+        (``torch.autograd.grad`` on the kept graph). Equals one stacked copy per read
+        (:meth:`_gradient_forward_stacked`) to float rounding."""
+        ad = self.ad
+        P = self.local_prefix(g, source)
+        L = ad.n_layers
+        final = Site(L, "resid_pre")
+        sites = sorted({s for r in reads for s in r.sites}, key=lambda s: s.order)
+        drops = sorted({r.drop_layer for r in reads if r.drop_layer is not None and r.drop_layer >= start})
+        taps = {Site(layer + 1, "resid_pre") for layer in drops}  # block l's output: its residual gradient
+        deltas: dict[Site, torch.Tensor] = {}
+        acts: dict[Site, torch.Tensor] = {}
+        edits: dict[Site, list[Callable]] = {}
+        caps: dict[Site, Callable] = {}
+        if freeze:  # AtP*'s QK fix: queries and keys pass no gradient (attention patterns are constants)
+            for layer in range(start, L):
+                cols: dict[Site, list[slice]] = {}
+                for h in range(ad.n_heads):
+                    for w in ("q", "k"):
+                        site, sl = ad.head_input_slice(layer, h, w)
+                        cols.setdefault(site, []).append(sl)
+
+                def freeze_qk(y: torch.Tensor, sls: list[slice] = ()) -> torch.Tensor:  # type: ignore[assignment]
+                    cm = torch.zeros(y.shape[-1], dtype=torch.bool, device=y.device)
+                    for sl in sls:
+                        cm[sl] = True
+                    return torch.where(cm, y.detach(), y)
+                for site, sls in cols.items():
+                    edits.setdefault(site, []).append(lambda y, sls=sls: freeze_qk(y, sls))
+        block_in: dict[int, torch.Tensor] = {}
+        for layer in drops:
+            caps[Site(layer, "resid_pre")] = lambda x, layer=layer: block_in.__setitem__(layer, x)
+        # zero tensors added to the activations (and to the dropped blocks' outputs) carry the gradient
+        read_sites = set(sites)
+        for s in sorted(read_sites | taps, key=lambda s: s.order):
+            def read(x: torch.Tensor, s: Site = s) -> torch.Tensor:
+                if s in read_sites:
+                    acts[s] = x.detach()
+                deltas[s] = torch.zeros_like(x, requires_grad=True)
+                return x + deltas[s]
+            edits.setdefault(s, []).append(read)
+        for s, fn in list(caps.items()):
+            if s in edits:  # capture after the site's edits, in one function
+                edits[s].append(lambda x, fn=fn: (fn(x), x)[1])
+                del caps[s]
+        edit_fns = {s: _compose(fs) for s, fs in edits.items()}
+        need = sorted(read_sites | taps, key=lambda s: s.order)
+        with self.model.evaluating(), torch.enable_grad():
+            hook_edits = {s: f for s, f in edit_fns.items() if s != final}
+            with self.ad.hooks(hook_edits, caps) as fired:
+                x = self.ad.run_blocks(P, start, 1) if start < L else P.resid[L].clone()
+            check_fired(fired, hook_edits)
+            if final in edit_fns:
+                x = edit_fns[final](x)
+            logits = ad.logits(x[:, -1])
+            idx = self.groups[g]
+            clean = self.clean_logits()[idx] if self.metric.needs_clean else None
+            mvals = self.metric(logits, self.task.answer_ids[idx], self.task.alternative_ids[idx], clean)
+            gr = torch.autograd.grad(mvals.sum(), [deltas[s] for s in need], allow_unused=True,
+                                     retain_graph=bool(drops))
+            full = {s: torch.zeros_like(deltas[s]) if v is None else v.detach() for s, v in zip(need, gr)}
+            below: dict[int, dict[Site, torch.Tensor]] = {}
+            for layer in drops:
+                under = [s for s in sites if s.layer < layer or s == Site(layer, "resid_pre")]
+                xin = block_in[layer]
+                got: tuple[Any, ...] = (None,) * len(under)
+                if under and xin.requires_grad:
+                    got = torch.autograd.grad(xin, [deltas[s] for s in under], full[Site(layer + 1, "resid_pre")],
+                                              retain_graph=True, allow_unused=True)
+                below[layer] = {s: torch.zeros_like(deltas[s]) if v is None else v.detach() for s, v in zip(under, got)}
+        per: list[dict[Site, torch.Tensor]] = []
+        for r in reads:
+            d = r.drop_layer if r.drop_layer is not None and r.drop_layer >= start else None
+            out: dict[Site, torch.Tensor] = {}
+            for s in r.sites:
+                if d is None or s.layer > d:
+                    out[s] = full[s]
+                elif s in below[d]:
+                    out[s] = below[d][s]
+                else:  # inside the dropped block: its write passes no gradient
+                    out[s] = torch.zeros_like(full[s])
+            per.append(out)
+        return mvals.detach().to(torch.float64), acts, per
+
+    def _gradient_forward_stacked(self, g: int, source: str, reads: Sequence[GradientRead], start: int
+                                  ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """The plain reference of :meth:`_gradient_forward`: one stacked copy (forward and backward) per read."""
         ad = self.ad
         P = self.local_prefix(g, source)
         k, B, L = len(reads), P.batch, ad.n_layers
@@ -913,6 +1035,150 @@ class Runner:
                     per[j][s] = gv[j * B:(j + 1) * B]
         m0 = mvals.detach().to(torch.float64)[:B]
         return m0, {s: v[:B] for s, v in acts.items()}, per
+
+    # ---------------------------------------------------------------- AtP*'s QK fix
+    def qk_fix(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+               label: str = "QK fix") -> torch.Tensor:
+        """AtP*'s QK fix: the pattern changes of every downstream layer, recomputed, read by each gradient.
+
+        ``term[r, c, i] = sum over layers l > (sender layer of changes[c]) and positions of
+        (z'_l - z_l) . reads[r].grads[Site(l, "z")]`` for prompt i (task order), where ``z'_l`` is layer
+        l's heads' output when ``changes[c]`` reaches only layer l's queries and keys (q and k projected
+        from ``norm(x_l + change)``, grouped-query keys included) and layer l's block input ``x_l`` and
+        its values stay at the ``source`` run's; ``z_l`` the ``source`` run's. The sender layer is the
+        largest layer of the change's senders. Terms a read never uses (it drops a layer at or below
+        the sender, ``GradientOutput.drop_layer``) are 0.
+
+        Each pair (change, layer) is independent, so per layer only that block's attention runs (up to
+        its output projection's input), with the changes of every sender below it stacked along the
+        batch (within the token budget, halved on out-of-memory), and is reduced against the gradients
+        at once. ``Runner.fast_qk = False``: the plain reference, one full forward per change.
+
+        Returns:
+            (R, C, n) float64.
+        """
+        if source not in SOURCES:
+            raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
+        self.check_local("AtP*'s QK fix")
+        L, n = self.ad.n_layers, len(self.task)
+        R, C = len(reads), len(changes)
+        out = torch.zeros(R, C, n, dtype=torch.float64)
+        lay = [max(m.layer for m in ch.senders) for ch in changes]
+        todo = [c for c in range(C) if lay[c] + 1 < L]
+        if not todo or not R:
+            return out
+        first = min(lay[c] for c in todo)
+        for r in reads:
+            missing = [str(Site(layer, "z")) for layer in range(first + 1, L) if Site(layer, "z") not in r.grads]
+            if missing:
+                raise OptionError(f"the QK fix reads the gradient at the heads' outputs downstream of the senders; "
+                                  f"a read lacks {', '.join(missing)}. Include those sites in the GradientRead.")
+        drop = [r.drop_layer for r in reads]
+        use = torch.tensor([[d is None or d > lay[c] for c in range(C)] for d in drop], dtype=torch.bool)
+        if not self.fast_qk:
+            out = self._qk_fix_plain(source, changes, reads, lay, todo, label)
+            return out * use[..., None]
+        order = sorted(todo, key=lambda c: lay[c])
+        with progress_bar(len(order) * len(self.groups), label, self.progress) as bar:
+            for g, idx in enumerate(self.groups):
+                it = torch.tensor(idx)
+                P = self.local_prefix(g, source)
+                B, T = P.batch, P.resid[0].shape[1]
+                pos = 0
+                while pos < len(order):
+                    chunk = order[pos:pos + max(1, self.token_budget // (B * T) - 1)]
+                    while True:
+                        try:
+                            part = self._qk_chunk(g, source, [changes[c] for c in chunk], [lay[c] for c in chunk],
+                                                  reads)
+                            break
+                        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                            if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower() \
+                                    and not isinstance(e, torch.OutOfMemoryError):
+                                raise
+                            if len(chunk) == 1:
+                                raise ResourceError(_oom_advice(B, T)) from None
+                            chunk = chunk[:max(1, len(chunk) // 2)]
+                            self.token_budget = (len(chunk) + 1) * B * T
+                    ci = torch.tensor(chunk)
+                    out[:, ci[:, None], it[None, :]] = part.cpu()
+                    pos += len(chunk)
+                    bar.update(len(chunk))
+        return out * use[..., None]
+
+    def _qk_chunk(self, g: int, source: str, changes: Sequence[SenderChange], lays: Sequence[int],
+                  reads: Sequence[GradientOutput]) -> torch.Tensor:
+        """The QK-fix terms (R, k, B) of ``changes`` (senders' layers ``lays``) on group ``g``: per downstream
+        layer one call of its block's attention on the stacked inputs ``x_l + change`` and one unchanged
+        copy ``x_l``, whose values (v) every copy takes."""
+        ad = self.ad
+        P = self.local_prefix(g, source)
+        B, L, k = P.batch, ad.n_layers, len(changes)
+        with torch.no_grad():
+            d = []
+            for ch in changes:  # not cached: each change is used by this chunk only
+                key = (g, source, ch)
+                had = key in self._changes
+                d.append(self.sender_change(g, source, ch))
+                if not had:
+                    del self._changes[key]
+        part = torch.zeros(len(reads), k, B, dtype=torch.float64, device=ad.device)
+
+        def values_of_x(y: torch.Tensor, sls: list[slice]) -> torch.Tensor:
+            """Every copy's values are the last (unchanged) copy's."""
+            y = y.clone()
+            for sl in sls:
+                y[:-B, :, sl] = y[-B:, :, sl].repeat(y.shape[0] // B - 1, 1, 1)
+            return y
+
+        for layer in range(min(lays) + 1, L):
+            rows = [j for j in range(k) if lays[j] < layer]
+            kk = len(rows)
+            v_cols: dict[Site, list[slice]] = {}
+            for h in range(ad.n_heads):
+                site, sl = ad.head_input_slice(layer, h, "v")
+                if sl not in v_cols.setdefault(site, []):
+                    v_cols[site].append(sl)
+            edits = {site: (lambda y, sls=sls: values_of_x(y, sls)) for site, sls in v_cols.items()}
+            x = P.resid[layer]
+            with torch.no_grad():
+                hidden = torch.cat([x + d[j] for j in rows] + [x])
+                with self.model.evaluating(), self.ad.hooks(edits) as fired:
+                    z = self.ad.attention_z(P, layer, kk + 1, hidden)
+                check_fired(fired, edits)
+                dz = (z[:kk * B].reshape(kk, B, -1) - z[kk * B:].reshape(1, B, -1)).to(torch.float64)
+                G = torch.stack([r.grads[Site(layer, "z")][g] for r in reads]).to(ad.device, torch.float64)
+                part[:, rows] += torch.einsum("kbx,rbx->rkb", dz, G.view(len(reads), B, -1))
+        return part
+
+    def _qk_fix_plain(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+                      lay: list[int], todo: list[int], label: str, chunk: int = 16) -> torch.Tensor:
+        """The plain reference of :meth:`qk_fix`: one forward per change from its sender's layer + 1 to the
+        end, every block input pinned to the ``source`` run's and a delivery of the change to every
+        downstream head's q and k; ``chunk`` changes per call, reduced at once."""
+        L, H, n = self.ad.n_layers, self.ad.n_heads, len(self.task)
+        out = torch.zeros(len(reads), len(changes), n, dtype=torch.float64)
+        zs = tuple(Site(layer, "z") for layer in range(min(lay[c] for c in todo) + 1, L))
+        copies = []
+        for c in todo:
+            copy: list[Any] = []
+            for layer in range(lay[c] + 1, L):
+                copy.append(Intervention(Site(layer, "resid_pre"), None, None, source))
+                copy.append(Delivery(changes[c], "heads", layer, tuple(range(H)), ("q", "k")))
+            copies.append(tuple(copy))
+        base, = self.run(source, [()], capture=zs, capture_positions="all")
+        for j in range(0, len(copies), chunk):
+            outs = self.run(source, copies[j:j + chunk], label=label, capture=zs, capture_positions="all")
+            for c, o in zip(todo[j:j + chunk], outs):
+                for g, idx in enumerate(self.groups):
+                    it = torch.tensor(idx)
+                    for s in zs:
+                        if s.layer <= lay[c]:
+                            continue
+                        dz = (o.captures[s][g] - base.captures[s][g]).to(torch.float64)
+                        for r, read in enumerate(reads):
+                            out[r, c, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
+        return out
 
     # ---------------------------------------------------------------- nnsight (also remote): plain-data traces
     def _prefixes_nnsight(self, g: int) -> dict[str, Prefix]:
