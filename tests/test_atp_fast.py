@@ -71,7 +71,7 @@ def test_qk_engine_equals_one_pinned_forward_per_sender(family, plain):
     assert (got[1, [2, 3, 5]] == 0).all() and (got[1, 0].abs() > 0).any()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma", "olmo2", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "olmo2", "gemma2"])
 def test_shared_graddrop_equals_one_stacked_copy_per_read(family, plain):
     """Every site kind attribution reads (z, MLP outputs, residual inputs, the final residual), both
     settings of the pattern freeze in one call, and reads that start above a dropped layer."""
@@ -100,16 +100,17 @@ def test_shared_graddrop_equals_one_stacked_copy_per_read(family, plain):
     assert torch.equal(d1.grads[Site(2, "z")][0], got[0].grads[Site(2, "z")][0])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen2", "gemma3", "olmo2"])
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "olmo2"])
 def test_atp_star_unchanged(family, plain):
     """attribution_patch(method="atp*") with the new engine gives main's numbers (both references on),
-    both directions, with per-position residual rows."""
+    both directions, and with per-position rows (each position's change on its own)."""
     m, t = build(family)
-    comps = ["heads", "mlps", "ATTN1", "RESID1"]
-    for direction in ("denoise", "noise"):
-        got = hp.attribution_patch(m, t, comps, direction, method="atp*", per_position=True).to_frame()
+    runs = [(["heads", "mlps", "ATTN1"], "denoise", {}), (["heads", "mlps"], "noise", {}),
+            (["L0H2", "MLP0", "RESID1"], "denoise", {"per_position": True})]
+    for comps, direction, kw in runs:
+        got = hp.attribution_patch(m, t, comps, direction, method="atp*", **kw).to_frame()
         with plain("fast_qk", "shared_gradients"):
-            want = hp.attribution_patch(m, t, comps, direction, method="atp*", per_position=True).to_frame()
+            want = hp.attribution_patch(m, t, comps, direction, method="atp*", **kw).to_frame()
         _close(torch.tensor(got.estimate.to_numpy()), torch.tensor(want.estimate.to_numpy()))
         assert (got.dropped_layer.to_numpy() == want.dropped_layer.to_numpy()).all()
 

@@ -218,6 +218,9 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     qk = _qk_terms(runner, model, plan, source, other, pos, label, outs) if qk_on else {}
     est = torch.zeros(len(reads), len(plan), n, dtype=torch.float64)
     base_metric = outs[0].metric
+    by_site: dict[Site, list[int]] = {}
+    for i, (c, _) in enumerate(plan):
+        by_site.setdefault(_site(c, model.head_dim)[0], []).append(i)
     for g, idx in enumerate(runner.groups):
         T = len(task.clean_ids[idx[0]])
         mask = torch.zeros(T, dtype=torch.float64)
@@ -226,16 +229,25 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
         else:
             mask[list(pos)] = 1
         it = torch.tensor(idx)
-        for i, (c, p) in enumerate(plan):
-            site, cols = _site(c, model.head_dim)
-            diff = (other_run.captures[site][g][..., cols] - outs[0].acts[site][g][..., cols]).to(torch.float64)
-            w = mask
-            if p is not None:
-                w = torch.zeros(T, dtype=torch.float64)
-                w[p] = 1
+        for site, rows in by_site.items():
+            # per plan row: its columns of the site (cols, k) and its positions (k, T); one product per read
+            diff = (other_run.captures[site][g] - outs[0].acts[site][g]).to(torch.float64)
+            cols = torch.zeros(diff.shape[-1], len(rows), dtype=torch.float64)
+            w = torch.zeros(len(rows), T, dtype=torch.float64)
+            for j, i in enumerate(rows):
+                c, p = plan[i]
+                cols[_site(c, model.head_dim)[1], j] = 1
+                if p is None:
+                    w[j] = mask
+                else:
+                    w[j, p] = 1
+            seen: dict[int, torch.Tensor] = {}  # reads above a dropped layer share the full gradient's tensor
             for r, read in enumerate(outs):
-                prod = (diff * read.grads[site][g][..., cols].to(torch.float64)).sum(-1)  # (B, T)
-                est[r, i, it] = (prod * w).sum(-1)
+                gr = read.grads[site][g]
+                if id(gr) not in seen:
+                    prod = (diff * gr.to(torch.float64)) @ cols  # (B, T, k)
+                    seen[id(gr)] = torch.einsum("btk,kt->kb", prod, w)
+                est[r, torch.tensor(rows)[:, None], it[None, :]] = seen[id(gr)]
     for i, term in qk.items():
         est[:, i] += term
     dropped = [-1] * len(plan)

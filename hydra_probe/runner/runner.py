@@ -1114,26 +1114,20 @@ class Runner:
         ad = self.ad
         P = self.local_prefix(g, source)
         B, L, k = P.batch, ad.n_layers, len(changes)
-        with torch.no_grad():
-            d = []
-            for ch in changes:  # not cached: each change is used by this chunk only
-                key = (g, source, ch)
-                had = key in self._changes
-                d.append(self.sender_change(g, source, ch))
-                if not had:
-                    del self._changes[key]
+        order = sorted(range(k), key=lambda j: lays[j])  # senders below a layer are then a leading block
+        d = self._stacked_changes(g, source, [changes[j] for j in order])
         part = torch.zeros(len(reads), k, B, dtype=torch.float64, device=ad.device)
+        cdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
 
         def values_of_x(y: torch.Tensor, sls: list[slice]) -> torch.Tensor:
-            """Every copy's values are the last (unchanged) copy's."""
-            y = y.clone()
+            """Every copy's values are the last (unchanged) copy's (in place: the projection's fresh output)."""
+            rest = y[:-B].unflatten(0, (-1, B))
             for sl in sls:
-                y[:-B, :, sl] = y[-B:, :, sl].repeat(y.shape[0] // B - 1, 1, 1)
+                rest[..., sl] = y[-B:, :, sl]
             return y
 
-        for layer in range(min(lays) + 1, L):
-            rows = [j for j in range(k) if lays[j] < layer]
-            kk = len(rows)
+        for layer in range(lays[order[0]] + 1, L):
+            kk = sum(lays[j] < layer for j in order)
             v_cols: dict[Site, list[slice]] = {}
             for h in range(ad.n_heads):
                 site, sl = ad.head_input_slice(layer, h, "v")
@@ -1142,14 +1136,50 @@ class Runner:
             edits = {site: (lambda y, sls=sls: values_of_x(y, sls)) for site, sls in v_cols.items()}
             x = P.resid[layer]
             with torch.no_grad():
-                hidden = torch.cat([x + d[j] for j in rows] + [x])
+                hidden = x.new_empty((kk + 1) * B, *x.shape[1:])
+                torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
+                hidden[kk * B:] = x
                 with self.model.evaluating(), self.ad.hooks(edits) as fired:
                     z = self.ad.attention_z(P, layer, kk + 1, hidden)
                 check_fired(fired, edits)
-                dz = (z[:kk * B].reshape(kk, B, -1) - z[kk * B:].reshape(1, B, -1)).to(torch.float64)
-                G = torch.stack([r.grads[Site(layer, "z")][g] for r in reads]).to(ad.device, torch.float64)
-                part[:, rows] += torch.einsum("kbx,rbx->rkb", dz, G.view(len(reads), B, -1))
+                # reduced in float64 for a float64 model, else in float32 (a rounding-level difference)
+                dz = (z[:kk * B].reshape(kk, B, -1) - z[kk * B:].reshape(1, B, -1)).to(cdt)
+                G = torch.stack([r.grads[Site(layer, "z")][g].to(ad.device, cdt) for r in reads])
+                part[:, order[:kk]] += torch.einsum("kbx,rbx->rkb", dz, G.view(len(reads), B, -1)).to(torch.float64)
         return part
+
+    def _stacked_changes(self, g: int, source: str, changes: Sequence[SenderChange]) -> torch.Tensor:
+        """:meth:`sender_change` of each change, stacked (k, B, T, d), not cached. A lone head of a layer without
+        a post-attention norm is projected through its own ``W_O`` rows only (all such heads of a layer in
+        one product); the rest go through :meth:`sender_change`."""
+        ad = self.ad
+        Pb = self.local_prefix(g, source)
+        B, T = Pb.resid[0].shape[:2]
+        out = torch.empty(len(changes), B, T, ad.d_model, dtype=ad.dtype, device=ad.device)
+        lone: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        with torch.no_grad():
+            for j, ch in enumerate(changes):
+                c = ch.senders[0]
+                if len(ch.senders) == 1 and c.kind == "head" and not ad.has_post_attn_norm:
+                    lone.setdefault((c.layer, ch.value), []).append((j, c.head))  # type: ignore[arg-type]
+                    continue
+                key = (g, source, ch)
+                had = key in self._changes
+                out[j] = self.sender_change(g, source, ch)
+                if not had:
+                    del self._changes[key]
+            for (layer, value), items in lone.items():
+                s = Site(layer, "z")
+                Po = self.local_prefix(g, value)
+                hs = torch.tensor([h for _, h in items], device=ad.device)
+                dz = (Po.captures[s] - Pb.captures[s]).reshape(B, T, ad.n_heads, ad.head_dim)[:, :, hs]
+                out[torch.tensor([j for j, _ in items])] = torch.einsum("bthk,hkd->hbtd", dz, ad.W_O(layer)[hs])
+            for j, ch in enumerate(changes):
+                if ch.positions is not None:
+                    mask = torch.ones(T, dtype=torch.bool, device=ad.device)
+                    mask[list(ch.positions)] = False
+                    out[j, :, mask] = 0
+        return out
 
     def _qk_fix_plain(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
                       lay: list[int], todo: list[int], label: str, chunk: int = 16) -> torch.Tensor:
