@@ -71,6 +71,31 @@ def test_qk_engine_equals_one_pinned_forward_per_sender(family, plain):
     assert (got[1, [2, 3, 5]] == 0).all() and (got[1, 0].abs() > 0).any()
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_qk_engine_where_the_value_projection_is_wrapped(family, plain):
+    """A value projection whose forward someone replaced (a wrapper, an adapter layer) is not sliced: every
+    copy's values are computed and the unchanged copy's copied over them; same numbers."""
+    m, t = build(family)
+    runner, _ = make_runner(m, t, "logit_diff")
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    reads = runner.gradients("clean", [GradientRead(zs, None, True)])
+    changes = [SenderChange((c,), "corrupted") for c in m.components(["L0H1", "MLP0", "L1H0"])]
+    want = runner.qk_fix("clean", changes, reads)
+    ad = m.adapter
+    mods = [ad.module_of(Site(layer, "v" if ad.table.qkv_layout == "separate" else "qkv"))[0]
+            for layer in range(m.n_layers)]
+    calls = []
+    try:
+        for mod in mods:
+            mod.forward = (lambda f: lambda x: (calls.append(x.shape[0]), f(x))[1])(mod.forward)
+        got = runner.qk_fix("clean", changes, reads)
+    finally:
+        for mod in mods:
+            del mod.forward
+    _close(got, want)
+    assert calls and all(c > len(runner.groups[0]) for c in calls[:1])  # every copy's values computed
+
+
 @pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "olmo2", "gemma2"])
 def test_shared_graddrop_equals_one_stacked_copy_per_read(family, plain):
     """Every site kind attribution reads (z, MLP outputs, residual inputs, the final residual), both

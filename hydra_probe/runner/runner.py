@@ -1110,7 +1110,8 @@ class Runner:
                   reads: Sequence[GradientOutput]) -> torch.Tensor:
         """The QK-fix terms (R, k, B) of ``changes`` (senders' layers ``lays``) on group ``g``: per downstream
         layer one call of its block's attention on the stacked inputs ``x_l + change`` and one unchanged
-        copy ``x_l``, whose values (v) every copy takes."""
+        copy ``x_l``, whose values (v) every copy takes (only the last copy's are computed where the adapter
+        can: :meth:`Adapter.attention_z`)."""
         ad = self.ad
         P = self.local_prefix(g, source)
         B, L, k = P.batch, ad.n_layers, len(changes)
@@ -1119,29 +1120,15 @@ class Runner:
         part = torch.zeros(len(reads), k, B, dtype=torch.float64, device=ad.device)
         cdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
 
-        def values_of_x(y: torch.Tensor, sls: list[slice]) -> torch.Tensor:
-            """Every copy's values are the last (unchanged) copy's (in place: the projection's fresh output)."""
-            rest = y[:-B].unflatten(0, (-1, B))
-            for sl in sls:
-                rest[..., sl] = y[-B:, :, sl]
-            return y
-
         for layer in range(lays[order[0]] + 1, L):
             kk = sum(lays[j] < layer for j in order)
-            v_cols: dict[Site, list[slice]] = {}
-            for h in range(ad.n_heads):
-                site, sl = ad.head_input_slice(layer, h, "v")
-                if sl not in v_cols.setdefault(site, []):
-                    v_cols[site].append(sl)
-            edits = {site: (lambda y, sls=sls: values_of_x(y, sls)) for site, sls in v_cols.items()}
             x = P.resid[layer]
             with torch.no_grad():
                 hidden = x.new_empty((kk + 1) * B, *x.shape[1:])
                 torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
                 hidden[kk * B:] = x
-                with self.model.evaluating(), self.ad.hooks(edits) as fired:
-                    z = self.ad.attention_z(P, layer, kk + 1, hidden)
-                check_fired(fired, edits)
+                with self.model.evaluating():
+                    z = self.ad.attention_z(P, layer, kk + 1, hidden, shared_values=True)
                 # reduced in float64 for a float64 model, else in float32 (a rounding-level difference)
                 dz = (z[:kk * B].reshape(kk, B, -1) - z[kk * B:].reshape(1, B, -1)).to(cdt)
                 G = torch.stack([r.grads[Site(layer, "z")][g].to(ad.device, cdt) for r in reads])
