@@ -241,8 +241,13 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
                     w[j] = mask
                 else:
                     w[j, p] = 1
-            seen: dict[int, torch.Tensor] = {}  # reads above a dropped layer share the full gradient's tensor
+            # a read that drops a layer at or below these components is never used for them (see the
+            # choice of the drop below): not computed; reads above a dropped layer share the full gradient
+            first_drop = site.layer if site.kind == "resid_pre" else site.layer + 1
+            seen: dict[int, torch.Tensor] = {}
             for r, read in enumerate(outs):
+                if r and drops[r - 1] < first_drop:
+                    continue
                 gr = read.grads[site][g]
                 if id(gr) not in seen:
                     prod = (diff * gr.to(torch.float64)) @ cols  # (B, T, k)

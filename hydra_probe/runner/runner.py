@@ -1131,8 +1131,21 @@ class Runner:
                     z = self.ad.attention_z(P, layer, kk + 1, hidden, shared_values=True)
                 # reduced in float64 for a float64 model, else in float32 (a rounding-level difference)
                 dz = (z[:kk * B].reshape(kk, B, -1) - z[kk * B:].reshape(1, B, -1)).to(cdt)
-                G = torch.stack([r.grads[Site(layer, "z")][g].to(ad.device, cdt) for r in reads])
-                part[:, order[:kk]] += torch.einsum("kbx,rbx->rkb", dz, G.view(len(reads), B, -1)).to(torch.float64)
+                # one product per distinct gradient tensor (reads that drop a layer below this one share the
+                # full gradient here); none for reads whose drop is at or below every sender (unused) or is
+                # this layer (the gradient inside a dropped block is zero)
+                uniq: dict[int, list[int]] = {}
+                for r, rd in enumerate(reads):
+                    if rd.drop_layer is None or lays[order[0]] < rd.drop_layer != layer:
+                        uniq.setdefault(id(rd.grads[Site(layer, "z")][g]), []).append(r)
+                if not uniq:
+                    continue
+                G = torch.stack([reads[rs[0]].grads[Site(layer, "z")][g].to(ad.device, cdt) for rs in uniq.values()])
+                got = torch.einsum("kbx,rbx->rkb", dz, G.view(len(uniq), B, -1)).to(torch.float64)
+                rows = torch.tensor(order[:kk], device=ad.device)
+                for u, rs in enumerate(uniq.values()):
+                    for r in rs:
+                        part[r, rows] += got[u]
         return part
 
     def _stacked_changes(self, g: int, source: str, changes: Sequence[SenderChange]) -> torch.Tensor:
