@@ -162,11 +162,3 @@ def test_qk_fix_retries_out_of_memory_with_half_the_stack(monkeypatch):
     i = sizes.index(-1)
     assert sizes[i + 1] == sizes[i - 1] // 2, sizes
     _close(got, want, 1e-12)
-
-
-def test_qk_fix_refuses_reads_without_the_heads_outputs():
-    m, t = build("gpt2")
-    runner, _ = make_runner(m, t, "logit_diff")
-    reads = runner.gradients("clean", [GradientRead((Site(2, "z"),))])
-    with pytest.raises(hp.OptionError, match=r"z\.1"):
-        runner.qk_fix("clean", [SenderChange(tuple(m.components(["L0H0"])), "corrupted")], reads)

@@ -14,8 +14,9 @@ corrupted) and one backward, for all components together. The gradient is
 taken with respect to zero tensors added to the activations in hooks, so it
 works when the parameters do not require gradients and leaves no ``.grad``
 on them. Always an estimate: :meth:`AttributionPatch.agreement` compares it
-with exact activation patching. Runs on the local (hook) path for every
-backend.
+with exact activation patching. With ``backend="nnsight"`` (also
+``remote=True``) the gradient reads and AtP*'s QK fix run as nnsight traces
+(one request per chunk), with the local numbers.
 """
 
 from __future__ import annotations
@@ -189,7 +190,6 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     exact activation-patching sweep.
     """
     model = as_model(model)
-    model.require_local("attribution_patch")
     check_direction(direction)
     comps = select(model, components)
     pos = positions_of(positions)
