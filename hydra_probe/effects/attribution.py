@@ -186,8 +186,10 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     agreement (``result.exact_agreement``: rank correlation and how many of
     the exact ``top_k`` the estimate ranks in its top ``2 * top_k``).
     ``qk_fix=False`` (with ``"atp*"``): GradDrop alone, the softmax
-    linearised as in plain AtP; it saves the QK fix's forwards, about one
-    exact activation-patching sweep.
+    linearised as in plain AtP; it saves the QK fix (per component, the
+    attention of every layer above it recomputed, up to its output
+    projection's input: :meth:`Runner.qk_fix`). GradDrop's reads share one
+    forward and backward (:meth:`Runner.gradients`).
     """
     model = as_model(model)
     check_direction(direction)
