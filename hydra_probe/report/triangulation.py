@@ -38,7 +38,8 @@ from .writer import save_report
 #: The analyses ``triangulate`` runs, in order, with the call each one makes.
 ANALYSES = {
     "direct_effects": "direct_effects(model, task, components, scale)",
-    "self_repair": "self_repair(model, task, components, value, scale): total effect, DE lost, self-repair",
+    "self_repair": "self_repair(model, task, components, value, scale): total effect, DE lost, self-repair (with "
+                   "mechanisms: repair_mechanisms(...).as_self_repair(), the same forwards run once for both sections)",
     "patch_denoise": "activation_patch(..., direction='denoise'): clean activation into the corrupted run",
     "patch_noise": "activation_patch(..., direction='noise'): corrupted activation into the clean run",
     "attribution": "attribution_patch(..., direction='denoise'): first-order estimate of denoising",
