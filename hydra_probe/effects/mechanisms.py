@@ -72,7 +72,9 @@ class RepairMechanisms(Result):
     ``downstream`` (the head or MLP, or ``NORM`` / ``POSTNORM{L}`` /
     ``SOFTCAP``), ``amount`` (metric units). Per (component, prompt) the
     amounts sum to the self-repair (:meth:`self_repair_frame`). The split
-    order is ``provenance["order"]``.
+    order is ``provenance["order"]``. ``component``, ``mechanism`` and
+    ``downstream`` are categorical (the labels used, sorted; a saved result
+    reads back the same): a run over hundreds of heads has millions of rows.
     """
 
     kind = "repair_mechanisms"
