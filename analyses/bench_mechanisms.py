@@ -14,6 +14,20 @@ captures of each downstream layer's last-query weights (and, for
 ``values_first``/``symmetric``, value vectors at every position) and their
 reduction. Random-weight configs, no downloads. Usage:
     python analyses/bench_mechanisms.py [--shapes small,gpt2-small] [--threads 2] [--prompts 16]
+
+``--report-step`` instead times the report's "Why it repairs" step against
+``self_repair`` on a random Llama shaped like SmolLM-135M (30 layers, 9 heads, 3 key/value
+heads, d 576, MLP 1536, vocabulary 49152, tied embeddings; all 270 heads), in one run:
+
+    shape=smollm-135m op=why_it_repairs ... self_repair_s=S standalone_s=W ratio_wall=R ratio_cpu=C
+        one_sweep_s=O one_sweep_ratio_wall=... one_sweep_ratio_cpu=...
+
+``standalone``: the step as it runs on its own (``mechanism_step``: repair_mechanisms, the
+per-layer regression, the neurons of the most compensating MLP; then ``add_mechanisms`` on the
+compensation graph); ``one_sweep``: what the report spends on self-repair and the step together
+now that the self-repair step takes its result from ``repair_mechanisms(...).as_self_repair()``
+and the step reuses that sweep (compare with self_repair + standalone, the two sweeps before).
+``--layers`` changes the depth.
 """
 
 from __future__ import annotations
@@ -54,8 +68,13 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--components", default="all")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--report-step", action="store_true", help="time the report's 'Why it repairs' step instead")
+    ap.add_argument("--layers", type=int, default=30, help="depth of the --report-step model")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.report_step:
+        bench_report_step(a)
+        return
     for shape in a.shapes.split(","):
         bench(shape, a)
 
@@ -78,6 +97,66 @@ def bench(shape: str, a: argparse.Namespace) -> None:
         sys.stdout.write(f"shape={shape} op=repair_mechanisms[{order}] components={a.components} prompts={a.prompts} "
                          f"tokens={a.tokens} self_repair_s={sw:.3f} mechanisms_s={w:.3f} ratio_wall={w / sw:.2f} "
                          f"ratio_cpu={c / sc:.2f}\n")
+    sys.stdout.flush()
+
+
+def make_smollm(layers: int, n_prompts: int, n_tokens: int, seed: int = 0):
+    """A random Llama shaped like SmolLM-135M (``layers`` deep) and a random-token task."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models
+
+    from hydra_probe.tasks.task import Task
+
+    torch.manual_seed(seed)
+    V = 49152
+    cfg = tf.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=V, tie_word_embeddings=True, max_position_embeddings=256)
+    hf = tf.LlamaForCausalLM(cfg).eval()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+                                     unk_token="[UNK]")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (n_prompts, n_tokens), generator=g)
+    corr = ids.clone()
+    corr[:, 3] = torch.randint(0, V, (n_prompts,), generator=g)
+    ans = torch.randint(0, V, (n_prompts,), generator=g)
+    task = Task([{"clean": "", "corrupted": "", "answer": "", "alternative": ""}] * n_prompts, "random", "random",
+                seed, list(ids), list(corr), ans, (ans + 1) % V)
+    return hp.load_model(hf, tokenizer=tok), task
+
+
+def bench_report_step(a: argparse.Namespace) -> None:
+    from hydra_probe.graph import add_mechanisms, compensation_graph
+    from hydra_probe.report.why_it_repairs import mechanism_step
+
+    m, task = make_smollm(a.layers, a.prompts, a.tokens)
+    heads = [c.name for c in m.components("heads")]
+    kw = dict(value="mean", progress=False)
+    hp.self_repair(m, task, heads[:1], **kw)  # warm-up (imports, allocator, the cached prefixes)
+    import statsmodels.api  # noqa: F401  (a one-time import the report pays elsewhere)
+
+    res: dict = {}
+    t = {"self_repair": timed(lambda: res.__setitem__("sr", hp.self_repair(m, task, heads, **kw)))}
+    G = compensation_graph(res["sr"], top_k=5)
+    top = list(res["sr"].summary().sort_values("de_lost", key=abs, ascending=False)["component"].head(5))
+
+    def standalone() -> None:
+        out, _ = mechanism_step(m, task, components=heads, top=top, **kw)
+        add_mechanisms(G, out["repair_mechanisms"])
+
+    def one_sweep() -> None:  # the report's self-repair step, then the step on the same sweep
+        pre = hp.repair_mechanisms(m, task, heads, **kw)
+        pre.as_self_repair()
+        out, _ = mechanism_step(m, task, components=heads, top=top, mech=pre, **kw)
+        add_mechanisms(G, out["repair_mechanisms"])
+
+    t["standalone"] = timed(standalone)
+    t["one_sweep"] = timed(one_sweep)
+    (sw, sc), (w, c), (ow, oc) = t["self_repair"], t["standalone"], t["one_sweep"]
+    sys.stdout.write(f"shape=smollm-135m layers={a.layers} op=why_it_repairs components={len(heads)} "
+                     f"prompts={a.prompts} tokens={a.tokens} self_repair_s={sw:.1f} standalone_s={w:.1f} "
+                     f"ratio_wall={w / sw:.2f} ratio_cpu={c / sc:.2f} one_sweep_s={ow:.1f} "
+                     f"one_sweep_ratio_wall={ow / sw:.2f} one_sweep_ratio_cpu={oc / sc:.2f} "
+                     f"(self_repair + standalone, two sweeps: ratio_cpu={(sc + c) / sc:.2f})\n")
     sys.stdout.flush()
 
 

@@ -83,6 +83,8 @@ def frame_from_json(obj: dict[str, Any]) -> pd.DataFrame:
     for c, t in zip(obj["columns"], obj.get("dtypes", [])):
         if t.startswith(("float", "int", "bool")):
             df[c] = df[c].astype("float64" if t.startswith("float") else t)
+        elif t == "category":  # categorical labels (sorted categories) read back as they were written
+            df[c] = df[c].astype("category")
     return df
 
 

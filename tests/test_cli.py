@@ -87,15 +87,18 @@ def test_report_end_to_end_on_a_model_folder(report, model_dir):
     m = hp.load_model(str(model_dir))
     task = hp.tasks.ioi(m, 6, corruption="swap", seed=0)
     names = [c.name for c in m.components("heads")]
-    sr = hp.self_repair(m, task, names).to_frame()
+    # the self-repair is "Why it repairs"' sweep: repair_mechanisms' exactly, self_repair's to float32 rounding
+    sr = hp.repair_mechanisms(m, task, names).as_self_repair().to_frame()
+    plain = hp.self_repair(m, task, names).to_frame()
     got = frame(obj, "self_repair")
     for col in ("total_effect", "de_lost", "self_repair", "clean_de"):
         np.testing.assert_array_equal(got[col].to_numpy(float), sr[col].to_numpy())
+        np.testing.assert_allclose(got[col].to_numpy(float), plain[col].to_numpy(), rtol=1e-5, atol=2e-5)
     noise = hp.activation_patch(m, task, names, "noise").to_frame()
     np.testing.assert_array_equal(frame(obj, "patch_noise")["patched_metric"].to_numpy(float),
                                   noise["patched_metric"].to_numpy())
     tri = pd.DataFrame(obj["tables"]["triangulation"]["data"], columns=obj["tables"]["triangulation"]["columns"])
-    s = hp.self_repair(m, task, names).summary().set_index("component")
+    s = hp.repair_mechanisms(m, task, names).as_self_repair().summary().set_index("component")
     np.testing.assert_array_equal(tri.set_index("component").loc[s.index, "total_effect"].to_numpy(float),
                                   s["total_effect"].to_numpy())
 
@@ -214,9 +217,12 @@ def test_report_end_to_end_on_the_shipped_model(tmp_path, capsys):
     assert obj["model"]["name"] == "hydra_probe/default-ioi"
     m = hp.load_default_model()
     task = hp.tasks.ioi(m, 8, corruption="swap", seed=0)
-    sr = hp.self_repair(m, task, "heads").to_frame()
+    sr = hp.repair_mechanisms(m, task, "heads").as_self_repair().to_frame()  # the report's one sweep
     np.testing.assert_array_equal(frame(obj, "self_repair")["total_effect"].to_numpy(float),
                                   sr["total_effect"].to_numpy())
+    np.testing.assert_allclose(frame(obj, "self_repair")["total_effect"].to_numpy(float),
+                               hp.self_repair(m, task, "heads").to_frame()["total_effect"].to_numpy(), rtol=1e-5,
+                               atol=1e-4)
     den = hp.activation_patch(m, task, "heads", "denoise").to_frame()
     np.testing.assert_array_equal(frame(obj, "patch_denoise")["patched_metric"].to_numpy(float),
                                   den["patched_metric"].to_numpy())

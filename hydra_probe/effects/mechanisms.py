@@ -72,7 +72,9 @@ class RepairMechanisms(Result):
     ``downstream`` (the head or MLP, or ``NORM`` / ``POSTNORM{L}`` /
     ``SOFTCAP``), ``amount`` (metric units). Per (component, prompt) the
     amounts sum to the self-repair (:meth:`self_repair_frame`). The split
-    order is ``provenance["order"]``.
+    order is ``provenance["order"]``. ``component``, ``mechanism`` and
+    ``downstream`` are categorical (the labels used, sorted; a saved result
+    reads back the same): a run over hundreds of heads has millions of rows.
     """
 
     kind = "repair_mechanisms"
@@ -92,33 +94,58 @@ class RepairMechanisms(Result):
         prov = {k: v for k, v in self.provenance.items() if k not in ("order", "split", "attention")}
         return SelfRepair(self.extras["self_repair"], prov, {"contributions": self.extras["contributions"]})
 
+    def mechanisms(self) -> list[str]:
+        """The mechanisms with rows in this result, in :data:`MECHANISMS` order."""
+        return [mm for mm in MECHANISMS if mm in set(pd.unique(self._frame["mechanism"]))]
+
     def per_mechanism(self) -> pd.DataFrame:
         """Amounts summed over downstream components: ``component``, ``prompt``, one column per mechanism
         (zeros where absent) and ``self_repair``."""
         f = self._frame
-        wide = f.pivot_table(index=["component", "prompt"], columns="mechanism", values="amount", aggfunc="sum",
-                             sort=False).reindex(columns=list(MECHANISMS)).fillna(0.0)
+        # (component, prompt) keys in first-appearance order, each mechanism's amounts summed into its column
+        cc, comps = pd.factorize(f["component"])
+        pc, prompts = pd.factorize(f["prompt"])
+        key, first, inv = np.unique(cc.astype(np.int64) * len(prompts) + pc, return_index=True,
+                                    return_inverse=True)
+        order = np.argsort(first, kind="stable")
+        rank = np.empty(len(key), dtype=np.int64)
+        rank[order] = np.arange(len(key))
+        row = rank[inv.reshape(-1)]
+        mc, mu = pd.factorize(f["mechanism"])
+        col = np.array([MECHANISMS.index(str(x)) for x in mu], dtype=np.int64)[mc]
+        M = len(MECHANISMS)
+        wide = np.bincount(row * M + col, weights=f["amount"].to_numpy(dtype=float), minlength=len(key) * M)
+        keys = key[order]
+        out = pd.DataFrame({"component": np.asarray(comps)[keys // len(prompts)],
+                            "prompt": np.asarray(prompts)[keys % len(prompts)]})
+        for j, mm in enumerate(MECHANISMS):
+            out[mm] = wide.reshape(len(key), M)[:, j]
         sr = self.extras["self_repair"].set_index(["component", "prompt"])["self_repair"]
-        wide["self_repair"] = sr.reindex(wide.index).to_numpy()
-        return wide.reset_index()
+        out["self_repair"] = sr.reindex(pd.MultiIndex.from_frame(out[["component", "prompt"]])).to_numpy()
+        return out
 
     def summary(self, level: float = 0.95) -> pd.DataFrame:
         """Per component and mechanism: mean amount per prompt (summed over downstream components) with a
         ``level`` Student-t interval across prompts, and ``share`` = mean amount / mean self-repair."""
-        from ..stats import t_interval
+        from ..stats import grouped_t
 
         w = self.per_mechanism()
-        rows = []
-        for c, g in w.groupby("component", sort=False):
-            sr = float(g["self_repair"].mean())
-            for mech in MECHANISMS:
-                if not (self._frame["mechanism"] == mech).any():
-                    continue
-                m, lo, hi = t_interval(g[mech].to_numpy(), level)
-                rows.append({"component": c, "mechanism": mech, "n": len(g), "amount": m, "amount_lo": lo,
-                             "amount_hi": hi, "self_repair": sr,
-                             "share": m / sr if abs(sr) > 1e-12 else float("nan")})
-        out = pd.DataFrame(rows)
+        mechs = self.mechanisms()
+        long = w.melt(id_vars=["component"], value_vars=mechs, var_name="mechanism", value_name="amount")
+        g = grouped_t(long, ["component", "mechanism"], "amount", level)
+        sr = w.groupby("component", sort=False)["self_repair"].mean()
+        comps = list(sr.index)
+        # components in first-appearance order, mechanisms in MECHANISMS order within each
+        g["_c"] = g["component"].map({c: i for i, c in enumerate(comps)})
+        g["_m"] = g["mechanism"].map({mm: i for i, mm in enumerate(mechs)})
+        g = g.sort_values(["_c", "_m"], kind="stable")
+        srv = g["component"].map(sr).to_numpy(dtype=float)
+        m = g["mean"].to_numpy(dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(np.abs(srv) > 1e-12, m / srv, np.nan)
+        out = pd.DataFrame({"component": g["component"].to_numpy(), "mechanism": g["mechanism"].to_numpy(),
+                            "n": g["n"].to_numpy(), "amount": m, "amount_lo": g["lo"].to_numpy(),
+                            "amount_hi": g["hi"].to_numpy(), "self_repair": srv, "share": share})
         out.attrs["interval"] = f"{int(level * 100)}% Student-t interval of the mean across prompts"
         return out
 
@@ -197,7 +224,7 @@ def repair_mechanisms(model: Any, task: Any, components: Any = "heads", value: A
         copies = ablation_copies(model, groups, vname, pos)
         lmin = [g.layer for g in groups]
         need_v = order != "pattern_first"
-        frames: list[Any] = [None] * len(groups)
+        rows = _Rows(col_of, n, scale, ro.has_post_norms)
         srs: list[Any] = [None] * len(groups)
         cons: list[Any] = [None] * len(groups)
         T = max(task.lengths)
@@ -218,7 +245,7 @@ def repair_mechanisms(model: Any, task: Any, components: Any = "heads", value: A
                     sr, con = decompose_run(groups[i].name, parts, clean=clean_rr, ablated=abl, scale=scale,
                                          softcap=capped)
                     split = clean.split(o, lm, order) if sites else {}
-                    frames[i] = _rows(groups[i], con, split, clean_rr, abl, col_of, n, scale, ro.has_post_norms)
+                    rows.add(i, groups[i], con, split, clean_rr, abl)
                     srs[i], cons[i] = sr, con
     prov = provenance(model, task, metric=m, value=value, scale=scale, seed=seed,
                       positions=None if pos is None else list(pos), order=order, attention="eager",
@@ -226,7 +253,7 @@ def repair_mechanisms(model: Any, task: Any, components: Any = "heads", value: A
                              if order == "pattern_first" else
                              "values = sum_j A_j (v'_j - v_j) W_O, pattern = sum_j (A'_j - A_j) v'_j W_O"
                              if order == "values_first" else "mean of the pattern-first and values-first splits"))
-    return RepairMechanisms(pd.concat(frames, ignore_index=True), prov,
+    return RepairMechanisms(rows.frame(), prov,
                             {"self_repair": pd.concat(srs, ignore_index=True),
                              "contributions": pd.concat(cons, ignore_index=True)})
 
@@ -301,61 +328,123 @@ class _CleanHeads:
         return out
 
 
-def _rows(g: Group, con: pd.DataFrame, parts: dict[str, torch.Tensor], clean: RunReadout, ablated: RunReadout,
-          col_of: dict[str, int], n: int, scale: str, post_norms: bool) -> pd.DataFrame:
-    """The mechanism rows of one ablated group from its contribution rows (prompt-major) and the split parts.
+_MECH_CODE = {m: i for i, m in enumerate(MECHANISMS)}
 
-    ``parts``: unscaled (pre-post-norm) ``pattern_pf`` and/or ``values_vf`` (n, L, H); each head's are read like
-    its dDE: divided by its clean post-attention scale and the clean final-norm scale.
-    """
-    names = con["downstream"].iloc[: len(con) // n].tolist()
-    delta = con["delta_de"].to_numpy().reshape(n, len(names))
-    s0, s1, q1 = clean.post_scale, ablated.post_scale, ablated.pre_post
-    sigma0, sigma1 = clean.sigma, ablated.sigma
-    mech: list[str] = []
-    down: list[str] = []
-    amount: list[np.ndarray] = []
 
-    def add(mechanism: str, d: str, x: Any) -> None:
-        mech.append(mechanism)
-        down.append(d)
-        amount.append(np.asarray(x, dtype=float))
+class _Rows:
+    """The mechanism rows of every ablated group, held as numpy blocks until :meth:`frame` builds the tidy frame
+    (categorical ``component``, ``mechanism`` and ``downstream``, sorted categories) in one go."""
 
-    for j, d in enumerate(names):
-        kind = _mechanism_of(d)
-        if kind not in ("head", "mlp"):
-            add(kind, d, delta[:, j])
-            continue
-        c = col_of[d]
-        # d's change at the clean scales (post-attention and final); under "frozen" exactly its contribution row
-        frozen = delta[:, j] if scale == "frozen" else ((q1[:, c] / s0[:, c] - clean.proj[:, c]) / sigma0).numpy()
-        if kind == "head":
-            layer, head = map(int, re.fullmatch(r"L(\d+)H(\d+)", d).groups())
-            read = (s0[:, c] * sigma0).numpy()
-            p_pf = parts["pattern_pf"][:, layer, head].numpy() / read if "pattern_pf" in parts else None
-            v_vf = parts["values_vf"][:, layer, head].numpy() / read if "values_vf" in parts else None
+    def __init__(self, col_of: dict[str, int], n: int, scale: str, post_norms: bool) -> None:
+        self.col_of, self.n, self.scale, self.post_norms = col_of, n, scale, post_norms
+        self.down: dict[str, int] = {}              # downstream name -> code
+        self.meta: dict[str, tuple[int, int, int, int]] = {}  # name -> (kind, column, layer, head)
+        self.blocks: list[tuple[str, np.ndarray, np.ndarray, np.ndarray] | None] = []
+
+    def _meta(self, name: str) -> tuple[int, int, int, int]:
+        m = self.meta.get(name)
+        if m is None:
+            kind = _mechanism_of(name)
+            if kind == "head":
+                layer, head = map(int, re.fullmatch(r"L(\d+)H(\d+)", name).groups())
+                m = (0, self.col_of[name], layer, head)
+            elif kind == "mlp":
+                m = (1, self.col_of[name], -1, -1)
+            else:
+                m = (2 + _MECH_CODE[kind], -1, -1, -1)
+            self.meta[name] = m
+            self.down.setdefault(name, len(self.down))
+        return m
+
+    def add(self, i: int, g: Group, con: pd.DataFrame, parts: dict[str, torch.Tensor], clean: RunReadout,
+            ablated: RunReadout) -> None:
+        """Group ``i``'s rows from its contribution rows (prompt-major) and the split parts.
+
+        ``parts``: unscaled (pre-post-norm) ``pattern_pf`` and/or ``values_vf`` (n, L, H); each head's are read
+        like its dDE: divided by its clean post-attention scale and the clean final-norm scale. Per downstream
+        d (contribution order) the rows are: ``pattern``, ``values`` (a head) or ``mlp`` (an MLP) or d's own
+        mechanism (a norm or cap row); then under ``scale="recomputed"`` a head's ``block_norm`` (post norms)
+        and a head's or MLP's ``norm``.
+        """
+        n, scale = self.n, self.scale
+        while len(self.blocks) <= i:
+            self.blocks.append(None)
+        names = con["downstream"].iloc[: len(con) // n].tolist()
+        k = len(names)
+        delta = con["delta_de"].to_numpy().reshape(n, k)
+        meta = np.array([self._meta(d) for d in names], dtype=np.int64).reshape(k, 4)
+        kind, col, layer, head = meta.T
+        hd, ml, ot = np.flatnonzero(kind == 0), np.flatnonzero(kind == 1), np.flatnonzero(kind >= 2)
+        rec = scale == "recomputed"
+        post = rec and self.post_norms
+        width = np.where(kind == 0, 2 + int(post) + int(rec), np.where(kind == 1, 1 + int(rec), 1))
+        off = np.concatenate([[0], np.cumsum(width)[:-1]])
+        K = int(width.sum())
+        vals = np.empty((n, K))
+        mech = np.empty(K, dtype=np.int64)
+        down = np.repeat(np.array([self.down[d] for d in names], dtype=np.int64), width)
+        s0, s1, q1 = clean.post_scale.numpy(), ablated.post_scale.numpy(), ablated.pre_post.numpy()
+        proj0 = clean.proj.numpy()
+        sigma0, sigma1 = clean.sigma.numpy()[:, None], ablated.sigma.numpy()[:, None]
+        hm = np.concatenate([hd, ml])
+        c = col[hm]
+        # each head's and MLP's change at the clean scales (post-attention and final); "frozen": its contribution
+        frozen = delta[:, hm] if not rec else (q1[:, c] / s0[:, c] - proj0[:, c]) / sigma0
+        fh = frozen[:, : len(hd)]
+        if len(hd):
+            ch = col[hd]
+            read = s0[:, ch] * sigma0
+            p_pf = parts["pattern_pf"].numpy()[:, layer[hd], head[hd]] / read if "pattern_pf" in parts else None
+            v_vf = parts["values_vf"].numpy()[:, layer[hd], head[hd]] / read if "values_vf" in parts else None
             if p_pf is not None and v_vf is not None:
-                pattern = 0.5 * (p_pf + (frozen - v_vf))
+                pattern = 0.5 * (p_pf + (fh - v_vf))
             elif p_pf is not None:
                 pattern = p_pf
             elif v_vf is not None:
-                pattern = frozen - v_vf
+                pattern = fh - v_vf
             else:  # pragma: no cover - a downstream head always has captures
-                raise InputError(f"no attention captures for {d}")
-            add("pattern", d, pattern)
-            add("values", d, frozen - pattern)
-        else:
-            add("mlp", d, frozen)
-        if scale == "recomputed":  # d's rescaling: by its layer's post-attention scale, then the final scale
-            block = (q1[:, c] * (1 / s1[:, c] - 1 / s0[:, c]) / sigma1).numpy() if post_norms and kind == "head" \
-                else np.zeros(n)
-            if post_norms and kind == "head":
-                add("block_norm", d, block)
-            add("norm", d, delta[:, j] - frozen - block)
-    k = len(mech)
-    vals = np.stack(amount, axis=1) if amount else np.zeros((n, 0))
-    return pd.DataFrame({"component": [g.name] * (n * k), "prompt": np.repeat(np.arange(n), k),
-                         "mechanism": np.tile(mech, n), "downstream": np.tile(down, n), "amount": vals.reshape(-1)})
+                raise InputError(f"no attention captures for {names[hd[0]]}")
+            o = off[hd]
+            vals[:, o], mech[o] = pattern, _MECH_CODE["pattern"]
+            vals[:, o + 1], mech[o + 1] = fh - pattern, _MECH_CODE["values"]
+            if rec:  # the head's rescaling: by its layer's post-attention scale, then the final scale
+                block = q1[:, ch] * (1 / s1[:, ch] - 1 / s0[:, ch]) / sigma1 if post else np.zeros((n, len(hd)))
+                if post:
+                    vals[:, o + 2], mech[o + 2] = block, _MECH_CODE["block_norm"]
+                vals[:, o + 2 + int(post)] = delta[:, hd] - fh - block
+                mech[o + 2 + int(post)] = _MECH_CODE["norm"]
+        if len(ml):
+            o = off[ml]
+            vals[:, o], mech[o] = frozen[:, len(hd):], _MECH_CODE["mlp"]
+            if rec:
+                vals[:, o + 1], mech[o + 1] = delta[:, ml] - frozen[:, len(hd):] - np.zeros((n, len(ml))), \
+                    _MECH_CODE["norm"]
+        if len(ot):
+            vals[:, off[ot]], mech[off[ot]] = delta[:, ot], kind[ot] - 2
+        self.blocks[i] = (g.name, vals, mech, down)
+
+    def frame(self) -> pd.DataFrame:
+        """The tidy frame: group-major, then prompt, then the rows of each downstream component in order."""
+        n = self.n
+        blocks = [b for b in self.blocks if b is not None]
+        sizes = np.array([b[1].shape[1] for b in blocks], dtype=np.int64)
+        comp = np.repeat(np.arange(len(blocks)), sizes * n)
+        prompt = np.concatenate([np.repeat(np.arange(n), s) for s in sizes]) if len(blocks) else np.zeros(0, int)
+        mech = np.concatenate([np.tile(b[2], n) for b in blocks]) if blocks else np.zeros(0, int)
+        down = np.concatenate([np.tile(b[3], n) for b in blocks]) if blocks else np.zeros(0, int)
+        amount = np.concatenate([b[1].reshape(-1) for b in blocks]) if blocks else np.zeros(0)
+        return pd.DataFrame({"component": _categorical(comp, [b[0] for b in blocks]), "prompt": prompt,
+                             "mechanism": _categorical(mech, list(MECHANISMS)),
+                             "downstream": _categorical(down, list(self.down)), "amount": amount})
+
+
+def _categorical(codes: np.ndarray, names: list[str]) -> pd.Categorical:
+    """A categorical of ``names[codes]`` whose categories are the names used, sorted (as a saved frame reads back)."""
+    used = np.unique(codes)
+    order = sorted(range(len(used)), key=lambda j: names[used[j]])
+    remap = np.full(len(names), -1, dtype=np.int64)
+    remap[used[order]] = np.arange(len(used))
+    return pd.Categorical.from_codes(remap[codes], [names[used[j]] for j in order])
 
 
 # ---------------------------------------------------------------- the per-layer Hydra regression
@@ -413,7 +502,7 @@ def layer_regression(result: RepairMechanisms, level: float = 0.95, n_boot: int 
                                                    compensation=("self_repair", "mean")).reset_index()
     wide = result.per_mechanism()
     wide["layer"] = wide["component"].map(_layer_of)
-    mechs = [mm for mm in MECHANISMS if (result.to_frame()["mechanism"] == mm).any()]
+    mechs = result.mechanisms()
     rng = np.random.default_rng(seed)
     rows, shares = [], []
     for layer, p in pts.groupby("layer", sort=True):

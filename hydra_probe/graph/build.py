@@ -251,6 +251,8 @@ def add_mechanisms(G: nx.DiGraph, mechanisms: Any, *, level: float = 0.95) -> nx
     NORM edge, or d's rescaling under the recomputed scale), each with
     ``_lo`` / ``_hi``. Graph attribute ``mechanism_order``: the split order.
     """
+    import pandas as pd
+
     from ..stats import grouped_t
 
     if not hasattr(mechanisms, "by_downstream") or not hasattr(mechanisms, "self_repair_frame"):
@@ -261,15 +263,23 @@ def add_mechanisms(G: nx.DiGraph, mechanisms: Any, *, level: float = 0.95) -> nx
         if key in G.graph and key in prov and G.graph[key] != scalar(prov[key]):
             raise InputError(f"the graph and the mechanisms differ in {key} ({G.graph[key]!r} vs {prov[key]!r}); "
                              "compute both from the same model, task, value and metric.")
-    stats = grouped_t(mechanisms.to_frame(), ["component", "downstream", "mechanism"], "amount", level)
+    f = mechanisms.to_frame()
+    # only the rows of (component, downstream) pairs that are edges of G
+    cc, cu = pd.factorize(f["component"])
+    dc, du = pd.factorize(f["downstream"])
+    ci, di = {str(c): i for i, c in enumerate(cu)}, {str(d): i for i, d in enumerate(du)}
+    want = np.array([ci[str(c)] * len(du) + di[str(d)] for c, d in G.edges if str(c) in ci and str(d) in di],
+                    dtype=np.int64)
+    rows = np.isin(cc.astype(np.int64) * len(du) + dc, want)
+    stats = grouped_t(f[rows], ["component", "downstream", "mechanism"], "amount", level)
     H = G.copy()
     H.graph["mechanism_order"] = prov.get("order")
-    for _, s in stats.iterrows():
-        c, d, mech = s["component"], s["downstream"], s["mechanism"]
+    for c, d, mech, mean, lo, hi in zip(stats["component"], stats["downstream"], stats["mechanism"], stats["mean"],
+                                        stats["lo"], stats["hi"]):
         if not H.has_edge(c, d):
             continue
         attrs = H.edges[c, d]
-        _set(attrs, mech, s["mean"])
-        _set(attrs, f"{mech}_lo", s["lo"])
-        _set(attrs, f"{mech}_hi", s["hi"])
+        _set(attrs, mech, mean)
+        _set(attrs, f"{mech}_lo", lo)
+        _set(attrs, f"{mech}_hi", hi)
     return H

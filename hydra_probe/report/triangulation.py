@@ -26,6 +26,7 @@ from ..claims import VERDICT_RULE, VERDICTS, verdict_scale, verdict_table
 from ..components import is_norm_row, select
 from ..effects import activation_patch, attribution_patch, direct_effects, iterated_ablation, path_patch, self_repair
 from ..effects.common import as_model, check_scale, check_task, make_runner, value_name
+from ..effects.mechanisms import repair_mechanisms
 from ..errors import ComponentError, MetricError, OptionError
 from ..graph import add_mechanisms, compensation_graph, compensators_of, hydra_slope, verify_edges
 from ..metrics import get_metric
@@ -37,7 +38,8 @@ from .writer import save_report
 #: The analyses ``triangulate`` runs, in order, with the call each one makes.
 ANALYSES = {
     "direct_effects": "direct_effects(model, task, components, scale)",
-    "self_repair": "self_repair(model, task, components, value, scale): total effect, DE lost, self-repair",
+    "self_repair": "self_repair(model, task, components, value, scale): total effect, DE lost, self-repair (with "
+                   "mechanisms: repair_mechanisms(...).as_self_repair(), the same forwards run once for both sections)",
     "patch_denoise": "activation_patch(..., direction='denoise'): clean activation into the corrupted run",
     "patch_noise": "activation_patch(..., direction='noise'): corrupted activation into the clean run",
     "attribution": "attribution_patch(..., direction='denoise'): first-order estimate of denoising",
@@ -313,9 +315,19 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     with steps.step("patch_noise", "activation patching, noise (corrupted -> clean)"):
         results["patch_noise"] = activation_patch(model, task, swept, "noise", progress=bars, **kw)
 
+    # with "Why it repairs", one sweep serves both: repair_mechanisms runs self_repair's ablated forwards (with
+    # eager attention; its self-repair equals self_repair's to float32 rounding) and the section reuses it
+    pre_mech = None
+    one_sweep = mechanisms and getattr(model, "backend", "local") == "local" \
+        and not any(c.startswith("ATTN") for c in swept)
     with steps.step("self_repair", f"ablation ({vname}) and self-repair of {len(swept)} components"):
-        results["self_repair"] = self_repair(model, task, swept, value=value, scale=scale, seed=seed,
-                                             progress=bars, **kw)
+        if one_sweep:
+            pre_mech = repair_mechanisms(model, task, swept, value=value, scale=scale, seed=seed, progress=bars,
+                                         **kw)
+            results["self_repair"] = pre_mech.as_self_repair()
+        else:
+            results["self_repair"] = self_repair(model, task, swept, value=value, scale=scale, seed=seed,
+                                                 progress=bars, **kw)
     if exact == "all":
         with steps.step("attribution", "attribution patching (estimate)"):
             results["attribution"] = attribution_patch(model, task, components=names, direction="denoise", **kw)
@@ -364,7 +376,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     if mechanisms:
         with steps.step("why_it_repairs", f"why it repairs: mechanisms of self-repair of {len(names)} components"):
             mech, why = mechanism_step(model, task, components=swept, top=top_names, value=value, scale=scale,
-                                       metric=metric, seed=seed, progress=bars)
+                                       metric=metric, seed=seed, progress=bars, mech=pre_mech)
             results.update(mech)
             notes.extend(why)
             if graph is not None and "repair_mechanisms" in mech:

@@ -56,12 +56,14 @@ def most_compensating_mlp(mech: Any, components: Sequence[str]) -> tuple[str, st
 
 def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Sequence[str], value: Any = "mean",
                    scale: str = "frozen", metric: Any = "logit_diff", seed: int = 0, order: str = "pattern_first",
-                   progress: bool | None = None) -> tuple[dict[str, Any], list[str]]:
+                   progress: bool | None = None, mech: Any = None) -> tuple[dict[str, Any], list[str]]:
     """The section's analyses: ``({"repair_mechanisms", "layer_regression"[, "neuron_contributions"]}, notes)``.
 
     ``components``: the triangulated components (names); ``top``: the top
     components, among which the most compensating MLP is chosen for the
-    neuron split. Skips (with a note) what the model cannot do.
+    neuron split. ``mech``: a :class:`~hydra_probe.effects.RepairMechanisms` of these components with
+    these arguments already computed (the report's self-repair step ran it), used instead of a new sweep.
+    Skips (with a note) what the model cannot do.
     """
     from ..effects.mechanisms import layer_regression, repair_mechanisms
     from ..effects.neurons import neuron_contributions
@@ -71,8 +73,9 @@ def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Seq
     if getattr(model, "backend", "local") != "local":
         return out, ["why it repairs: skipped (it reads attention weights with local hooks; backend='local')."]
     names = [c for c in components if not c.startswith("ATTN")]
-    mech = repair_mechanisms(model, task, names, value=value, scale=scale, order=order, metric=metric, seed=seed,
-                             progress=progress)
+    if mech is None:
+        mech = repair_mechanisms(model, task, names, value=value, scale=scale, order=order, metric=metric,
+                                 seed=seed, progress=progress)
     out["repair_mechanisms"] = mech
     out["layer_regression"] = layer_regression(mech, seed=seed)
     pick = most_compensating_mlp(mech, [c for c in top if c in set(names)])
