@@ -162,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="components that get path patching, paired confirmations and figures (default: 5)")
     r.add_argument("--threshold", type=_fraction, default=0.1, metavar="T",
                    help=THRESHOLD_HELP)
-    r.add_argument("--exact", choices=("auto", "all"), default="all",
-                   help="exact sweeps over every component ('all', default) or only over those AtP* cannot rule "
-                        "out ('auto'; the others are marked estimated and the bound is printed)")
+    r.add_argument("--exact", choices=("auto", "all"), default="auto",
+                   help="exact sweeps (ablation, self-repair, activation patching) only over the components AtP* "
+                        "and the direct effect cannot rule out ('auto', default; the others are marked estimated "
+                        "and the bound is printed) or over every component ('all', the exhaustive run)")
     r.add_argument("--no-figures", action="store_true",
                    help="skip the figures (faster); report.md/html then have tables only")
     r.add_argument("--conditions", default=None, metavar="all|LIST",

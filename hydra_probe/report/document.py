@@ -144,9 +144,10 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
         "of the scale.")
     d.pre(verdict_rule_text(rep))
     if cfg.get("exact") == "auto":
-        d.p("**Exact sweeps where attribution cannot rule a component out** (`exact='auto'`): "
+        d.p("**Exact sweeps where attribution cannot rule a component out** (`exact='auto'`, the default): "
             f"{cfg['exact_bound']} Rows marked *estimated* in the `exact` column have no ablation or patching "
-            "measurement; their attribution column is the AtP* estimate.")
+            "measurement (blank cells); their attribution column is the AtP* estimate. `exact='all'` "
+            "(`--exact all`) sweeps every component.")
     show = t.head(max_rows)
     tab = pd.DataFrame({
         "component": show["component"],
@@ -158,7 +159,7 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
                                                             show["self_repair_hi"])],
         "SR/DE lost": [pct(x) if abs(dn) >= 0.01 else "" for x, dn in zip(show["fraction_repaired"],
                                                                             show["del_norm"])],
-        "lower bound": ["yes" if x else "" for x in show["lower_bound"]],
+        "lower bound": ["yes" if x is True or x == 1 else "" for x in show["lower_bound"]],  # NaN: not ablated
         "compensators": show["compensators"],
         "backups": show["backups"],
         "restoration": [pct(x) for x in show["restoration"]],
@@ -316,8 +317,14 @@ def attribution(d: Doc, ctx: Context) -> None:
     """Attribution patching against exact patching."""
     rep, figures = ctx.rep, ctx.figures
     d.h(2, "Attribution patching vs exact patching")
-    d.p("Attribution patching estimates every component's denoising effect from two forwards and one backward "
-        "(a first-order estimate, never a measurement). Agreement with exact activation patching:")
+    if ctx.config.get("exact") == "auto":
+        d.p("AtP* (attribution patching with the QK fix and GradDrop) estimates every component's denoising and "
+            "noising effects (an estimate, never a measurement); the report swept exactly only the components those "
+            "estimates and the direct effects could not rule out (see the triangulation table). Agreement with "
+            "exact activation patching, over the swept components:")
+    else:
+        d.p("Attribution patching estimates every component's denoising effect from two forwards and one backward "
+            "(a first-order estimate, never a measurement). Agreement with exact activation patching:")
     ag = rep.agreement
     d.p(f"Pearson r = {fmt(ag['pearson'])}, Spearman ρ = {fmt(ag['spearman'])} over {ag['n_components']} "
         "components, comparing mean estimates with mean exact effects (metric units)." + f" Method: {ag['method']}.")
