@@ -199,14 +199,17 @@ def hydra_effect(d: Doc, ctx: Context) -> None:
     d.h(2, "Hydra effect: total effect against direct effect lost")
     h = rep.hydra
     if h and not math.isnan(h.get("slope", float("nan"))):
-        d.p(f"Regressing the single-ablation total effect on the direct effect lost across the {h['n']} components "
+        swept = " swept" if ctx.config.get("exact") == "auto" else ""  # exact="auto": estimated rows were not ablated
+        d.p(f"Regressing the single-ablation total effect on the direct effect lost across the {h['n']}{swept} components "
             f"(OLS, statsmodels) gives a slope of {ci(h['slope'], h['slope_lo'], h['slope_hi'])}, intercept "
             f"{fmt(h['intercept'])}, R² {fmt(h['r2'])}. A slope of 1 means an ablation costs the metric what the "
             "component wrote directly; below 1, downstream compensation hides that share of each component's role "
             "from single ablations; above 1, components act mostly through downstream components (indirect "
             "effects), which the slope does not separate from self-repair. Here: " + hydra_reading(h, val)
             + " Points below the identity line (blue where self-repair is significant) are components whose TE "
-            "is a lower bound on what they write.")
+            "is a lower bound on what they write."
+            + (" Only the swept components enter the fit (exact='auto'): they were selected by size, so the slope "
+               "can differ from the exhaustive run's (`--exact all`)." if swept else ""))
     else:
         d.p("The Hydra slope is undefined here (fewer than three components or no variation in DE lost).")
     if "te_vs_de_lost" in figures:

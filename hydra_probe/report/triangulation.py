@@ -413,13 +413,15 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
     names = [c for c in den.index if c in keep]
     n, k = len(den), len(names)
     if k == n:
-        return names, (f"all {n} components swept exactly: none has AtP* restoration and damage estimates below "
-                       f"{cut:.3g} of the gap and a clean direct effect below {cut:.3g} of the verdict scale (half the "
-                       f"threshold {threshold:g}), so none is estimated.")
+        return names, (f"all {n} components swept exactly: each is among the {min(top, n)} with the largest "
+                       f"estimates, or its AtP* restoration or damage estimate reaches {cut:.3g} of the gap, or its "
+                       f"clean direct effect reaches {cut:.3g} of the verdict scale (half the threshold {threshold:g}); "
+                       "none is estimated.")
+    rest = (f"The other {n - k} are estimated: they read" if n - k > 1 else "The other one is estimated: it reads")
     bound = (f"{k} of {n} components swept exactly: the {min(top, n)} with the largest estimates and every one whose "
              f"AtP* restoration or damage estimate reaches {cut:.3g} of the gap or whose clean direct effect reaches "
-             f"{cut:.3g} of the verdict scale (half the threshold {threshold:g}). The other {n - k} are estimated: "
-             "they read 'agree: minor' without an ablation or patching measurement. One of them would read "
+             f"{cut:.3g} of the verdict scale (half the threshold {threshold:g}). {rest} 'agree: minor' without an "
+             f"ablation or patching measurement. {'One of them' if n - k > 1 else 'It'} would read "
              f"otherwise in the exhaustive run (exact='all') only if AtP* misestimates its restoration or damage by "
              f"more than {threshold - cut:.3g} of the gap, or its {value} ablation costs {threshold:g} of the verdict "
              "scale through what its direct effect does not show (indirect paths the corruption does not move, or "
