@@ -308,10 +308,6 @@ def test_a_client_without_weights_is_refused_clearly():
 
 def test_local_only_analyses_refuse_at_once(ndif, requests, task):
     m = _remote()
-    with pytest.raises(hp.OptionError, match="remote"):
-        hp.path_patch(m, task, ["L0H1"], ["L3H0"])
-    with pytest.raises(hp.OptionError, match="remote"):
-        hp.attribution_patch(m, task, ["L0H1"])
     with pytest.raises(hp.OptionError, match="triangulate"):
         hp.triangulate(m, task)
     with pytest.raises(hp.InputError, match="backend='local'"):
