@@ -34,6 +34,8 @@ exit codes: 0 success; 2 bad input (one-line message, no traceback); 1 any other
 examples:
   hydra-probe report                                  # shipped model, IOI, writes hydra_report/
   hydra-probe report --model path/to/model --task pairs.jsonl --out my_report --overwrite
+  hydra-probe report --exact all                      # sweep every component exactly (default: only where AtP* can't
+                                                      # rule a component out; the rest are marked estimated)
   hydra-probe ablate --components L2H3,L3H0+L3H1      # single and set (joint) ablations
   hydra-probe ablate --pair L2H3 L3H1 --pair L2H3 L3H0  # paired ablations and interactions
   hydra-probe graph --top-k 3 --verify 5 --out hydra_graph/
