@@ -285,8 +285,8 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         raise OptionError(f"threshold must be a fraction in (0, 1) (of the verdict scale for TE and DE lost, "
                           f"of the clean - corrupted gap for restoration and damage); got {threshold!r}.")
     if not isinstance(exact, str) or exact not in ("auto", "all"):
-        raise OptionError(f"exact must be 'auto' (exact sweeps only where AtP* cannot rule a component out) or "
-                          f"'all' (every component); got {exact!r}.")
+        raise OptionError(f"exact must be 'auto' (the default: exact sweeps only over the components that AtP* and "
+                          f"the direct effects cannot rule out) or 'all' (every component); got {exact!r}.")
     if isinstance(iterate, bool) or not isinstance(iterate, (int, np.integer)) or iterate < 0:
         raise OptionError(f"iterate must be an integer >= 0; got {iterate!r}.")
     comps = select(model, components)
