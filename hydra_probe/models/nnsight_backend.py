@@ -36,7 +36,8 @@ EditSpec = tuple[int, int, "list[int] | None", "int | None", "int | None", "torc
 class Job:
     """One trace: ``ids`` (B, T) stacked ``copies`` times, ``edits`` applied, ``keep`` sites returned.
 
-    ``keep[site]`` is ``"all"`` (B*copies, T, width) or ``"last"`` (B*copies, width), the last position only.
+    ``keep[site]`` is ``"all"`` (B*copies, T, width) or ``"last"`` (B*copies, width), the last position only,
+    or ``"sum"`` (T, width) float64, the sum over the batch; ``"last+sum"`` returns the tuple (last, sum).
     """
 
     ids: torch.Tensor
@@ -196,6 +197,9 @@ def _session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, lis
                         out.append(x[:, -1].detach().cpu())
                     elif keep == "all":
                         out.append(x.detach().cpu())
+                    elif keep:  # "sum" (over the batch, float64: (T, width)) and/or "last", e.g. "last+sum"
+                        out.append(tuple(x[:, -1].detach().cpu() if m == "last" else
+                                         x.detach().to(torch.float64).sum(0).cpu() for m in keep.split("+")))
                     else:
                         out.append(None)
                 outs.append(out)
