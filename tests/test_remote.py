@@ -314,8 +314,6 @@ def test_local_only_analyses_refuse_at_once(ndif, requests, task):
         hp.attribution_patch(m, task, ["L0H1"])
     with pytest.raises(hp.OptionError, match="triangulate"):
         hp.triangulate(m, task)
-    with pytest.raises(hp.InputError, match="backend='local'"):
-        hp.repair_mechanisms(m, task, ["L2H1"])
     assert requests[0] == 0
 
 

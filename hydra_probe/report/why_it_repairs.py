@@ -68,8 +68,6 @@ def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Seq
 
     notes: list[str] = []
     out: dict[str, Any] = {}
-    if getattr(model, "backend", "local") != "local":
-        return out, ["why it repairs: skipped (it reads attention weights with local hooks; backend='local')."]
     names = [c for c in components if not c.startswith("ATTN")]
     mech = repair_mechanisms(model, task, names, value=value, scale=scale, order=order, metric=metric, seed=seed,
                              progress=progress)

@@ -334,7 +334,12 @@ class Runner:
             if not isinstance(s, Site):
                 raise OptionError(f"capture takes Site objects (hydra_probe.models.sites.Site); got {s!r}.")
             # raises InterventionError when the site does not exist (or, on nnsight, cannot be read there)
-            (self.ad.path_of if self.model.backend == "nnsight" else self.ad.module_of)(s)
+            if self.model.backend == "nnsight" and s.kind in ("values", "attn_last"):
+                from ..models.nnsight_backend import mechanism_read
+
+                mechanism_read(self.model, s)  # read in the trace from the attention call's inputs
+            else:
+                (self.ad.path_of if self.model.backend == "nnsight" else self.ad.module_of)(s)
         return sites
 
     def run(self, source: str, copies: Sequence[Copy], readout: bool = False,
