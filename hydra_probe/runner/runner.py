@@ -961,8 +961,14 @@ class Runner:
             need.setdefault(s, set()).update(modes)
         if source == "clean" and self.value_hint == "mean" and self.reference is self.task:
             for s in self.capture_sites():  # the sums the means need: (T, width) per site, not (B, T, width)
-                need.setdefault(s, set()).add("sum")
+                need.setdefault(s, set()).add(self._sum_mode(g))
         return need
+
+    def _sum_mode(self, g: int) -> str:
+        """How group ``g``'s per-position sums come back: ``"sum"`` (float64, (T, width)) when that is smaller
+        than the activations themselves (``"all"``, (B, T, width) in the model's dtype; summed here, equally)."""
+        item = torch.empty((), dtype=self.ad.dtype).element_size()
+        return "sum" if len(self.groups[g]) * item > 8 else "all"
 
     def _declare_nnsight(self, source: str, copies: Sequence[Copy], readout: bool, capture: frozenset[Site],
                          every: bool) -> None:
@@ -1005,7 +1011,7 @@ class Runner:
             for src, sites in per.items():
                 d = self._want.setdefault((g, src), {})
                 for s, modes in sites.items():
-                    d.setdefault(s, set()).update(modes)
+                    d.setdefault(s, set()).update({self._sum_mode(g) if m == "sum" else m for m in modes})
             for src in SOURCES:
                 p = self._prefix.get((g, src))
                 if isinstance(p, RemotePrefix):
@@ -1031,7 +1037,7 @@ class Runner:
         counts = self._mean_counts
         Tmax = counts.shape[0]
         if ref is self.task:
-            todo = [(self.prefix(g, "clean"), {s: {"sum"} for s in sites}) for g in range(len(self.groups))]
+            todo = [(self.prefix(g, "clean"), {s: {self._sum_mode(g)} for s in sites}) for g in range(len(self.groups))]
             fetch_prefixes(self.model, todo)
             sums = [(p.ids.shape[1], {s: p.get(s, "sum") for s in sites}) for p, _ in todo]
         else:
