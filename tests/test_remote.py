@@ -312,8 +312,6 @@ def test_local_only_analyses_refuse_at_once(ndif, requests, task):
         hp.path_patch(m, task, ["L0H1"], ["L3H0"])
     with pytest.raises(hp.OptionError, match="remote"):
         hp.attribution_patch(m, task, ["L0H1"])
-    with pytest.raises(hp.OptionError, match="triangulate"):
-        hp.triangulate(m, task)
     assert requests[0] == 0
 
 
