@@ -231,7 +231,7 @@ def _session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, lis
                             if cap:
                                 y = torch.tanh(y / cap) * cap
                             T = k.shape[2]
-                            if mask is not None:
+                            if isinstance(mask, torch.Tensor):  # additive (eager) or boolean (sdpa) mask
                                 mr = mask[:, :, -1, :T]
                                 y = y.masked_fill(~mr, float("-inf")) if mr.dtype == torch.bool else y + mr
                             win = kw.get("sliding_window")

@@ -16,7 +16,11 @@ equal-length prompts,
 
 With ``model.backend == "nnsight"`` each chunk of copies is one full nnsight
 trace instead, its interventions plain data (equal numbers; with
-``remote=True`` one request per chunk). The model is left as it
+``remote=True`` one request per chunk). The unedited clean and corrupted
+runs (:class:`RemotePrefix`) return only what :meth:`Runner.run` declares it
+will read (the last position where that suffices, per-position sums over the
+batch for means, every position only of the sites whose values are patched
+in); anything else is fetched on first access. The model is left as it
 was: hooks are removed on exit, also on error, and train/eval flags restored.
 """
 
@@ -996,6 +1000,14 @@ class Runner:
                     want(source, s, pos)
         for c in copies:
             for iv in c:
+                if isinstance(iv, Delivery):  # the senders' change: their writes in both runs, every position
+                    for m in iv.change.senders:
+                        site = Site(m.layer, "mlp_out" if m.kind == "mlp" else "z")
+                        want(source, site, "all")
+                        want(iv.change.value, site, "all")
+                    if all(isinstance(x, Delivery) and x.target == "logits" for x in c):
+                        want(source, final, "all")  # read from the unedited run, the change added here
+                    continue
                 if not isinstance(iv, Intervention):
                     continue
                 if iv.value in SOURCES:
