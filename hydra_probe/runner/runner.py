@@ -639,6 +639,8 @@ class Runner:
         key = (g, source, change)
         if key in self._changes:
             return self._changes[key]
+        if self.model.backend == "nnsight":
+            self._prefetch_change(source, change)
         ad = self.ad
         Pb, Po = self.local_prefix(g, source), self.local_prefix(g, change.value)
         T = Pb.resid[0].shape[1]
@@ -1025,6 +1027,26 @@ class Runner:
                 for s, modes in sites.items():
                     d.setdefault(s, set()).update({self._sum_mode(g) if m == "sum" else m for m in modes})
             for src in SOURCES:
+                p = self._prefix.get((g, src))
+                if isinstance(p, RemotePrefix):
+                    todo.append((p, self._needs(g, src)))
+        fetch_prefixes(self.model, todo)
+
+    def _prefetch_change(self, source: str, change: SenderChange) -> None:
+        """Before a sender change is computed from the unedited runs (nnsight): when some group lacks its
+        senders' sites, fetch every z and MLP output at every position of both runs of every group in one
+        request (a sweep over many changes then needs no more), unless :meth:`run` declared them already."""
+        sites = {Site(m.layer, "mlp_out" if m.kind == "mlp" else "z") for m in change.senders}
+        runs = {source, change.value}
+        have = [self._prefix.get((g, s)) for g in range(len(self.groups)) for s in runs]
+        if all(isinstance(p, RemotePrefix) and all(p.has(x, "all") for x in sites) for p in have):
+            return
+        todo = []
+        for g in range(len(self.groups)):
+            for src in runs:
+                d = self._want.setdefault((g, src), {})
+                for x in self.capture_sites():
+                    d.setdefault(x, set()).add("all")
                 p = self._prefix.get((g, src))
                 if isinstance(p, RemotePrefix):
                     todo.append((p, self._needs(g, src)))
