@@ -226,12 +226,6 @@ class Runner:
                 self._prefix[key] = self.ad.prefix(self.task.batch(self.groups[g], source), capture=self.capture_sites())
         return self._prefix[key]
 
-    def _prefix_nnsight(self, ids: torch.Tensor) -> Prefix:
-        """The unedited forward as one nnsight trace (no block calls: nothing restarts mid-model)."""
-        from ..models.nnsight_backend import Job, run_jobs
-
-        return self._as_prefix(run_jobs(self.model, [Job(ids, keep=self._prefix_keep())])[0])
-
     @property
     def readout(self) -> Readout:
         if self._readout is None:
@@ -258,8 +252,7 @@ class Runner:
                     caps = self.prefix(g, "clean").captures
                 else:
                     with self.model.evaluating():
-                        caps = (self._prefix_nnsight(ids) if self.model.backend == "nnsight"
-                                else self.ad.prefix(ids, capture=self.capture_sites())).captures
+                        caps = self.ad.prefix(ids, capture=self.capture_sites()).captures
                 T = ids.shape[1]
                 counts[:T] += len(idx)
                 for s, x in caps.items():
@@ -1117,16 +1110,6 @@ class Runner:
             xa = _full_of(P, final)
             out["resid_all"] = xa.repeat(k, 1, 1).view(k, B, *xa.shape[1:])
         return out
-
-    def _prefix_keep(self) -> dict[Site, str]:
-        L = self.ad.n_layers
-        return {**{s: "all" for s in self.capture_sites()}, **{Site(l, "resid_pre"): "all" for l in range(L + 1)}}
-
-    def _as_prefix(self, saved: dict[Site, torch.Tensor]) -> Prefix:
-        L = self.ad.n_layers
-        dev = self.ad.device
-        return Prefix(resid=[saved[Site(l, "resid_pre")].to(dev) for l in range(L + 1)], calls=[],
-                      captures={s: saved[s].to(dev) for s in self.capture_sites()})
 
     def _plain_edits(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], B: int) -> dict:
         """The copies' interventions as plain data for a stacked nnsight trace (see ``nnsight_backend.EditSpec``).
