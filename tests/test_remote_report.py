@@ -89,7 +89,8 @@ def test_unedited_runs_return_only_what_is_read(ndif, spy, local, task):
     m = _remote()
     L, d = local.n_layers, local.d_model
     big = hp.tasks.ioi(local, n_prompts=16, seed=1)  # one group of 10 prompts of one length, three of 2
-    _same(hp.ablate(local, big, "heads", "mean").to_frame(), hp.ablate(m, big, "heads", "mean").to_frame())
+    heads = ["L0H1", "L1H0", "L2H1", "L3H0"]
+    _same(hp.ablate(local, big, heads, "mean").to_frame(), hp.ablate(m, big, heads, "mean").to_frame())
     pre = [(j, o) for j, o in spy if not j.edits]
     assert len(pre) == 2 * len(big.groups())  # one request per group (clean and corrupted traces)
     for j, o in pre:
@@ -142,19 +143,27 @@ def test_more_is_fetched_lazily_with_the_same_numbers(ndif, spy, local, task):
     assert len(spy) == n + 2
 
 
+def test_means_over_a_reference_task_come_back_as_sums(ndif, spy, local, task):
+    ref = hp.tasks.ioi(local, n_prompts=8, seed=5)
+    _same(hp.ablate(local, task, ["L1H0", "MLP1"], ref).to_frame(), hp.ablate(_remote(), task, ["L1H0", "MLP1"], ref)
+          .to_frame())
+    sums = [j for j, _ in spy if not j.edits and set(j.keep.values()) == {"sum"}]
+    assert len(sums) == len(ref.groups()) and {s for j in sums for s in j.keep} == {Site(1, "z"), Site(1, "mlp_out")}
+
+
 # ---------------------------------------------------------------- 2. repair_mechanisms remote
 def test_repair_mechanisms_remote_equals_local(ndif, spy, local, task):
     """The server runs its own attention implementation (not eager); the values and last-query weights are
     computed in the trace from the attention call's inputs, the split on the client: the local amounts."""
     m = _remote()
     comps = ["L0H1", "L1H3", "MLP1"]
-    for order in ("pattern_first", "values_first"):
-        a = hp.repair_mechanisms(local, task, comps, value="mean", order=order)
-        b = hp.repair_mechanisms(m, task, comps, value="mean", order=order)
-        _same(a.to_frame(), b.to_frame())
-        _same(a.self_repair_frame(), b.self_repair_frame())
-        f = b.to_frame()
-        assert (f[f.mechanism == "pattern"].amount.abs() > 1e-4).any()
+    a = hp.repair_mechanisms(local, task, comps, value="mean", order="symmetric")  # reads weights and values
+    b = hp.repair_mechanisms(m, task, comps, value="mean", order="symmetric")
+    _same(a.to_frame(), b.to_frame())
+    _same(a.self_repair_frame(), b.self_repair_frame())
+    f = b.to_frame()
+    assert (f[f.mechanism == "pattern"].amount.abs() > 1e-4).any() and (f[f.mechanism == "values"].amount.abs()
+                                                                        > 1e-4).any()
     reads = {s.kind for j, _ in spy for s in j.keep}
     assert {"attn_last", "values"} <= reads  # read in the traces, not by local hooks
     sa, sb = hp.layer_regression(a).shares(), hp.layer_regression(b).shares()
