@@ -188,6 +188,16 @@ def test_mechanism_reads_in_the_trace_equal_eager_on_other_families(family):
     np.testing.assert_allclose(fa["amount"], fb["amount"], atol=1e-9, rtol=0)
 
 
+def test_repair_mechanisms_in_nnsights_local_simulation(local):
+    """remote='local': each request serialised and run with local modules hidden, as a server would."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = hp.load_default_model(backend="nnsight", remote="local")
+    t = hp.tasks.ioi(local, n_prompts=4, seed=1)
+    _same(hp.repair_mechanisms(local, t, ["L1H0"], order="symmetric").to_frame(),
+          hp.repair_mechanisms(m, t, ["L1H0"], order="symmetric").to_frame())
+
+
 def test_a_family_without_an_attention_call_is_refused_before_any_request(ndif, spy, monkeypatch, task):
     m = _remote()
     attn = m.nnsight.transformer.h[1].attn
