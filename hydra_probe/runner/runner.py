@@ -981,7 +981,9 @@ class Runner:
         def want(src: str, site: Site, mode: str) -> None:
             per[src].setdefault(site, set()).add(mode)
 
-        want(source, final, pos)
+        # an unedited copy capturing only what the unedited run holds reads it (else it runs as a trace)
+        cached = any(not c for c in copies) and all(s.kind in ("z", "mlp_out", "resid_pre") for s in capture)
+        want(source, final, pos if cached else "last")
         if self.metric.needs_clean:
             want("clean", final, "last")
         if readout:
@@ -989,10 +991,9 @@ class Runner:
                 want(source, Site(l, "z"), "last")
                 want(source, Site(l, "mlp_out"), "last")
             want(source, Site(0, "resid_pre"), "last")
-        if any(not c for c in copies):  # an unedited copy reads its captures from the prefix
+        if cached:
             for s in capture:
-                if s.kind in ("z", "mlp_out", "resid_pre"):
-                    want(source, s, pos)
+                want(source, s, pos)
         for c in copies:
             for iv in c:
                 if isinstance(iv, Delivery):  # the senders' change: their writes in both runs, every position
