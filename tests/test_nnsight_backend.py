@@ -72,18 +72,6 @@ def test_every_analysis_agrees_across_backends(family, traces):
     assert _no_hooks(local.hf_model)
 
 
-def test_remote_refuses_what_runs_only_locally():
-    """Path and attribution patching run on the local hook path; with remote=True they say so at once."""
-    hf = tiny.hf_model("gpt2")
-    m = hp.load_model(hf, tokenizer=tiny.tokenizer(), backend="nnsight")
-    t = tiny.ioi(m, 4)
-    m.remote = True
-    with pytest.raises(hp.OptionError, match="remote"):
-        hp.path_patch(m, t, ["L0H1"], ["logits"])
-    with pytest.raises(hp.OptionError, match="remote"):
-        hp.attribution_patch(m, t, ["L0H1"])
-
-
 @pytest.mark.parametrize("family", ["gpt2"])
 def test_backends_agree(family, traces):
     local, nn, t = _pair(family)

@@ -211,9 +211,6 @@ def test_a_family_without_an_attention_call_is_refused_before_any_request(ndif, 
 COMPS = ["L1H0", "L2H1", "MLP1"]
 
 
-@pytest.mark.xfail(raises=hp.OptionError, strict=False,
-                   reason="needs path patching (helper remote-path) and attribution patching (helper remote-grad) "
-                          "to run remotely; remove this marker once both are merged")
 def test_report_remote_equals_local(ndif, spy, local):
     """triangulate through the loopback server: every section runs there (no local forward of the client's
     model), and the report's table (verdicts, numbers within 1e-5) and each section's frame equal the local ones."""

@@ -14,8 +14,9 @@ corrupted) and one backward, for all components together. The gradient is
 taken with respect to zero tensors added to the activations in hooks, so it
 works when the parameters do not require gradients and leaves no ``.grad``
 on them. Always an estimate: :meth:`AttributionPatch.agreement` compares it
-with exact activation patching. Runs on the local (hook) path for every
-backend.
+with exact activation patching. With ``backend="nnsight"`` (also
+``remote=True``) the gradient reads and AtP*'s QK fix run as nnsight traces
+(one request per chunk), with the local numbers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from ..checks import public
 from ..components import Component, select
 from ..errors import InputError, MetricError, OptionError
-from ..interventions import Delivery, Direction, GradientRead, Intervention, SenderChange, check_direction, site_of
+from ..interventions import Direction, GradientRead, SenderChange, check_direction, site_of
 from ..metrics import Metric
 from ..models.sites import Site
 from ..results import Result, provenance
@@ -189,7 +190,6 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     exact activation-patching sweep.
     """
     model = as_model(model)
-    model.require_local("attribution_patch")
     check_direction(direction)
     comps = select(model, components)
     pos = positions_of(positions)
@@ -274,40 +274,16 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
 
 
 def _qk_terms(runner: Any, model: Any, plan: list[tuple[Component, int | None]], source: str, other: str,
-              pos: tuple[int, ...] | None, zs: tuple[Site, ...], label: str, reads: list[Any],
-              chunk: int = 16) -> dict[int, torch.Tensor]:
+              pos: tuple[int, ...] | None, zs: tuple[Site, ...], label: str, reads: list[Any]
+              ) -> dict[int, torch.Tensor]:
     """AtP*'s QK fix: per plan row i (heads, ATTN and MLP components), per gradient read r, per prompt,
     ``sum_l (z'_l - z_l) . g_r[z_l]`` over every downstream layer l, where z'_l is that layer's heads' output
     when the component's change reaches only their queries and keys (each block's input held at the
-    baseline run's): a tensor (R, n). Runs ``chunk`` components per call and reduces at once, so the
-    captured outputs of only that many are held in memory."""
-    L, H, n = model.n_layers, model.n_heads, len(runner.task)
-    rows, copies = [], []
-    for i, (c, p) in enumerate(plan):
-        if c.kind == "resid" or c.layer + 1 >= L:
-            continue
-        change = SenderChange((c,), other, (p,) if p is not None else pos)
-        copy: list[Any] = []
-        for l in range(c.layer + 1, L):
-            copy.append(Intervention(Site(l, "resid_pre"), None, None, source))
-            copy.append(Delivery(change, "heads", l, tuple(range(H)), ("q", "k")))
-        rows.append((i, c))
-        copies.append(tuple(copy))
-    out: dict[int, torch.Tensor] = {}
-    if not copies:
-        return out
-    base, = runner.run(source, [()], capture=zs, capture_positions="all")
-    for j in range(0, len(copies), chunk):
-        outs = runner.run(source, copies[j:j + chunk], label=f"{label}: QK fix", capture=zs, capture_positions="all")
-        for (i, c), o in zip(rows[j:j + chunk], outs):
-            term = torch.zeros(len(reads), n, dtype=torch.float64)
-            for g, idx in enumerate(runner.groups):
-                it = torch.tensor(idx)
-                for s in zs:
-                    if s.layer <= c.layer:
-                        continue
-                    dz = (o.captures[s][g] - base.captures[s][g]).to(torch.float64)
-                    for r, read in enumerate(reads):
-                        term[r, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
-            out[i] = term
-    return out
+    baseline run's): a tensor (R, n) (see :meth:`Runner.qk_fix`)."""
+    L = model.n_layers
+    rows = [i for i, (c, _) in enumerate(plan) if c.kind != "resid" and c.layer + 1 < L]
+    if not rows:
+        return {}
+    changes = [SenderChange((plan[i][0],), other, (plan[i][1],) if plan[i][1] is not None else pos) for i in rows]
+    terms = runner.qk_fix(source, changes, reads, label=f"{label}: QK fix")
+    return {i: terms[:, j] for j, i in enumerate(rows)}

@@ -48,10 +48,10 @@ before W_O) is copied from the shadow into the main copy.
 
 The runner executes these deliveries (plain data,
 :class:`~hydra_probe.interventions.Delivery`) with its batching, prefix
-reuse and out-of-memory retry. They run on the local (hook) path, also for
-models loaded with ``backend="nnsight"`` (the numbers do not depend on the
-backend); with ``remote=True`` path patching says at once that it cannot run
-remotely.
+reuse and out-of-memory retry: on the local backend as hooks, on
+``backend="nnsight"`` (also ``remote=True``) as one nnsight trace per chunk
+of copies whose body calls the model's own norms and q/k/v projections on
+the delivered inputs (the numbers do not depend on the backend).
 """
 
 from __future__ import annotations
@@ -254,7 +254,6 @@ def path_patch(model: Any, task: Any, senders: Any, receivers: Any, direction: D
             (default: all).
     """
     model = as_model(model)
-    model.require_local("path_patch")
     check_direction(direction)
     check_scale(scale)
     if receiver_input not in RECEIVER_INPUTS:

@@ -218,7 +218,7 @@ class Runner:
 
     def local_prefix(self, g: int, source: str) -> Prefix:
         """Like :meth:`prefix`, but always from the local path (with block calls, for restarting)."""
-        if self.model.backend != "nnsight":
+        if self.model.backend != "nnsight" or self.model.remote:  # remote: the nnsight run's (nothing restarts)
             return self.prefix(g, source)
         key = (g, source + ":local")
         if key not in self._prefix:
@@ -367,7 +367,6 @@ class Runner:
         if self.model.backend == "nnsight":
             self._declare_nnsight(source, copies, readout, cap, capture_positions == "all")
         if paths:
-            self.check_local("path patching (deliveries of a sender's change)")
             if readout:
                 raise OptionError("readout=True does not combine with deliveries; run the readout separately.")
         every = capture_positions == "all"
@@ -389,6 +388,10 @@ class Runner:
             # captures only cached sites reads them
             L = self.ad.n_layers
             starts = [0 if c or s < L else L for c, s in zip(copies, starts)]
+        elif self.model.backend == "nnsight":
+            # deliveries: full forwards chunked by the budget alone; logits-only copies read the cached run
+            L = self.ad.n_layers
+            starts = [0 if s < L else L for s in starts]
         weights = [1 + bool(self._shadow_layers(c)) for c in copies]
         with progress_bar(K * len(self.groups), label, self.progress) as bar:
             for g, idx in enumerate(self.groups):
@@ -511,6 +514,8 @@ class Runner:
             return self._forward_nnsight_stacked(g, source, copies, readout, capture, every)
         if self.model.backend == "nnsight" and not paths:
             return self._forward_nnsight_cached(g, source, len(copies), readout, capture, every)
+        if self.model.backend == "nnsight" and paths:  # deliveries as one trace (also remote)
+            return self._forward_nnsight_paths(g, source, copies, start, capture, every)
         P = self.local_prefix(g, source) if paths else self.prefix(g, source)
         k, B = len(copies), P.batch
         L = self.ad.n_layers
@@ -635,8 +640,8 @@ class Runner:
         if self.model.backend == "nnsight":
             self._prefetch_change(source, change)
         ad = self.ad
-        Pb, Po = self.local_prefix(g, source), self.local_prefix(g, change.value)
-        T = Pb.resid[0].shape[1]
+        Pb, Po = self.prefix(g, source), self.prefix(g, change.value)  # captures only (nnsight: the traced runs)
+        T = len(self.task.clean_ids[self.groups[g][0]])
         mask = torch.zeros(T, dtype=ad.dtype, device=ad.device)
         if change.positions is None:
             mask[:] = 1
@@ -826,6 +831,8 @@ class Runner:
         """
         if source not in SOURCES:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
+        if self.model.backend == "nnsight":
+            return self._gradients_nnsight(source, reads, label)
         self.check_local("attribution patching (gradient reads)")
         L = self.ad.n_layers
         for r in reads:
@@ -1002,7 +1009,9 @@ class Runner:
                         want(source, site, "all")
                         want(iv.change.value, site, "all")
                     if all(isinstance(x, Delivery) and x.target == "logits" for x in c):
-                        want(source, final, "all")  # read from the unedited run, the change added here
+                        # read from the unedited run, the change added here
+                        for s in {final} | {s for s in capture if s.kind in ("z", "mlp_out", "resid_pre")}:
+                            want(source, s, "all")
                     continue
                 if not isinstance(iv, Intervention):
                     continue
@@ -1032,8 +1041,11 @@ class Runner:
         request (a sweep over many changes then needs no more), unless :meth:`run` declared them already."""
         sites = {Site(m.layer, "mlp_out" if m.kind == "mlp" else "z") for m in change.senders}
         runs = {source, change.value}
-        have = [self._prefix.get((g, s)) for g in range(len(self.groups)) for s in runs]
-        if all(isinstance(p, RemotePrefix) and all(p.has(x, "all") for x in sites) for p in have):
+        keys = [(g, src) for g in range(len(self.groups)) for src in runs]
+        declared = all("all" in self._want.get(key, {}).get(x, ()) for key in keys for x in sites)
+        lacking = any(isinstance(p := self._prefix.get(key), RemotePrefix) and not all(p.has(x, "all") for x in sites)
+                      for key in keys)
+        if declared and not lacking:
             return
         todo = []
         for g in range(len(self.groups)):
@@ -1112,6 +1124,160 @@ class Runner:
             out["resid_all"] = xa.repeat(k, 1, 1).view(k, B, *xa.shape[1:])
         return out
 
+    # ---------------------------------------------------------------- nnsight (also remote): gradient reads, QK fix
+    def _gradients_nnsight(self, source: str, reads: Sequence[GradientRead], label: str) -> list[GradientOutput]:
+        """:meth:`gradients` as nnsight traces (one request per chunk of reads stacked along the batch).
+
+        The metric is taken to the server as its gradient with respect to the unembedding's output at the
+        last position (from the cached ``source`` run's final residual; see
+        ``nnsight_backend.logit_weights``), so every metric works and no package code is sent."""
+        from ..models.nnsight_backend import logit_weights
+
+        L = self.ad.n_layers
+        for r in reads:
+            for s in r.sites:
+                self.ad.path_of(s)
+            if r.drop_layer is not None and not 0 <= r.drop_layer < L:
+                raise OptionError(f"drop_layer {r.drop_layer} is outside layers 0..{L - 1}.")
+        n, K = len(self.task), len(reads)
+        metric = torch.empty(n, dtype=torch.float64)
+        acts: dict[Site, list[torch.Tensor]] = {}
+        grads: list[dict[Site, list[torch.Tensor]]] = [{} for _ in reads]
+        with progress_bar(K * len(self.groups), label, self.progress) as bar:
+            for g, idx in enumerate(self.groups):
+                a, b = self.task.answer_ids[idx], self.task.alternative_ids[idx]
+                clean = self.clean_logits()[idx] if self.metric.needs_clean else None
+                x_last = _last_of(self.prefix(g, source), Site(L, "resid_pre"))
+                m0, tok, wts = logit_weights(self.model, x_last,
+                                             lambda lg, a=a, b=b, c=clean: self.metric(lg, a, b, c))
+                metric[torch.tensor(idx)] = m0
+
+                def forward(chunk: list[int], start: int, g: int = g, tok: torch.Tensor = tok,
+                            wts: torch.Tensor = wts) -> Any:
+                    todo = [reads[i] for i in chunk]
+                    need = any(len(acts.get(s, [])) <= g for r in todo for s in r.sites)  # the group's first
+                    return self._gradient_job(g, source, todo, tok, wts, need)
+
+                for chunk, (av, gr) in self._batched(g, [0] * K, [1] * K, forward):
+                    for s, v in av.items():
+                        if len(acts.setdefault(s, [])) == g:
+                            acts[s].append(v)
+                    for j, i in enumerate(chunk):
+                        for s, v in gr[j].items():
+                            grads[i].setdefault(s, []).append(v)
+                    bar.update(len(chunk))
+        return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i]) for i, r in enumerate(reads)]
+
+    def _gradient_job(self, g: int, source: str, reads: Sequence[GradientRead], tokens: torch.Tensor,
+                      weights: torch.Tensor, need_acts: bool = True
+                      ) -> tuple[dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """One nnsight trace of ``reads`` stacked along the batch: (activations {site: (B, T, w)} when
+        ``need_acts``, per read {site: gradient (B, T, w)}), with the same edits as :meth:`_gradient_forward`
+        as plain data."""
+        from ..models.nnsight_backend import GradJob, run_gradient_jobs
+
+        ad = self.ad
+        idx = self.groups[g]
+        k, B, L = len(reads), len(idx), ad.n_layers
+        sites = sorted({s for r in reads for s in r.sites}, key=lambda s: s.order)
+        rows = {s: torch.cat([torch.arange(j * B, (j + 1) * B) for j, r in enumerate(reads) if s in r.sites])
+                for s in sites}
+        freeze: dict[Site, tuple[torch.Tensor, list[tuple[int, int]]]] = {}
+        if any(r.freeze_patterns for r in reads):
+            rowmask = torch.tensor([r.freeze_patterns for r in reads]).repeat_interleave(B)
+            for layer in range(L):
+                cols: dict[Site, list[slice]] = {}
+                for h in range(ad.n_heads):
+                    for w in ("q", "k"):
+                        site, sl = ad.head_input_slice(layer, h, w)
+                        cols.setdefault(site, []).append(sl)
+                for site, sls in cols.items():
+                    freeze[site] = (rowmask, [(sl.start, sl.stop) for sl in sls])
+        drops = {layer: torch.tensor([r.drop_layer == layer for r in reads]).repeat_interleave(B)[:, None, None]
+                 for layer in sorted({r.drop_layer for r in reads if r.drop_layer is not None})}
+        job = GradJob(self.task.batch(idx, source), k, rows, tokens, weights, freeze, drops, need_acts)
+        with self.model.evaluating():
+            av, gv = run_gradient_jobs(self.model, [job])[0]
+        per: list[dict[Site, torch.Tensor]] = [{} for _ in reads]
+        for s in sites:
+            held = [j for j, r in enumerate(reads) if s in r.sites]
+            for pos, j in enumerate(held):
+                per[j][s] = gv[s][pos * B:(pos + 1) * B]
+        return av, per
+
+    def qk_fix(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+               label: str = "QK fix") -> torch.Tensor:
+        """AtP*'s QK fix terms (R, C, n) float64: ``term[r, c, i]`` sums over layers l above the senders of
+        ``changes[c]`` and positions ``(z'_l - z_l) . reads[r].grads[Site(l, "z")]`` for prompt i (task order),
+        z'_l being layer l's heads' output when the change reaches only that layer's queries and keys (its
+        block input and values held at the ``source`` run's), z_l the ``source`` run's. Layers a read has no
+        ``z`` gradient for add nothing."""
+        if self.model.backend == "nnsight":
+            return self._qk_fix_nnsight(source, changes, reads, label)
+        # the plain reference: one forward per change, every block input pinned and a delivery to q and k
+        L, H, n = self.ad.n_layers, self.ad.n_heads, len(self.task)
+        out = torch.zeros(len(reads), len(changes), n, dtype=torch.float64)
+        zs = tuple(sorted({s for r in reads for s in r.grads if s.kind == "z"}, key=lambda s: s.order))
+        base, = self.run(source, [()], capture=zs, capture_positions="all")
+        for c, ch in enumerate(changes):
+            top = max(m.layer for m in ch.senders)
+            copy = tuple(x for l in range(top + 1, L) for x in (Intervention(Site(l, "resid_pre"), None, None, source),
+                                                                 Delivery(ch, "heads", l, tuple(range(H)), ("q", "k"))))
+            if not copy:
+                continue
+            o, = self.run(source, [copy], label=label, capture=zs, capture_positions="all")
+            for g, idx in enumerate(self.groups):
+                it = torch.tensor(idx)
+                for s in zs:
+                    if s.layer <= top:
+                        continue
+                    dz = (o.captures[s][g] - base.captures[s][g]).to(torch.float64)
+                    for r, read in enumerate(reads):
+                        if s in read.grads:
+                            out[r, c, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
+        return out
+
+    def _qk_fix_nnsight(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+                        label: str) -> torch.Tensor:
+        """:meth:`qk_fix` as nnsight traces: per chunk of changes one trace of the ``source`` prompts stacked
+        1 + k times (see ``nnsight_backend.QKJob``); the changes go out, the heads' outputs' changes come back
+        and are reduced here with the gradients."""
+        from ..models.nnsight_backend import QKJob, run_qk_jobs
+
+        L, n = self.ad.n_layers, len(self.task)
+        out = torch.zeros(len(reads), len(changes), n, dtype=torch.float64)
+        first = [max(m.layer for m in ch.senders) + 1 for ch in changes]
+        todo = [c for c in range(len(changes)) if first[c] < L]
+        with progress_bar(len(todo) * len(self.groups), label, self.progress) as bar:
+            for g, idx in enumerate(self.groups):
+                it = torch.tensor(idx)
+
+                def forward(chunk: list[int], start: int, g: int = g) -> dict[int, torch.Tensor]:
+                    cs = [todo[j] for j in chunk]
+                    d = []
+                    for c in cs:  # not kept: each change is used by this chunk only
+                        had = (g, source, changes[c]) in self._changes
+                        d.append(self.sender_change(g, source, changes[c]))
+                        if not had:
+                            del self._changes[(g, source, changes[c])]
+                    deltas = torch.stack(d)
+                    job = QKJob(self.task.batch(self.groups[g], source), deltas, [first[c] for c in cs])
+                    with self.model.evaluating():
+                        return run_qk_jobs(self.model, [job])[0]
+
+                # a chunk of k changes runs k + 1 copies (the unedited one too)
+                for chunk, dz in self._batched(g, [0] * len(todo), [1] * len(todo), forward):
+                    cs = [todo[j] for j in chunk]
+                    for layer, v in dz.items():
+                        rows = torch.tensor([c for c in cs if first[c] <= layer])
+                        for r, read in enumerate(reads):
+                            gz = read.grads.get(Site(layer, "z"))
+                            if gz is not None:
+                                t = torch.einsum("mbtw,btw->mb", v.to(torch.float64), gz[g].to(torch.float64))
+                                out[r, rows[:, None], it[None, :]] += t
+                    bar.update(len(chunk))
+        return out
+
     def _plain_edits(self, g: int, source: str, copies: Sequence[tuple[Intervention, ...]], B: int) -> dict:
         """The copies' interventions as plain data for a stacked nnsight trace (see ``nnsight_backend.EditSpec``).
 
@@ -1157,6 +1323,104 @@ class Runner:
         if capture:
             out["captures"] = {s: (acts[s] if every else last[s]).reshape(k, B, *(acts[s] if every else last[s]).shape[1:])
                                for s in capture}
+        if every:
+            out["resid_all"] = acts[final].view(k, B, *acts[final].shape[1:])
+        return out
+
+    def _forward_nnsight_paths(self, g: int, source: str, copies: Sequence[Copy], start: int,
+                               capture: frozenset[Site] = frozenset(), every: bool = False) -> dict[str, Any]:
+        """A chunk of copies with deliveries (path patching) as ONE nnsight trace (one request when remote).
+
+        The plain-data twin of :meth:`_path_edits`' hooks: per receiver head the server projects
+        ``norm(x + change)`` (x the block's pre-attention norm input in this forward) with the head's own
+        q/k/v projection, per receiver MLP it computes ``norm(x_mid + change)``, with the model's own
+        modules; the changes (:meth:`sender_change`, computed here from the cached runs and the weights) ship
+        once per chunk. Grouped-query attention's shadow batches are extra rows of the same trace. Only the
+        final residual (last position; every position with ``every``) and the ``capture`` sites come back;
+        logits deliveries are added here (:meth:`_path_logits`). A chunk that edits nothing inside the model
+        (logits deliveries only) reads the cached run and sends nothing.
+        """
+        from ..models.nnsight_backend import PathJob, run_path_jobs
+
+        ad = self.ad
+        P = self.prefix(g, source)
+        k, B, L = len(copies), P.batch, ad.n_layers
+        final = Site(L, "resid_pre")
+        shadow: dict[int, int] = {}
+        shadow_layers: dict[int, set[int]] = {}
+        for ci, c in enumerate(copies):
+            sl = self._shadow_layers(c)
+            if sl:
+                shadow[ci] = k + len(shadow)
+                shadow_layers[ci] = sl
+        plain = [tuple(iv for iv in c if isinstance(iv, Intervention)) for c in copies]
+        ops: dict[Any, list[tuple]] = {s: [("edit", *spec) for spec in specs]
+                                       for s, specs in self._plain_edits(g, source, plain, B).items()}
+        deltas: list[torch.Tensor] = []
+        index: dict[SenderChange, int] = {}
+        logits: list[tuple[int, Delivery]] = []
+
+        def delta(ch: SenderChange) -> int:
+            if ch not in index:
+                index[ch] = len(deltas)
+                deltas.append(self.sender_change(g, source, ch).detach())
+            return index[ch]
+
+        stashed: set[int] = set()
+        for ci, c in enumerate(copies):
+            for dv in c:
+                if not isinstance(dv, Delivery):
+                    continue
+                if dv.target == "logits":
+                    self.sender_change(g, source, dv.change)
+                    logits.append((ci, dv))
+                    continue
+                di, layer = delta(dv.change), dv.layer
+                if dv.target == "mlp":
+                    ops.setdefault(("mlp_norm", layer), []).append(("mlp", ci * B, (ci + 1) * B, di))
+                    continue
+                sh = layer in shadow_layers.get(ci, ())
+                tgt = shadow[ci] if sh else ci
+                cols: dict[Site, list[tuple[int, int]]] = {}
+                for h in dv.heads:
+                    for w in dv.inputs:
+                        site, sl = ad.head_input_slice(layer, h, w)
+                        if (sl.start, sl.stop) not in cols.setdefault(site, []):
+                            cols[site].append((sl.start, sl.stop))
+                if sh:
+                    copy_in = ("copy", ci * B, tgt * B, B, None)
+                    if copy_in not in ops.setdefault(Site(layer, "resid_pre"), []):
+                        ops[Site(layer, "resid_pre")].append(copy_in)
+                    ops.setdefault(Site(layer, "z"), []).append(
+                        ("copy", tgt * B, ci * B, B, [(ad.head_slice(h).start, ad.head_slice(h).stop)
+                                                      for h in dv.heads]))
+                if layer not in stashed:
+                    stashed.add(layer)
+                    ops.setdefault(("attn_norm", layer), []).append(("stash", layer))
+                for site, cs in cols.items():
+                    ops.setdefault(site, []).append(("qkv", tgt * B, (tgt + 1) * B, layer, layer, di, cs))
+        n_rows = k + len(shadow)
+        prefix_only = {"resid_pre", "z", "mlp_out"}
+        if start >= L and all(s.kind in prefix_only for s in capture):
+            # nothing inside the model is edited: the cached run, with any edit of the final residual here
+            x = P.resid[L].repeat(k, 1, 1)
+            if final in ops:
+                x = _compose(self._edits(g, source, plain, B)[final])(x)
+            acts = {s: (x if s == final else (P.resid[s.layer] if s.kind == "resid_pre" else P.captures[s])
+                        .repeat(k, 1, 1)) for s in set(capture) | {final}}
+        else:
+            keep = {s: "all" if every else "last" for s in set(capture) | {final}}
+            job = PathJob(self.task.batch(self.groups[g], source), ops, keep, deltas, n_rows)
+            with self.model.evaluating():
+                saved = run_path_jobs(self.model, [job])[0]
+            dev = ad.device
+            acts = {s: v[: k * B].to(dev) for s, v in saved.items()}
+        last = {s: v[:, -1] if v.dim() == 3 else v for s, v in acts.items()}
+        x_last = last[final]
+        out = self._finish(g, P, x_last, last, 0, k, False, self._path_logits(g, source, x_last, logits, B))
+        if capture:
+            out["captures"] = {s: (acts[s] if every else last[s]).reshape(k, B, *(acts[s] if every else last[s])
+                                                                           .shape[1:]) for s in capture}
         if every:
             out["resid_all"] = acts[final].view(k, B, *acts[final].shape[1:])
         return out
