@@ -236,7 +236,9 @@ class Runner:
         return self._readout
 
     def means(self) -> dict[Site, torch.Tensor]:
-        """Per-position means (T_max, width) of z and mlp_out over the reference's clean prompts."""
+        """Per-position means (T_max, width) of z and mlp_out over the reference's clean prompts.
+
+        nnsight: a mapping computing each site's mean on first use from per-group sums over the batch."""
         if self.model.backend == "nnsight":
             return self._means_nnsight()
         if self._means is None:
