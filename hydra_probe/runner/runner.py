@@ -366,8 +366,6 @@ class Runner:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
         cap = self.check_capture(capture, capture_positions)
         paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
-        if self.model.backend == "nnsight":
-            self._declare_nnsight(source, copies, readout, cap, capture_positions == "all")
         if paths:
             if readout:
                 raise OptionError("readout=True does not combine with deliveries; run the readout separately.")
@@ -395,6 +393,8 @@ class Runner:
             L = self.ad.n_layers
             starts = [0 if s < L else L for s in starts]
         weights = [1 + bool(self._shadow_layers(c)) for c in copies]
+        if self.model.backend == "nnsight":  # after every check: this may send a request
+            self._declare_nnsight(source, copies, readout, cap, every)
         with progress_bar(K * len(self.groups), label, self.progress) as bar:
             for g, idx in enumerate(self.groups):
                 it = torch.tensor(idx)
