@@ -271,10 +271,10 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
             see only the swept components (their downstream compensators are every component).
         mechanisms: run "Why it repairs" (:func:`~hydra_probe.effects.repair_mechanisms` over the
             components, the per-layer regression, and the neurons of the most compensating MLP);
-            local backend only (skipped with a note otherwise).
+            on every backend, also remotely (a family whose attention weights cannot be read is skipped with
+            a note).
     """
     model = as_model(model)
-    model.require_local("triangulate (its attribution and path patching)")
     check_scale(scale)
     vname = value_name(value)
     m = get_metric(metric)

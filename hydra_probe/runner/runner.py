@@ -16,7 +16,11 @@ equal-length prompts,
 
 With ``model.backend == "nnsight"`` each chunk of copies is one full nnsight
 trace instead, its interventions plain data (equal numbers; with
-``remote=True`` one request per chunk). The model is left as it
+``remote=True`` one request per chunk). The unedited clean and corrupted
+runs (:class:`RemotePrefix`) return only what :meth:`Runner.run` declares it
+will read (the last position where that suffices, per-position sums over the
+batch for means, every position only of the sites whose values are patched
+in); anything else is fetched on first access. The model is left as it
 was: hooks are removed on exit, also on error, and train/eval flags restored.
 """
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -192,6 +196,14 @@ class Runner:
         self._readout: Readout | None = None
         self._clean_logits: torch.Tensor | None = None
         self._changes: dict[Any, torch.Tensor] = {}
+        #: nnsight: what the unedited forwards must return, per (group, source) {site: {"last", "all", "sum"}}
+        #: (declared by :meth:`run`, fetched with the first request; see :class:`RemotePrefix`)
+        self._want: dict[tuple[int, str], dict[Site, set[str]]] = {}
+        #: the ablation value the caller's sweeps will use (set by ``make_runner``): with ``"mean"`` the first
+        #: nnsight request already brings the clean sums the means need
+        self.value_hint: Any = None
+        self._mean_sums: dict[tuple[int, Site], torch.Tensor] = {}
+        self._mean_want: set[Site] = set()
 
     # ---------------------------------------------------------------- caches
     def capture_sites(self) -> set[Site]:
@@ -211,7 +223,8 @@ class Runner:
                         p = self.ad.prefix(ids, capture=self.capture_sites())
             except (torch.OutOfMemoryError, MemoryError) as e:
                 raise ResourceError(_oom_advice(*ids.shape)) from e
-            _check_finite(p.resid[-1], f"the {source} run")
+            _check_finite(p.last(Site(self.ad.n_layers, "resid_pre")) if isinstance(p, RemotePrefix) else p.resid[-1],
+                          f"the {source} run")
             self._prefix[key] = p
         return self._prefix[key]
 
@@ -225,12 +238,6 @@ class Runner:
                 self._prefix[key] = self.ad.prefix(self.task.batch(self.groups[g], source), capture=self.capture_sites())
         return self._prefix[key]
 
-    def _prefix_nnsight(self, ids: torch.Tensor) -> Prefix:
-        """The unedited forward as one nnsight trace (no block calls: nothing restarts mid-model)."""
-        from ..models.nnsight_backend import Job, run_jobs
-
-        return self._as_prefix(run_jobs(self.model, [Job(ids, keep=self._prefix_keep())])[0])
-
     @property
     def readout(self) -> Readout:
         if self._readout is None:
@@ -241,7 +248,11 @@ class Runner:
         return self._readout
 
     def means(self) -> dict[Site, torch.Tensor]:
-        """Per-position means (T_max, width) of z and mlp_out over the reference's clean prompts."""
+        """Per-position means (T_max, width) of z and mlp_out over the reference's clean prompts.
+
+        nnsight: a mapping computing each site's mean on first use from per-group sums over the batch."""
+        if self.model.backend == "nnsight":
+            return self._means_nnsight()
         if self._means is None:
             ref = self.reference
             sums: dict[Site, torch.Tensor] = {}
@@ -255,8 +266,7 @@ class Runner:
                     caps = self.prefix(g, "clean").captures
                 else:
                     with self.model.evaluating():
-                        caps = (self._prefix_nnsight(ids) if self.model.backend == "nnsight"
-                                else self.ad.prefix(ids, capture=self.capture_sites())).captures
+                        caps = self.ad.prefix(ids, capture=self.capture_sites()).captures
                 T = ids.shape[1]
                 counts[:T] += len(idx)
                 for s, x in caps.items():
@@ -306,7 +316,8 @@ class Runner:
 
     def clean_logits(self) -> torch.Tensor:
         if self._clean_logits is None:
-            self._clean_logits = torch.cat([self._logits_of(self.prefix(g, "clean").resid[-1][:, -1])
+            final = Site(self.ad.n_layers, "resid_pre")
+            self._clean_logits = torch.cat([self._logits_of(_last_of(self.prefix(g, "clean"), final))
                                             for g in range(len(self.groups))])[self._inverse()]
         return self._clean_logits
 
@@ -334,7 +345,12 @@ class Runner:
             if not isinstance(s, Site):
                 raise OptionError(f"capture takes Site objects (hydra_probe.models.sites.Site); got {s!r}.")
             # raises InterventionError when the site does not exist (or, on nnsight, cannot be read there)
-            (self.ad.path_of if self.model.backend == "nnsight" else self.ad.module_of)(s)
+            if self.model.backend == "nnsight" and s.kind in ("values", "attn_last"):
+                from ..models.nnsight_backend import mechanism_read
+
+                mechanism_read(self.model, s)  # read in the trace from the attention call's inputs
+            else:
+                (self.ad.path_of if self.model.backend == "nnsight" else self.ad.module_of)(s)
         return sites
 
     def run(self, source: str, copies: Sequence[Copy], readout: bool = False,
@@ -389,6 +405,8 @@ class Runner:
             L = self.ad.n_layers
             starts = [0 if s < L else L for s in starts]
         weights = [1 + bool(self._shadow_layers(c)) for c in copies]
+        if self.model.backend == "nnsight":  # after every check: this may send a request
+            self._declare_nnsight(source, copies, readout, cap, every)
         with progress_bar(K * len(self.groups), label, self.progress) as bar:
             for g, idx in enumerate(self.groups):
                 it = torch.tensor(idx)
@@ -508,6 +526,8 @@ class Runner:
         paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
         if self.model.backend == "nnsight" and not paths and start < self.ad.n_layers:
             return self._forward_nnsight_stacked(g, source, copies, readout, capture, every)
+        if self.model.backend == "nnsight" and not paths:
+            return self._forward_nnsight_cached(g, source, len(copies), readout, capture, every)
         if self.model.backend == "nnsight" and paths:  # deliveries as one trace (also remote)
             return self._forward_nnsight_paths(g, source, copies, start, capture, every)
         P = self.local_prefix(g, source) if paths else self.prefix(g, source)
@@ -580,8 +600,8 @@ class Runner:
         out = {"metric": m.view(k, B), "resid": x_last.detach().to(torch.float64).view(k, B, -1)}
         if readout:
             L = self.ad.n_layers
-            z = [last[Site(l, "z")] if l >= start else P.captures[Site(l, "z")][:, -1].repeat(k, 1) for l in range(L)]
-            mlp = [last[Site(l, "mlp_out")] if l >= start else P.captures[Site(l, "mlp_out")][:, -1].repeat(k, 1)
+            z = [last[Site(l, "z")] if l >= start else _last_of(P, Site(l, "z")).repeat(k, 1) for l in range(L)]
+            mlp = [last[Site(l, "mlp_out")] if l >= start else _last_of(P, Site(l, "mlp_out")).repeat(k, 1)
                    for l in range(L)]
             ro = self.readout
             u = ro.u[torch.tensor(idx)]
@@ -589,7 +609,7 @@ class Runner:
             out["proj"] = ro.projections(z, mlp, u, ps).view(k, B, -1)
             if ps is not None:
                 out["post_sigma"] = ps.view(k, B, -1)
-            out["proj_const"] = ro.const_projection(P.resid[0][:, -1].repeat(k, 1), u).view(k, B)
+            out["proj_const"] = ro.const_projection(_last_of(P, Site(0, "resid_pre")).repeat(k, 1), u).view(k, B)
         return out
 
     def _edits(self, g: int, source: str, copies: Sequence[Copy], B: int) -> dict[Site, list[Callable]]:
@@ -631,9 +651,11 @@ class Runner:
         key = (g, source, change)
         if key in self._changes:
             return self._changes[key]
+        if self.model.backend == "nnsight":
+            self._prefetch_change(source, change)
         ad = self.ad
         Pb, Po = self.prefix(g, source), self.prefix(g, change.value)  # captures only (nnsight: the traced runs)
-        T = Pb.resid[0].shape[1]
+        T = len(self.task.clean_ids[self.groups[g][0]])
         mask = torch.zeros(T, dtype=ad.dtype, device=ad.device)
         if change.positions is None:
             mask[:] = 1
@@ -1219,27 +1241,186 @@ class Runner:
 
     # ---------------------------------------------------------------- nnsight (also remote): plain-data traces
     def _prefixes_nnsight(self, g: int) -> dict[str, Prefix]:
-        """Clean and corrupted unedited forwards of group ``g`` as two traces of one session (one request)."""
-        from ..models.nnsight_backend import Job, run_jobs
+        """Clean and corrupted unedited forwards of group ``g`` as two traces of one session (one request).
 
-        idx = self.groups[g]
-        keep = self._prefix_keep()
-        outs = run_jobs(self.model, [Job(self.task.batch(idx, s), keep=keep) for s in SOURCES])
-        got = {s: self._as_prefix(o) for s, o in zip(SOURCES, outs)}
+        Only what is wanted comes back (:meth:`_needs`: the final residual's last position and whatever
+        :meth:`run` declared); the rest is fetched on first access (:class:`RemotePrefix`).
+        """
+        got: dict[str, RemotePrefix] = {}
+        for s in SOURCES:
+            p = self._prefix.get((g, s))
+            got[s] = p if isinstance(p, RemotePrefix) else RemotePrefix(self.model, self.task.batch(self.groups[g], s))
+        fetch_prefixes(self.model, [(got[s], self._needs(g, s)) for s in SOURCES])
+        final = Site(self.ad.n_layers, "resid_pre")
         for s, p in got.items():
-            _check_finite(p.resid[-1], f"the {s} run")
+            _check_finite(p.last(final), f"the {s} run")
             self._prefix.setdefault((g, s), p)
-        return got
+        return got  # type: ignore[return-value]
 
-    def _prefix_keep(self) -> dict[Site, str]:
+    def _needs(self, g: int, source: str) -> dict[Site, set[str]]:
+        """What the unedited ``source`` forward of group ``g`` must return now: {site: modes}."""
         L = self.ad.n_layers
-        return {**{s: "all" for s in self.capture_sites()}, **{Site(l, "resid_pre"): "all" for l in range(L + 1)}}
+        need: dict[Site, set[str]] = {Site(L, "resid_pre"): {"last"}}
+        for s, modes in self._want.get((g, source), {}).items():
+            need.setdefault(s, set()).update(modes)
+        if source == "clean" and self.value_hint == "mean" and self.reference is self.task:
+            for s in self.capture_sites():  # the sums the means need: (T, width) per site, not (B, T, width)
+                need.setdefault(s, set()).add(self._sum_mode(g))
+        return need
 
-    def _as_prefix(self, saved: dict[Site, torch.Tensor]) -> Prefix:
+    def _sum_mode(self, g: int) -> str:
+        """How group ``g``'s per-position sums come back: ``"sum"`` (float64, (T, width)) when that is smaller
+        than the activations themselves (``"all"``, (B, T, width) in the model's dtype; summed here, equally)."""
+        item = torch.empty((), dtype=self.ad.dtype).element_size()
+        return "sum" if len(self.groups[g]) * item > 8 else "all"
+
+    def _declare_nnsight(self, source: str, copies: Sequence[Copy], readout: bool, capture: frozenset[Site],
+                         every: bool) -> None:
+        """Record what ``run(source, copies, ...)`` will read of the unedited forwards, and fetch what existing
+        prefixes lack now (one request per group) rather than site by site later."""
         L = self.ad.n_layers
-        dev = self.ad.device
-        return Prefix(resid=[saved[Site(l, "resid_pre")].to(dev) for l in range(L + 1)], calls=[],
-                      captures={s: saved[s].to(dev) for s in self.capture_sites()})
+        pos = "all" if every else "last"
+        final = Site(L, "resid_pre")
+        per: dict[str, dict[Site, set[str]]] = {s: {} for s in SOURCES}
+
+        def want(src: str, site: Site, mode: str) -> None:
+            per[src].setdefault(site, set()).add(mode)
+
+        # an unedited copy capturing only what the unedited run holds reads it (else it runs as a trace)
+        cached = any(not c for c in copies) and all(s.kind in ("z", "mlp_out", "resid_pre") for s in capture)
+        want(source, final, pos if cached else "last")
+        if self.metric.needs_clean:
+            want("clean", final, "last")
+        if readout:
+            for l in range(L):
+                want(source, Site(l, "z"), "last")
+                want(source, Site(l, "mlp_out"), "last")
+            want(source, Site(0, "resid_pre"), "last")
+        if cached:
+            for s in capture:
+                want(source, s, pos)
+        for c in copies:
+            for iv in c:
+                if isinstance(iv, Delivery):  # the senders' change: their writes in both runs, every position
+                    for m in iv.change.senders:
+                        site = Site(m.layer, "mlp_out" if m.kind == "mlp" else "z")
+                        want(source, site, "all")
+                        want(iv.change.value, site, "all")
+                    if all(isinstance(x, Delivery) and x.target == "logits" for x in c):
+                        # read from the unedited run, the change added here
+                        for s in {final} | {s for s in capture if s.kind in ("z", "mlp_out", "resid_pre")}:
+                            want(source, s, "all")
+                    continue
+                if not isinstance(iv, Intervention):
+                    continue
+                if iv.value in SOURCES:
+                    want(iv.value, iv.site, "all")
+                elif iv.value == "resample":
+                    want("clean", iv.site, "all")
+                elif iv.value == "mean":
+                    self._mean_want.add(iv.site)
+                    if self.reference is self.task and (self._means is None or iv.site not in self._means):
+                        want("clean", iv.site, "sum")
+        todo = []
+        for g in range(len(self.groups)):
+            for src, sites in per.items():
+                d = self._want.setdefault((g, src), {})
+                for s, modes in sites.items():
+                    d.setdefault(s, set()).update({self._sum_mode(g) if m == "sum" else m for m in modes})
+            for src in SOURCES:
+                p = self._prefix.get((g, src))
+                if isinstance(p, RemotePrefix):
+                    todo.append((p, self._needs(g, src)))
+        fetch_prefixes(self.model, todo)
+
+    def _prefetch_change(self, source: str, change: SenderChange) -> None:
+        """Before a sender change is computed from the unedited runs (nnsight): when some group lacks its
+        senders' sites, fetch every z and MLP output at every position of both runs of every group in one
+        request (a sweep over many changes then needs no more), unless :meth:`run` declared them already."""
+        sites = {Site(m.layer, "mlp_out" if m.kind == "mlp" else "z") for m in change.senders}
+        runs = {source, change.value}
+        keys = [(g, src) for g in range(len(self.groups)) for src in runs]
+        declared = all("all" in self._want.get(key, {}).get(x, ()) for key in keys for x in sites)
+        lacking = any(isinstance(p := self._prefix.get(key), RemotePrefix) and not all(p.has(x, "all") for x in sites)
+                      for key in keys)
+        if declared and not lacking:
+            return
+        todo = []
+        for g in range(len(self.groups)):
+            for src in runs:
+                d = self._want.setdefault((g, src), {})
+                for x in self.capture_sites():
+                    d.setdefault(x, set()).add("all")
+                p = self._prefix.get((g, src))
+                if isinstance(p, RemotePrefix):
+                    todo.append((p, self._needs(g, src)))
+        fetch_prefixes(self.model, todo)
+
+    def _means_nnsight(self) -> Mapping[Site, torch.Tensor]:
+        """:meth:`means` for nnsight: per site on first use, from per-group sums over the batch that the server
+        computes (a (T, width) sum comes back, not the (B, T, width) activations)."""
+        if self._means is None:
+            ref = self.reference
+            counts = torch.zeros(max(ref.lengths))
+            for idx in ref.groups():
+                counts[:len(ref.clean_ids[idx[0]])] += len(idx)
+            self._mean_counts = counts
+            self._mean_len = int((counts > 0).sum())
+            self._means = _LazyMeans(self)  # type: ignore[assignment]
+        return self._means  # type: ignore[return-value]
+
+    def _mean_of(self, sites: set[Site]) -> dict[Site, torch.Tensor]:
+        """Per-position means (T_max, width) of ``sites`` over the reference's clean prompts (nnsight)."""
+        ref = self.reference
+        counts = self._mean_counts
+        Tmax = counts.shape[0]
+        if ref is self.task:
+            todo = [(self.prefix(g, "clean"), {s: {self._sum_mode(g)} for s in sites}) for g in range(len(self.groups))]
+            fetch_prefixes(self.model, todo)
+            sums = [(p.ids.shape[1], {s: p.get(s, "sum") for s in sites}) for p, _ in todo]
+        else:
+            from ..models.nnsight_backend import Job, run_jobs
+
+            groups = ref.groups()
+            miss = sorted({s for s in sites for gi in range(len(groups)) if (gi, s) not in self._mean_sums},
+                          key=lambda s: s.order)
+            if miss:
+                with self.model.evaluating():
+                    outs = run_jobs(self.model, [Job(ref.batch(idx, "clean"), keep={s: "sum" for s in miss})
+                                                 for idx in groups])
+                for gi, o in enumerate(outs):
+                    for s in miss:
+                        self._mean_sums[gi, s] = o[s][0]
+            sums = [(len(ref.clean_ids[idx[0]]), {s: self._mean_sums[gi, s] for s in sites})
+                    for gi, idx in enumerate(groups)]
+        out = {}
+        for s in sites:
+            acc = None
+            for T, d in sums:
+                if acc is None:
+                    acc = torch.zeros(Tmax, d[s].shape[-1], dtype=torch.float64)
+                acc[:T] += d[s].cpu()
+            out[s] = (acc / counts.clamp(min=1)[:, None]).to(self.ad.device, self.ad.dtype)
+        return out
+
+    def _forward_nnsight_cached(self, g: int, source: str, k: int, readout: bool,
+                                capture: frozenset[Site] = frozenset(), every: bool = False) -> dict[str, Any]:
+        """Unedited copies (nnsight): read from the unedited forward, the last position unless every position
+        is asked for."""
+        P = self.prefix(g, source)
+        B, L = P.batch, self.ad.n_layers
+        final = Site(L, "resid_pre")
+        get = (lambda s: _full_of(P, s)) if every else (lambda s: _last_of(P, s))
+        x_last = _last_of(P, final).repeat(k, 1)
+        last = {s: _last_of(P, s).repeat(k, 1) for s in capture}
+        out = self._finish(g, P, x_last, last, L, k, readout)
+        if capture:
+            out["captures"] = {s: get(s).repeat(k, *([1] * (get(s).dim() - 1))).reshape(k, B, *get(s).shape[1:])
+                               for s in capture}
+        if every:
+            xa = _full_of(P, final)
+            out["resid_all"] = xa.repeat(k, 1, 1).view(k, B, *xa.shape[1:])
+        return out
 
     # ---------------------------------------------------------------- nnsight (also remote): gradient reads, QK fix
     def _gradients_nnsight(self, source: str, reads: Sequence[GradientRead], label: str) -> list[GradientOutput]:
@@ -1264,7 +1445,7 @@ class Runner:
             for g, idx in enumerate(self.groups):
                 a, b = self.task.answer_ids[idx], self.task.alternative_ids[idx]
                 clean = self.clean_logits()[idx] if self.metric.needs_clean else None
-                x_last = self.prefix(g, source).resid[-1][:, -1]
+                x_last = _last_of(self.prefix(g, source), Site(L, "resid_pre"))
                 m0, tok, wts = logit_weights(self.model, x_last,
                                              lambda lg, a=a, b=b, c=clean: self.metric(lg, a, b, c))
                 metric[torch.tensor(idx)] = m0
@@ -1543,3 +1724,144 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
     if not torch.isfinite(x).all():
         raise NumericalError(f"{what} produced NaN or infinite activations; check the model weights, dtype "
                              "(float16 overflows easily; try float32) and inputs.")
+
+
+# ---------------------------------------------------------------- nnsight: unedited forwards, fetched piecewise
+class RemotePrefix(Prefix):
+    """An unedited nnsight forward (one group's prompts ``ids``), fetched piecewise.
+
+    Only the sites and positions an analysis reads come back from the server
+    (``"last"``: the last position, ``"sum"``: the float64 sum over the batch,
+    ``"all"``: every position); anything else is fetched on first access
+    (``resid[l]``, ``captures[site]``), from the same deterministic forward, so
+    the numbers are those of one full fetch. ``calls`` is empty: nothing restarts mid-model.
+    """
+
+    def __init__(self, model: Any, ids: torch.Tensor) -> None:
+        self.model, self.ids = model, ids
+        self.got: dict[tuple[Site, str], Any] = {}
+        L = model.adapter.n_layers
+        caps = {Site(l, k) for l in range(L) for k in ("z", "mlp_out")}
+        super().__init__(resid=_LazyResid(self, L + 1), calls=[], captures=_LazyCaptures(self, caps))  # type: ignore[arg-type]
+
+    @property
+    def batch(self) -> int:
+        return self.ids.shape[0]
+
+    def has(self, site: Site, mode: str) -> bool:
+        return (site, "all") in self.got or all((site, m) in self.got for m in mode.split("+"))
+
+    def get(self, site: Site, mode: str) -> torch.Tensor:
+        """``site`` as ``mode`` (``"last"`` (B, width), ``"sum"`` (T, width) float64 or ``"all"`` (B, T, width))."""
+        if not self.has(site, mode):
+            fetch_prefixes(self.model, [(self, {site: {mode}})])
+        if (site, mode) in self.got:
+            return self.got[site, mode]
+        x = self.got[site, "all"]
+        return x[:, -1] if mode == "last" else x.detach().to(torch.float64).sum(0)
+
+    def last(self, site: Site) -> torch.Tensor:
+        return self.get(site, "last")
+
+
+class _LazyResid(Sequence):
+    def __init__(self, p: RemotePrefix, n: int) -> None:
+        self.p, self.n = p, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.p.get(Site(i % self.n, "resid_pre"), "all")
+
+
+class _LazyCaptures(Mapping):
+    """Every z and MLP output at every position; a miss fetches all the missing ones at once (one request)."""
+
+    def __init__(self, p: RemotePrefix, sites: set[Site]) -> None:
+        self.p, self.sites = p, sorted(sites, key=lambda s: s.order)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.sites)
+
+    def __getitem__(self, site: Site) -> torch.Tensor:
+        if site not in self.sites:
+            raise KeyError(site)
+        if not self.p.has(site, "all"):
+            fetch_prefixes(self.p.model, [(self.p, {s: {"all"} for s in self.sites})])
+        return self.p.get(site, "all")
+
+
+class _LazyMeans(Mapping):
+    """A runner's per-position means (nnsight), computed per site on first use (with every declared one)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.sites = sorted(runner.capture_sites(), key=lambda s: s.order)
+        self.done: dict[Site, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.sites)
+
+    def __contains__(self, site: object) -> bool:
+        return site in self.done
+
+    def __getitem__(self, site: Site) -> torch.Tensor:
+        if site not in self.sites:
+            raise KeyError(site)
+        if site not in self.done:
+            todo = {site} | {s for s in self.runner._mean_want if s in self.sites and s not in self.done}
+            self.done.update(self.runner._mean_of(todo))
+        return self.done[site]
+
+
+def fetch_prefixes(model: Any, items: Sequence[tuple[RemotePrefix, Mapping[Site, set[str]]]]) -> None:
+    """Fetch what each prefix lacks of its wanted ``{site: modes}``, all in one nnsight session (one request);
+    nothing is sent when nothing is missing."""
+    from ..models.nnsight_backend import Job, run_jobs
+
+    jobs, keeps = [], []
+    for p, want in items:
+        keep: dict[Site, str] = {}
+        for s, modes in want.items():
+            modes = {"all"} if "all" in modes else set(modes)
+            miss = sorted(m for m in modes if not p.has(s, m))
+            if miss:
+                keep[s] = "+".join(miss)
+        if keep:
+            jobs.append(Job(p.ids, keep=keep))
+            keeps.append((p, keep))
+    if not jobs:
+        return
+    with model.evaluating():
+        outs = run_jobs(model, jobs)
+    dev = model.adapter.device
+    for (p, keep), out in zip(keeps, outs):
+        for s, v in out.items():
+            mode = keep[s]
+            vals = v if isinstance(v, tuple) else (v,)
+            for m, x in zip(mode.split("+"), vals):
+                p.got[s, m] = x if m == "sum" else x.to(dev)
+
+
+def _last_of(p: Prefix, site: Site) -> torch.Tensor:
+    """The last position (B, width) of an unedited forward's ``site`` (z, mlp_out or resid_pre)."""
+    if isinstance(p, RemotePrefix):
+        return p.last(site)
+    return _full_of(p, site)[:, -1]
+
+
+def _full_of(p: Prefix, site: Site) -> torch.Tensor:
+    if isinstance(p, RemotePrefix):
+        return p.get(site, "all")
+    return p.resid[site.layer] if site.kind == "resid_pre" else p.captures[site]
