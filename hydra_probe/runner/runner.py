@@ -844,7 +844,8 @@ class Runner:
         per read, the plain reference). The gradient is taken with respect
         to zero tensors added to the activations, so it works when the
         parameters do not require gradients and leaves no ``.grad`` on them.
-        Runs on the local hook path for every local backend.
+        With ``backend="nnsight"`` (also remote) each chunk of reads, stacked
+        one copy per read, is one nnsight trace instead (:meth:`_gradients_nnsight`).
         """
         if source not in SOURCES:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
