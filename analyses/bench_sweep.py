@@ -19,8 +19,14 @@ and MLP (denoising), measured in the same run:
     shape=NAME op=atp|atp* ratio=R spearman=S recall=K/k
 
 ratio = estimate time / exact time; recall = how many of the exact top-k
-(by |effect|) the estimate ranks in its top 2k. Random-weight configs, no
-downloads. Usage:
+(by |effect|) the estimate ranks in its top 2k. Then AtP*'s engine against
+its plain reference (``Runner.fast_qk`` and ``Runner.shared_gradients`` off:
+one full forward per sender for the QK fix, one stacked copy per GradDrop read):
+
+    shape=NAME op=atp*_engine ratio=R max_abs_diff=D
+
+ratio = new time / old time; max_abs_diff compares the estimates. Random-weight
+configs, no downloads. Usage:
     python analyses/bench_sweep.py [--shapes gpt2-small,small] [--threads 2]
 """
 
@@ -129,14 +135,30 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         exact = hp.activation_patch(model, task, "all", "denoise", progress=False)
         t_exact = time.perf_counter() - t0
+        ests = {}
         for method in ("atp", "atp*"):
             t0 = time.perf_counter()
             est = hp.attribution_patch(model, task, "all", "denoise", method=method, progress=False)
             t_est = time.perf_counter() - t0
+            ests[method] = (est, t_est)
             ag = est.agreement(exact, top_k=args.top_k)
             print(f"shape={shape} op={method} ratio={t_est / t_exact:.3f} spearman={ag['spearman']:.3f} "
                   f"recall={ag['exact_top_k_in_top_2k']}/{ag['top_k']}  (estimate {t_est:.2f}s, exact {t_exact:.2f}s)",
                   flush=True)
+        # AtP*'s engine (QK fix on each downstream layer's attention only, one shared forward for the GradDrop
+        # reads) against its plain reference (one full forward per sender, one stacked copy per read)
+        Runner.fast_qk = Runner.shared_gradients = False
+        try:
+            t0 = time.perf_counter()
+            old = hp.attribution_patch(model, task, "all", "denoise", method="atp*", progress=False)
+            t_old = time.perf_counter() - t0
+        finally:
+            Runner.fast_qk = Runner.shared_gradients = True
+        new, t_new = ests["atp*"]
+        diff = float((torch.tensor(new.to_frame().estimate.to_numpy())
+                      - torch.tensor(old.to_frame().estimate.to_numpy())).abs().max())
+        print(f"shape={shape} op=atp*_engine ratio={t_new / t_old:.3f} max_abs_diff={diff:.2e}  "
+              f"(new {t_new:.2f}s, old {t_old:.2f}s; old/exact {t_old / t_exact:.3f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -274,6 +274,8 @@ ENTRIES: list[Entry] = [
           "hp.ablate(m, task, 'heads', value='resample', seed=2**70)", "OptionError", ("seed", "0..4294967295")),
     Entry("report-top-k-zero", "Options", "A report option that would fail after the expensive steps",
           "hp.triangulate(m, task, graph_top_k=0)", "OptionError", ("graph_top_k", ">= 1")),
+    Entry("report-exact-unknown", "Options", "An unknown choice of exact sweeps for the report",
+          "hp.triangulate(m, task, exact='some')", "OptionError", ("exact", "'auto'", "'all'")),
     Entry("bad-seed", "Options", "A seed that is not an integer",
           "hp.ablate(m, task, 'heads', value='resample', seed='one')", "OptionError", ("seed", "integer")),
     Entry("nonlinear-metric-decomposition", "Options", "A non-linear metric where direct effects are needed",

@@ -314,11 +314,17 @@ def test_mlp_behind_a_post_norm_has_no_neuron_split():
         hp.neuron_contributions(m, tiny.ioi(m, 4), "L0H0", "MLP1")
 
 
-def test_nnsight_backend_is_refused():
-    m = hp.load_model(tiny.hf_model("gpt2"), tokenizer=tiny.tokenizer())
-    m.backend = "nnsight"
-    with pytest.raises(hp.OptionError, match="backend='local'"):
-        hp.repair_mechanisms(m, tiny.ioi(m, 4), "L0H0")
+def test_nnsight_backend_equals_local():
+    """Through nnsight (the path remote=True takes) the weights and values are computed in the trace from the
+    attention call's inputs: the same amounts (more families and the loopback server: tests/test_remote_report.py)."""
+    hf = tiny.hf_model("gpt2").double()
+    a = hp.load_model(hf, tokenizer=tiny.tokenizer())
+    b = hp.load_model(hf, tokenizer=tiny.tokenizer(), backend="nnsight")
+    t = tiny.ioi(a, 4)
+    fa = hp.repair_mechanisms(a, t, ["L0H0", "MLP0"]).to_frame()
+    fb = hp.repair_mechanisms(b, t, ["L0H0", "MLP0"]).to_frame()
+    assert list(fa["downstream"]) == list(fb["downstream"])
+    assert np.allclose(fa["amount"], fb["amount"], atol=1e-9, rtol=0)
 
 
 def test_figures_draw_from_result_frames():

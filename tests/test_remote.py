@@ -306,15 +306,6 @@ def test_a_client_without_weights_is_refused_clearly():
         hp.load_model(lm, backend="nnsight", remote=True)
 
 
-def test_local_only_analyses_refuse_at_once(ndif, requests, task):
-    m = _remote()
-    with pytest.raises(hp.OptionError, match="triangulate"):
-        hp.triangulate(m, task)
-    with pytest.raises(hp.InputError, match="backend='local'"):
-        hp.repair_mechanisms(m, task, ["L2H1"])
-    assert requests[0] == 0
-
-
 @pytest.mark.skipif(not os.environ.get("NDIF_API_KEY"), reason="live NDIF check: set NDIF_API_KEY to run it")
 def test_live_ndif():  # pragma: no cover - needs the network and an NDIF key
     """Against the live service (nnsight's configured host): a small model it serves, ablations equal local."""

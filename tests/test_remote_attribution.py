@@ -99,8 +99,10 @@ def test_remote_atp_equals_local_both_directions(ndif, requests, local, task):
         b = hp.attribution_patch(m, task, comps, direction).to_frame()
         _same(a, b)
         assert (a.estimate.abs() > 1e-3).sum() > len(comps)  # real estimates, not zeros on both sides
-        # per group: one request for the clean and corrupted runs, one for every gradient read of the group
-        assert requests[0] == 2 * groups
+        # per group: one request for the clean and corrupted runs, one for every gradient read of the group; and
+        # one for all groups bringing the other run's activations at the read sites (the unedited runs return
+        # only what is read, and the gradient reads that ran first read none of them)
+        assert requests[0] == 2 * groups + 1
     a = hp.attribution_patch(local, task, ["RESID1", "RESID3", "L2H1"], "denoise").to_frame()
     b = hp.attribution_patch(m, task, ["RESID1", "RESID3", "L2H1"], "denoise").to_frame()
     assert "position" in b.columns and b.position.nunique() > 1
@@ -128,7 +130,10 @@ def test_remote_atp_star_equals_local(ndif, requests, monkeypatch, local, task):
     requests[0] = 0
     b = hp.attribution_patch(m, task, comps, "denoise", method="atp*").to_frame()
     _same(a, b)
-    assert requests[0] == 3 * len(task.groups())
+    # per group: the unedited runs, the gradient reads, the QK fix; for all groups one request for the other run's
+    # activations at the read sites and one for the senders' activations (the unedited runs return only what is
+    # read; both are read after the first request)
+    assert requests[0] == 3 * len(task.groups()) + 2
     names = [n for n, _, _ in seen]
     assert names.count("run_gradient_jobs") == names.count("run_qk_jobs") == len(task.groups())
     for name, job, out in seen:

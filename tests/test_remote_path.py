@@ -103,8 +103,10 @@ def test_remote_path_patch_equals_local(ndif, requests, path_jobs, monkeypatch):
         reached = a[a.receivers_reached > 0]
         assert (np.abs(reached.patched_metric - reached.baseline_metric) > 1e-3).mean() > 0.5  # not the baseline
         # per group one request for the clean and corrupted runs and ONE for all 9 copies that edit the model
-        # (3 senders x 3 receiver sets; the logits-only copies read the cached run and send nothing)
-        assert requests[0] - before == 2 * n_groups
+        # (3 senders x 3 receiver sets; the logits-only copies read the cached run and send nothing), and one
+        # for all groups bringing the senders' activations (the unedited runs return only what is read, and the
+        # baselines that ran first read no sender)
+        assert requests[0] - before == 2 * n_groups + 1
     jobs = [j for j, _ in path_jobs]
     assert len(jobs) == 2 * n_groups and {j.copies for j in jobs} == {9}
     # only the last position of the final residual comes back; each sender change ships once per chunk

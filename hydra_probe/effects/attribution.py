@@ -186,8 +186,10 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     agreement (``result.exact_agreement``: rank correlation and how many of
     the exact ``top_k`` the estimate ranks in its top ``2 * top_k``).
     ``qk_fix=False`` (with ``"atp*"``): GradDrop alone, the softmax
-    linearised as in plain AtP; it saves the QK fix's forwards, about one
-    exact activation-patching sweep.
+    linearised as in plain AtP; it saves the QK fix (per component, the
+    attention of every layer above it recomputed, up to its output
+    projection's input: :meth:`Runner.qk_fix`). GradDrop's reads share one
+    forward and backward (:meth:`Runner.gradients`).
     """
     model = as_model(model)
     check_direction(direction)
@@ -215,9 +217,12 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     label = f"{'AtP*' if star else 'attribution'} ({direction})"
     outs = runner.gradients(source, reads, label=label)
     other_run, = runner.run(other, [()], capture=own, capture_positions="all")
-    qk = _qk_terms(runner, model, plan, source, other, pos, zs, label, outs) if qk_on else {}
+    qk = _qk_terms(runner, model, plan, source, other, pos, label, outs) if qk_on else {}
     est = torch.zeros(len(reads), len(plan), n, dtype=torch.float64)
     base_metric = outs[0].metric
+    by_site: dict[Site, list[int]] = {}
+    for i, (c, _) in enumerate(plan):
+        by_site.setdefault(_site(c, model.head_dim)[0], []).append(i)
     for g, idx in enumerate(runner.groups):
         T = len(task.clean_ids[idx[0]])
         mask = torch.zeros(T, dtype=torch.float64)
@@ -226,16 +231,30 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
         else:
             mask[list(pos)] = 1
         it = torch.tensor(idx)
-        for i, (c, p) in enumerate(plan):
-            site, cols = _site(c, model.head_dim)
-            diff = (other_run.captures[site][g][..., cols] - outs[0].acts[site][g][..., cols]).to(torch.float64)
-            w = mask
-            if p is not None:
-                w = torch.zeros(T, dtype=torch.float64)
-                w[p] = 1
+        for site, rows in by_site.items():
+            # per plan row: its columns of the site (cols, k) and its positions (k, T); one product per read
+            diff = (other_run.captures[site][g] - outs[0].acts[site][g]).to(torch.float64)
+            cols = torch.zeros(diff.shape[-1], len(rows), dtype=torch.float64)
+            w = torch.zeros(len(rows), T, dtype=torch.float64)
+            for j, i in enumerate(rows):
+                c, p = plan[i]
+                cols[_site(c, model.head_dim)[1], j] = 1
+                if p is None:
+                    w[j] = mask
+                else:
+                    w[j, p] = 1
+            # a read that drops a layer at or below these components is never used for them (see the
+            # choice of the drop below): not computed; reads above a dropped layer share the full gradient
+            first_drop = site.layer if site.kind == "resid_pre" else site.layer + 1
+            seen: dict[int, torch.Tensor] = {}
             for r, read in enumerate(outs):
-                prod = (diff * read.grads[site][g][..., cols].to(torch.float64)).sum(-1)  # (B, T)
-                est[r, i, it] = (prod * w).sum(-1)
+                if r and drops[r - 1] < first_drop:
+                    continue
+                gr = read.grads[site][g]
+                if id(gr) not in seen:
+                    prod = (diff * gr.to(torch.float64)) @ cols  # (B, T, k)
+                    seen[id(gr)] = torch.einsum("btk,kt->kb", prod, w)
+                est[r, torch.tensor(rows)[:, None], it[None, :]] = seen[id(gr)]
     for i, term in qk.items():
         est[:, i] += term
     dropped = [-1] * len(plan)
@@ -274,16 +293,18 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
 
 
 def _qk_terms(runner: Any, model: Any, plan: list[tuple[Component, int | None]], source: str, other: str,
-              pos: tuple[int, ...] | None, zs: tuple[Site, ...], label: str, reads: list[Any]
-              ) -> dict[int, torch.Tensor]:
-    """AtP*'s QK fix: per plan row i (heads, ATTN and MLP components), per gradient read r, per prompt,
-    ``sum_l (z'_l - z_l) . g_r[z_l]`` over every downstream layer l, where z'_l is that layer's heads' output
-    when the component's change reaches only their queries and keys (each block's input held at the
-    baseline run's): a tensor (R, n) (see :meth:`Runner.qk_fix`)."""
-    L = model.n_layers
-    rows = [i for i, (c, _) in enumerate(plan) if c.kind != "resid" and c.layer + 1 < L]
-    if not rows:
+              pos: tuple[int, ...] | None, label: str, reads: list[Any]) -> dict[int, torch.Tensor]:
+    """AtP*'s QK fix: per plan row i (heads, ATTN and MLP components below the last layer), per gradient read r,
+    per prompt, ``sum_l (z'_l - z_l) . g_r[z_l]`` over every downstream layer l, where z'_l is that layer's
+    heads' output when the component's change reaches only their queries and keys (each block's input held
+    at the baseline run's): a tensor (R, n). :meth:`Runner.qk_fix` computes them all."""
+    rows, changes = [], []
+    for i, (c, p) in enumerate(plan):
+        if c.kind == "resid" or c.layer + 1 >= model.n_layers:
+            continue
+        rows.append(i)
+        changes.append(SenderChange((c,), other, (p,) if p is not None else pos))
+    if not changes:
         return {}
-    changes = [SenderChange((plan[i][0],), other, (plan[i][1],) if plan[i][1] is not None else pos) for i in rows]
-    terms = runner.qk_fix(source, changes, reads, label=f"{label}: QK fix")
-    return {i: terms[:, j] for j, i in enumerate(rows)}
+    term = runner.qk_fix(source, changes, reads, label=f"{label}: QK fix")
+    return {i: term[:, j] for j, i in enumerate(rows)}

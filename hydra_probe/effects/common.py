@@ -95,7 +95,9 @@ def make_runner(model: HookedModel, task: Any, metric: Any, value: Any = None, s
                 f"resample ablation draws from other prompts of the same token length, but the task has a single "
                 f"prompt of {' and of '.join(map(str, lone))} tokens; add prompts of that length or use value='mean'."
             )
-    return Runner(model, task, m, reference=reference, seed=seed, progress=progress), m
+    runner = Runner(model, task, m, reference=reference, seed=seed, progress=progress)
+    runner.value_hint = value  # what the nnsight path's first request should already bring (means' sums)
+    return runner, m
 
 
 def value_name(value: Any) -> str:

@@ -38,7 +38,12 @@ Everything comes from the forwards :func:`~hydra_probe.effects.self_repair`
 runs (one stacked ablated forward per component, restarted at its layer),
 with the attention weights of the last query and the value vectors captured
 in the same forwards (attention runs with the eager implementation, which
-returns its weights, for the duration of the call).
+returns its weights, for the duration of the call). With the nnsight backend
+(also ``remote=True``) the same forwards are nnsight traces: each downstream
+layer's values and last-query weights are computed in the trace from the
+query, key and value its attention call receives (as the eager
+implementation computes them, whatever implementation the server runs), and
+the split itself is computed here.
 """
 
 from __future__ import annotations
@@ -164,13 +169,6 @@ def _check_order(order: Any) -> str:
     return order
 
 
-def _check_local(model: Any, what: str) -> None:
-    if getattr(model, "backend", "local") != "local":
-        raise OptionError(f"{what} reads attention weights and value vectors with local hooks; load the model with "
-                          "backend='local' (hp.load_model(x, backend='local')). It cannot run through nnsight or "
-                          "remotely.")
-
-
 def _mechanism_of(name: str) -> str:
     if re.fullmatch(r"L\d+H\d+", name):
         return "head"
@@ -206,7 +204,6 @@ def repair_mechanisms(model: Any, task: Any, components: Any = "heads", value: A
     groups = select_groups(model, components)
     check_writers(groups, "self-repair")
     pos = positions_of(positions)
-    _check_local(model, "repair_mechanisms")
     ad = model.adapter
     L = ad.n_layers
     with ad.eager_attention():

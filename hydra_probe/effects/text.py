@@ -613,7 +613,7 @@ def _clean_side(model: Any, runner: Runner, gi: int, idx: list[int], units: list
     ad = model.adapter
     L = ad.n_layers
     P = runner.prefix(gi, "clean")
-    T = P.resid[0].shape[1]
+    T = len(runner.task.clean_ids[runner.groups[gi][0]])  # (not from P: a remote run fetches only what is read)
     tgt = torch.stack([units[i].targets for i in idx])                        # (B, T)
     first = torch.tensor([units[i].first for i in idx])
     mask = (tgt >= 0) & (torch.arange(T)[None, :] >= first[:, None])

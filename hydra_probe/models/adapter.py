@@ -714,6 +714,98 @@ class Adapter:
         finally:
             self.model.set_attn_implementation(old)
 
+    # ------------------------------------------------------------------ AtP*'s QK fix (attention only)
+    def attention_z(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor,
+                    shared_values: bool = False) -> torch.Tensor:
+        """Block ``layer``'s heads' output ``z`` (copies*B, T, H*dh), its attention output projection's input,
+        for the block input ``hidden`` (copies*B, T, d) with the prefix's call arguments (masks, positions).
+
+        The block stops there: its output projection, post norms, MLP and residual adds are not run (a
+        forward pre-hook on the output projection raises a private signal the call catches). Hooks
+        registered with :meth:`hooks` on sites before ``z`` (q/k/v projections, norms) fire as in a full
+        forward. Where accelerate dispatches modules of the block (its hooks must see the forward end),
+        the block runs to its end instead; the numbers are the same.
+
+        ``shared_values``: every copy's values (v) are the last copy's (queries and keys stay each copy's
+        own). The value projection then runs on the last copy only where it is a separate module or a
+        plain linear layer (``nn.Linear``, GPT-2's ``Conv1D``); otherwise every copy's is computed and the
+        last copy's copied over it.
+        """
+        self._refuse_remote()
+        block = self.blocks[layer]
+        o_proj = get_path(block, self.table.o_proj)
+        plain = not any(hasattr(m, "_hf_hook") for m in block.modules())
+        got: dict[str, torch.Tensor] = {}
+
+        def at_z(mod, args, kwargs):
+            got["z"] = args[0] if args else next(iter(kwargs.values()))
+            if plain:
+                raise _StopAtZ
+
+        args, kw = prefix.calls[layer]
+        B = prefix.batch
+        with temporary_hooks() as register, contextlib.ExitStack() as stack:
+            register(o_proj, at_z, pre=True, with_kwargs=True)
+            if shared_values:
+                stack.enter_context(self._last_copy_values(layer, B, register, plain))
+            try:
+                block(hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
+            except _StopAtZ:
+                pass
+        if "z" not in got:
+            raise ArchitectureError(f"block {layer} never called its attention output projection "
+                                    f"({self.table.o_proj}); check the architecture table's o_proj path.")
+        return got["z"]
+
+    @contextlib.contextmanager
+    def _last_copy_values(self, layer: int, B: int, register: Callable[..., None], plain: bool) -> Iterator[None]:
+        """Within the block, layer ``layer``'s value projection gives every copy (B rows each) the last copy's
+        values (see :meth:`attention_z`)."""
+        t = self.table
+        mod = get_path(self.blocks[layer], t.qkv[2] if t.qkv_layout == "separate" else t.qkv[0])
+        conv = type(mod).__name__ == "Conv1D"  # GPT-2's: weight (in, out)
+        v_cols = sorted({c for h in range(self.n_heads)
+                         for c in range(*self.head_input_slice(layer, h, "v")[1].indices(10 ** 9))})
+        vs = _as_index(v_cols)
+        orig = mod.forward
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if not plain or "forward" in mod.__dict__:
+            pass
+        elif t.qkv_layout == "separate":
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                out = orig(x[-B:])
+                return out.repeat(x.shape[0] // B, *([1] * (out.dim() - 1)))
+        elif type(mod) is nn.Linear or conv:
+            w = mod.weight.T if conv else mod.weight  # (out, in)
+            b = mod.bias
+            width = w.shape[0]
+            qk = _as_index(sorted(set(range(width)) - set(v_cols)))
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                out = x.new_empty(*x.shape[:-1], width)
+                out[..., qk] = torch.nn.functional.linear(x, w[qk], None if b is None else b[qk])
+                out.unflatten(0, (-1, B))[..., vs] = torch.nn.functional.linear(x[-B:], w[vs],
+                                                                                None if b is None else b[vs])
+                return out
+        if forward is None:  # compute every copy's values and copy the last copy's over them
+            def copy_values(m: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+                out = out.clone()
+                out[:-B].unflatten(0, (-1, B))[..., vs] = out[-B:, ..., vs]
+                return out
+            register(mod, copy_values)
+            yield
+            return
+        mod.forward = forward
+        try:
+            yield
+        finally:
+            del mod.forward
+
+
+class _StopAtZ(BaseException):
+    """Raised by :meth:`Adapter.attention_z`'s hook on the output projection and caught by it: the rest of the
+    block is not run. A BaseException, so that no ``except Exception`` inside a model swallows it."""
+
 
 def norm_scale(x: torch.Tensor, eps: float, centre: bool) -> torch.Tensor:
     """A norm's scale of vectors ``x`` (..., d) -> (...), float64: ``sqrt(var(x) + eps)`` when the norm centres
@@ -793,6 +885,13 @@ def _attention_from_z(attn: nn.Module, o_proj: nn.Module, z: torch.Tensor, kind:
             attn.forward = old
         else:
             del attn.forward
+
+
+def _as_index(cols: list[int]) -> slice | torch.Tensor:
+    """Column indices as a slice when they are one contiguous run, else a tensor."""
+    if cols and cols == list(range(cols[0], cols[-1] + 1)):
+        return slice(cols[0], cols[-1] + 1)
+    return torch.tensor(cols, dtype=torch.long)
 
 
 def _map_first_input(args: tuple, kwargs: dict, fn: Callable[[Any], Any]) -> tuple[tuple, dict]:

@@ -36,7 +36,8 @@ EditSpec = tuple[int, int, "list[int] | None", "int | None", "int | None", "torc
 class Job:
     """One trace: ``ids`` (B, T) stacked ``copies`` times, ``edits`` applied, ``keep`` sites returned.
 
-    ``keep[site]`` is ``"all"`` (B*copies, T, width) or ``"last"`` (B*copies, width), the last position only.
+    ``keep[site]`` is ``"all"`` (B*copies, T, width) or ``"last"`` (B*copies, width), the last position only,
+    or ``"sum"`` (T, width) float64, the sum over the batch; ``"last+sum"`` returns the tuple (last, sum).
     """
 
     ids: torch.Tensor
@@ -57,6 +58,48 @@ def concrete_path(model: Any, site: Site) -> tuple[str, str]:
             return alt, io
         raise InterventionError(f"none of the module paths {path!r} exists in {type(model.hf_model).__name__}")
     return path, io
+
+
+#: read-only site kinds the trace body computes from the attention call's inputs (see :func:`mechanism_read`)
+MECHANISM_KINDS = ("values", "attn_last")
+
+
+def mechanism_read(model: Any, site: Site) -> tuple[str, tuple[str, str]]:
+    """Where a trace reads a ``values`` or ``attn_last`` site: the attention module's path and ``(kind, op)``.
+
+    ``op`` names the call of the attention function inside the module's forward
+    (nnsight's ``.source`` operation, e.g. ``attention_interface_1``): the trace
+    body reads the query, key and value that call receives (after rotary
+    embeddings and any q/k norms, as the model computes them) and its mask,
+    scaling, soft-cap and sliding window, and returns the values or the last
+    query's weights as the eager implementation computes them, whichever
+    implementation the server runs. Raises
+    :class:`~hydra_probe.errors.ArchitectureError` when the forward has no such call.
+    """
+    from ..errors import ArchitectureError
+
+    if site.kind not in MECHANISM_KINDS:
+        raise InterventionError(f"mechanism_read covers {', '.join(MECHANISM_KINDS)}; got {site}")
+    t = model.adapter.table
+    if not 0 <= site.layer < model.adapter.n_layers:
+        raise InterventionError(f"site {site} is outside layers 0..{model.adapter.n_layers - 1}")
+    path = f"{t.blocks}.{site.layer}.{t.attn}"
+    env = model.nnsight
+    for part in path.split("."):
+        env = env[int(part)] if part.isdigit() else getattr(env, part)
+    try:
+        names = list(env.source.names)
+    except Exception as e:  # noqa: BLE001 - nnsight cannot instrument this forward
+        names, why = [], f" ({type(e).__name__}: {e})"
+    else:
+        why = ""
+    calls = [n for n in names if n.rsplit("_", 1)[0] == "attention_interface" and n.rsplit("_", 1)[-1].isdigit()]
+    if not calls:
+        raise ArchitectureError(
+            f"the {t.family} attention module ({path}) has no attention_interface(...) call in its forward{why}, "
+            "so its attention weights and values cannot be read in an nnsight trace; run repair_mechanisms on a "
+            "local model (backend='local').")
+    return path, (site.kind, calls[-1])  # the call comes after the assignment of the function
 
 
 def check_host(host: str) -> str:
@@ -139,7 +182,7 @@ def run_jobs(model: Any, jobs: Sequence[Job]) -> list[dict[Site, torch.Tensor]]:
         sites = sorted(set(job.edits) | set(job.keep), key=lambda s: s.order)
         plan = []
         for s in sites:
-            path, io = concrete_path(model, s)
+            path, io = mechanism_read(model, s) if s.kind in MECHANISM_KINDS else concrete_path(model, s)
             plan.append((path, io, list(job.edits.get(s, ())), job.keep.get(s, "")))
         ids = job.ids.repeat(job.copies, 1)
         plans.append((ids.to(dev) if here else ids.cpu(), plan))
@@ -173,6 +216,30 @@ def _session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, lis
                     env = lm
                     for part in path.split("."):
                         env = env[int(part)] if part.isdigit() else getattr(env, part)
+                    if not isinstance(io, str):  # values / attn_last: read from the attention call's own inputs
+                        a, kw = getattr(env.source, io[1]).inputs
+                        q, k, v = a[1], a[2], a[3]
+                        if io[0] == "values":  # (B, n_kv, T, dh) -> (B, T, n_kv * dh)
+                            y = v.transpose(1, 2).reshape(v.shape[0], v.shape[2], -1)
+                        else:  # the last query's weights (B, T, H), as the eager implementation computes them
+                            mask = a[4] if len(a) > 4 else kw.get("attention_mask")
+                            sc = kw.get("scaling")
+                            sc = q.shape[-1] ** -0.5 if sc is None else sc
+                            kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                            y = torch.matmul(q[:, :, -1:], kk.transpose(-1, -2))[:, :, 0] * sc  # (B, H, T)
+                            cap = kw.get("softcap")
+                            if cap:
+                                y = torch.tanh(y / cap) * cap
+                            T = k.shape[2]
+                            if isinstance(mask, torch.Tensor):  # additive (eager) or boolean (sdpa) mask
+                                mr = mask[:, :, -1, :T]
+                                y = y.masked_fill(~mr, float("-inf")) if mr.dtype == torch.bool else y + mr
+                            win = kw.get("sliding_window")
+                            if win and T > win:
+                                y[..., : T - win] = float("-inf")
+                            y = torch.softmax(y.float(), -1).to(v.dtype).transpose(1, 2)
+                        out.append((y[:, -1] if keep == "last" else y).detach().cpu())
+                        continue
                     x = env.input if io == "input" else env.output
                     rest = None
                     if isinstance(x, tuple):
@@ -196,6 +263,9 @@ def _session(lm: Any, plans: list, remote: Any, nnsight: Any) -> tuple[list, lis
                         out.append(x[:, -1].detach().cpu())
                     elif keep == "all":
                         out.append(x.detach().cpu())
+                    elif keep:  # "sum" (over the batch, float64: (T, width)) and/or "last", e.g. "last+sum"
+                        out.append(tuple(x[:, -1].detach().cpu() if m == "last" else
+                                         x.detach().to(torch.float64).sum(0).cpu() for m in keep.split("+")))
                     else:
                         out.append(None)
                 outs.append(out)

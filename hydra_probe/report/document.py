@@ -144,9 +144,10 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
         "of the scale.")
     d.pre(verdict_rule_text(rep))
     if cfg.get("exact") == "auto":
-        d.p("**Exact sweeps where attribution cannot rule a component out** (`exact='auto'`): "
+        d.p("**Exact sweeps where attribution cannot rule a component out** (`exact='auto'`, the default): "
             f"{cfg['exact_bound']} Rows marked *estimated* in the `exact` column have no ablation or patching "
-            "measurement; their attribution column is the AtP* estimate.")
+            "measurement (blank cells); their attribution column is the AtP* estimate. `exact='all'` "
+            "(`--exact all`) sweeps every component.")
     show = t.head(max_rows)
     tab = pd.DataFrame({
         "component": show["component"],
@@ -158,7 +159,7 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
                                                             show["self_repair_hi"])],
         "SR/DE lost": [pct(x) if abs(dn) >= 0.01 else "" for x, dn in zip(show["fraction_repaired"],
                                                                             show["del_norm"])],
-        "lower bound": ["yes" if x else "" for x in show["lower_bound"]],
+        "lower bound": ["yes" if x is True or x == 1 else "" for x in show["lower_bound"]],  # NaN: not ablated
         "compensators": show["compensators"],
         "backups": show["backups"],
         "restoration": [pct(x) for x in show["restoration"]],
@@ -198,14 +199,17 @@ def hydra_effect(d: Doc, ctx: Context) -> None:
     d.h(2, "Hydra effect: total effect against direct effect lost")
     h = rep.hydra
     if h and not math.isnan(h.get("slope", float("nan"))):
-        d.p(f"Regressing the single-ablation total effect on the direct effect lost across the {h['n']} components "
+        swept = " swept" if ctx.config.get("exact") == "auto" else ""  # exact="auto": estimated rows were not ablated
+        d.p(f"Regressing the single-ablation total effect on the direct effect lost across the {h['n']}{swept} components "
             f"(OLS, statsmodels) gives a slope of {ci(h['slope'], h['slope_lo'], h['slope_hi'])}, intercept "
             f"{fmt(h['intercept'])}, R² {fmt(h['r2'])}. A slope of 1 means an ablation costs the metric what the "
             "component wrote directly; below 1, downstream compensation hides that share of each component's role "
             "from single ablations; above 1, components act mostly through downstream components (indirect "
             "effects), which the slope does not separate from self-repair. Here: " + hydra_reading(h, val)
             + " Points below the identity line (blue where self-repair is significant) are components whose TE "
-            "is a lower bound on what they write.")
+            "is a lower bound on what they write."
+            + (" Only the swept components enter the fit (exact='auto'): they were selected by size, so the slope "
+               "can differ from the exhaustive run's (`--exact all`)." if swept else ""))
     else:
         d.p("The Hydra slope is undefined here (fewer than three components or no variation in DE lost).")
     if "te_vs_de_lost" in figures:
@@ -316,8 +320,14 @@ def attribution(d: Doc, ctx: Context) -> None:
     """Attribution patching against exact patching."""
     rep, figures = ctx.rep, ctx.figures
     d.h(2, "Attribution patching vs exact patching")
-    d.p("Attribution patching estimates every component's denoising effect from two forwards and one backward "
-        "(a first-order estimate, never a measurement). Agreement with exact activation patching:")
+    if ctx.config.get("exact") == "auto":
+        d.p("AtP* (attribution patching with the QK fix and GradDrop) estimates every component's denoising and "
+            "noising effects (an estimate, never a measurement); the report swept exactly only the components those "
+            "estimates and the direct effects could not rule out (see the triangulation table). Agreement with "
+            "exact activation patching, over the swept components:")
+    else:
+        d.p("Attribution patching estimates every component's denoising effect from two forwards and one backward "
+            "(a first-order estimate, never a measurement). Agreement with exact activation patching:")
     ag = rep.agreement
     d.p(f"Pearson r = {fmt(ag['pearson'])}, Spearman ρ = {fmt(ag['spearman'])} over {ag['n_components']} "
         "components, comparing mean estimates with mean exact effects (metric units)." + f" Method: {ag['method']}.")

@@ -187,7 +187,7 @@ def te_vs_de_lost(table: pd.DataFrame, hydra: dict[str, float] | None = None, *,
         fig = new_figure(4.6, 4.0)
         ax = fig.add_subplot()
         x, y = table["de_lost"].to_numpy(float), table["total_effect"].to_numpy(float)
-        lb = table["lower_bound"].astype(bool).to_numpy()
+        lb = table["lower_bound"].eq(True).to_numpy()  # NaN: not ablated (exact="auto")
         lo, hi = np.nanmin(np.r_[x, 0.0]), np.nanmax(np.r_[x, 0.0])  # lines span the data's x range only
         pad = 0.08 * (hi - lo or 1.0)
         xx = np.array([lo - pad, hi + pad])

@@ -45,7 +45,7 @@ def component_sentence(row: pd.Series, prov: dict[str, Any], rep: Any) -> str:
          f"{ci(row['total_effect'], row['total_effect_lo'], row['total_effect_hi'])} (total effect, TE); it writes "
          f"{ci(row['direct_effect'], row['direct_effect_lo'], row['direct_effect_hi'])} directly (direct effect) "
          f"and the ablation removes {fmt(row['de_lost'])} of that (DE lost).")
-    if bool(row["lower_bound"]):
+    if row["lower_bound"] is True or row["lower_bound"] == 1:  # NaN: not ablated (exact="auto")
         who = row["compensators"] or "no single downstream component significantly (see the contributions table)"
         s += (f" **The total effect is only a lower bound**: downstream components restore "
               f"{ci(row['self_repair'], row['self_repair_lo'], row['self_repair_hi'])} "
@@ -116,10 +116,12 @@ def findings(rep: Any) -> list[str]:
         out.append(f"Hydra slope {ci(h['slope'], h['slope_lo'], h['slope_hi'])} (OLS of total effect on DE lost "
                    f"over {h['n']} components, R² {fmt(h['r2'])}): " + hydra_reading(h, prov.get("value"))
                    + (" A weak fit: read it as a rough average." if h.get("r2", 0) < 0.3 else ""))
-    nlb = int(t["lower_bound"].sum())
-    lb = t[t["lower_bound"].astype(bool)].sort_values("self_repair", ascending=False, kind="stable")
-    line = (f"{nlb} of {len(t)} components have a total effect that is only a lower bound "
-            "(self-repair > 0 beyond its 95% interval)")
+    is_lb = t["lower_bound"].eq(True)  # NaN: a component not ablated (exact="auto")
+    nlb = int(is_lb.sum())
+    lb = t[is_lb].sort_values("self_repair", ascending=False, kind="stable")
+    n_abl = int(t["exact"].astype(bool).sum()) if "exact" in t else len(t)
+    line = (f"{nlb} of {n_abl}{' ablated' if n_abl < len(t) else ''} components have a total effect that is only a "
+            "lower bound (self-repair > 0 beyond its 95% interval)")
     if nlb:
         line += ": " + "; ".join(
             f"{r.component} (TE {fmt(r.total_effect)}, self-repair {fmt(r.self_repair)}"
@@ -128,6 +130,10 @@ def findings(rep: Any) -> list[str]:
     out.append(line + ".")
     counts = t["verdict"].value_counts()
     out.append("Verdicts: " + ", ".join(f"{v} {int(counts.get(v, 0))}" for v in VERDICTS) + ".")
+    n_est = int((~t["exact"].astype(bool)).sum()) if "exact" in t else 0
+    if n_est:
+        out[-1] += (f" {n_est} of the {int(counts.get(VERDICTS[-1], 0))} 'agree: minor' are estimated (exact='auto': "
+                    f"AtP* and the direct effect rule them out; not swept exactly), {len(t) - n_est} components swept.")
     if len(rep.edges_tested):
         e = rep.edges_tested
         conf = e[e["verified"] == "confirmed"]
@@ -166,8 +172,7 @@ def rerun_command(rep: Any) -> str:
     comps = cfg["components"] if isinstance(cfg["components"], str) else ",".join(cfg["components"])
     common = (f"--value {cfg['value']} --metric {cfg['metric']} --scale {cfg['scale']} --components {comps} "
               f"--seed {cfg['seed']}")
-    if cfg.get("exact") == "auto":
-        common += " --exact auto"
+    common += f" --exact {cfg.get('exact', 'all')}"  # reports written before exact= existed swept everything
     if cfg.get("conditions"):  # the section of compare_conditions (hydra-probe report --conditions)
         common += f" --conditions {cfg['conditions']}"
     if ti.get("name") == "ioi" and ti.get("seed") == cfg["seed"]:

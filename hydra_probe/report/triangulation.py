@@ -42,7 +42,9 @@ ANALYSES = {
                    "mechanisms: repair_mechanisms(...).as_self_repair(), the same forwards run once for both sections)",
     "patch_denoise": "activation_patch(..., direction='denoise'): clean activation into the corrupted run",
     "patch_noise": "activation_patch(..., direction='noise'): corrupted activation into the clean run",
-    "attribution": "attribution_patch(..., direction='denoise'): first-order estimate of denoising",
+    "attribution": "attribution_patch(..., method='atp*', both directions) before the exact sweeps, which then run "
+                   "only over the components it cannot rule out (exact='auto', the default); with exact='all', "
+                   "attribution_patch(..., direction='denoise') after them (first-order estimate of denoising)",
     "graph": "compensation_graph(self_repair) + verify_edges (paired ablations of the strongest edges)",
     "iterated_ablation": "iterated_ablation(target, its compensators)",
     "path_patch": "path_patch(top components -> logits | every head and MLP, noise): direct vs indirect paths",
@@ -234,7 +236,7 @@ def _assemble(rep: TriangulationReport) -> pd.DataFrame:
 def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "frozen", metric: Any = "logit_diff",
                 components: Any = "heads", top: int = 5, seed: int = 0, threshold: float = 0.1,
                 graph_threshold: float | None = None, graph_top_k: int = 5, iterate: int = 3,
-                progress: bool | None = None, mechanisms: bool = True, exact: str = "all") -> TriangulationReport:
+                progress: bool | None = None, mechanisms: bool = True, exact: str = "auto") -> TriangulationReport:
     """Run every analysis on ``model`` and ``task`` and return a :class:`TriangulationReport`.
 
     Args:
@@ -258,17 +260,21 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         iterate: compensators added in the iterated ablation of the most
             self-repaired component.
         progress: step messages and progress bars on stderr (default: on a terminal).
-        exact: ``"all"`` runs the exact sweeps (activation patching both ways, ablation and self-repair,
-            mechanisms) over every component; ``"auto"`` first estimates both patching directions with
-            AtP* (``attribution_patch(method="atp*")``) and sweeps exactly only the components it cannot
-            rule out (see :func:`_exact_plan`; the others are marked ``exact = False`` and the bound is
-            recorded in ``config["exact_bound"]`` and printed in the report).
+        exact: ``"auto"`` (default) first estimates both patching directions with AtP*
+            (``attribution_patch(method="atp*")``) and runs the exact sweeps (activation patching both ways,
+            ablation and self-repair, mechanisms) only over the components that the estimates and the clean
+            direct effects cannot rule out, always including the ``top`` largest (see :func:`_exact_plan`).
+            The others are marked ``exact = False`` in ``to_frame()``, read "agree: minor" without an
+            ablation or patching measurement, and the bound on what could be missed is recorded in
+            ``config["exact_bound"]`` and printed in the report. ``"all"`` sweeps every component exactly
+            (the exhaustive run). The graph, paired and iterated ablation, path patching and "Why it repairs"
+            see only the swept components (their downstream compensators are every component).
         mechanisms: run "Why it repairs" (:func:`~hydra_probe.effects.repair_mechanisms` over the
             components, the per-layer regression, and the neurons of the most compensating MLP);
-            local backend only (skipped with a note otherwise).
+            on every backend, also remotely (a family whose attention weights cannot be read is skipped with
+            a note).
     """
     model = as_model(model)
-    model.require_local("triangulate (its attribution and path patching)")
     check_scale(scale)
     vname = value_name(value)
     m = get_metric(metric)
@@ -280,9 +286,9 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
         raise OptionError(f"threshold must be a fraction in (0, 1) (of the verdict scale for TE and DE lost, "
                           f"of the clean - corrupted gap for restoration and damage); got {threshold!r}.")
-    if exact not in ("auto", "all"):
-        raise OptionError(f"exact must be 'auto' (exact sweeps only where AtP* cannot rule a component out) or "
-                          f"'all' (every component); got {exact!r}.")
+    if not isinstance(exact, str) or exact not in ("auto", "all"):
+        raise OptionError(f"exact must be 'auto' (the default: exact sweeps only over the components that AtP* and "
+                          f"the direct effects cannot rule out) or 'all' (every component); got {exact!r}.")
     if isinstance(iterate, bool) or not isinstance(iterate, (int, np.integer)) or iterate < 0:
         raise OptionError(f"iterate must be an integer >= 0; got {iterate!r}.")
     comps = select(model, components)
@@ -309,7 +315,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
             results["attribution_noise"] = attribution_patch(model, task, components=names, direction="noise",
                                                              method="atp*", **kw)
         swept, bound = _exact_plan(results["direct_effects"].summary(), results["attribution"].to_frame(),
-                                   results["attribution_noise"].to_frame(), float(threshold), int(top))
+                                   results["attribution_noise"].to_frame(), float(threshold), int(top), vname)
     with steps.step("patch_denoise", "activation patching, denoise (clean -> corrupted)"):
         results["patch_denoise"] = activation_patch(model, task, swept, "denoise", progress=bars, **kw)
     with steps.step("patch_noise", "activation patching, noise (corrupted -> clean)"):
@@ -336,9 +342,9 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     cfg = {"value": vname if isinstance(value, str) else f"mean over {getattr(value, 'name', 'reference')}",
            "scale": scale, "metric": m.name, "components": components if isinstance(components, str) else names,
            "top": int(top), "seed": int(seed), "threshold": float(threshold), "graph_top_k": int(graph_top_k),
-           "iterate": int(iterate), "mechanisms": bool(mechanisms)}
+           "iterate": int(iterate), "mechanisms": bool(mechanisms), "exact": exact}
     if exact == "auto":
-        cfg.update(exact="auto", exact_components=list(swept), exact_bound=bound)
+        cfg.update(exact_components=list(swept), exact_bound=bound)
         notes.append(f"exact sweeps: {bound}")
     rep = TriangulationReport(results=results, config=cfg, task_info=_task_info(task), task_pairs=list(task.pairs),
                               agreement=agreement, notes=notes, model_info=_model_info(model))
@@ -374,7 +380,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
                                            direction="noise", scale=scale, progress=bars, **kw)
 
     if mechanisms:
-        with steps.step("why_it_repairs", f"why it repairs: mechanisms of self-repair of {len(names)} components"):
+        with steps.step("why_it_repairs", f"why it repairs: mechanisms of self-repair of {len(swept)} components"):
             mech, why = mechanism_step(model, task, components=swept, top=top_names, value=value, scale=scale,
                                        metric=metric, seed=seed, progress=bars, mech=pre_mech)
             results.update(mech)
@@ -395,13 +401,17 @@ RULE_OUT = 0.5
 
 
 def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame, threshold: float,
-                top: int) -> tuple[list[str], str]:
-    """Which components ``exact="auto"`` sweeps exactly: (names, the stated bound).
+                top: int, value: str = "mean") -> tuple[list[str], str]:
+    """Which components ``exact="auto"`` sweeps exactly: (names in component order, the stated bound).
 
-    ``direct``: ``DirectEffects.summary()``; ``denoise``, ``noise``: AtP* ``to_frame()`` of each direction
-    (with ``clean_metric`` and ``corrupted_metric``). A component is ruled out when |AtP* denoise| and |AtP*
-    noise| (mean estimates, shares of the gap) are below ``RULE_OUT * threshold`` and so is |clean DE| as a share
-    of the verdict scale; the ``top`` components with the largest of those shares are always swept.
+    ``direct``: ``DirectEffects.summary()`` (clean run); ``denoise``, ``noise``: AtP* ``to_frame()`` of each
+    direction (with ``clean_metric`` and ``corrupted_metric``); ``value``: the ablation value's name (for the
+    text). A component's share is the largest of |mean AtP* denoise| and |mean AtP* noise| (estimated
+    restoration and damage, shares of |gap|) and |mean clean DE| / |verdict scale|. Swept: every component
+    whose share is at least ``RULE_OUT * threshold``, and the ``top`` largest shares whatever they are. The
+    direct effect covers the ablation side of the verdict rule: a component masked by self-repair has a small
+    TE but a large DE lost, which is its clean DE under zero ablation (DE lost = DE - the DE of the
+    ablation value), and AtP*'s GradDrop keeps components whose direct and indirect paths cancel.
     """
     g = denoise.drop_duplicates("prompt")
     clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
@@ -413,11 +423,21 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
     cut = RULE_OUT * threshold
     keep = set(share[share >= cut].index) | set(share.sort_values(ascending=False, kind="stable").index[:top])
     names = [c for c in den.index if c in keep]
-    bound = (f"{len(names)} of {len(den)} components swept exactly; the other {len(den) - len(names)} have AtP* "
-             f"restoration and damage estimates below {cut:.3g} of the gap and a direct effect below {cut:.3g} of "
-             f"the verdict scale (half the threshold {threshold:g}), and read 'agree: minor' (estimated). One of them "
-             f"could reach the threshold only if AtP* is off by more than {threshold - cut:.3g} of the gap, or its "
-             "total effect exceeds its direct effect by more than that through indirect paths.")
+    n, k = len(den), len(names)
+    if k == n:
+        return names, (f"all {n} components swept exactly: each is among the {min(top, n)} with the largest "
+                       f"estimates, or its AtP* restoration or damage estimate reaches {cut:.3g} of the gap, or its "
+                       f"clean direct effect reaches {cut:.3g} of the verdict scale (half the threshold {threshold:g}); "
+                       "none is estimated.")
+    rest = (f"The other {n - k} are estimated: they read" if n - k > 1 else "The other one is estimated: it reads")
+    bound = (f"{k} of {n} components swept exactly: the {min(top, n)} with the largest estimates and every one whose "
+             f"AtP* restoration or damage estimate reaches {cut:.3g} of the gap or whose clean direct effect reaches "
+             f"{cut:.3g} of the verdict scale (half the threshold {threshold:g}). {rest} 'agree: minor' without an "
+             f"ablation or patching measurement. {'One of them' if n - k > 1 else 'It'} would read "
+             f"otherwise in the exhaustive run (exact='all') only if AtP* misestimates its restoration or damage by "
+             f"more than {threshold - cut:.3g} of the gap, or its {value} ablation costs {threshold:g} of the verdict "
+             "scale through what its direct effect does not show (indirect paths the corruption does not move, or "
+             f"a {value} value with a large direct effect of its own).")
     return names, bound
 
 

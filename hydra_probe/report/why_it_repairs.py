@@ -70,8 +70,14 @@ def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Seq
 
     notes: list[str] = []
     out: dict[str, Any] = {}
-    if getattr(model, "backend", "local") != "local":
-        return out, ["why it repairs: skipped (it reads attention weights with local hooks; backend='local')."]
+    if getattr(model, "backend", "local") == "nnsight":  # the refusal repair_mechanisms would make, as a note
+        from ..models.nnsight_backend import mechanism_read
+        from ..models.sites import Site
+
+        try:
+            mechanism_read(model, Site(model.n_layers - 1, "attn_last"))
+        except ArchitectureError as e:
+            return out, [f"why it repairs: skipped; {e}"]
     names = [c for c in components if not c.startswith("ATTN")]
     if mech is None:
         mech = repair_mechanisms(model, task, names, value=value, scale=scale, order=order, metric=metric,

@@ -16,7 +16,11 @@ equal-length prompts,
 
 With ``model.backend == "nnsight"`` each chunk of copies is one full nnsight
 trace instead, its interventions plain data (equal numbers; with
-``remote=True`` one request per chunk). The model is left as it
+``remote=True`` one request per chunk). The unedited clean and corrupted
+runs (:class:`RemotePrefix`) return only what :meth:`Runner.run` declares it
+will read (the last position where that suffices, per-position sums over the
+batch for means, every position only of the sites whose values are patched
+in); anything else is fetched on first access. The model is left as it
 was: hooks are removed on exit, also on error, and train/eval flags restored.
 """
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -94,11 +98,14 @@ class GradientOutput:
         acts: ``{site: [per length group g a (B_g, T_g, width) tensor]}``: the
             activations read (model dtype, CPU).
         grads: the same layout: the metric's gradient with respect to each activation.
+        drop_layer: the read's GradDrop layer (None: nothing dropped); :meth:`Runner.qk_fix` skips the
+            terms a read that drops a layer at or below a sender never uses.
     """
 
     metric: torch.Tensor
     acts: dict[Site, list[torch.Tensor]]
     grads: dict[Site, list[torch.Tensor]]
+    drop_layer: int | None = None
 
 
 @contextlib.contextmanager
@@ -147,6 +154,9 @@ class Runner:
     heads' outputs (``z``) restarts at that layer's attention output
     projection, the layer's attention taken from the cached prefix (it does
     not depend on the edit); False recomputes it (the plain path).
+    ``Runner.fast_qk`` and ``Runner.shared_gradients`` (default True) switch
+    AtP*'s engine (:meth:`qk_fix`, :meth:`gradients`) to its plain reference
+    when False (same numbers, for tests and benchmarks).
 
     Args:
         model: a :class:`~hydra_probe.models.HookedModel`.
@@ -162,6 +172,12 @@ class Runner:
     """
 
     fast_attention: bool = True
+    #: AtP*'s QK fix runs only each downstream layer's attention, all senders stacked (False: the plain
+    #: reference, one full forward per sender with every block input pinned and a delivery to q and k)
+    fast_qk: bool = True
+    #: gradient reads share one forward per group (GradDrop reads as vector-Jacobian products of the
+    #: blocks under the dropped layer); False: the plain reference, one stacked copy per read
+    shared_gradients: bool = True
 
     def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
                  token_budget: int | None = None, progress: bool | None = None) -> None:
@@ -180,6 +196,14 @@ class Runner:
         self._readout: Readout | None = None
         self._clean_logits: torch.Tensor | None = None
         self._changes: dict[Any, torch.Tensor] = {}
+        #: nnsight: what the unedited forwards must return, per (group, source) {site: {"last", "all", "sum"}}
+        #: (declared by :meth:`run`, fetched with the first request; see :class:`RemotePrefix`)
+        self._want: dict[tuple[int, str], dict[Site, set[str]]] = {}
+        #: the ablation value the caller's sweeps will use (set by ``make_runner``): with ``"mean"`` the first
+        #: nnsight request already brings the clean sums the means need
+        self.value_hint: Any = None
+        self._mean_sums: dict[tuple[int, Site], torch.Tensor] = {}
+        self._mean_want: set[Site] = set()
 
     # ---------------------------------------------------------------- caches
     def capture_sites(self) -> set[Site]:
@@ -199,25 +223,20 @@ class Runner:
                         p = self.ad.prefix(ids, capture=self.capture_sites())
             except (torch.OutOfMemoryError, MemoryError) as e:
                 raise ResourceError(_oom_advice(*ids.shape)) from e
-            _check_finite(p.resid[-1], f"the {source} run")
+            _check_finite(p.last(Site(self.ad.n_layers, "resid_pre")) if isinstance(p, RemotePrefix) else p.resid[-1],
+                          f"the {source} run")
             self._prefix[key] = p
         return self._prefix[key]
 
     def local_prefix(self, g: int, source: str) -> Prefix:
         """Like :meth:`prefix`, but always from the local path (with block calls, for restarting)."""
-        if self.model.backend != "nnsight" or self.model.remote:  # remote: the nnsight run's (nothing restarts)
+        if self.model.backend != "nnsight":
             return self.prefix(g, source)
         key = (g, source + ":local")
         if key not in self._prefix:
             with self.model.evaluating():
                 self._prefix[key] = self.ad.prefix(self.task.batch(self.groups[g], source), capture=self.capture_sites())
         return self._prefix[key]
-
-    def _prefix_nnsight(self, ids: torch.Tensor) -> Prefix:
-        """The unedited forward as one nnsight trace (no block calls: nothing restarts mid-model)."""
-        from ..models.nnsight_backend import Job, run_jobs
-
-        return self._as_prefix(run_jobs(self.model, [Job(ids, keep=self._prefix_keep())])[0])
 
     @property
     def readout(self) -> Readout:
@@ -229,7 +248,11 @@ class Runner:
         return self._readout
 
     def means(self) -> dict[Site, torch.Tensor]:
-        """Per-position means (T_max, width) of z and mlp_out over the reference's clean prompts."""
+        """Per-position means (T_max, width) of z and mlp_out over the reference's clean prompts.
+
+        nnsight: a mapping computing each site's mean on first use from per-group sums over the batch."""
+        if self.model.backend == "nnsight":
+            return self._means_nnsight()
         if self._means is None:
             ref = self.reference
             sums: dict[Site, torch.Tensor] = {}
@@ -243,8 +266,7 @@ class Runner:
                     caps = self.prefix(g, "clean").captures
                 else:
                     with self.model.evaluating():
-                        caps = (self._prefix_nnsight(ids) if self.model.backend == "nnsight"
-                                else self.ad.prefix(ids, capture=self.capture_sites())).captures
+                        caps = self.ad.prefix(ids, capture=self.capture_sites()).captures
                 T = ids.shape[1]
                 counts[:T] += len(idx)
                 for s, x in caps.items():
@@ -294,7 +316,8 @@ class Runner:
 
     def clean_logits(self) -> torch.Tensor:
         if self._clean_logits is None:
-            self._clean_logits = torch.cat([self._logits_of(self.prefix(g, "clean").resid[-1][:, -1])
+            final = Site(self.ad.n_layers, "resid_pre")
+            self._clean_logits = torch.cat([self._logits_of(_last_of(self.prefix(g, "clean"), final))
                                             for g in range(len(self.groups))])[self._inverse()]
         return self._clean_logits
 
@@ -322,7 +345,12 @@ class Runner:
             if not isinstance(s, Site):
                 raise OptionError(f"capture takes Site objects (hydra_probe.models.sites.Site); got {s!r}.")
             # raises InterventionError when the site does not exist (or, on nnsight, cannot be read there)
-            (self.ad.path_of if self.model.backend == "nnsight" else self.ad.module_of)(s)
+            if self.model.backend == "nnsight" and s.kind in ("values", "attn_last"):
+                from ..models.nnsight_backend import mechanism_read
+
+                mechanism_read(self.model, s)  # read in the trace from the attention call's inputs
+            else:
+                (self.ad.path_of if self.model.backend == "nnsight" else self.ad.module_of)(s)
         return sites
 
     def run(self, source: str, copies: Sequence[Copy], readout: bool = False,
@@ -377,6 +405,8 @@ class Runner:
             L = self.ad.n_layers
             starts = [0 if s < L else L for s in starts]
         weights = [1 + bool(self._shadow_layers(c)) for c in copies]
+        if self.model.backend == "nnsight":  # after every check: this may send a request
+            self._declare_nnsight(source, copies, readout, cap, every)
         with progress_bar(K * len(self.groups), label, self.progress) as bar:
             for g, idx in enumerate(self.groups):
                 it = torch.tensor(idx)
@@ -496,6 +526,8 @@ class Runner:
         paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
         if self.model.backend == "nnsight" and not paths and start < self.ad.n_layers:
             return self._forward_nnsight_stacked(g, source, copies, readout, capture, every)
+        if self.model.backend == "nnsight" and not paths:
+            return self._forward_nnsight_cached(g, source, len(copies), readout, capture, every)
         if self.model.backend == "nnsight" and paths:  # deliveries as one trace (also remote)
             return self._forward_nnsight_paths(g, source, copies, start, capture, every)
         P = self.local_prefix(g, source) if paths else self.prefix(g, source)
@@ -568,8 +600,8 @@ class Runner:
         out = {"metric": m.view(k, B), "resid": x_last.detach().to(torch.float64).view(k, B, -1)}
         if readout:
             L = self.ad.n_layers
-            z = [last[Site(l, "z")] if l >= start else P.captures[Site(l, "z")][:, -1].repeat(k, 1) for l in range(L)]
-            mlp = [last[Site(l, "mlp_out")] if l >= start else P.captures[Site(l, "mlp_out")][:, -1].repeat(k, 1)
+            z = [last[Site(l, "z")] if l >= start else _last_of(P, Site(l, "z")).repeat(k, 1) for l in range(L)]
+            mlp = [last[Site(l, "mlp_out")] if l >= start else _last_of(P, Site(l, "mlp_out")).repeat(k, 1)
                    for l in range(L)]
             ro = self.readout
             u = ro.u[torch.tensor(idx)]
@@ -577,7 +609,7 @@ class Runner:
             out["proj"] = ro.projections(z, mlp, u, ps).view(k, B, -1)
             if ps is not None:
                 out["post_sigma"] = ps.view(k, B, -1)
-            out["proj_const"] = ro.const_projection(P.resid[0][:, -1].repeat(k, 1), u).view(k, B)
+            out["proj_const"] = ro.const_projection(_last_of(P, Site(0, "resid_pre")).repeat(k, 1), u).view(k, B)
         return out
 
     def _edits(self, g: int, source: str, copies: Sequence[Copy], B: int) -> dict[Site, list[Callable]]:
@@ -619,9 +651,11 @@ class Runner:
         key = (g, source, change)
         if key in self._changes:
             return self._changes[key]
+        if self.model.backend == "nnsight":
+            self._prefetch_change(source, change)
         ad = self.ad
         Pb, Po = self.prefix(g, source), self.prefix(g, change.value)  # captures only (nnsight: the traced runs)
-        T = Pb.resid[0].shape[1]
+        T = len(self.task.clean_ids[self.groups[g][0]])
         mask = torch.zeros(T, dtype=ad.dtype, device=ad.device)
         if change.positions is None:
             mask[:] = 1
@@ -802,9 +836,12 @@ class Runner:
                   ) -> list[GradientOutput]:
         """Run every :class:`~hydra_probe.interventions.GradientRead` on the ``source`` prompts.
 
-        Reads are stacked along the batch within the token budget (one
-        forward and one backward per stack), restart at their earliest site's
-        layer, and halve on out-of-memory. The gradient is taken with respect
+        Reads are taken in chunks within the token budget (halved on
+        out-of-memory) and restart at their earliest site's layer; a chunk's
+        reads share one forward and one backward, and each GradDrop read is a
+        vector-Jacobian product of the blocks under its dropped layer on that
+        forward's graph (``Runner.shared_gradients = False``: one stacked copy
+        per read, the plain reference). The gradient is taken with respect
         to zero tensors added to the activations, so it works when the
         parameters do not require gradients and leaves no ``.grad`` on them.
         Runs on the local hook path for every local backend.
@@ -839,12 +876,122 @@ class Runner:
                         for s, v in gr[j].items():
                             grads[i].setdefault(s, []).append(v.cpu())
                     bar.update(len(chunk))
-        return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i]) for i, r in enumerate(reads)]
+        return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i], r.drop_layer)
+                for i, r in enumerate(reads)]
 
     def _gradient_forward(self, g: int, source: str, reads: Sequence[GradientRead], start: int
                           ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
-        """One stacked forward and backward of ``reads``: (metric (B,), activations {site: (B, T, w)},
-        per read {site: gradient (B, T, w)})."""
+        """The forward and backward of ``reads`` on group ``g``: (metric (B,), activations {site: (B, T, w)},
+        per read {site: gradient (B, T, w)}). Shared (one forward per ``freeze_patterns`` setting) unless
+        ``Runner.shared_gradients`` is False."""
+        if not self.shared_gradients:
+            return self._gradient_forward_stacked(g, source, reads, start)
+        m0: torch.Tensor | None = None
+        acts: dict[Site, torch.Tensor] = {}
+        per: list[dict[Site, torch.Tensor]] = [{} for _ in reads]
+        for flag in (False, True):
+            js = [j for j, r in enumerate(reads) if r.freeze_patterns == flag]
+            if js:
+                m0, a, got = self._gradient_forward_shared(g, source, [reads[j] for j in js], start, flag)
+                acts.update(a)
+                for j, p in zip(js, got):
+                    per[j] = p
+        assert m0 is not None
+        return m0, acts, per
+
+    def _gradient_forward_shared(self, g: int, source: str, reads: Sequence[GradientRead], start: int,
+                                 freeze: bool
+                                 ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """One forward of group ``g`` for every read (all with ``freeze_patterns == freeze``) and one full
+        backward; each GradDrop read then reuses it: dropping block l's write leaves the gradient at the
+        sites above l as it is, makes it zero inside block l, and below l it is the vector-Jacobian product
+        of the blocks under l with the residual gradient at block l's output placed at block l's input
+        (``torch.autograd.grad`` on the kept graph). Equals one stacked copy per read
+        (:meth:`_gradient_forward_stacked`) to float rounding."""
+        ad = self.ad
+        P = self.local_prefix(g, source)
+        L = ad.n_layers
+        final = Site(L, "resid_pre")
+        sites = sorted({s for r in reads for s in r.sites}, key=lambda s: s.order)
+        drops = sorted({r.drop_layer for r in reads if r.drop_layer is not None and r.drop_layer >= start})
+        taps = {Site(layer + 1, "resid_pre") for layer in drops}  # block l's output: its residual gradient
+        deltas: dict[Site, torch.Tensor] = {}
+        acts: dict[Site, torch.Tensor] = {}
+        edits: dict[Site, list[Callable]] = {}
+        caps: dict[Site, Callable] = {}
+        if freeze:  # AtP*'s QK fix: queries and keys pass no gradient (attention patterns are constants)
+            for layer in range(start, L):
+                cols: dict[Site, list[slice]] = {}
+                for h in range(ad.n_heads):
+                    for w in ("q", "k"):
+                        site, sl = ad.head_input_slice(layer, h, w)
+                        cols.setdefault(site, []).append(sl)
+
+                def freeze_qk(y: torch.Tensor, sls: list[slice] = ()) -> torch.Tensor:  # type: ignore[assignment]
+                    cm = torch.zeros(y.shape[-1], dtype=torch.bool, device=y.device)
+                    for sl in sls:
+                        cm[sl] = True
+                    return torch.where(cm, y.detach(), y)
+                for site, sls in cols.items():
+                    edits.setdefault(site, []).append(lambda y, sls=sls: freeze_qk(y, sls))
+        block_in: dict[int, torch.Tensor] = {}
+        for layer in drops:
+            caps[Site(layer, "resid_pre")] = lambda x, layer=layer: block_in.__setitem__(layer, x)
+        # zero tensors added to the activations (and to the dropped blocks' outputs) carry the gradient
+        read_sites = set(sites)
+        for s in sorted(read_sites | taps, key=lambda s: s.order):
+            def read(x: torch.Tensor, s: Site = s) -> torch.Tensor:
+                if s in read_sites:
+                    acts[s] = x.detach()
+                deltas[s] = torch.zeros_like(x, requires_grad=True)
+                return x + deltas[s]
+            edits.setdefault(s, []).append(read)
+        for s, fn in list(caps.items()):
+            if s in edits:  # capture after the site's edits, in one function
+                edits[s].append(lambda x, fn=fn: (fn(x), x)[1])
+                del caps[s]
+        edit_fns = {s: _compose(fs) for s, fs in edits.items()}
+        need = sorted(read_sites | taps, key=lambda s: s.order)
+        with self.model.evaluating(), torch.enable_grad():
+            hook_edits = {s: f for s, f in edit_fns.items() if s != final}
+            with self.ad.hooks(hook_edits, caps) as fired:
+                x = self.ad.run_blocks(P, start, 1) if start < L else P.resid[L].clone()
+            check_fired(fired, hook_edits)
+            if final in edit_fns:
+                x = edit_fns[final](x)
+            logits = ad.logits(x[:, -1])
+            idx = self.groups[g]
+            clean = self.clean_logits()[idx] if self.metric.needs_clean else None
+            mvals = self.metric(logits, self.task.answer_ids[idx], self.task.alternative_ids[idx], clean)
+            gr = torch.autograd.grad(mvals.sum(), [deltas[s] for s in need], allow_unused=True,
+                                     retain_graph=bool(drops))
+            full = {s: torch.zeros_like(deltas[s]) if v is None else v.detach() for s, v in zip(need, gr)}
+            below: dict[int, dict[Site, torch.Tensor]] = {}
+            for layer in drops:
+                under = [s for s in sites if s.layer < layer or s == Site(layer, "resid_pre")]
+                xin = block_in[layer]
+                got: tuple[Any, ...] = (None,) * len(under)
+                if under and xin.requires_grad:
+                    got = torch.autograd.grad(xin, [deltas[s] for s in under], full[Site(layer + 1, "resid_pre")],
+                                              retain_graph=True, allow_unused=True)
+                below[layer] = {s: torch.zeros_like(deltas[s]) if v is None else v.detach() for s, v in zip(under, got)}
+        per: list[dict[Site, torch.Tensor]] = []
+        for r in reads:
+            d = r.drop_layer if r.drop_layer is not None and r.drop_layer >= start else None
+            out: dict[Site, torch.Tensor] = {}
+            for s in r.sites:
+                if d is None or s.layer > d:
+                    out[s] = full[s]
+                elif s in below[d]:
+                    out[s] = below[d][s]
+                else:  # inside the dropped block: its write passes no gradient
+                    out[s] = torch.zeros_like(full[s])
+            per.append(out)
+        return mvals.detach().to(torch.float64), acts, per
+
+    def _gradient_forward_stacked(self, g: int, source: str, reads: Sequence[GradientRead], start: int
+                                  ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """The plain reference of :meth:`_gradient_forward`: one stacked copy (forward and backward) per read."""
         ad = self.ad
         P = self.local_prefix(g, source)
         k, B, L = len(reads), P.batch, ad.n_layers
@@ -921,29 +1068,359 @@ class Runner:
         m0 = mvals.detach().to(torch.float64)[:B]
         return m0, {s: v[:B] for s, v in acts.items()}, per
 
+    # ---------------------------------------------------------------- AtP*'s QK fix
+    def qk_fix(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+               label: str = "QK fix") -> torch.Tensor:
+        """AtP*'s QK fix: the pattern changes of every downstream layer, recomputed, read by each gradient.
+
+        ``term[r, c, i] = sum over layers l > (sender layer of changes[c]) and positions of
+        (z'_l - z_l) . reads[r].grads[Site(l, "z")]`` for prompt i (task order), where ``z'_l`` is layer
+        l's heads' output when ``changes[c]`` reaches only layer l's queries and keys (q and k projected
+        from ``norm(x_l + change)``, grouped-query keys included) and layer l's block input ``x_l`` and
+        its values stay at the ``source`` run's; ``z_l`` the ``source`` run's. The sender layer is the
+        largest layer of the change's senders. Layers a read has no ``z`` gradient for add nothing; terms
+        a read never uses (it drops a layer at or below the sender, ``GradientOutput.drop_layer``) are 0.
+
+        Each pair (change, layer) is independent, so per layer only that block's attention runs (up to
+        its output projection's input), with the changes of every sender below it stacked along the
+        batch (within the token budget, halved on out-of-memory), and is reduced against the gradients
+        at once. ``Runner.fast_qk = False``: the plain reference, one full forward per change. With
+        ``backend="nnsight"`` (also remote) one nnsight trace per chunk of changes instead.
+
+        Returns:
+            (R, C, n) float64.
+        """
+        if source not in SOURCES:
+            raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
+        if self.model.backend == "nnsight":
+            return self._qk_fix_nnsight(source, changes, reads, label)
+        L, n = self.ad.n_layers, len(self.task)
+        R, C = len(reads), len(changes)
+        out = torch.zeros(R, C, n, dtype=torch.float64)
+        lay = [max(m.layer for m in ch.senders) for ch in changes]
+        todo = [c for c in range(C) if lay[c] + 1 < L]
+        if not todo or not R:
+            return out
+        drop = [r.drop_layer for r in reads]
+        use = torch.tensor([[d is None or d > lay[c] for c in range(C)] for d in drop], dtype=torch.bool)
+        if not self.fast_qk:
+            out = self._qk_fix_plain(source, changes, reads, lay, todo, label)
+            return out * use[..., None]
+        order = sorted(todo, key=lambda c: lay[c])
+        with progress_bar(len(order) * len(self.groups), label, self.progress) as bar:
+            for g, idx in enumerate(self.groups):
+                it = torch.tensor(idx)
+                P = self.local_prefix(g, source)
+                B, T = P.batch, P.resid[0].shape[1]
+                pos = 0
+                while pos < len(order):
+                    chunk = order[pos:pos + max(1, self.token_budget // (B * T) - 1)]
+                    while True:
+                        try:
+                            part = self._qk_chunk(g, source, [changes[c] for c in chunk], [lay[c] for c in chunk],
+                                                  reads)
+                            break
+                        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                            if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower() \
+                                    and not isinstance(e, torch.OutOfMemoryError):
+                                raise
+                            if len(chunk) == 1:
+                                raise ResourceError(_oom_advice(B, T)) from None
+                            chunk = chunk[:max(1, len(chunk) // 2)]
+                            self.token_budget = (len(chunk) + 1) * B * T
+                    ci = torch.tensor(chunk)
+                    out[:, ci[:, None], it[None, :]] = part.cpu()
+                    pos += len(chunk)
+                    bar.update(len(chunk))
+        return out * use[..., None]
+
+    def _qk_chunk(self, g: int, source: str, changes: Sequence[SenderChange], lays: Sequence[int],
+                  reads: Sequence[GradientOutput]) -> torch.Tensor:
+        """The QK-fix terms (R, k, B) of ``changes`` (senders' layers ``lays``) on group ``g``: per downstream
+        layer one call of its block's attention on the stacked inputs ``x_l + change`` and one unchanged
+        copy ``x_l``, whose values (v) every copy takes (only the last copy's are computed where the adapter
+        can: :meth:`Adapter.attention_z`)."""
+        ad = self.ad
+        P = self.local_prefix(g, source)
+        B, L, k = P.batch, ad.n_layers, len(changes)
+        order = sorted(range(k), key=lambda j: lays[j])  # senders below a layer are then a leading block
+        d = self._stacked_changes(g, source, [changes[j] for j in order])
+        part = torch.zeros(len(reads), k, B, dtype=torch.float64, device=ad.device)
+        cdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
+
+        for layer in range(lays[order[0]] + 1, L):
+            kk = sum(lays[j] < layer for j in order)
+            x = P.resid[layer]
+            with torch.no_grad():
+                hidden = x.new_empty((kk + 1) * B, *x.shape[1:])
+                torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
+                hidden[kk * B:] = x
+                with self.model.evaluating():
+                    z = self.ad.attention_z(P, layer, kk + 1, hidden, shared_values=True)
+                # reduced in float64 for a float64 model, else in float32 (a rounding-level difference)
+                dz = (z[:kk * B].reshape(kk, B, -1) - z[kk * B:].reshape(1, B, -1)).to(cdt)
+                # one product per distinct gradient tensor (reads that drop a layer below this one share the
+                # full gradient here); none for reads whose drop is at or below every sender (unused) or is
+                # this layer (the gradient inside a dropped block is zero)
+                uniq: dict[int, list[int]] = {}
+                for r, rd in enumerate(reads):
+                    if Site(layer, "z") in rd.grads and (rd.drop_layer is None or lays[order[0]] < rd.drop_layer != layer):
+                        uniq.setdefault(id(rd.grads[Site(layer, "z")][g]), []).append(r)
+                if not uniq:
+                    continue
+                G = torch.stack([reads[rs[0]].grads[Site(layer, "z")][g].to(ad.device, cdt) for rs in uniq.values()])
+                got = torch.einsum("kbx,rbx->rkb", dz, G.view(len(uniq), B, -1)).to(torch.float64)
+                rows = torch.tensor(order[:kk], device=ad.device)
+                for u, rs in enumerate(uniq.values()):
+                    for r in rs:
+                        part[r, rows] += got[u]
+        return part
+
+    def _stacked_changes(self, g: int, source: str, changes: Sequence[SenderChange]) -> torch.Tensor:
+        """:meth:`sender_change` of each change, stacked (k, B, T, d), not cached. A lone head of a layer without
+        a post-attention norm is projected through its own ``W_O`` rows only (all such heads of a layer in
+        one product); the rest go through :meth:`sender_change`."""
+        ad = self.ad
+        Pb = self.local_prefix(g, source)
+        B, T = Pb.resid[0].shape[:2]
+        out = torch.empty(len(changes), B, T, ad.d_model, dtype=ad.dtype, device=ad.device)
+        lone: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        with torch.no_grad():
+            for j, ch in enumerate(changes):
+                c = ch.senders[0]
+                if len(ch.senders) == 1 and c.kind == "head" and not ad.has_post_attn_norm:
+                    lone.setdefault((c.layer, ch.value), []).append((j, c.head))  # type: ignore[arg-type]
+                    continue
+                key = (g, source, ch)
+                had = key in self._changes
+                out[j] = self.sender_change(g, source, ch)
+                if not had:
+                    del self._changes[key]
+            for (layer, value), items in lone.items():
+                s = Site(layer, "z")
+                Po = self.local_prefix(g, value)
+                hs = torch.tensor([h for _, h in items], device=ad.device)
+                dz = (Po.captures[s] - Pb.captures[s]).reshape(B, T, ad.n_heads, ad.head_dim)[:, :, hs]
+                out[torch.tensor([j for j, _ in items])] = torch.einsum("bthk,hkd->hbtd", dz, ad.W_O(layer)[hs])
+            for j, ch in enumerate(changes):
+                if ch.positions is not None:
+                    mask = torch.ones(T, dtype=torch.bool, device=ad.device)
+                    mask[list(ch.positions)] = False
+                    out[j, :, mask] = 0
+        return out
+
+    def _qk_fix_plain(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+                      lay: list[int], todo: list[int], label: str, chunk: int = 16) -> torch.Tensor:
+        """The plain reference of :meth:`qk_fix`: one forward per change from its sender's layer + 1 to the
+        end, every block input pinned to the ``source`` run's and a delivery of the change to every
+        downstream head's q and k; ``chunk`` changes per call, reduced at once."""
+        L, H, n = self.ad.n_layers, self.ad.n_heads, len(self.task)
+        out = torch.zeros(len(reads), len(changes), n, dtype=torch.float64)
+        zs = tuple(Site(layer, "z") for layer in range(min(lay[c] for c in todo) + 1, L))
+        copies = []
+        for c in todo:
+            copy: list[Any] = []
+            for layer in range(lay[c] + 1, L):
+                copy.append(Intervention(Site(layer, "resid_pre"), None, None, source))
+                copy.append(Delivery(changes[c], "heads", layer, tuple(range(H)), ("q", "k")))
+            copies.append(tuple(copy))
+        base, = self.run(source, [()], capture=zs, capture_positions="all")
+        for j in range(0, len(copies), chunk):
+            outs = self.run(source, copies[j:j + chunk], label=label, capture=zs, capture_positions="all")
+            for c, o in zip(todo[j:j + chunk], outs):
+                for g, idx in enumerate(self.groups):
+                    it = torch.tensor(idx)
+                    for s in zs:
+                        if s.layer <= lay[c]:
+                            continue
+                        dz = (o.captures[s][g] - base.captures[s][g]).to(torch.float64)
+                        for r, read in enumerate(reads):
+                            if s in read.grads:
+                                out[r, c, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
+        return out
+
     # ---------------------------------------------------------------- nnsight (also remote): plain-data traces
     def _prefixes_nnsight(self, g: int) -> dict[str, Prefix]:
-        """Clean and corrupted unedited forwards of group ``g`` as two traces of one session (one request)."""
-        from ..models.nnsight_backend import Job, run_jobs
+        """Clean and corrupted unedited forwards of group ``g`` as two traces of one session (one request).
 
-        idx = self.groups[g]
-        keep = self._prefix_keep()
-        outs = run_jobs(self.model, [Job(self.task.batch(idx, s), keep=keep) for s in SOURCES])
-        got = {s: self._as_prefix(o) for s, o in zip(SOURCES, outs)}
+        Only what is wanted comes back (:meth:`_needs`: the final residual's last position and whatever
+        :meth:`run` declared); the rest is fetched on first access (:class:`RemotePrefix`).
+        """
+        got: dict[str, RemotePrefix] = {}
+        for s in SOURCES:
+            p = self._prefix.get((g, s))
+            got[s] = p if isinstance(p, RemotePrefix) else RemotePrefix(self.model, self.task.batch(self.groups[g], s))
+        fetch_prefixes(self.model, [(got[s], self._needs(g, s)) for s in SOURCES])
+        final = Site(self.ad.n_layers, "resid_pre")
         for s, p in got.items():
-            _check_finite(p.resid[-1], f"the {s} run")
+            _check_finite(p.last(final), f"the {s} run")
             self._prefix.setdefault((g, s), p)
-        return got
+        return got  # type: ignore[return-value]
 
-    def _prefix_keep(self) -> dict[Site, str]:
+    def _needs(self, g: int, source: str) -> dict[Site, set[str]]:
+        """What the unedited ``source`` forward of group ``g`` must return now: {site: modes}."""
         L = self.ad.n_layers
-        return {**{s: "all" for s in self.capture_sites()}, **{Site(l, "resid_pre"): "all" for l in range(L + 1)}}
+        need: dict[Site, set[str]] = {Site(L, "resid_pre"): {"last"}}
+        for s, modes in self._want.get((g, source), {}).items():
+            need.setdefault(s, set()).update(modes)
+        if source == "clean" and self.value_hint == "mean" and self.reference is self.task:
+            for s in self.capture_sites():  # the sums the means need: (T, width) per site, not (B, T, width)
+                need.setdefault(s, set()).add(self._sum_mode(g))
+        return need
 
-    def _as_prefix(self, saved: dict[Site, torch.Tensor]) -> Prefix:
+    def _sum_mode(self, g: int) -> str:
+        """How group ``g``'s per-position sums come back: ``"sum"`` (float64, (T, width)) when that is smaller
+        than the activations themselves (``"all"``, (B, T, width) in the model's dtype; summed here, equally)."""
+        item = torch.empty((), dtype=self.ad.dtype).element_size()
+        return "sum" if len(self.groups[g]) * item > 8 else "all"
+
+    def _declare_nnsight(self, source: str, copies: Sequence[Copy], readout: bool, capture: frozenset[Site],
+                         every: bool) -> None:
+        """Record what ``run(source, copies, ...)`` will read of the unedited forwards, and fetch what existing
+        prefixes lack now (one request per group) rather than site by site later."""
         L = self.ad.n_layers
-        dev = self.ad.device
-        return Prefix(resid=[saved[Site(l, "resid_pre")].to(dev) for l in range(L + 1)], calls=[],
-                      captures={s: saved[s].to(dev) for s in self.capture_sites()})
+        pos = "all" if every else "last"
+        final = Site(L, "resid_pre")
+        per: dict[str, dict[Site, set[str]]] = {s: {} for s in SOURCES}
+
+        def want(src: str, site: Site, mode: str) -> None:
+            per[src].setdefault(site, set()).add(mode)
+
+        # an unedited copy capturing only what the unedited run holds reads it (else it runs as a trace)
+        cached = any(not c for c in copies) and all(s.kind in ("z", "mlp_out", "resid_pre") for s in capture)
+        want(source, final, pos if cached else "last")
+        if self.metric.needs_clean:
+            want("clean", final, "last")
+        if readout:
+            for l in range(L):
+                want(source, Site(l, "z"), "last")
+                want(source, Site(l, "mlp_out"), "last")
+            want(source, Site(0, "resid_pre"), "last")
+        if cached:
+            for s in capture:
+                want(source, s, pos)
+        for c in copies:
+            for iv in c:
+                if isinstance(iv, Delivery):  # the senders' change: their writes in both runs, every position
+                    for m in iv.change.senders:
+                        site = Site(m.layer, "mlp_out" if m.kind == "mlp" else "z")
+                        want(source, site, "all")
+                        want(iv.change.value, site, "all")
+                    if all(isinstance(x, Delivery) and x.target == "logits" for x in c):
+                        # read from the unedited run, the change added here
+                        for s in {final} | {s for s in capture if s.kind in ("z", "mlp_out", "resid_pre")}:
+                            want(source, s, "all")
+                    continue
+                if not isinstance(iv, Intervention):
+                    continue
+                if iv.value in SOURCES:
+                    want(iv.value, iv.site, "all")
+                elif iv.value == "resample":
+                    want("clean", iv.site, "all")
+                elif iv.value == "mean":
+                    self._mean_want.add(iv.site)
+                    if self.reference is self.task and (self._means is None or iv.site not in self._means):
+                        want("clean", iv.site, "sum")
+        todo = []
+        for g in range(len(self.groups)):
+            for src, sites in per.items():
+                d = self._want.setdefault((g, src), {})
+                for s, modes in sites.items():
+                    d.setdefault(s, set()).update({self._sum_mode(g) if m == "sum" else m for m in modes})
+            for src in SOURCES:
+                p = self._prefix.get((g, src))
+                if isinstance(p, RemotePrefix):
+                    todo.append((p, self._needs(g, src)))
+        fetch_prefixes(self.model, todo)
+
+    def _prefetch_change(self, source: str, change: SenderChange) -> None:
+        """Before a sender change is computed from the unedited runs (nnsight): when some group lacks its
+        senders' sites, fetch every z and MLP output at every position of both runs of every group in one
+        request (a sweep over many changes then needs no more), unless :meth:`run` declared them already."""
+        sites = {Site(m.layer, "mlp_out" if m.kind == "mlp" else "z") for m in change.senders}
+        runs = {source, change.value}
+        keys = [(g, src) for g in range(len(self.groups)) for src in runs]
+        declared = all("all" in self._want.get(key, {}).get(x, ()) for key in keys for x in sites)
+        lacking = any(isinstance(p := self._prefix.get(key), RemotePrefix) and not all(p.has(x, "all") for x in sites)
+                      for key in keys)
+        if declared and not lacking:
+            return
+        todo = []
+        for g in range(len(self.groups)):
+            for src in runs:
+                d = self._want.setdefault((g, src), {})
+                for x in self.capture_sites():
+                    d.setdefault(x, set()).add("all")
+                p = self._prefix.get((g, src))
+                if isinstance(p, RemotePrefix):
+                    todo.append((p, self._needs(g, src)))
+        fetch_prefixes(self.model, todo)
+
+    def _means_nnsight(self) -> Mapping[Site, torch.Tensor]:
+        """:meth:`means` for nnsight: per site on first use, from per-group sums over the batch that the server
+        computes (a (T, width) sum comes back, not the (B, T, width) activations)."""
+        if self._means is None:
+            ref = self.reference
+            counts = torch.zeros(max(ref.lengths))
+            for idx in ref.groups():
+                counts[:len(ref.clean_ids[idx[0]])] += len(idx)
+            self._mean_counts = counts
+            self._mean_len = int((counts > 0).sum())
+            self._means = _LazyMeans(self)  # type: ignore[assignment]
+        return self._means  # type: ignore[return-value]
+
+    def _mean_of(self, sites: set[Site]) -> dict[Site, torch.Tensor]:
+        """Per-position means (T_max, width) of ``sites`` over the reference's clean prompts (nnsight)."""
+        ref = self.reference
+        counts = self._mean_counts
+        Tmax = counts.shape[0]
+        if ref is self.task:
+            todo = [(self.prefix(g, "clean"), {s: {self._sum_mode(g)} for s in sites}) for g in range(len(self.groups))]
+            fetch_prefixes(self.model, todo)
+            sums = [(p.ids.shape[1], {s: p.get(s, "sum") for s in sites}) for p, _ in todo]
+        else:
+            from ..models.nnsight_backend import Job, run_jobs
+
+            groups = ref.groups()
+            miss = sorted({s for s in sites for gi in range(len(groups)) if (gi, s) not in self._mean_sums},
+                          key=lambda s: s.order)
+            if miss:
+                with self.model.evaluating():
+                    outs = run_jobs(self.model, [Job(ref.batch(idx, "clean"), keep={s: "sum" for s in miss})
+                                                 for idx in groups])
+                for gi, o in enumerate(outs):
+                    for s in miss:
+                        self._mean_sums[gi, s] = o[s][0]
+            sums = [(len(ref.clean_ids[idx[0]]), {s: self._mean_sums[gi, s] for s in sites})
+                    for gi, idx in enumerate(groups)]
+        out = {}
+        for s in sites:
+            acc = None
+            for T, d in sums:
+                if acc is None:
+                    acc = torch.zeros(Tmax, d[s].shape[-1], dtype=torch.float64)
+                acc[:T] += d[s].cpu()
+            out[s] = (acc / counts.clamp(min=1)[:, None]).to(self.ad.device, self.ad.dtype)
+        return out
+
+    def _forward_nnsight_cached(self, g: int, source: str, k: int, readout: bool,
+                                capture: frozenset[Site] = frozenset(), every: bool = False) -> dict[str, Any]:
+        """Unedited copies (nnsight): read from the unedited forward, the last position unless every position
+        is asked for."""
+        P = self.prefix(g, source)
+        B, L = P.batch, self.ad.n_layers
+        final = Site(L, "resid_pre")
+        get = (lambda s: _full_of(P, s)) if every else (lambda s: _last_of(P, s))
+        x_last = _last_of(P, final).repeat(k, 1)
+        last = {s: _last_of(P, s).repeat(k, 1) for s in capture}
+        out = self._finish(g, P, x_last, last, L, k, readout)
+        if capture:
+            out["captures"] = {s: get(s).repeat(k, *([1] * (get(s).dim() - 1))).reshape(k, B, *get(s).shape[1:])
+                               for s in capture}
+        if every:
+            xa = _full_of(P, final)
+            out["resid_all"] = xa.repeat(k, 1, 1).view(k, B, *xa.shape[1:])
+        return out
 
     # ---------------------------------------------------------------- nnsight (also remote): gradient reads, QK fix
     def _gradients_nnsight(self, source: str, reads: Sequence[GradientRead], label: str) -> list[GradientOutput]:
@@ -968,7 +1445,7 @@ class Runner:
             for g, idx in enumerate(self.groups):
                 a, b = self.task.answer_ids[idx], self.task.alternative_ids[idx]
                 clean = self.clean_logits()[idx] if self.metric.needs_clean else None
-                x_last = self.prefix(g, source).resid[-1][:, -1]
+                x_last = _last_of(self.prefix(g, source), Site(L, "resid_pre"))
                 m0, tok, wts = logit_weights(self.model, x_last,
                                              lambda lg, a=a, b=b, c=clean: self.metric(lg, a, b, c))
                 metric[torch.tensor(idx)] = m0
@@ -1025,38 +1502,6 @@ class Runner:
             for pos, j in enumerate(held):
                 per[j][s] = gv[s][pos * B:(pos + 1) * B]
         return av, per
-
-    def qk_fix(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
-               label: str = "QK fix") -> torch.Tensor:
-        """AtP*'s QK fix terms (R, C, n) float64: ``term[r, c, i]`` sums over layers l above the senders of
-        ``changes[c]`` and positions ``(z'_l - z_l) . reads[r].grads[Site(l, "z")]`` for prompt i (task order),
-        z'_l being layer l's heads' output when the change reaches only that layer's queries and keys (its
-        block input and values held at the ``source`` run's), z_l the ``source`` run's. Layers a read has no
-        ``z`` gradient for add nothing."""
-        if self.model.backend == "nnsight":
-            return self._qk_fix_nnsight(source, changes, reads, label)
-        # the plain reference: one forward per change, every block input pinned and a delivery to q and k
-        L, H, n = self.ad.n_layers, self.ad.n_heads, len(self.task)
-        out = torch.zeros(len(reads), len(changes), n, dtype=torch.float64)
-        zs = tuple(sorted({s for r in reads for s in r.grads if s.kind == "z"}, key=lambda s: s.order))
-        base, = self.run(source, [()], capture=zs, capture_positions="all")
-        for c, ch in enumerate(changes):
-            top = max(m.layer for m in ch.senders)
-            copy = tuple(x for l in range(top + 1, L) for x in (Intervention(Site(l, "resid_pre"), None, None, source),
-                                                                 Delivery(ch, "heads", l, tuple(range(H)), ("q", "k"))))
-            if not copy:
-                continue
-            o, = self.run(source, [copy], label=label, capture=zs, capture_positions="all")
-            for g, idx in enumerate(self.groups):
-                it = torch.tensor(idx)
-                for s in zs:
-                    if s.layer <= top:
-                        continue
-                    dz = (o.captures[s][g] - base.captures[s][g]).to(torch.float64)
-                    for r, read in enumerate(reads):
-                        if s in read.grads:
-                            out[r, c, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
-        return out
 
     def _qk_fix_nnsight(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
                         label: str) -> torch.Tensor:
@@ -1279,3 +1724,144 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
     if not torch.isfinite(x).all():
         raise NumericalError(f"{what} produced NaN or infinite activations; check the model weights, dtype "
                              "(float16 overflows easily; try float32) and inputs.")
+
+
+# ---------------------------------------------------------------- nnsight: unedited forwards, fetched piecewise
+class RemotePrefix(Prefix):
+    """An unedited nnsight forward (one group's prompts ``ids``), fetched piecewise.
+
+    Only the sites and positions an analysis reads come back from the server
+    (``"last"``: the last position, ``"sum"``: the float64 sum over the batch,
+    ``"all"``: every position); anything else is fetched on first access
+    (``resid[l]``, ``captures[site]``), from the same deterministic forward, so
+    the numbers are those of one full fetch. ``calls`` is empty: nothing restarts mid-model.
+    """
+
+    def __init__(self, model: Any, ids: torch.Tensor) -> None:
+        self.model, self.ids = model, ids
+        self.got: dict[tuple[Site, str], Any] = {}
+        L = model.adapter.n_layers
+        caps = {Site(l, k) for l in range(L) for k in ("z", "mlp_out")}
+        super().__init__(resid=_LazyResid(self, L + 1), calls=[], captures=_LazyCaptures(self, caps))  # type: ignore[arg-type]
+
+    @property
+    def batch(self) -> int:
+        return self.ids.shape[0]
+
+    def has(self, site: Site, mode: str) -> bool:
+        return (site, "all") in self.got or all((site, m) in self.got for m in mode.split("+"))
+
+    def get(self, site: Site, mode: str) -> torch.Tensor:
+        """``site`` as ``mode`` (``"last"`` (B, width), ``"sum"`` (T, width) float64 or ``"all"`` (B, T, width))."""
+        if not self.has(site, mode):
+            fetch_prefixes(self.model, [(self, {site: {mode}})])
+        if (site, mode) in self.got:
+            return self.got[site, mode]
+        x = self.got[site, "all"]
+        return x[:, -1] if mode == "last" else x.detach().to(torch.float64).sum(0)
+
+    def last(self, site: Site) -> torch.Tensor:
+        return self.get(site, "last")
+
+
+class _LazyResid(Sequence):
+    def __init__(self, p: RemotePrefix, n: int) -> None:
+        self.p, self.n = p, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.p.get(Site(i % self.n, "resid_pre"), "all")
+
+
+class _LazyCaptures(Mapping):
+    """Every z and MLP output at every position; a miss fetches all the missing ones at once (one request)."""
+
+    def __init__(self, p: RemotePrefix, sites: set[Site]) -> None:
+        self.p, self.sites = p, sorted(sites, key=lambda s: s.order)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.sites)
+
+    def __getitem__(self, site: Site) -> torch.Tensor:
+        if site not in self.sites:
+            raise KeyError(site)
+        if not self.p.has(site, "all"):
+            fetch_prefixes(self.p.model, [(self.p, {s: {"all"} for s in self.sites})])
+        return self.p.get(site, "all")
+
+
+class _LazyMeans(Mapping):
+    """A runner's per-position means (nnsight), computed per site on first use (with every declared one)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.sites = sorted(runner.capture_sites(), key=lambda s: s.order)
+        self.done: dict[Site, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.sites)
+
+    def __contains__(self, site: object) -> bool:
+        return site in self.done
+
+    def __getitem__(self, site: Site) -> torch.Tensor:
+        if site not in self.sites:
+            raise KeyError(site)
+        if site not in self.done:
+            todo = {site} | {s for s in self.runner._mean_want if s in self.sites and s not in self.done}
+            self.done.update(self.runner._mean_of(todo))
+        return self.done[site]
+
+
+def fetch_prefixes(model: Any, items: Sequence[tuple[RemotePrefix, Mapping[Site, set[str]]]]) -> None:
+    """Fetch what each prefix lacks of its wanted ``{site: modes}``, all in one nnsight session (one request);
+    nothing is sent when nothing is missing."""
+    from ..models.nnsight_backend import Job, run_jobs
+
+    jobs, keeps = [], []
+    for p, want in items:
+        keep: dict[Site, str] = {}
+        for s, modes in want.items():
+            modes = {"all"} if "all" in modes else set(modes)
+            miss = sorted(m for m in modes if not p.has(s, m))
+            if miss:
+                keep[s] = "+".join(miss)
+        if keep:
+            jobs.append(Job(p.ids, keep=keep))
+            keeps.append((p, keep))
+    if not jobs:
+        return
+    with model.evaluating():
+        outs = run_jobs(model, jobs)
+    dev = model.adapter.device
+    for (p, keep), out in zip(keeps, outs):
+        for s, v in out.items():
+            mode = keep[s]
+            vals = v if isinstance(v, tuple) else (v,)
+            for m, x in zip(mode.split("+"), vals):
+                p.got[s, m] = x if m == "sum" else x.to(dev)
+
+
+def _last_of(p: Prefix, site: Site) -> torch.Tensor:
+    """The last position (B, width) of an unedited forward's ``site`` (z, mlp_out or resid_pre)."""
+    if isinstance(p, RemotePrefix):
+        return p.last(site)
+    return _full_of(p, site)[:, -1]
+
+
+def _full_of(p: Prefix, site: Site) -> torch.Tensor:
+    if isinstance(p, RemotePrefix):
+        return p.get(site, "all")
+    return p.resid[site.layer] if site.kind == "resid_pre" else p.captures[site]

@@ -1,0 +1,164 @@
+"""Issue 14: AtP*'s engine nearer its limit.
+
+``Runner.qk_fix`` runs only each downstream layer's attention with every sender's change stacked, and
+``Runner.gradients`` shares one forward among the GradDrop reads (vector-Jacobian products under the dropped
+layer). Both must equal their plain references (``Runner.fast_qk = False``: one full pinned forward per
+sender with a delivery to every downstream head's q and k, the code main ran; ``Runner.shared_gradients =
+False``: one stacked copy per read) to float rounding, in float64, on tiny models of every family.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import tiny
+import torch
+
+import hydra_probe as hp
+from hydra_probe.effects.common import make_runner
+from hydra_probe.interventions import GradientRead, SenderChange
+from hydra_probe.models.sites import Site
+from hydra_probe.runner import Runner
+
+
+@functools.lru_cache(maxsize=None)
+def build(family: str):
+    """A tiny float64 model and a 4-prompt IOI task of two prompt lengths (longer than the sliding windows)."""
+    m = tiny.model64(family, layers=3, heads=4, d=32, initializer_range=0.2)
+    return m, tiny.ioi(m, 4, seed=3)
+
+
+@pytest.fixture
+def plain(monkeypatch):
+    """Switch a runner flag to its plain reference for the duration of a ``with`` block."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def off(*flags: str):
+        with monkeypatch.context() as mp:
+            for f in flags:
+                mp.setattr(Runner, f, False)
+            yield
+    return off
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-9) -> None:
+    scale = max(float(want.abs().max()), 1e-12)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=rel * scale, rtol=0)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.NEW_FAMILIES)
+def test_qk_engine_equals_one_pinned_forward_per_sender(family, plain):
+    m, t = build(family)
+    L = m.n_layers
+    runner, _ = make_runner(m, t, "logit_diff")
+    zs = tuple(Site(layer, "z") for layer in range(1, L))
+    reads = runner.gradients("corrupted", [GradientRead(zs, None, True)] + [GradientRead(zs, d, True) for d in (1, 2)])
+    c = {x.name: x for x in m.components(["all", "layers"])}
+    changes = [SenderChange((c["L0H1"],), "clean", (-1, -3)), SenderChange((c["MLP0"],), "clean"),
+               SenderChange((c["ATTN1"],), "clean"), SenderChange((c["L1H3"],), "clean", (-1,)),
+               SenderChange((c["MLP2"],), "clean"), SenderChange((c["L0H0"], c["MLP1"]), "clean")]
+    got = runner.qk_fix("corrupted", changes, reads)
+    with plain("fast_qk"):
+        want = runner.qk_fix("corrupted", changes, reads)
+    assert got.shape == (3, len(changes), len(t))
+    _close(got, want)
+    # a real term for every sender below the last layer; none for the last layer's MLP
+    assert (got[0, [0, 1, 2, 3, 5]].abs().amax(-1) > 1e-6).all() and (got[:, 4] == 0).all()
+    # a read that drops layer 1 is never used for senders at layer 1 or above: its terms are not computed
+    assert (got[1, [2, 3, 5]] == 0).all() and (got[1, 0].abs() > 0).any()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_qk_engine_where_the_value_projection_is_wrapped(family, plain):
+    """A value projection whose forward someone replaced (a wrapper, an adapter layer) is not sliced: every
+    copy's values are computed and the unchanged copy's copied over them; same numbers."""
+    m, t = build(family)
+    runner, _ = make_runner(m, t, "logit_diff")
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    reads = runner.gradients("clean", [GradientRead(zs, None, True)])
+    changes = [SenderChange((c,), "corrupted") for c in m.components(["L0H1", "MLP0", "L1H0"])]
+    want = runner.qk_fix("clean", changes, reads)
+    ad = m.adapter
+    mods = [ad.module_of(Site(layer, "v" if ad.table.qkv_layout == "separate" else "qkv"))[0]
+            for layer in range(m.n_layers)]
+    calls = []
+    try:
+        for mod in mods:
+            mod.forward = (lambda f: lambda x: (calls.append(x.shape[0]), f(x))[1])(mod.forward)
+        got = runner.qk_fix("clean", changes, reads)
+    finally:
+        for mod in mods:
+            del mod.forward
+    _close(got, want)
+    assert calls and all(c > len(runner.groups[0]) for c in calls[:1])  # every copy's values computed
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "olmo2", "gemma2"])
+def test_shared_graddrop_equals_one_stacked_copy_per_read(family, plain):
+    """Every site kind attribution reads (z, MLP outputs, residual inputs, the final residual), both
+    settings of the pattern freeze in one call, and reads that start above a dropped layer."""
+    m, t = build(family)
+    L = m.n_layers
+    runner, _ = make_runner(m, t, "logit_diff")
+    sites = tuple(Site(layer, k) for layer in range(L) for k in ("z", "mlp_out", "resid_pre")) + (Site(L, "resid_pre"),)
+    upper = tuple(s for s in sites if s.layer >= 1)
+    reads = [GradientRead(sites, None, flag) for flag in (True, False)]
+    reads += [GradientRead(sites, d, flag) for d in range(L) for flag in (True, False)]
+    reads += [GradientRead(upper, 0), GradientRead(upper, 1, True), GradientRead(upper)]
+    got = runner.gradients("clean", reads)
+    with plain("shared_gradients"):
+        want = runner.gradients("clean", reads)
+    for r, a, b in zip(reads, got, want):
+        assert a.drop_layer == r.drop_layer and set(a.grads) == set(b.grads) == set(r.sites)
+        _close(a.metric, b.metric)
+        for s in r.sites:
+            for g in range(len(runner.groups)):
+                _close(a.grads[s][g], b.grads[s][g])
+                _close(a.acts[s][g], b.acts[s][g])
+    # dropping a layer changes the gradient below it and zeroes it inside the dropped block
+    d1 = got[2 + 2]  # drop layer 1, patterns frozen
+    assert (d1.grads[Site(1, "z")][0] == 0).all() and (d1.grads[Site(1, "mlp_out")][0] == 0).all()
+    assert not torch.allclose(d1.grads[Site(0, "z")][0], got[0].grads[Site(0, "z")][0])
+    assert torch.equal(d1.grads[Site(2, "z")][0], got[0].grads[Site(2, "z")][0])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "olmo2"])
+def test_atp_star_unchanged(family, plain):
+    """attribution_patch(method="atp*") with the new engine gives main's numbers (both references on),
+    both directions, and with per-position rows (each position's change on its own)."""
+    m, t = build(family)
+    runs = [(["heads", "mlps", "ATTN1"], "denoise", {}), (["heads", "mlps"], "noise", {}),
+            (["L0H2", "MLP0", "RESID1"], "denoise", {"per_position": True})]
+    for comps, direction, kw in runs:
+        got = hp.attribution_patch(m, t, comps, direction, method="atp*", **kw).to_frame()
+        with plain("fast_qk", "shared_gradients"):
+            want = hp.attribution_patch(m, t, comps, direction, method="atp*", **kw).to_frame()
+        _close(torch.tensor(got.estimate.to_numpy()), torch.tensor(want.estimate.to_numpy()))
+        assert (got.dropped_layer.to_numpy() == want.dropped_layer.to_numpy()).all()
+
+
+def test_qk_fix_retries_out_of_memory_with_half_the_stack(monkeypatch):
+    m, t = build("llama")
+    runner, _ = make_runner(m, t, "logit_diff")
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    reads = runner.gradients("clean", [GradientRead(zs, None, True)])
+    changes = [SenderChange((c,), "corrupted") for c in m.components(["heads", "mlps"])]
+    want = runner.qk_fix("clean", changes, reads)
+    real = Runner._qk_chunk
+    sizes: list[int] = []
+
+    def flaky(self, g, source, chs, *a, **k):
+        sizes.append(len(chs))
+        if len(chs) > 1 and -1 not in sizes:
+            sizes.append(-1)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, g, source, chs, *a, **k)
+
+    monkeypatch.setattr(Runner, "_qk_chunk", flaky)
+    got = runner.qk_fix("clean", changes, reads)
+    i = sizes.index(-1)
+    assert sizes[i + 1] == sizes[i - 1] // 2, sizes
+    _close(got, want, 1e-12)

@@ -1,0 +1,191 @@
+"""triangulate(exact="auto"), the default (issue 14): AtP* and the direct effects decide which components are swept
+exactly; the rest are marked estimated. Checked against the exhaustive run (exact="all") on the shipped model and
+on a tiny model of every family: the same verdict for every component the exhaustive run does not call minor and
+for its top 10, and the same numbers on every swept row."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import tiny
+import torch
+
+import hydra_probe as hp
+from hydra_probe import cli
+from hydra_probe.models.sites import Site
+from hydra_probe.report import triangulation as tri
+
+MINOR = "agree: minor"
+MEASURED = ["total_effect", "de_lost", "self_repair", "restoration", "damage"]
+
+
+def both(m, task, **kw):
+    """(auto, exhaustive) reports and their tables indexed by component."""
+    auto = hp.triangulate(m, task, exact="auto", progress=False, **kw)
+    full = hp.triangulate(m, task, exact="all", progress=False, **kw)
+    return auto, full, auto.to_frame().set_index("component"), full.to_frame().set_index("component")
+
+
+def check_against_exhaustive(auto, a: pd.DataFrame, f: pd.DataFrame, rtol: float) -> None:
+    """The issue's claim, row by row, plus what estimated rows must look like. ``rtol``: the swept rows' numbers
+    against the exhaustive run's (the same computations, batched with other components)."""
+    assert f["exact"].all() and sorted(a.index) == sorted(f.index)
+    matter = f.index[f["verdict"] != MINOR]
+    assert a.loc[matter, "exact"].all(), a.loc[matter, ["exact", "verdict"]]   # every component that matters is swept
+    matter = list(dict.fromkeys([*matter, *f.index[:10]]))  # and the exhaustive top 10 (swept, or minor there too)
+    got, want = a.loc[matter, "verdict"], f.loc[matter, "verdict"]
+    assert (got == want).all(), pd.concat([got.rename("auto"), want.rename("all")], axis=1)
+    swept = a.index[a["exact"]]
+    assert set(swept) == set(auto.config["exact_components"]) == set(auto.results["self_repair"].to_frame().component)
+    # swept rows: the exhaustive run's measurements (the same functions on a subset of components)
+    np.testing.assert_allclose(a.loc[swept, MEASURED].to_numpy(float), f.loc[swept, MEASURED].to_numpy(float),
+                               rtol=rtol, atol=rtol * abs(auto.baseline["gap"]))
+    np.testing.assert_allclose(a["direct_effect"], f.loc[a.index, "direct_effect"], rtol=0, atol=0)
+    # estimated rows: minor without a measurement, never a lower bound, the AtP* estimate as attribution
+    est = a[~a["exact"]]
+    assert (est["verdict"] == MINOR).all() and est[MEASURED].isna().all().all()
+    assert not est["lower_bound"].eq(True).any() and est["attribution"].notna().all()
+    assert (est["compensators"] == "").all() and (est["backups"] == "").all()
+    # the follow-ups saw only swept components
+    assert set(auto.top_components()) <= set(swept)
+    assert set(auto.results["path_patch"].to_frame()["sender"]) <= set(swept)
+    if "iterated_ablation" in auto.results:
+        assert auto.results["iterated_ablation"].summary()["ablated"].iloc[0] in set(swept)
+    if auto.graph is not None:
+        assert {u for u, _ in auto.graph.edges} <= set(swept)
+
+
+# ---------------------------------------------------------------------------- the shipped model
+@pytest.fixture(scope="module")
+def shipped():
+    m = hp.load_default_model()
+    task = hp.tasks.ioi(m, 8, seed=0)
+    return (m, task, *both(m, task, top=3, mechanisms=False, iterate=1))
+
+
+def test_auto_gives_the_exhaustive_verdicts_on_the_shipped_model(shipped):
+    m, _, auto, full, a, f = shipped
+    check_against_exhaustive(auto, a, f, rtol=1e-5)  # float32
+    assert 0 < a["exact"].sum() < len(a) / 2  # most heads are ruled out, so it saves work
+    assert (f["verdict"] != MINOR).sum() >= 5  # masked, restoration only: the comparison has something to compare
+    assert auto.config["exact"] == "auto" and full.config["exact"] == "all" and "exact_bound" not in full.config
+    assert auto.results["attribution"].provenance["estimator"] == "atp*"
+    assert auto.results["attribution_noise"].to_frame()["direction"].eq("noise").all()
+
+
+def test_the_report_marks_estimated_rows_and_prints_the_bound(shipped, tmp_path):
+    _, _, auto, full, a, _ = shipped
+    out = auto.save(tmp_path / "auto", figures=False)
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    k, n = int(a["exact"].sum()), len(a)
+    bound = auto.config["exact_bound"]
+    assert bound.startswith(f"{k} of {n} components swept exactly") and f"The other {n - k} are estimated" in bound
+    assert "0.05 of the gap" in bound and "exact='all'" in bound
+    assert bound in md and any(bound in note for note in auto.notes)
+    assert "(`exact='auto'`, the default)" in md and "<code>exact=&#x27;auto&#x27;</code>" in html
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| component | DE | TE"))
+    rows = lines[start + 2:start + 2 + n]
+    assert lines[start].endswith("| verdict | exact |") and not lines[start + 2 + n].startswith("|")
+    for line in rows:
+        c = line.split("|")[1].strip()
+        cells = [x.strip() for x in line.strip("|").split("|")]
+        assert cells[-1] == ("yes" if a.loc[c, "exact"] else "estimated"), line
+        if not a.loc[c, "exact"]:
+            assert cells[2:7] == ["", "", "", "", ""] and cells[-2] == MINOR, line  # TE .. lower bound left blank
+    assert html.count("<td>estimated</td>") == n - k
+    assert f"{n - k} of the {int((a['verdict'] == MINOR).sum())} 'agree: minor' are estimated" in md
+    assert "--exact auto" in md
+    csv = pd.read_csv(out / "tables" / "triangulation.csv").set_index("component")
+    assert (csv.loc[a.index, "exact"] == a["exact"]).all()
+    assert (out / "tables" / "attribution_patch_noise.csv").is_file()
+    back = hp.TriangulationReport.load(out)
+    assert (back.to_frame().set_index("component").loc[a.index, "exact"] == a["exact"]).all()
+    assert back.config["exact_bound"] == bound
+    assert json.loads((out / "results.json").read_text())["config"]["exact"] == "auto"
+    # the exhaustive report says how it was run, and has no estimated row
+    out_all = full.save(tmp_path / "all", figures=False)
+    md_all = (out_all / "report.md").read_text()
+    assert "--exact all" in md_all and "estimated" not in md_all
+
+
+# ---------------------------------------------------------------------------- a tiny model of every family
+def quiet_heads(m: hp.HookedModel, factor: float = 0.01, loud: int = 0) -> hp.HookedModel:
+    """Scale every head's slice of its layer's output projection by ``factor``, except head ``loud`` of each layer:
+    a few heads carry the task, so a random model has components AtP* can rule out."""
+    ad = m.adapter
+    with torch.no_grad():
+        for layer in range(m.n_layers):
+            o, _ = ad.module_of(Site(layer, "z"))
+            for h in range(m.n_heads):
+                if h != loud:
+                    cols = ad.head_slice(h)
+                    (o.weight[:, cols] if isinstance(o, torch.nn.Linear) else o.weight[cols, :]).mul_(factor)
+    return m
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.NEW_FAMILIES)
+def test_auto_gives_the_exhaustive_verdicts_on_every_family(family):
+    kw = dict(initializer_range=0.3) if family == "gpt2" else {}  # GPT-2's default 0.02 leaves a gap of ~1e-5
+    m = quiet_heads(tiny.model64(family, layers=2, heads=4, **kw))
+    task = hp.tasks.ioi(m, 6, corruption="abc", seed=0)
+    auto, _, a, f = both(m, task, top=1, mechanisms=False, iterate=0)
+    check_against_exhaustive(auto, a, f, rtol=1e-9)  # float64
+    assert a["exact"].sum() < len(a), "AtP* ruled nothing out: the comparison would be trivial"
+
+
+# ---------------------------------------------------------------------------- the plan, on hand-made estimates
+def test_the_plan_rules_out_only_what_every_estimate_calls_small():
+    """clean 8, corrupted -8: gap 16, verdict scale 8, threshold 0.1 -> cut 0.05: 0.8 of AtP* (0.05 x gap), 0.4 of
+    DE (0.05 x scale). Each of A, B, C reaches the cut on one measure only; D and E are below it on all three."""
+    comps = ["A", "B", "C", "D", "E"]
+    den = [0.9, 0.1, -0.1, 0.7, 0.0]
+    noi = [0.0, -0.85, 0.1, -0.7, 0.3]
+    de = [0.1, 0.0, -0.45, 0.35, 0.39]
+
+    def frame(est):
+        return pd.DataFrame({"component": np.repeat(comps, 2), "prompt": [0, 1] * 5, "estimate": np.repeat(est, 2),
+                             "clean_metric": 8.0, "corrupted_metric": -8.0})
+
+    direct = pd.DataFrame({"component": comps, "direct_effect": de})
+    names, bound = tri._exact_plan(direct, frame(den), frame(noi), 0.1, top=1, value="zero")
+    assert names == ["A", "B", "C"]  # the top one (A, 0.9/16) is among them anyway
+    assert bound.startswith("3 of 5 components swept exactly") and "The other 2 are estimated" in bound
+    assert "zero ablation" in bound and "0.05 of the gap" in bound and "0.05 of the verdict scale" in bound
+    names, _ = tri._exact_plan(direct, frame([0.0] * 5), frame([0.0] * 5), 0.1, top=2)
+    assert names == ["C", "E"]  # nothing reaches the cut: the top 2 (by |DE| / scale) are still swept
+    names, bound = tri._exact_plan(direct, frame(den), frame(noi), 0.1, top=5)
+    assert names == comps and bound.startswith("all 5 components swept exactly")
+    # the cut is half the threshold: at 0.2, D's AtP* (0.7/16 = 0.044) and C's DE (0.45/8 = 0.056) fall under 0.1
+    names, _ = tri._exact_plan(direct, frame(den), frame(noi), 0.2, top=1)
+    assert names == ["A"]
+
+
+# ---------------------------------------------------------------------------- the default and bad input
+def test_auto_is_the_default_everywhere():
+    assert inspect.signature(hp.triangulate).parameters["exact"].default == "auto"
+    assert cli.build_parser().parse_args(["report"]).exact == "auto"
+    assert cli.build_parser().parse_args(["report", "--exact", "all"]).exact == "all"
+
+
+@pytest.mark.parametrize("bad", ["some", "ALL", None, 1, ["auto"]])
+def test_unknown_exact_is_refused_before_any_work(bad, monkeypatch):
+    from hydra_probe.runner import Runner
+
+    m = tiny.model("gpt2", layers=2, heads=2, d=16)
+    task = hp.tasks.ioi(m, 4, seed=0)
+    ran = []
+    for name in ("prefix", "run", "gradients"):
+        monkeypatch.setattr(Runner, name, lambda *a, _n=name, **k: ran.append(_n))
+    with pytest.raises(hp.OptionError, match="exact must be 'auto'"):
+        hp.triangulate(m, task, exact=bad)
+    assert ran == []
+
+
+def test_cli_refuses_an_unknown_exact(capsys):
+    assert cli.main(["report", "--exact", "some"]) == 2
+    assert "--exact" in capsys.readouterr().err
