@@ -54,6 +54,20 @@ def most_compensating_mlp(mech: Any, components: Sequence[str]) -> tuple[str, st
     return str(best[0]), str(best[1])
 
 
+def cannot_split(model: Any) -> str | None:
+    """The note saying why the section is skipped on ``model`` (the refusal repair_mechanisms would make: an
+    nnsight model whose attention weights cannot be read), or None when it can run."""
+    if getattr(model, "backend", "local") == "nnsight":
+        from ..models.nnsight_backend import mechanism_read
+        from ..models.sites import Site
+
+        try:
+            mechanism_read(model, Site(model.n_layers - 1, "attn_last"))
+        except ArchitectureError as e:
+            return f"why it repairs: skipped; {e}"
+    return None
+
+
 def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Sequence[str], value: Any = "mean",
                    scale: str = "frozen", metric: Any = "logit_diff", seed: int = 0, order: str = "pattern_first",
                    progress: bool | None = None, mech: Any = None) -> tuple[dict[str, Any], list[str]]:
@@ -70,14 +84,9 @@ def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Seq
 
     notes: list[str] = []
     out: dict[str, Any] = {}
-    if getattr(model, "backend", "local") == "nnsight":  # the refusal repair_mechanisms would make, as a note
-        from ..models.nnsight_backend import mechanism_read
-        from ..models.sites import Site
-
-        try:
-            mechanism_read(model, Site(model.n_layers - 1, "attn_last"))
-        except ArchitectureError as e:
-            return out, [f"why it repairs: skipped; {e}"]
+    skip = cannot_split(model)
+    if skip:
+        return out, [skip]
     names = [c for c in components if not c.startswith("ATTN")]
     if mech is None:
         mech = repair_mechanisms(model, task, names, value=value, scale=scale, order=order, metric=metric,
@@ -194,4 +203,4 @@ def why_it_repairs(d: Any, ctx: Any) -> None:
                                       "each mechanism's share of the layer's self-repair.")
 
 
-__all__ = ["FIGURES", "KEYS", "mechanism_figures", "mechanism_step", "most_compensating_mlp", "why_it_repairs"]
+__all__ = ["FIGURES", "KEYS", "cannot_split", "mechanism_figures", "mechanism_step", "most_compensating_mlp", "why_it_repairs"]
