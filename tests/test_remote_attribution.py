@@ -193,3 +193,35 @@ def test_live_ndif_attribution():  # pragma: no cover - needs the network and an
     comps = ["L9H6", "L10H0", "MLP9"]
     _same(hp.attribution_patch(local, t, comps, method="atp*").to_frame(),
           hp.attribution_patch(remote, t, comps, method="atp*").to_frame(), atol=1e-2)
+
+
+def test_runner_qk_fix_as_traces_equals_local():
+    """Runner.qk_fix's trace branch against its local engine: changes of several senders and positions, and a
+    read that drops a layer at or below a sender (its terms are 0 there)."""
+    from hydra_probe.effects.common import make_runner
+    from hydra_probe.interventions import GradientRead, SenderChange
+    from hydra_probe.models.sites import Site
+
+    hf = tiny.hf_model("llama", layers=4).double()
+    tok = tiny.tokenizer(bos=True)
+    m = hp.load_model(hf, tokenizer=tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = hp.load_model(hf, tokenizer=tok, backend="nnsight", remote="local")
+    t = tiny.ioi(m, 4)
+    c = {x.name: x for x in m.components(["L0H1", "L1H2", "MLP0", "ATTN1", "L2H0", "MLP3"])}
+    changes = [SenderChange((c["L0H1"],), "clean"), SenderChange((c["MLP0"], c["L1H2"]), "clean", (-1, -2)),
+               SenderChange((c["ATTN1"],), "clean", (-1,)), SenderChange((c["L2H0"],), "clean"),
+               SenderChange((c["MLP3"],), "clean")]
+    zs = tuple(Site(layer, "z") for layer in range(1, 4))
+    reads = [GradientRead(zs, None, True), GradientRead(zs, 1, True)]
+    got = []
+    for model in (m, r):
+        runner, _ = make_runner(model, t, "logit_diff")
+        got.append(runner.qk_fix("corrupted", changes, runner.gradients("corrupted", reads)))
+    a, b = got
+    assert a.shape == (2, 5, len(t))
+    np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-10, rtol=0)
+    assert (a[0, :4].abs().amax(-1) > 1e-8).all() and (a[1, 0].abs() > 1e-8).any()
+    assert (b[1, 1:4] == 0).all() and (b[:, 4] == 0).all()  # read 1 drops layer 1, at or below their senders;
+    # MLP3 has no layer above it

@@ -54,17 +54,19 @@ def most_compensating_mlp(mech: Any, components: Sequence[str]) -> tuple[str, st
     return str(best[0]), str(best[1])
 
 
-def cannot_split(model: Any) -> str | None:
-    """The note saying why the section is skipped on ``model`` (the refusal repair_mechanisms would make: an
-    nnsight model whose attention weights cannot be read), or None when it can run."""
-    if getattr(model, "backend", "local") == "nnsight":
-        from ..models.nnsight_backend import mechanism_read
-        from ..models.sites import Site
+def skip_note(model: Any) -> str | None:
+    """Why the section cannot run on ``model`` (the note the report prints), or None when it can: an nnsight model
+    (also remote) whose attention forward has no attention call to read weights and values from (the refusal
+    ``repair_mechanisms`` would make)."""
+    if getattr(model, "backend", "local") != "nnsight":
+        return None
+    from ..models.nnsight_backend import mechanism_read
+    from ..models.sites import Site
 
-        try:
-            mechanism_read(model, Site(model.n_layers - 1, "attn_last"))
-        except ArchitectureError as e:
-            return f"why it repairs: skipped; {e}"
+    try:
+        mechanism_read(model, Site(model.n_layers - 1, "attn_last"))
+    except ArchitectureError as e:
+        return f"why it repairs: skipped; {e}"
     return None
 
 
@@ -84,7 +86,7 @@ def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Seq
 
     notes: list[str] = []
     out: dict[str, Any] = {}
-    skip = cannot_split(model)
+    skip = skip_note(model)
     if skip:
         return out, [skip]
     names = [c for c in components if not c.startswith("ATTN")]
@@ -203,4 +205,4 @@ def why_it_repairs(d: Any, ctx: Any) -> None:
                                       "each mechanism's share of the layer's self-repair.")
 
 
-__all__ = ["FIGURES", "KEYS", "cannot_split", "mechanism_figures", "mechanism_step", "most_compensating_mlp", "why_it_repairs"]
+__all__ = ["FIGURES", "KEYS", "mechanism_figures", "mechanism_step", "most_compensating_mlp", "why_it_repairs"]

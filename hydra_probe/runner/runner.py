@@ -844,7 +844,8 @@ class Runner:
         per read, the plain reference). The gradient is taken with respect
         to zero tensors added to the activations, so it works when the
         parameters do not require gradients and leaves no ``.grad`` on them.
-        Runs on the local hook path for every local backend.
+        With ``backend="nnsight"`` (also remote) each chunk of reads, stacked
+        one copy per read, is one nnsight trace instead (:meth:`_gradients_nnsight`).
         """
         if source not in SOURCES:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
@@ -1464,7 +1465,8 @@ class Runner:
                         for s, v in gr[j].items():
                             grads[i].setdefault(s, []).append(v)
                     bar.update(len(chunk))
-        return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i]) for i, r in enumerate(reads)]
+        return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i], r.drop_layer)
+                for i, r in enumerate(reads)]
 
     def _gradient_job(self, g: int, source: str, reads: Sequence[GradientRead], tokens: torch.Tensor,
                       weights: torch.Tensor, need_acts: bool = True
@@ -1507,7 +1509,8 @@ class Runner:
                         label: str) -> torch.Tensor:
         """:meth:`qk_fix` as nnsight traces: per chunk of changes one trace of the ``source`` prompts stacked
         1 + k times (see ``nnsight_backend.QKJob``); the changes go out, the heads' outputs' changes come back
-        and are reduced here with the gradients."""
+        and are reduced here with the gradients (not for a read that drops a layer at or below the sender:
+        its term is 0)."""
         from ..models.nnsight_backend import QKJob, run_qk_jobs
 
         L, n = self.ad.n_layers, len(self.task)
@@ -1535,12 +1538,13 @@ class Runner:
                 for chunk, dz in self._batched(g, [0] * len(todo), [1] * len(todo), forward):
                     cs = [todo[j] for j in chunk]
                     for layer, v in dz.items():
-                        rows = torch.tensor([c for c in cs if first[c] <= layer])
+                        rows = [c for c in cs if first[c] <= layer]
                         for r, read in enumerate(reads):
                             gz = read.grads.get(Site(layer, "z"))
-                            if gz is not None:
-                                t = torch.einsum("mbtw,btw->mb", v.to(torch.float64), gz[g].to(torch.float64))
-                                out[r, rows[:, None], it[None, :]] += t
+                            used = [j for j, c in enumerate(rows) if read.drop_layer is None or read.drop_layer >= first[c]]
+                            if gz is not None and used:
+                                t = torch.einsum("mbtw,btw->mb", v[used].to(torch.float64), gz[g].to(torch.float64))
+                                out[r, torch.tensor([rows[j] for j in used])[:, None], it[None, :]] += t
                     bar.update(len(chunk))
         return out
 
