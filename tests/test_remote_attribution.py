@@ -13,51 +13,14 @@ import warnings
 import nnsight
 import numpy as np
 import pytest
+import test_remote
 import tiny
-from test_remote import KEY, Loopback, _remote, _same
+from test_remote import KEY, _remote, _same
 
 import hydra_probe as hp
 
-
-@pytest.fixture(scope="module")
-def server():
-    s = Loopback("--api-key", KEY)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def ndif(server, monkeypatch):
-    monkeypatch.setattr(nnsight.CONFIG.API, "HOST", server.url)
-    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", KEY)
-    monkeypatch.setattr(nnsight.CONFIG.APP, "REMOTE_LOGGING", False)
-    return server
-
-
-@pytest.fixture
-def requests(monkeypatch):
-    """Count requests sent by nnsight's remote backend."""
-    from nnsight.intervention.backends import remote
-
-    calls = [0]
-    real = remote.RemoteBackend.request
-
-    def counted(self, *a, **k):
-        calls[0] += 1
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(remote.RemoteBackend, "request", counted)
-    return calls
-
-
-@pytest.fixture(scope="module")
-def local():
-    return hp.load_default_model()
-
-
-@pytest.fixture(scope="module")
-def task(local):
-    return hp.tasks.ioi(local, n_prompts=6, seed=1)
+# the loopback server, nnsight's configuration pointed at it, the request counter, the shipped model and its task: test_remote's fixtures
+server, ndif, requests, local, task = test_remote.server, test_remote.ndif, test_remote.requests, test_remote.local, test_remote.task
 
 
 @pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma2"])
