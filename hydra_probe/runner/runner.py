@@ -921,20 +921,8 @@ class Runner:
         edits: dict[Site, list[Callable]] = {}
         caps: dict[Site, Callable] = {}
         if freeze:  # AtP*'s QK fix: queries and keys pass no gradient (attention patterns are constants)
-            for layer in range(start, L):
-                cols: dict[Site, list[slice]] = {}
-                for h in range(ad.n_heads):
-                    for w in ("q", "k"):
-                        site, sl = ad.head_input_slice(layer, h, w)
-                        cols.setdefault(site, []).append(sl)
-
-                def freeze_qk(y: torch.Tensor, sls: list[slice] = ()) -> torch.Tensor:  # type: ignore[assignment]
-                    cm = torch.zeros(y.shape[-1], dtype=torch.bool, device=y.device)
-                    for sl in sls:
-                        cm[sl] = True
-                    return torch.where(cm, y.detach(), y)
-                for site, sls in cols.items():
-                    edits.setdefault(site, []).append(lambda y, sls=sls: freeze_qk(y, sls))
+            for site, sls in _qk_columns(ad, start).items():
+                edits.setdefault(site, []).append(lambda y, sls=sls: torch.where(_column_mask(y, sls), y.detach(), y))
         block_in: dict[int, torch.Tensor] = {}
         for layer in drops:
             caps[Site(layer, "resid_pre")] = lambda x, layer=layer: block_in.__setitem__(layer, x)
@@ -1009,20 +997,10 @@ class Runner:
 
         # AtP*'s QK fix: queries and keys pass no gradient (attention patterns are constants for it)
         if any(r.freeze_patterns for r in reads):
-            for layer in range(start, L):
-                cols: dict[Site, list[slice]] = {}
-                for h in range(ad.n_heads):
-                    for w in ("q", "k"):
-                        site, sl = ad.head_input_slice(layer, h, w)
-                        cols.setdefault(site, []).append(sl)
-
-                def freeze(y: torch.Tensor, sls: list[slice] = ()) -> torch.Tensor:  # type: ignore[assignment]
-                    cm = torch.zeros(y.shape[-1], dtype=torch.bool, device=y.device)
-                    for sl in sls:
-                        cm[sl] = True
-                    return torch.where(rowmask(lambda r: r.freeze_patterns, y) & cm, y.detach(), y)
-                for site, sls in cols.items():
-                    edits.setdefault(site, []).append(lambda y, sls=sls: freeze(y, sls))
+            for site, sls in _qk_columns(ad, start).items():
+                edits.setdefault(site, []).append(
+                    lambda y, sls=sls: torch.where(rowmask(lambda r: r.freeze_patterns, y) & _column_mask(y, sls),
+                                                   y.detach(), y))
         # GradDrop: block l's write to the residual passes no gradient (its input's skip path does)
         block_in: dict[int, torch.Tensor] = {}
         for layer in sorted({r.drop_layer for r in reads if r.drop_layer is not None}):
@@ -1712,6 +1690,26 @@ class Runner:
             self._prefix.setdefault((g, "clean"), other.prefix(g, "clean"))
         if self.reference is self.task and other.reference is other.task:
             self._means, self._mean_len = other.means(), other._mean_len
+
+
+def _qk_columns(ad: Any, start: int) -> dict[Site, list[slice]]:
+    """Per q/k (or fused qkv) site of layers ``start..L-1``: every head's query and key columns (AtP*'s QK fix
+    freezes them)."""
+    cols: dict[Site, list[slice]] = {}
+    for layer in range(start, ad.n_layers):
+        for h in range(ad.n_heads):
+            for w in ("q", "k"):
+                site, sl = ad.head_input_slice(layer, h, w)
+                cols.setdefault(site, []).append(sl)
+    return cols
+
+
+def _column_mask(y: torch.Tensor, sls: Sequence[slice]) -> torch.Tensor:
+    """A (width,) bool mask of ``y``'s last dimension, true on the columns ``sls``."""
+    cm = torch.zeros(y.shape[-1], dtype=torch.bool, device=y.device)
+    for sl in sls:
+        cm[sl] = True
+    return cm
 
 
 def _default_budget(model: Any) -> int:
