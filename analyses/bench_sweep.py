@@ -27,7 +27,9 @@ one full forward per sender for the QK fix, one stacked copy per GradDrop read):
 
 ratio = new time / old time; max_abs_diff compares the estimates. Random-weight
 configs, no downloads. Usage:
-    python analyses/bench_sweep.py [--shapes gpt2-small,small] [--threads 2]
+    python analyses/bench_sweep.py [--shapes gpt2-small,small] [--threads 2] [--atp-only]
+
+(``--atp-only``: only the attribution lines, without the plain nnsight loop.)
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--atp-only", action="store_true", help="only the attribution lines (exact, AtP, AtP*, engine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -107,6 +110,9 @@ def main(argv=None) -> None:
         hf, tok, task = make(shape, args.prompts, args.tokens)
         lm = nnsight.LanguageModel(hf, tokenizer=tok)
         model = hp.load_model(hf, tokenizer=tok)
+        if args.atp_only:
+            _attribution_lines(shape, model, task, args.top_k)
+            continue
         plain_loop(lm, hf, task.subset(range(2)))  # warm-up
         t0 = time.perf_counter()
         te_loop = plain_loop(lm, hf, task)
@@ -132,33 +138,41 @@ def main(argv=None) -> None:
         diff = float((tes[True] - tes[False]).abs().max())
         print(f"shape={shape} op=ablate_fast_vs_plain_restart ratio={times[True] / times[False]:.3f} "
               f"max_abs_diff={diff:.2e}  (fast {times[True]:.2f}s, plain {times[False]:.2f}s)", flush=True)
+        _attribution_lines(shape, model, task, args.top_k)
+
+
+def _attribution_lines(shape: str, model, task, top_k: int) -> None:
+    """AtP and AtP* against exact activation patching of every head and MLP, and AtP*'s engine against its
+    plain reference (the op=atp, op=atp* and op=atp*_engine lines)."""
+    from hydra_probe.runner import Runner
+
+    t0 = time.perf_counter()
+    exact = hp.activation_patch(model, task, "all", "denoise", progress=False)
+    t_exact = time.perf_counter() - t0
+    ests = {}
+    for method in ("atp", "atp*"):
         t0 = time.perf_counter()
-        exact = hp.activation_patch(model, task, "all", "denoise", progress=False)
-        t_exact = time.perf_counter() - t0
-        ests = {}
-        for method in ("atp", "atp*"):
-            t0 = time.perf_counter()
-            est = hp.attribution_patch(model, task, "all", "denoise", method=method, progress=False)
-            t_est = time.perf_counter() - t0
-            ests[method] = (est, t_est)
-            ag = est.agreement(exact, top_k=args.top_k)
-            print(f"shape={shape} op={method} ratio={t_est / t_exact:.3f} spearman={ag['spearman']:.3f} "
-                  f"recall={ag['exact_top_k_in_top_2k']}/{ag['top_k']}  (estimate {t_est:.2f}s, exact {t_exact:.2f}s)",
-                  flush=True)
-        # AtP*'s engine (QK fix on each downstream layer's attention only, one shared forward for the GradDrop
-        # reads) against its plain reference (one full forward per sender, one stacked copy per read)
-        Runner.fast_qk = Runner.shared_gradients = False
-        try:
-            t0 = time.perf_counter()
-            old = hp.attribution_patch(model, task, "all", "denoise", method="atp*", progress=False)
-            t_old = time.perf_counter() - t0
-        finally:
-            Runner.fast_qk = Runner.shared_gradients = True
-        new, t_new = ests["atp*"]
-        diff = float((torch.tensor(new.to_frame().estimate.to_numpy())
-                      - torch.tensor(old.to_frame().estimate.to_numpy())).abs().max())
-        print(f"shape={shape} op=atp*_engine ratio={t_new / t_old:.3f} max_abs_diff={diff:.2e}  "
-              f"(new {t_new:.2f}s, old {t_old:.2f}s; old/exact {t_old / t_exact:.3f})", flush=True)
+        est = hp.attribution_patch(model, task, "all", "denoise", method=method, progress=False)
+        t_est = time.perf_counter() - t0
+        ests[method] = (est, t_est)
+        ag = est.agreement(exact, top_k=top_k)
+        print(f"shape={shape} op={method} ratio={t_est / t_exact:.3f} spearman={ag['spearman']:.3f} "
+              f"recall={ag['exact_top_k_in_top_2k']}/{ag['top_k']}  (estimate {t_est:.2f}s, exact {t_exact:.2f}s)",
+              flush=True)
+    # AtP*'s engine (QK fix on each downstream layer's attention only, one shared forward for the GradDrop
+    # reads) against its plain reference (one full forward per sender, one stacked copy per read)
+    Runner.fast_qk = Runner.shared_gradients = False
+    try:
+        t0 = time.perf_counter()
+        old = hp.attribution_patch(model, task, "all", "denoise", method="atp*", progress=False)
+        t_old = time.perf_counter() - t0
+    finally:
+        Runner.fast_qk = Runner.shared_gradients = True
+    new, t_new = ests["atp*"]
+    diff = float((torch.tensor(new.to_frame().estimate.to_numpy())
+                  - torch.tensor(old.to_frame().estimate.to_numpy())).abs().max())
+    print(f"shape={shape} op=atp*_engine ratio={t_new / t_old:.3f} max_abs_diff={diff:.2e}  "
+          f"(new {t_new:.2f}s, old {t_old:.2f}s; old/exact {t_old / t_exact:.3f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -217,12 +217,13 @@ def test_report_end_to_end_on_the_shipped_model(tmp_path, capsys):
     assert obj["model"]["name"] == "hydra_probe/default-ioi"
     m = hp.load_default_model()
     task = hp.tasks.ioi(m, 8, corruption="swap", seed=0)
-    sr = hp.repair_mechanisms(m, task, "heads").as_self_repair().to_frame()  # the report's one sweep
+    swept = obj["config"].get("exact_components") or "heads"  # exact="auto" (the default) sweeps these
+    sr = hp.repair_mechanisms(m, task, swept).as_self_repair().to_frame()  # the report's one sweep
     np.testing.assert_array_equal(frame(obj, "self_repair")["total_effect"].to_numpy(float),
                                   sr["total_effect"].to_numpy())
     np.testing.assert_allclose(frame(obj, "self_repair")["total_effect"].to_numpy(float),
-                               hp.self_repair(m, task, "heads").to_frame()["total_effect"].to_numpy(), rtol=1e-5,
+                               hp.self_repair(m, task, swept).to_frame()["total_effect"].to_numpy(), rtol=1e-5,
                                atol=1e-4)
-    den = hp.activation_patch(m, task, "heads", "denoise").to_frame()
+    den = hp.activation_patch(m, task, swept, "denoise").to_frame()
     np.testing.assert_array_equal(frame(obj, "patch_denoise")["patched_metric"].to_numpy(float),
                                   den["patched_metric"].to_numpy())

@@ -13,51 +13,14 @@ import warnings
 import nnsight
 import numpy as np
 import pytest
+import test_remote
 import tiny
-from test_remote import KEY, Loopback, _remote, _same
+from test_remote import KEY, _remote, _same
 
 import hydra_probe as hp
 
-
-@pytest.fixture(scope="module")
-def server():
-    s = Loopback("--api-key", KEY)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def ndif(server, monkeypatch):
-    monkeypatch.setattr(nnsight.CONFIG.API, "HOST", server.url)
-    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", KEY)
-    monkeypatch.setattr(nnsight.CONFIG.APP, "REMOTE_LOGGING", False)
-    return server
-
-
-@pytest.fixture
-def requests(monkeypatch):
-    """Count requests sent by nnsight's remote backend."""
-    from nnsight.intervention.backends import remote
-
-    calls = [0]
-    real = remote.RemoteBackend.request
-
-    def counted(self, *a, **k):
-        calls[0] += 1
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(remote.RemoteBackend, "request", counted)
-    return calls
-
-
-@pytest.fixture(scope="module")
-def local():
-    return hp.load_default_model()
-
-
-@pytest.fixture(scope="module")
-def task(local):
-    return hp.tasks.ioi(local, n_prompts=6, seed=1)
+# the loopback server, nnsight's configuration pointed at it, the request counter, the shipped model and its task: test_remote's fixtures
+server, ndif, requests, local, task = test_remote.server, test_remote.ndif, test_remote.requests, test_remote.local, test_remote.task
 
 
 @pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma2"])
@@ -193,3 +156,35 @@ def test_live_ndif_attribution():  # pragma: no cover - needs the network and an
     comps = ["L9H6", "L10H0", "MLP9"]
     _same(hp.attribution_patch(local, t, comps, method="atp*").to_frame(),
           hp.attribution_patch(remote, t, comps, method="atp*").to_frame(), atol=1e-2)
+
+
+def test_runner_qk_fix_as_traces_equals_local():
+    """Runner.qk_fix's trace branch against its local engine: changes of several senders and positions, and a
+    read that drops a layer at or below a sender (its terms are 0 there)."""
+    from hydra_probe.effects.common import make_runner
+    from hydra_probe.interventions import GradientRead, SenderChange
+    from hydra_probe.models.sites import Site
+
+    hf = tiny.hf_model("llama", layers=4).double()
+    tok = tiny.tokenizer(bos=True)
+    m = hp.load_model(hf, tokenizer=tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = hp.load_model(hf, tokenizer=tok, backend="nnsight", remote="local")
+    t = tiny.ioi(m, 4)
+    c = {x.name: x for x in m.components(["L0H1", "L1H2", "MLP0", "ATTN1", "L2H0", "MLP3"])}
+    changes = [SenderChange((c["L0H1"],), "clean"), SenderChange((c["MLP0"], c["L1H2"]), "clean", (-1, -2)),
+               SenderChange((c["ATTN1"],), "clean", (-1,)), SenderChange((c["L2H0"],), "clean"),
+               SenderChange((c["MLP3"],), "clean")]
+    zs = tuple(Site(layer, "z") for layer in range(1, 4))
+    reads = [GradientRead(zs, None, True), GradientRead(zs, 1, True)]
+    got = []
+    for model in (m, r):
+        runner, _ = make_runner(model, t, "logit_diff")
+        got.append(runner.qk_fix("corrupted", changes, runner.gradients("corrupted", reads)))
+    a, b = got
+    assert a.shape == (2, 5, len(t))
+    np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-10, rtol=0)
+    assert (a[0, :4].abs().amax(-1) > 1e-8).all() and (a[1, 0].abs() > 1e-8).any()
+    assert (b[1, 1:4] == 0).all() and (b[:, 4] == 0).all()  # read 1 drops layer 1, at or below their senders;
+    # MLP3 has no layer above it

@@ -5,47 +5,18 @@ from __future__ import annotations
 
 import warnings
 
-import nnsight
 import numpy as np
 import pandas as pd
 import pytest
+import test_remote
 import tiny
-from test_remote import KEY, Loopback  # skips this module too when the loopback server cannot run
 
 import hydra_probe as hp
 from hydra_probe.models import nnsight_backend
 from hydra_probe.models.sites import Site
 
-
-@pytest.fixture(scope="module")
-def server():
-    s = Loopback("--inline-limit", "20000", "--api-key", KEY)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def ndif(server, monkeypatch):
-    monkeypatch.setattr(nnsight.CONFIG.API, "HOST", server.url)
-    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", KEY)
-    monkeypatch.setattr(nnsight.CONFIG.APP, "REMOTE_LOGGING", False)
-    return server
-
-
-@pytest.fixture
-def requests(monkeypatch):
-    """Count requests sent by nnsight's remote backend."""
-    from nnsight.intervention.backends import remote
-
-    calls = [0]
-    real = remote.RemoteBackend.request
-
-    def counted(self, *a, **k):
-        calls[0] += 1
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(remote.RemoteBackend, "request", counted)
-    return calls
+# the loopback server, nnsight's configuration pointed at it, the request counter: test_remote's fixtures
+server, ndif, requests = test_remote.server, test_remote.ndif, test_remote.requests
 
 
 @pytest.fixture

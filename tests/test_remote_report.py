@@ -6,41 +6,18 @@ from __future__ import annotations
 
 import warnings
 
-import nnsight
 import numpy as np
 import pandas as pd
 import pytest
+import test_remote
 import tiny
 import torch
-from test_remote import KEY, Loopback
 
 import hydra_probe as hp
 from hydra_probe.models.sites import Site
 
-
-@pytest.fixture(scope="module")
-def server():
-    s = Loopback("--api-key", KEY)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def ndif(server, monkeypatch):
-    monkeypatch.setattr(nnsight.CONFIG.API, "HOST", server.url)
-    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", KEY)
-    monkeypatch.setattr(nnsight.CONFIG.APP, "REMOTE_LOGGING", False)
-    return server
-
-
-@pytest.fixture(scope="module")
-def local():
-    return hp.load_default_model()
-
-
-@pytest.fixture(scope="module")
-def task(local):
-    return hp.tasks.ioi(local, n_prompts=6, seed=1)
+# the loopback server, nnsight's configuration pointed at it, the shipped model and its task: test_remote's fixtures
+server, ndif, local, task = test_remote.server, test_remote.ndif, test_remote.local, test_remote.task
 
 
 @pytest.fixture
@@ -66,12 +43,13 @@ def _remote():
         return hp.load_default_model(backend="nnsight", remote=True)
 
 
-def _same(a: pd.DataFrame, b: pd.DataFrame, atol: float = 1e-5) -> None:
+def _same(a: pd.DataFrame, b: pd.DataFrame, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """Equal columns; floats to float32 rounding (the server's attention kernel is not the client's)."""
     assert list(a.columns) == list(b.columns)
     assert len(a) == len(b) > 0
     for c in a.columns:
         if a[c].dtype.kind == "f":
-            np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), atol=atol, rtol=0, err_msg=c)
+            np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), atol=atol, rtol=rtol, err_msg=c)
         else:
             assert list(a[c]) == list(b[c]), c
 

@@ -101,7 +101,8 @@ class RepairMechanisms(Result):
 
     def mechanisms(self) -> list[str]:
         """The mechanisms with rows in this result, in :data:`MECHANISMS` order."""
-        return [mm for mm in MECHANISMS if mm in set(pd.unique(self._frame["mechanism"]))]
+        used = {str(x) for x in pd.unique(self._frame["mechanism"])}
+        return [mm for mm in MECHANISMS if mm in used]
 
     def per_mechanism(self) -> pd.DataFrame:
         """Amounts summed over downstream components: ``component``, ``prompt``, one column per mechanism
@@ -413,9 +414,8 @@ class _Rows:
         if len(ml):
             o = off[ml]
             vals[:, o], mech[o] = frozen[:, len(hd):], _MECH_CODE["mlp"]
-            if rec:
-                vals[:, o + 1], mech[o + 1] = delta[:, ml] - frozen[:, len(hd):] - np.zeros((n, len(ml))), \
-                    _MECH_CODE["norm"]
+            if rec:  # the MLP's rescaling by the final scale
+                vals[:, o + 1], mech[o + 1] = delta[:, ml] - frozen[:, len(hd):], _MECH_CODE["norm"]
         if len(ot):
             vals[:, off[ot]], mech[off[ot]] = delta[:, ot], kind[ot] - 2
         self.blocks[i] = (g.name, vals, mech, down)

@@ -150,8 +150,7 @@ class Adapter:
         if self.remote:
             raise OptionError(
                 "this analysis runs local hooks, which a remote model ignores, so it cannot run with remote=True yet; "
-                "run it on a local model (remote=False), or use ablate, self_repair, direct_effects or "
-                "activation_patch, which run remotely.")
+                "run it on a local model (remote=False); the package's own analyses run remotely as nnsight traces.")
 
     # ------------------------------------------------------------------ weights
     @property

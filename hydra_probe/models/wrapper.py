@@ -172,8 +172,7 @@ class HookedModel:
         if self.remote:
             raise OptionError(
                 f"{analysis} runs local hooks (a remote server ignores them), so it cannot run with remote=True yet; "
-                "run it on a local model (remote=False), or use ablate, self_repair, direct_effects or "
-                "activation_patch, which run remotely.")
+                "run it on a local model (remote=False); the package's own analyses run remotely as nnsight traces.")
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:

@@ -32,7 +32,7 @@ from ..graph import add_mechanisms, compensation_graph, compensators_of, hydra_s
 from ..metrics import get_metric
 from .prose import findings_text
 from .store import read_report
-from .why_it_repairs import mechanism_step
+from .why_it_repairs import mechanism_step, skip_note
 from .writer import save_report
 
 #: The analyses ``triangulate`` runs, in order, with the call each one makes.
@@ -324,8 +324,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     # with "Why it repairs", one sweep serves both: repair_mechanisms runs self_repair's ablated forwards (with
     # eager attention; its self-repair equals self_repair's to float32 rounding) and the section reuses it
     pre_mech = None
-    one_sweep = mechanisms and getattr(model, "backend", "local") == "local" \
-        and not any(c.startswith("ATTN") for c in swept)
+    one_sweep = mechanisms and skip_note(model) is None and not any(c.startswith("ATTN") for c in swept)
     with steps.step("self_repair", f"ablation ({vname}) and self-repair of {len(swept)} components"):
         if one_sweep:
             pre_mech = repair_mechanisms(model, task, swept, value=value, scale=scale, seed=seed, progress=bars,

@@ -54,6 +54,22 @@ def most_compensating_mlp(mech: Any, components: Sequence[str]) -> tuple[str, st
     return str(best[0]), str(best[1])
 
 
+def skip_note(model: Any) -> str | None:
+    """Why the section cannot run on ``model`` (the note the report prints), or None when it can: an nnsight model
+    (also remote) whose attention forward has no attention call to read weights and values from (the refusal
+    ``repair_mechanisms`` would make)."""
+    if getattr(model, "backend", "local") != "nnsight":
+        return None
+    from ..models.nnsight_backend import mechanism_read
+    from ..models.sites import Site
+
+    try:
+        mechanism_read(model, Site(model.n_layers - 1, "attn_last"))
+    except ArchitectureError as e:
+        return f"why it repairs: skipped; {e}"
+    return None
+
+
 def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Sequence[str], value: Any = "mean",
                    scale: str = "frozen", metric: Any = "logit_diff", seed: int = 0, order: str = "pattern_first",
                    progress: bool | None = None, mech: Any = None) -> tuple[dict[str, Any], list[str]]:
@@ -70,14 +86,9 @@ def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Seq
 
     notes: list[str] = []
     out: dict[str, Any] = {}
-    if getattr(model, "backend", "local") == "nnsight":  # the refusal repair_mechanisms would make, as a note
-        from ..models.nnsight_backend import mechanism_read
-        from ..models.sites import Site
-
-        try:
-            mechanism_read(model, Site(model.n_layers - 1, "attn_last"))
-        except ArchitectureError as e:
-            return out, [f"why it repairs: skipped; {e}"]
+    skip = skip_note(model)
+    if skip:
+        return out, [skip]
     names = [c for c in components if not c.startswith("ATTN")]
     if mech is None:
         mech = repair_mechanisms(model, task, names, value=value, scale=scale, order=order, metric=metric,

@@ -1,0 +1,462 @@
+"""Gradient reads (attribution patching, AtP*'s GradDrop) and AtP*'s QK fix in the runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import OptionError, ResourceError
+from ..interventions import Delivery, GradientRead, Intervention, SenderChange
+from ..models.adapter import check_fired
+from ..models.sites import Site
+from .base import SOURCES, compose, oom_advice, progress_bar
+
+
+@dataclass
+class GradientOutput:
+    """The result of one :class:`~hydra_probe.interventions.GradientRead` over all prompts.
+
+    Attributes:
+        metric: (n,) float64 metric of the unedited run, task order.
+        acts: ``{site: [per length group g a (B_g, T_g, width) tensor]}``: the
+            activations read (model dtype, CPU).
+        grads: the same layout: the metric's gradient with respect to each activation.
+        drop_layer: the read's GradDrop layer (None: nothing dropped); :meth:`Runner.qk_fix` skips the
+            terms a read that drops a layer at or below a sender never uses.
+    """
+
+    metric: torch.Tensor
+    acts: dict[Site, list[torch.Tensor]]
+    grads: dict[Site, list[torch.Tensor]]
+    drop_layer: int | None = None
+
+
+class _SkipOnlyGradient(torch.autograd.Function):
+    """``x_out`` unchanged in the forward; in the backward, for the rows where ``mask`` is true, the
+    gradient of ``x_out`` goes to the block input ``x_in`` (the skip connection) instead of through
+    the block (GradDrop)."""
+
+    @staticmethod
+    def forward(ctx: Any, x_out: torch.Tensor, x_in: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return x_out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+        return torch.where(mask, zero, g), torch.where(mask, g, zero), None
+
+
+class GradientsMixin:
+    """The gradient reads and the QK fix of :class:`Runner`."""
+
+    # ---------------------------------------------------------------- gradients (attribution)
+    def gradients(self, source: str, reads: Sequence[GradientRead], label: str = "gradients"
+                  ) -> list[GradientOutput]:
+        """Run every :class:`~hydra_probe.interventions.GradientRead` on the ``source`` prompts.
+
+        Reads are taken in chunks within the token budget (halved on
+        out-of-memory) and restart at their earliest site's layer; a chunk's
+        reads share one forward and one backward, and each GradDrop read is a
+        vector-Jacobian product of the blocks under its dropped layer on that
+        forward's graph (``Runner.shared_gradients = False``: one stacked copy
+        per read, the plain reference). The gradient is taken with respect
+        to zero tensors added to the activations, so it works when the
+        parameters do not require gradients and leaves no ``.grad`` on them.
+        With ``backend="nnsight"`` (also remote) each chunk of reads, stacked
+        one copy per read, is one nnsight trace instead (:meth:`_gradients_nnsight`).
+        """
+        if source not in SOURCES:
+            raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
+        if self.model.backend == "nnsight":
+            return self._gradients_nnsight(source, reads, label)
+        self.check_local("attribution patching (gradient reads)")
+        L = self.ad.n_layers
+        for r in reads:
+            for s in r.sites:
+                self.ad.module_of(s)
+            if r.drop_layer is not None and not 0 <= r.drop_layer < L:
+                raise OptionError(f"drop_layer {r.drop_layer} is outside layers 0..{L - 1}.")
+        n, K = len(self.task), len(reads)
+        metric = torch.empty(n, dtype=torch.float64)
+        acts: dict[Site, list[torch.Tensor]] = {}
+        grads: list[dict[Site, list[torch.Tensor]]] = [{} for _ in reads]
+        starts = [min((s.layer for s in r.sites), default=L) for r in reads]
+        with progress_bar(K * len(self.groups), label, self.progress) as bar:
+            for g, idx in enumerate(self.groups):
+                def forward(chunk: list[int], start: int, g: int = g) -> Any:
+                    return self._gradient_forward(g, source, [reads[i] for i in chunk], start)
+
+                for chunk, (m, a, gr) in self._batched(g, starts, [1] * K, forward):
+                    metric[torch.tensor(idx)] = m.cpu()
+                    for s, v in a.items():
+                        if len(acts.setdefault(s, [])) == g:
+                            acts[s].append(v.cpu())
+                    for j, i in enumerate(chunk):
+                        for s, v in gr[j].items():
+                            grads[i].setdefault(s, []).append(v.cpu())
+                    bar.update(len(chunk))
+        return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i], r.drop_layer)
+                for i, r in enumerate(reads)]
+
+    def _gradient_forward(self, g: int, source: str, reads: Sequence[GradientRead], start: int
+                          ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """The forward and backward of ``reads`` on group ``g``: (metric (B,), activations {site: (B, T, w)},
+        per read {site: gradient (B, T, w)}). Shared (one forward per ``freeze_patterns`` setting) unless
+        ``Runner.shared_gradients`` is False."""
+        if not self.shared_gradients:
+            return self._gradient_forward_stacked(g, source, reads, start)
+        m0: torch.Tensor | None = None
+        acts: dict[Site, torch.Tensor] = {}
+        per: list[dict[Site, torch.Tensor]] = [{} for _ in reads]
+        for flag in (False, True):
+            js = [j for j, r in enumerate(reads) if r.freeze_patterns == flag]
+            if js:
+                m0, a, got = self._gradient_forward_shared(g, source, [reads[j] for j in js], start, flag)
+                acts.update(a)
+                for j, p in zip(js, got):
+                    per[j] = p
+        assert m0 is not None
+        return m0, acts, per
+
+    def _gradient_forward_shared(self, g: int, source: str, reads: Sequence[GradientRead], start: int,
+                                 freeze: bool
+                                 ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """One forward of group ``g`` for every read (all with ``freeze_patterns == freeze``) and one full
+        backward; each GradDrop read then reuses it: dropping block l's write leaves the gradient at the
+        sites above l as it is, makes it zero inside block l, and below l it is the vector-Jacobian product
+        of the blocks under l with the residual gradient at block l's output placed at block l's input
+        (``torch.autograd.grad`` on the kept graph). Equals one stacked copy per read
+        (:meth:`_gradient_forward_stacked`) to float rounding."""
+        ad = self.ad
+        P = self.local_prefix(g, source)
+        L = ad.n_layers
+        final = Site(L, "resid_pre")
+        sites = sorted({s for r in reads for s in r.sites}, key=lambda s: s.order)
+        drops = sorted({r.drop_layer for r in reads if r.drop_layer is not None and r.drop_layer >= start})
+        taps = {Site(layer + 1, "resid_pre") for layer in drops}  # block l's output: its residual gradient
+        deltas: dict[Site, torch.Tensor] = {}
+        acts: dict[Site, torch.Tensor] = {}
+        edits: dict[Site, list[Callable]] = {}
+        caps: dict[Site, Callable] = {}
+        if freeze:  # AtP*'s QK fix: queries and keys pass no gradient (attention patterns are constants)
+            for site, sls in _qk_columns(ad, start).items():
+                edits.setdefault(site, []).append(lambda y, sls=sls: torch.where(_column_mask(y, sls), y.detach(), y))
+        block_in: dict[int, torch.Tensor] = {}
+        for layer in drops:
+            caps[Site(layer, "resid_pre")] = lambda x, layer=layer: block_in.__setitem__(layer, x)
+        # zero tensors added to the activations (and to the dropped blocks' outputs) carry the gradient
+        read_sites = set(sites)
+        for s in sorted(read_sites | taps, key=lambda s: s.order):
+            def read(x: torch.Tensor, s: Site = s) -> torch.Tensor:
+                if s in read_sites:
+                    acts[s] = x.detach()
+                deltas[s] = torch.zeros_like(x, requires_grad=True)
+                return x + deltas[s]
+            edits.setdefault(s, []).append(read)
+        for s, fn in list(caps.items()):
+            if s in edits:  # capture after the site's edits, in one function
+                edits[s].append(lambda x, fn=fn: (fn(x), x)[1])
+                del caps[s]
+        edit_fns = {s: compose(fs) for s, fs in edits.items()}
+        need = sorted(read_sites | taps, key=lambda s: s.order)
+        with self.model.evaluating(), torch.enable_grad():
+            hook_edits = {s: f for s, f in edit_fns.items() if s != final}
+            with self.ad.hooks(hook_edits, caps) as fired:
+                x = self.ad.run_blocks(P, start, 1) if start < L else P.resid[L].clone()
+            check_fired(fired, hook_edits)
+            if final in edit_fns:
+                x = edit_fns[final](x)
+            logits = ad.logits(x[:, -1])
+            idx = self.groups[g]
+            clean = self.clean_logits()[idx] if self.metric.needs_clean else None
+            mvals = self.metric(logits, self.task.answer_ids[idx], self.task.alternative_ids[idx], clean)
+            gr = torch.autograd.grad(mvals.sum(), [deltas[s] for s in need], allow_unused=True,
+                                     retain_graph=bool(drops))
+            full = {s: torch.zeros_like(deltas[s]) if v is None else v.detach() for s, v in zip(need, gr)}
+            below: dict[int, dict[Site, torch.Tensor]] = {}
+            for layer in drops:
+                under = [s for s in sites if s.layer < layer or s == Site(layer, "resid_pre")]
+                xin = block_in[layer]
+                got: tuple[Any, ...] = (None,) * len(under)
+                if under and xin.requires_grad:
+                    got = torch.autograd.grad(xin, [deltas[s] for s in under], full[Site(layer + 1, "resid_pre")],
+                                              retain_graph=True, allow_unused=True)
+                below[layer] = {s: torch.zeros_like(deltas[s]) if v is None else v.detach() for s, v in zip(under, got)}
+        per: list[dict[Site, torch.Tensor]] = []
+        for r in reads:
+            d = r.drop_layer if r.drop_layer is not None and r.drop_layer >= start else None
+            out: dict[Site, torch.Tensor] = {}
+            for s in r.sites:
+                if d is None or s.layer > d:
+                    out[s] = full[s]
+                elif s in below[d]:
+                    out[s] = below[d][s]
+                else:  # inside the dropped block: its write passes no gradient
+                    out[s] = torch.zeros_like(full[s])
+            per.append(out)
+        return mvals.detach().to(torch.float64), acts, per
+
+    def _gradient_forward_stacked(self, g: int, source: str, reads: Sequence[GradientRead], start: int
+                                  ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+        """The plain reference of :meth:`_gradient_forward`: one stacked copy (forward and backward) per read."""
+        ad = self.ad
+        P = self.local_prefix(g, source)
+        k, B, L = len(reads), P.batch, ad.n_layers
+        final = Site(L, "resid_pre")
+        sites = sorted({s for r in reads for s in r.sites}, key=lambda s: s.order)
+        deltas: dict[Site, torch.Tensor] = {}
+        acts: dict[Site, torch.Tensor] = {}
+        edits: dict[Site, list[Callable]] = {}
+        caps: dict[Site, Callable] = {}
+
+        def rowmask(keep: Callable[[GradientRead], bool], x: torch.Tensor) -> torch.Tensor:
+            m = torch.tensor([keep(r) for r in reads], device=x.device).repeat_interleave(B)
+            return m.view(-1, *([1] * (x.dim() - 1)))
+
+        # AtP*'s QK fix: queries and keys pass no gradient (attention patterns are constants for it)
+        if any(r.freeze_patterns for r in reads):
+            for site, sls in _qk_columns(ad, start).items():
+                edits.setdefault(site, []).append(
+                    lambda y, sls=sls: torch.where(rowmask(lambda r: r.freeze_patterns, y) & _column_mask(y, sls),
+                                                   y.detach(), y))
+        # GradDrop: block l's write to the residual passes no gradient (its input's skip path does)
+        block_in: dict[int, torch.Tensor] = {}
+        for layer in sorted({r.drop_layer for r in reads if r.drop_layer is not None}):
+            if layer < start:
+                continue
+            caps[Site(layer, "resid_pre")] = lambda x, layer=layer: block_in.__setitem__(layer, x)
+
+            def drop(x_out: torch.Tensor, layer: int = layer) -> torch.Tensor:
+                m = rowmask(lambda rd: rd.drop_layer == layer, x_out)
+                return _SkipOnlyGradient.apply(x_out, block_in[layer], m)
+            edits.setdefault(Site(layer + 1, "resid_pre"), []).append(drop)
+        # the reads: zero tensors added to the activations carry the gradient
+        for s in sites:
+            def read(x: torch.Tensor, s: Site = s) -> torch.Tensor:
+                acts[s] = x.detach()
+                deltas[s] = torch.zeros_like(x, requires_grad=True)
+                return x + deltas[s]
+            edits.setdefault(s, []).append(read)
+        for s, fn in list(caps.items()):
+            if s in edits:  # capture after the site's edits, in one function
+                edits[s].append(lambda x, fn=fn: (fn(x), x)[1])
+                del caps[s]
+        edit_fns = {s: compose(fs) for s, fs in edits.items()}
+        with self.model.evaluating(), torch.enable_grad():
+            hook_edits = {s: f for s, f in edit_fns.items() if s != final}
+            with self.ad.hooks(hook_edits, caps) as fired:
+                x = self.ad.run_blocks(P, start, k) if start < L else P.resid[L].repeat(k, 1, 1)
+            check_fired(fired, hook_edits)
+            if final in edit_fns:
+                x = edit_fns[final](x)
+            logits = ad.logits(x[:, -1])
+            idx = self.groups[g]
+            a = self.task.answer_ids[idx].repeat(k)
+            b = self.task.alternative_ids[idx].repeat(k)
+            clean = self.clean_logits()[idx].repeat(k, 1) if self.metric.needs_clean else None
+            mvals = self.metric(logits, a, b, clean)
+            gr = torch.autograd.grad(mvals.sum(), [deltas[s] for s in sites], allow_unused=True)
+        per = [{} for _ in reads]  # type: list[dict[Site, torch.Tensor]]
+        for s, gv in zip(sites, gr):
+            gv = torch.zeros_like(deltas[s]) if gv is None else gv.detach()
+            for j, r in enumerate(reads):
+                if s in r.sites:
+                    per[j][s] = gv[j * B:(j + 1) * B]
+        m0 = mvals.detach().to(torch.float64)[:B]
+        return m0, {s: v[:B] for s, v in acts.items()}, per
+
+    # ---------------------------------------------------------------- AtP*'s QK fix
+    def qk_fix(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+               label: str = "QK fix") -> torch.Tensor:
+        """AtP*'s QK fix: the pattern changes of every downstream layer, recomputed, read by each gradient.
+
+        ``term[r, c, i] = sum over layers l > (sender layer of changes[c]) and positions of
+        (z'_l - z_l) . reads[r].grads[Site(l, "z")]`` for prompt i (task order), where ``z'_l`` is layer
+        l's heads' output when ``changes[c]`` reaches only layer l's queries and keys (q and k projected
+        from ``norm(x_l + change)``, grouped-query keys included) and layer l's block input ``x_l`` and
+        its values stay at the ``source`` run's; ``z_l`` the ``source`` run's. The sender layer is the
+        largest layer of the change's senders. Layers a read has no ``z`` gradient for add nothing; terms
+        a read never uses (it drops a layer at or below the sender, ``GradientOutput.drop_layer``) are 0.
+
+        Each pair (change, layer) is independent, so per layer only that block's attention runs (up to
+        its output projection's input), with the changes of every sender below it stacked along the
+        batch (within the token budget, halved on out-of-memory), and is reduced against the gradients
+        at once. ``Runner.fast_qk = False``: the plain reference, one full forward per change. With
+        ``backend="nnsight"`` (also remote) one nnsight trace per chunk of changes instead.
+
+        Returns:
+            (R, C, n) float64.
+        """
+        if source not in SOURCES:
+            raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
+        if self.model.backend == "nnsight":
+            return self._qk_fix_nnsight(source, changes, reads, label)
+        L, n = self.ad.n_layers, len(self.task)
+        R, C = len(reads), len(changes)
+        out = torch.zeros(R, C, n, dtype=torch.float64)
+        lay = [max(m.layer for m in ch.senders) for ch in changes]
+        todo = [c for c in range(C) if lay[c] + 1 < L]
+        if not todo or not R:
+            return out
+        drop = [r.drop_layer for r in reads]
+        use = torch.tensor([[d is None or d > lay[c] for c in range(C)] for d in drop], dtype=torch.bool)
+        if not self.fast_qk:
+            out = self._qk_fix_plain(source, changes, reads, lay, todo, label)
+            return out * use[..., None]
+        order = sorted(todo, key=lambda c: lay[c])
+        with progress_bar(len(order) * len(self.groups), label, self.progress) as bar:
+            for g, idx in enumerate(self.groups):
+                it = torch.tensor(idx)
+                P = self.local_prefix(g, source)
+                B, T = P.batch, P.resid[0].shape[1]
+                pos = 0
+                while pos < len(order):
+                    chunk = order[pos:pos + max(1, self.token_budget // (B * T) - 1)]
+                    while True:
+                        try:
+                            part = self._qk_chunk(g, source, [changes[c] for c in chunk], [lay[c] for c in chunk],
+                                                  reads)
+                            break
+                        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                            if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower() \
+                                    and not isinstance(e, torch.OutOfMemoryError):
+                                raise
+                            if len(chunk) == 1:
+                                raise ResourceError(oom_advice(B, T)) from None
+                            chunk = chunk[:max(1, len(chunk) // 2)]
+                            self.token_budget = (len(chunk) + 1) * B * T
+                    ci = torch.tensor(chunk)
+                    out[:, ci[:, None], it[None, :]] = part.cpu()
+                    pos += len(chunk)
+                    bar.update(len(chunk))
+        return out * use[..., None]
+
+    def _qk_chunk(self, g: int, source: str, changes: Sequence[SenderChange], lays: Sequence[int],
+                  reads: Sequence[GradientOutput]) -> torch.Tensor:
+        """The QK-fix terms (R, k, B) of ``changes`` (senders' layers ``lays``) on group ``g``: per downstream
+        layer one call of its block's attention on the stacked inputs ``x_l + change`` and one unchanged
+        copy ``x_l``, whose values (v) every copy takes (only the last copy's are computed where the adapter
+        can: :meth:`Adapter.attention_z`)."""
+        ad = self.ad
+        P = self.local_prefix(g, source)
+        B, L, k = P.batch, ad.n_layers, len(changes)
+        order = sorted(range(k), key=lambda j: lays[j])  # senders below a layer are then a leading block
+        d = self._stacked_changes(g, source, [changes[j] for j in order])
+        part = torch.zeros(len(reads), k, B, dtype=torch.float64, device=ad.device)
+        cdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
+
+        for layer in range(lays[order[0]] + 1, L):
+            kk = sum(lays[j] < layer for j in order)
+            x = P.resid[layer]
+            with torch.no_grad():
+                hidden = x.new_empty((kk + 1) * B, *x.shape[1:])
+                torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
+                hidden[kk * B:] = x
+                with self.model.evaluating():
+                    z = self.ad.attention_z(P, layer, kk + 1, hidden, shared_values=True)
+                # reduced in float64 for a float64 model, else in float32 (a rounding-level difference)
+                dz = (z[:kk * B].reshape(kk, B, -1) - z[kk * B:].reshape(1, B, -1)).to(cdt)
+                # one product per distinct gradient tensor (reads that drop a layer below this one share the
+                # full gradient here); none for reads whose drop is at or below every sender (unused) or is
+                # this layer (the gradient inside a dropped block is zero)
+                uniq: dict[int, list[int]] = {}
+                for r, rd in enumerate(reads):
+                    if Site(layer, "z") in rd.grads and (rd.drop_layer is None or lays[order[0]] < rd.drop_layer != layer):
+                        uniq.setdefault(id(rd.grads[Site(layer, "z")][g]), []).append(r)
+                if not uniq:
+                    continue
+                G = torch.stack([reads[rs[0]].grads[Site(layer, "z")][g].to(ad.device, cdt) for rs in uniq.values()])
+                got = torch.einsum("kbx,rbx->rkb", dz, G.view(len(uniq), B, -1)).to(torch.float64)
+                rows = torch.tensor(order[:kk], device=ad.device)
+                for u, rs in enumerate(uniq.values()):
+                    for r in rs:
+                        part[r, rows] += got[u]
+        return part
+
+    def _stacked_changes(self, g: int, source: str, changes: Sequence[SenderChange]) -> torch.Tensor:
+        """:meth:`sender_change` of each change, stacked (k, B, T, d), not cached. A lone head of a layer without
+        a post-attention norm is projected through its own ``W_O`` rows only (all such heads of a layer in
+        one product); the rest go through :meth:`sender_change`."""
+        ad = self.ad
+        Pb = self.local_prefix(g, source)
+        B, T = Pb.resid[0].shape[:2]
+        out = torch.empty(len(changes), B, T, ad.d_model, dtype=ad.dtype, device=ad.device)
+        lone: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        with torch.no_grad():
+            for j, ch in enumerate(changes):
+                c = ch.senders[0]
+                if len(ch.senders) == 1 and c.kind == "head" and not ad.has_post_attn_norm:
+                    lone.setdefault((c.layer, ch.value), []).append((j, c.head))  # type: ignore[arg-type]
+                    continue
+                key = (g, source, ch)
+                had = key in self._changes
+                out[j] = self.sender_change(g, source, ch)
+                if not had:
+                    del self._changes[key]
+            for (layer, value), items in lone.items():
+                s = Site(layer, "z")
+                Po = self.local_prefix(g, value)
+                hs = torch.tensor([h for _, h in items], device=ad.device)
+                dz = (Po.captures[s] - Pb.captures[s]).reshape(B, T, ad.n_heads, ad.head_dim)[:, :, hs]
+                out[torch.tensor([j for j, _ in items])] = torch.einsum("bthk,hkd->hbtd", dz, ad.W_O(layer)[hs])
+            for j, ch in enumerate(changes):
+                if ch.positions is not None:
+                    mask = torch.ones(T, dtype=torch.bool, device=ad.device)
+                    mask[list(ch.positions)] = False
+                    out[j, :, mask] = 0
+        return out
+
+    def _qk_fix_plain(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+                      lay: list[int], todo: list[int], label: str, chunk: int = 16) -> torch.Tensor:
+        """The plain reference of :meth:`qk_fix`: one forward per change from its sender's layer + 1 to the
+        end, every block input pinned to the ``source`` run's and a delivery of the change to every
+        downstream head's q and k; ``chunk`` changes per call, reduced at once."""
+        L, H, n = self.ad.n_layers, self.ad.n_heads, len(self.task)
+        out = torch.zeros(len(reads), len(changes), n, dtype=torch.float64)
+        zs = tuple(Site(layer, "z") for layer in range(min(lay[c] for c in todo) + 1, L))
+        copies = []
+        for c in todo:
+            copy: list[Any] = []
+            for layer in range(lay[c] + 1, L):
+                copy.append(Intervention(Site(layer, "resid_pre"), None, None, source))
+                copy.append(Delivery(changes[c], "heads", layer, tuple(range(H)), ("q", "k")))
+            copies.append(tuple(copy))
+        base, = self.run(source, [()], capture=zs, capture_positions="all")
+        for j in range(0, len(copies), chunk):
+            outs = self.run(source, copies[j:j + chunk], label=label, capture=zs, capture_positions="all")
+            for c, o in zip(todo[j:j + chunk], outs):
+                for g, idx in enumerate(self.groups):
+                    it = torch.tensor(idx)
+                    for s in zs:
+                        if s.layer <= lay[c]:
+                            continue
+                        dz = (o.captures[s][g] - base.captures[s][g]).to(torch.float64)
+                        for r, read in enumerate(reads):
+                            if s in read.grads:
+                                out[r, c, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
+        return out
+
+
+def _qk_columns(ad: Any, start: int) -> dict[Site, list[slice]]:
+    """Per q/k (or fused qkv) site of layers ``start..L-1``: every head's query and key columns (AtP*'s QK fix
+    freezes them)."""
+    cols: dict[Site, list[slice]] = {}
+    for layer in range(start, ad.n_layers):
+        for h in range(ad.n_heads):
+            for w in ("q", "k"):
+                site, sl = ad.head_input_slice(layer, h, w)
+                cols.setdefault(site, []).append(sl)
+    return cols
+
+
+def _column_mask(y: torch.Tensor, sls: Sequence[slice]) -> torch.Tensor:
+    """A (width,) bool mask of ``y``'s last dimension, true on the columns ``sls``."""
+    cm = torch.zeros(y.shape[-1], dtype=torch.bool, device=y.device)
+    for sl in sls:
+        cm[sl] = True
+    return cm
