@@ -89,6 +89,11 @@ def default_budget(model: Any) -> int:
     return int(budget()) if callable(budget) else 8192
 
 
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` (caught as out-of-memory, MemoryError or RuntimeError) means the device ran out of memory."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+
+
 def oom_advice(B: int, T: int) -> str:
     return (f"one run of {B} prompts x {T} tokens does not fit in memory even unbatched; use fewer prompts "
             "(--n-prompts), shorter prompts, a smaller dtype, or a device with more memory.")

@@ -12,7 +12,7 @@ from ..errors import OptionError, ResourceError
 from ..interventions import Delivery, GradientRead, Intervention, SenderChange
 from ..models.adapter import check_fired
 from ..models.sites import Site
-from .base import SOURCES, compose, oom_advice, progress_bar
+from .base import SOURCES, compose, is_oom, oom_advice, progress_bar
 
 
 @dataclass
@@ -72,15 +72,11 @@ class GradientsMixin:
         """
         if source not in SOURCES:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
+        self.check_reads(reads)
         if self.model.backend == "nnsight":
             return self._gradients_nnsight(source, reads, label)
         self.check_local("attribution patching (gradient reads)")
         L = self.ad.n_layers
-        for r in reads:
-            for s in r.sites:
-                self.ad.module_of(s)
-            if r.drop_layer is not None and not 0 <= r.drop_layer < L:
-                raise OptionError(f"drop_layer {r.drop_layer} is outside layers 0..{L - 1}.")
         n, K = len(self.task), len(reads)
         metric = torch.empty(n, dtype=torch.float64)
         acts: dict[Site, list[torch.Tensor]] = {}
@@ -102,6 +98,16 @@ class GradientsMixin:
                     bar.update(len(chunk))
         return [GradientOutput(metric, {s: acts[s] for s in r.sites}, grads[i], r.drop_layer)
                 for i, r in enumerate(reads)]
+
+    def check_reads(self, reads: Sequence[GradientRead]) -> None:
+        """Refuse a read site the model does not have (or, on nnsight, cannot read) and a drop layer outside
+        the model, before any forward pass."""
+        L = self.ad.n_layers
+        for r in reads:
+            for s in r.sites:
+                (self.ad.path_of if self.model.backend == "nnsight" else self.ad.module_of)(s)
+            if r.drop_layer is not None and not 0 <= r.drop_layer < L:
+                raise OptionError(f"drop_layer {r.drop_layer} is outside layers 0..{L - 1}.")
 
     def _gradient_forward(self, g: int, source: str, reads: Sequence[GradientRead], start: int
                           ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
@@ -151,17 +157,8 @@ class GradientsMixin:
             caps[Site(layer, "resid_pre")] = lambda x, layer=layer: block_in.__setitem__(layer, x)
         # zero tensors added to the activations (and to the dropped blocks' outputs) carry the gradient
         read_sites = set(sites)
-        for s in sorted(read_sites | taps, key=lambda s: s.order):
-            def read(x: torch.Tensor, s: Site = s) -> torch.Tensor:
-                if s in read_sites:
-                    acts[s] = x.detach()
-                deltas[s] = torch.zeros_like(x, requires_grad=True)
-                return x + deltas[s]
-            edits.setdefault(s, []).append(read)
-        for s, fn in list(caps.items()):
-            if s in edits:  # capture after the site's edits, in one function
-                edits[s].append(lambda x, fn=fn: (fn(x), x)[1])
-                del caps[s]
+        _zero_reads(edits, sorted(read_sites | taps, key=lambda s: s.order), read_sites, acts, deltas)
+        _fold_captures(edits, caps)
         edit_fns = {s: compose(fs) for s, fs in edits.items()}
         need = sorted(read_sites | taps, key=lambda s: s.order)
         with self.model.evaluating(), torch.enable_grad():
@@ -236,16 +233,8 @@ class GradientsMixin:
                 return _SkipOnlyGradient.apply(x_out, block_in[layer], m)
             edits.setdefault(Site(layer + 1, "resid_pre"), []).append(drop)
         # the reads: zero tensors added to the activations carry the gradient
-        for s in sites:
-            def read(x: torch.Tensor, s: Site = s) -> torch.Tensor:
-                acts[s] = x.detach()
-                deltas[s] = torch.zeros_like(x, requires_grad=True)
-                return x + deltas[s]
-            edits.setdefault(s, []).append(read)
-        for s, fn in list(caps.items()):
-            if s in edits:  # capture after the site's edits, in one function
-                edits[s].append(lambda x, fn=fn: (fn(x), x)[1])
-                del caps[s]
+        _zero_reads(edits, sites, set(sites), acts, deltas)
+        _fold_captures(edits, caps)
         edit_fns = {s: compose(fs) for s, fs in edits.items()}
         with self.model.evaluating(), torch.enable_grad():
             hook_edits = {s: f for s, f in edit_fns.items() if s != final}
@@ -323,8 +312,7 @@ class GradientsMixin:
                                                   reads)
                             break
                         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-                            if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower() \
-                                    and not isinstance(e, torch.OutOfMemoryError):
+                            if not is_oom(e):
                                 raise
                             if len(chunk) == 1:
                                 raise ResourceError(oom_advice(B, T)) from None
@@ -440,6 +428,27 @@ class GradientsMixin:
                             if s in read.grads:
                                 out[r, c, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
         return out
+
+
+def _zero_reads(edits: dict[Site, list[Callable]], sites: Sequence[Site], keep: set[Site],
+                acts: dict[Site, torch.Tensor], deltas: dict[Site, torch.Tensor]) -> None:
+    """Append to ``edits`` at each of ``sites`` a zero tensor added to the activation (``deltas[site]``, whose
+    gradient is the metric's gradient there), keeping the activation in ``acts`` for the ``keep`` sites."""
+    for s in sites:
+        def read(x: torch.Tensor, s: Site = s) -> torch.Tensor:
+            if s in keep:
+                acts[s] = x.detach()
+            deltas[s] = torch.zeros_like(x, requires_grad=True)
+            return x + deltas[s]
+        edits.setdefault(s, []).append(read)
+
+
+def _fold_captures(edits: dict[Site, list[Callable]], caps: dict[Site, Callable]) -> None:
+    """Move each capture at an edited site into that site's edits (after them, in one function)."""
+    for s, fn in list(caps.items()):
+        if s in edits:
+            edits[s].append(lambda x, fn=fn: (fn(x), x)[1])
+            del caps[s]
 
 
 def _qk_columns(ad: Any, start: int) -> dict[Site, list[slice]]:

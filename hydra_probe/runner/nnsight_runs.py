@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import OptionError
 from ..interventions import Delivery, GradientRead, Intervention, SenderChange
 from ..models.adapter import Prefix
 from ..models.sites import Site
@@ -215,11 +214,6 @@ class NnsightMixin:
         from ..models.nnsight_backend import logit_weights
 
         L = self.ad.n_layers
-        for r in reads:
-            for s in r.sites:
-                self.ad.path_of(s)
-            if r.drop_layer is not None and not 0 <= r.drop_layer < L:
-                raise OptionError(f"drop_layer {r.drop_layer} is outside layers 0..{L - 1}.")
         n, K = len(self.task), len(reads)
         metric = torch.empty(n, dtype=torch.float64)
         acts: dict[Site, list[torch.Tensor]] = {}

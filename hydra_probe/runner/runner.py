@@ -49,6 +49,7 @@ from .base import (
     check_finite,
     compose,
     default_budget,
+    is_oom,
     oom_advice,
     progress_bar,
 )
@@ -420,8 +421,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
                     out = forward(chunk, start)
                     break
                 except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-                    if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower() \
-                            and not isinstance(e, torch.OutOfMemoryError):
+                    if not is_oom(e):
                         raise
                     if len(chunk) == 1:
                         raise ResourceError(oom_advice(B, T)) from None
