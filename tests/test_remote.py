@@ -109,14 +109,32 @@ def _remote(remote=True):
         return hp.load_default_model(backend="nnsight", remote=remote)
 
 
-def _same(a: pd.DataFrame, b: pd.DataFrame, atol: float = 1e-5) -> None:
+def _same(a: pd.DataFrame, b: pd.DataFrame, atol: float = 1e-5, rtol: float = 0.0) -> None:
+    """Equal columns: floats within ``atol`` (+ ``rtol`` relative), everything else exactly."""
     assert list(a.columns) == list(b.columns)
     assert len(a) == len(b) > 0
     for c in a.columns:
         if a[c].dtype.kind == "f":
-            np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), atol=atol, rtol=0, err_msg=c)
+            np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), atol=atol, rtol=rtol, err_msg=c)
         else:
             assert list(a[c]) == list(b[c]), c
+
+
+def record_jobs(monkeypatch, name: str, tag: bool = False) -> list[tuple]:
+    """Spy on ``nnsight_backend.<name>`` (a function of (model, jobs) returning one result per job): the returned
+    list fills with (job, result) pairs, or (name, job, result) with ``tag``, as requests are sent."""
+    from hydra_probe.models import nnsight_backend
+
+    seen: list[tuple] = []
+    real = getattr(nnsight_backend, name)
+
+    def spy(model, jobs):
+        out = real(model, jobs)
+        seen.extend(((name, j, o) if tag else (j, o)) for j, o in zip(jobs, out))
+        return out
+
+    monkeypatch.setattr(nnsight_backend, name, spy)
+    return seen
 
 
 def test_remote_equals_local(ndif, requests, local, task):
@@ -153,17 +171,7 @@ def test_more_analyses_remote_equal_local(ndif, local, task):
 
 def test_only_the_last_position_comes_back(ndif, monkeypatch, local, task):
     """A sweep's request keeps last-position activations only, not whole (B, T, d) tensors."""
-    from hydra_probe.models import nnsight_backend
-
-    seen: list[tuple] = []
-    real = nnsight_backend.run_jobs
-
-    def spy(model, jobs):
-        out = real(model, jobs)
-        seen.extend(zip(jobs, out))
-        return out
-
-    monkeypatch.setattr(nnsight_backend, "run_jobs", spy)
+    seen = record_jobs(monkeypatch, "run_jobs")
     hp.self_repair(_remote(), task, ["L1H0", "L1H1"], "zero")
     sweeps = [(j, o) for j, o in seen if j.edits]
     assert sweeps
@@ -306,16 +314,21 @@ def test_a_client_without_weights_is_refused_clearly():
         hp.load_model(lm, backend="nnsight", remote=True)
 
 
-@pytest.mark.skipif(not os.environ.get("NDIF_API_KEY"), reason="live NDIF check: set NDIF_API_KEY to run it")
-def test_live_ndif():  # pragma: no cover - needs the network and an NDIF key
-    """Against the live service (nnsight's configured host): a small model it serves, ablations equal local."""
+def live_models():  # pragma: no cover - needs the network
+    """For the live checks: (local model, the same model remote, a 4-prompt IOI task) of a small model NDIF serves
+    (``HYDRA_PROBE_NDIF_MODEL``, default GPT-2)."""
     import transformers as tf
 
     name = os.environ.get("HYDRA_PROBE_NDIF_MODEL", "openai-community/gpt2")
     hf = tf.AutoModelForCausalLM.from_pretrained(name)
     tok = tf.AutoTokenizer.from_pretrained(name)
     local = hp.load_model(hf, tokenizer=tok)
-    remote = hp.load_model(hf, tokenizer=tok, backend="nnsight", remote=True)
-    t = hp.tasks.ioi(local, n_prompts=4)
+    return local, hp.load_model(hf, tokenizer=tok, backend="nnsight", remote=True), hp.tasks.ioi(local, n_prompts=4)
+
+
+@pytest.mark.skipif(not os.environ.get("NDIF_API_KEY"), reason="live NDIF check: set NDIF_API_KEY to run it")
+def test_live_ndif():  # pragma: no cover - needs the network and an NDIF key
+    """Against the live service (nnsight's configured host): a small model it serves, ablations equal local."""
+    local, remote, t = live_models()
     _same(hp.ablate(local, t, ["L9H6", "L10H0"], "mean").to_frame(),
           hp.ablate(remote, t, ["L9H6", "L10H0"], "mean").to_frame(), atol=1e-3)

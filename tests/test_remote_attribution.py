@@ -75,18 +75,8 @@ def test_remote_atp_equals_local_both_directions(ndif, requests, local, task):
 def test_remote_atp_star_equals_local(ndif, requests, monkeypatch, local, task):
     """AtP* (GradDrop reads stacked in one request, the QK fix's forwards for all components in one more);
     only the read sites' activations (first copy) and gradients, and the heads' output changes, come back."""
-    from hydra_probe.models import nnsight_backend
-
-    seen: list[tuple] = []
-    def spying(name, real):
-        def spy(model, jobs):
-            out = real(model, jobs)
-            seen.extend((name, j, o) for j, o in zip(jobs, out))
-            return out
-        return spy
-
-    for name in ("run_gradient_jobs", "run_qk_jobs"):
-        monkeypatch.setattr(nnsight_backend, name, spying(name, getattr(nnsight_backend, name)))
+    grad_jobs = test_remote.record_jobs(monkeypatch, "run_gradient_jobs", tag=True)
+    qk_jobs = test_remote.record_jobs(monkeypatch, "run_qk_jobs", tag=True)
     m = _remote()
     comps = ["L0H1", "L0H5", "L1H2", "L2H1", "ATTN1", "MLP0", "MLP2", "L3H0"]
     a = hp.attribution_patch(local, task, comps, "denoise", method="atp*").to_frame()
@@ -97,6 +87,7 @@ def test_remote_atp_star_equals_local(ndif, requests, monkeypatch, local, task):
     # activations at the read sites and one for the senders' activations (the unedited runs return only what is
     # read; both are read after the first request)
     assert requests[0] == 3 * len(task.groups()) + 2
+    seen = grad_jobs + qk_jobs  # (function, job, result)
     names = [n for n, _, _ in seen]
     assert names.count("run_gradient_jobs") == names.count("run_qk_jobs") == len(task.groups())
     for name, job, out in seen:
@@ -145,14 +136,7 @@ def test_rejected_or_failed_requests_are_remote_errors(ndif, monkeypatch, task):
 @pytest.mark.skipif(not os.environ.get("NDIF_API_KEY"), reason="live NDIF check: set NDIF_API_KEY to run it")
 def test_live_ndif_attribution():  # pragma: no cover - needs the network and an NDIF key
     """Against the live service (nnsight's configured host): AtP* on a small model it serves equals local."""
-    import transformers as tf
-
-    name = os.environ.get("HYDRA_PROBE_NDIF_MODEL", "openai-community/gpt2")
-    hf = tf.AutoModelForCausalLM.from_pretrained(name)
-    tok = tf.AutoTokenizer.from_pretrained(name)
-    local = hp.load_model(hf, tokenizer=tok)
-    remote = hp.load_model(hf, tokenizer=tok, backend="nnsight", remote=True)
-    t = hp.tasks.ioi(local, n_prompts=4)
+    local, remote, t = test_remote.live_models()
     comps = ["L9H6", "L10H0", "MLP9"]
     _same(hp.attribution_patch(local, t, comps, method="atp*").to_frame(),
           hp.attribution_patch(remote, t, comps, method="atp*").to_frame(), atol=1e-2)

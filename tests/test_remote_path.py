@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 import test_remote
 import tiny
@@ -15,33 +14,15 @@ import hydra_probe as hp
 from hydra_probe.models import nnsight_backend
 from hydra_probe.models.sites import Site
 
-# the loopback server, nnsight's configuration pointed at it, the request counter: test_remote's fixtures
-server, ndif, requests = test_remote.server, test_remote.ndif, test_remote.requests
+# the loopback server, nnsight's configuration pointed at it, the request counter (test_remote's fixtures),
+# and its frame comparison
+server, ndif, requests, _same = test_remote.server, test_remote.ndif, test_remote.requests, test_remote._same
 
 
 @pytest.fixture
 def path_jobs(monkeypatch):
     """Every path-patching trace sent: (job, what came back)."""
-    seen: list[tuple] = []
-    real = nnsight_backend.run_path_jobs
-
-    def spy(model, jobs):
-        out = real(model, jobs)
-        seen.extend(zip(jobs, out))
-        return out
-
-    monkeypatch.setattr(nnsight_backend, "run_path_jobs", spy)
-    return seen
-
-
-def _same(a: pd.DataFrame, b: pd.DataFrame, atol: float = 1e-5) -> None:
-    assert list(a.columns) == list(b.columns)
-    assert len(a) == len(b) > 0
-    for c in a.columns:
-        if a[c].dtype.kind == "f":
-            np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), atol=atol, rtol=0, err_msg=c)
-        else:
-            assert list(a[c]) == list(b[c]), c
+    return test_remote.record_jobs(monkeypatch, "run_path_jobs")
 
 
 def _nnsight(model_or_hf, remote, **kw) -> hp.HookedModel:

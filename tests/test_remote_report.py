@@ -23,18 +23,7 @@ server, ndif, local, task = test_remote.server, test_remote.ndif, test_remote.lo
 @pytest.fixture
 def spy(monkeypatch):
     """Every nnsight job sent and what came back: [(job, {site: value})]."""
-    from hydra_probe.models import nnsight_backend
-
-    seen: list[tuple] = []
-    real = nnsight_backend.run_jobs
-
-    def run_jobs(model, jobs):
-        out = real(model, jobs)
-        seen.extend(zip(jobs, out))
-        return out
-
-    monkeypatch.setattr(nnsight_backend, "run_jobs", run_jobs)
-    return seen
+    return test_remote.record_jobs(monkeypatch, "run_jobs")
 
 
 def _remote():
@@ -45,13 +34,7 @@ def _remote():
 
 def _same(a: pd.DataFrame, b: pd.DataFrame, atol: float = 1e-5, rtol: float = 1e-5) -> None:
     """Equal columns; floats to float32 rounding (the server's attention kernel is not the client's)."""
-    assert list(a.columns) == list(b.columns)
-    assert len(a) == len(b) > 0
-    for c in a.columns:
-        if a[c].dtype.kind == "f":
-            np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), atol=atol, rtol=rtol, err_msg=c)
-        else:
-            assert list(a[c]) == list(b[c]), c
+    test_remote._same(a, b, atol, rtol)
 
 
 def _nbytes(out: dict) -> int:
