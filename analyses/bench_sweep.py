@@ -25,8 +25,13 @@ one full forward per sender for the QK fix, one stacked copy per GradDrop read):
 
     shape=NAME op=atp*_engine ratio=R max_abs_diff=D
 
-ratio = new time / old time; max_abs_diff compares the estimates. Random-weight
-configs, no downloads. Usage:
+ratio = new time / old time; max_abs_diff compares the estimates. Before the attribution lines,
+the all-heads sweeps with the final block's attention for the last query only against the same sweeps
+computing it in full (``Runner.last_query_only`` on / off):
+
+    shape=NAME op=ablate_last_query_vs_full|self_repair_last_query_vs_full ratio=R max_abs_diff=D
+
+Random-weight configs, no downloads. Usage:
     python analyses/bench_sweep.py [--shapes gpt2-small,small] [--threads 2] [--atp-only]
 
 (``--atp-only``: only the attribution lines, without the plain nnsight loop.)
@@ -138,6 +143,17 @@ def main(argv=None) -> None:
         diff = float((tes[True] - tes[False]).abs().max())
         print(f"shape={shape} op=ablate_fast_vs_plain_restart ratio={times[True] / times[False]:.3f} "
               f"max_abs_diff={diff:.2e}  (fast {times[True]:.2f}s, plain {times[False]:.2f}s)", flush=True)
+        for op in ("ablate", "self_repair"):  # the final block's attention for the last query only, or in full
+            fn = hp.ablate if op == "ablate" else hp.self_repair
+            for flag in (False, True):
+                Runner.last_query_only = flag
+                t0 = time.perf_counter()
+                res = fn(model, task, "heads", value="zero", progress=False)
+                times[flag] = time.perf_counter() - t0
+                tes[flag] = torch.tensor(res.to_frame().total_effect.to_numpy())
+            diff = float((tes[True] - tes[False]).abs().max())
+            print(f"shape={shape} op={op}_last_query_vs_full ratio={times[True] / times[False]:.3f} "
+                  f"max_abs_diff={diff:.2e}  (last query {times[True]:.2f}s, full {times[False]:.2f}s)", flush=True)
         _attribution_lines(shape, model, task, args.top_k)
 
 

@@ -396,6 +396,7 @@ class Adapter:
         stop: int | None = None,
         last_position_mlp: bool = False,
         attn_z: torch.Tensor | None = None,
+        last_query: bool = False,
     ) -> torch.Tensor:
         """Run blocks ``start..stop-1`` on ``copies`` stacked copies of the prefix batch.
 
@@ -413,17 +414,26 @@ class Adapter:
         not run; its output is its output projection applied to ``attn_z``
         (hooks on the projection fire). Only where ``prefix.attn_direct[start]``
         says the module's output is exactly that (see :meth:`can_start_at_z`).
+
+        ``last_query``: when the run ends at the final block, that block's attention works for the last
+        query position only (queries, scores and softmax, ``z`` and the output projection; keys and values
+        at every position; see :mod:`.last_query`), so again only the last position of the result is exact.
+        Hooks on the output projection registered before the call (:meth:`hooks`) see every position.
+        Where the block cannot take this route safely (:meth:`can_last_query`) it computes in full.
         """
         self._refuse_remote()
         B = prefix.batch
         stop = self.n_layers if stop is None else stop
         h = prefix.resid[start].repeat(copies, 1, 1) if hidden is None else hidden
-        with temporary_hooks() as register:
-            if last_position_mlp and stop == self.n_layers and start < stop:
+        final = stop == self.n_layers and start < stop
+        with temporary_hooks() as register, contextlib.ExitStack() as stack:
+            if last_position_mlp and final:
                 def last_only(mod, args, kwargs):
                     return _map_first_input(args, kwargs, lambda x: x[:, -1:])
                 register(get_path(self.blocks[stop - 1], self.table.mlp), last_only, pre=True, with_kwargs=True,
                          prepend=True)
+            if last_query and final and self.can_last_query(stop - 1, attn_z is not None and start == stop - 1):
+                stack.enter_context(self._last_query(stop - 1, register))
             for i in range(start, stop):
                 args, kw = prefix.calls[i]
                 skip = (_attention_from_z(get_path(self.blocks[i], self.table.attn),
@@ -433,6 +443,41 @@ class Adapter:
                     out = self.blocks[i](h, *_tile(args, B, copies), **_tile(kw, B, copies))
                 h = out[0] if isinstance(out, tuple) else out
         return h
+
+    def can_last_query(self, layer: int, from_z: bool = False) -> bool:
+        """Whether block ``layer``'s attention may work for the last query only (see :meth:`run_blocks`): no
+        accelerate hook in the block, no replaced forward on its attention, output or q/k/v projections, and
+        an attention implementation whose call the package knows (eager or sdpa). ``from_z``: the block
+        begins at its output projection's input (only that projection matters)."""
+        from .last_query import attention_function
+
+        block = self.blocks[layer]
+        if any(hasattr(m, "_hf_hook") for m in block.modules()):
+            return False
+        t = self.table
+        mods = [get_path(block, t.o_proj)] + ([] if from_z else [get_path(block, t.attn)]
+                                               + [get_path(block, p) for p in t.qkv])
+        if any("forward" in m.__dict__ for m in mods):
+            return False
+        return from_z or attention_function(get_path(block, t.attn)) is not None
+
+    @contextlib.contextmanager
+    def _last_query(self, layer: int, register: Callable[..., None]) -> Iterator[None]:
+        """Within the block, block ``layer`` computes its attention for the last query only (checked by
+        :meth:`can_last_query`; hooks through ``register``)."""
+        from .last_query import fused_last_query, last_query_function, last_query_projection, slice_last
+
+        block, t = self.blocks[layer], self.table
+        slice_last(register, get_path(block, t.o_proj))
+        with contextlib.ExitStack() as stack:
+            if t.qkv_layout == "separate":
+                last_query_projection(register, get_path(block, t.qkv[0]))
+            else:
+                cols = [c for h in range(self.n_heads)
+                        for c in range(*self.head_input_slice(layer, h, "q")[1].indices(10 ** 9))]
+                stack.enter_context(fused_last_query(get_path(block, t.qkv[0]), cols))
+            stack.enter_context(last_query_function(get_path(block, t.attn)))
+            yield
 
     def can_start_at_z(self, prefix: Prefix, layer: int) -> bool:
         """Whether :meth:`run_blocks` may begin block ``layer`` at its attention output projection's input:

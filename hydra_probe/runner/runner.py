@@ -66,6 +66,10 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     heads' outputs (``z``) restarts at that layer's attention output
     projection, the layer's attention taken from the cached prefix (it does
     not depend on the edit); False recomputes it (the plain path).
+    ``Runner.last_query_only`` (default True): where a sweep reads nothing
+    but the last position of the final residual, the final block's attention
+    computes its queries, scores and output for the last position only (keys
+    and values at every position); False computes every position.
     ``Runner.fast_qk`` and ``Runner.shared_gradients`` (default True) switch
     AtP*'s engine (:meth:`qk_fix`, :meth:`gradients`) to its plain reference
     when False (same numbers, for tests and benchmarks).
@@ -84,6 +88,9 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     """
 
     fast_attention: bool = True
+    #: the final block's attention works for the last query position only where nothing else is read
+    #: (see ``Adapter.run_blocks(last_query=True)``); False: it computes every position (the plain path)
+    last_query_only: bool = True
     #: AtP*'s QK fix runs only each downstream layer's attention, all senders stacked (False: the plain
     #: reference, one full forward per sender with every block input pinned and a delivery to q and k)
     fast_qk: bool = True
@@ -463,6 +470,10 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
             # or the final residual, or every position is captured, or a path is patched
             skip = not every and not paths and not any(s.layer >= L - 1 and s.kind != "z" for s in edits) \
                 and not any(s.layer >= L - 1 and s.kind in ("mlp_in", "mlp_out") for s in capture)
+            # likewise its attention may work for the last query only, unless a final-block site other than
+            # the heads' outputs z (read before the cut) or its input is captured
+            last_q = skip and self.last_query_only \
+                and not any(s.layer == L - 1 and s.kind not in ("z", "resid_pre") for s in capture)
             z0 = None
             if self.fast_attention and not paths and start < L and self.ad.can_start_at_z(P, start) \
                     and all(iv.site.kind == "z" for c in copies for iv in c if iv.site.layer == start) \
@@ -470,7 +481,8 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
                                 for s in capture):
                 # the ablated heads' layer restarts at its output projection's input: its attention is the prefix's
                 z0 = P.captures[Site(start, "z")].repeat(n_rows, 1, 1)
-            x = (self.ad.run_blocks(P, start, n_rows, last_position_mlp=skip, attn_z=z0) if start < L
+            x = (self.ad.run_blocks(P, start, n_rows, last_position_mlp=skip, attn_z=z0, last_query=last_q)
+                 if start < L
                  else P.resid[L].repeat(n_rows, 1, 1).clone())
             if final in edit_fns:
                 x = edit_fns[final](x)
