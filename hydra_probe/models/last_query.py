@@ -121,22 +121,29 @@ def fused_last_query(mod: nn.Module, q_cols: list[int]) -> Iterator[bool]:
     """Within the block, a fused q/k/v projection (``nn.Linear`` or GPT-2's ``Conv1D``) computes its q
     columns ``q_cols`` at the last position only (broadcast over the positions) and the other columns at
     every position. Yields whether the forward was replaced; restored on exit, also on error."""
-    conv = type(mod).__name__ == "Conv1D"
+    conv = type(mod).__name__ == "Conv1D"  # weight (in, out), computed as Conv1D does (addmm)
     if "forward" in mod.__dict__ or not (type(mod) is nn.Linear or conv):
         yield False
         return
-    w = mod.weight.T if conv else mod.weight  # (out, in)
     b = mod.bias
-    width = w.shape[0]
+    width = mod.weight.shape[1] if conv else mod.weight.shape[0]
     q = _index(q_cols)
     kv = _index(sorted(set(range(width)) - set(q_cols)))
-    wq, wkv = w[q], w[kv]
-    bq, bkv = (None, None) if b is None else (b[q], b[kv])
+    parts = [(cols, mod.weight[:, cols] if conv else mod.weight[cols], None if b is None else b[cols])
+             for cols in (kv, q)]
+
+    def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not conv:
+            return nn.functional.linear(x, w, bias)
+        flat = x.reshape(-1, x.shape[-1])
+        y = flat @ w if bias is None else torch.addmm(bias, flat, w)
+        return y.view(*x.shape[:-1], w.shape[1])
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(*x.shape[:-1], width)
-        out[..., kv] = nn.functional.linear(x, wkv, bkv)
-        out[..., q] = nn.functional.linear(x[:, -1:], wq, bq)  # broadcast over the positions
+        (kv_cols, w_kv, b_kv), (q_cols_, w_q, b_q) = parts
+        out[..., kv_cols] = linear(x, w_kv, b_kv)
+        out[..., q_cols_] = linear(x[:, -1:], w_q, b_q)  # broadcast over the positions
         return out
 
     mod.forward = forward
