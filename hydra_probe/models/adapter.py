@@ -854,7 +854,8 @@ class Adapter:
         return gamma, _param(n, "bias"), _eps_of(n), self.table.norm_kind == "layernorm"
 
     def attention_z_given(self, prefix: Prefix, layer: int, copies: int, normed: torch.Tensor,
-                          given: Mapping[Site, torch.Tensor]) -> torch.Tensor | None:
+                          given: Mapping[Site, torch.Tensor], memo: dict[Any, Any] | None = None
+                          ) -> torch.Tensor | None:
         """:meth:`attention_z` with every copy's query/key projections given and the values of one input.
 
         ``given``: ``{site: (copies*B, T, width)}`` for each of :meth:`qk_sites`, which the q/k projection
@@ -863,7 +864,9 @@ class Adapter:
         copy's values are projected. The block's input and its attention norm carry no data (a broadcast
         zero stands in for the stacked block input), so only the attention itself runs on every copy. The
         last copy's given q/k are checked against the modules' own output on ``normed``; where they differ
-        nothing more is run and None is returned. Only where :meth:`can_compose_qk`.
+        nothing more is run and None is returned. Only where :meth:`can_compose_qk`. ``memo``: a dict
+        kept by the caller for calls with the same layer and ``normed``, so that the unchanged copy's
+        projections are computed and checked once.
         """
         self._refuse_remote()
         t = self.table
@@ -881,14 +884,17 @@ class Adapter:
             saved.append((mod, mod.__dict__.get("forward")))
             mod.forward = fn
 
+        memo = {} if memo is None else memo
         for site, qk in self.qk_sites(layer):
             mod, _ = self.module_of(site)
-            own = mod.forward(normed)
+            if site not in memo:
+                memo[site] = own = mod.forward(normed)
+                mine = given[site][-B:, ..., qk]
+                ref = own[..., qk].to(mine.dtype)
+                if not torch.allclose(mine, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()) + 1e-6):
+                    return None
+            own = memo[site]
             out = given[site]
-            mine = out[-B:, ..., qk]
-            ref = own[..., qk].to(mine.dtype)
-            if not torch.allclose(mine, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()) + 1e-6):
-                return None
             if t.qkv_layout != "separate":  # the fused module's value columns: the last copy's, for every copy
                 v = _as_index(sorted({c for h in range(self.n_heads)
                                       for c in range(*self.head_input_slice(layer, h, "v")[1].indices(10 ** 9))}))
@@ -896,7 +902,9 @@ class Adapter:
             swap(mod, lambda x, out=out: out)
         if t.qkv_layout == "separate":
             vmod, _ = self.module_of(Site(layer, "v"))
-            vals = vmod.forward(normed)
+            if "v" not in memo:
+                memo["v"] = vmod.forward(normed)
+            vals = memo["v"]
             swap(vmod, lambda x, vals=vals: vals.repeat(copies, *([1] * (vals.dim() - 1))))
         if t.attn_norm is not None:
             swap(get_path(block, t.attn_norm), lambda x, *a, **k: x)

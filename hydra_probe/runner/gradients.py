@@ -306,6 +306,7 @@ class GradientsMixin:
                 P = self.local_prefix(g, source)
                 B, T = P.batch, P.resid[0].shape[1]
                 pos = 0
+                memo: dict[int, dict[Any, Any]] = {}  # per layer: what the composed q/k of its chunks share
                 while pos < len(order):
                     chunk = order[pos:pos + max(1, self.token_budget // (B * T) - 1)]
                     if pos < len(lone) < pos + len(chunk):
@@ -313,7 +314,7 @@ class GradientsMixin:
                     while True:
                         try:
                             part = self._qk_chunk(g, source, [changes[c] for c in chunk], [lay[c] for c in chunk],
-                                                  reads, compose=pos < len(lone))
+                                                  reads, compose=pos < len(lone), memo=memo)
                             break
                         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
                             if not is_oom(e):
@@ -336,12 +337,14 @@ class GradientsMixin:
                 and not self.ad.has_post_attn_norm)
 
     def _qk_chunk(self, g: int, source: str, changes: Sequence[SenderChange], lays: Sequence[int],
-                  reads: Sequence[GradientOutput], compose: bool = False) -> torch.Tensor:
+                  reads: Sequence[GradientOutput], compose: bool = False,
+                  memo: dict[int, dict[Any, Any]] | None = None) -> torch.Tensor:
         """The QK-fix terms (R, k, B) of ``changes`` (senders' layers ``lays``) on group ``g``: per downstream
         layer one call of its block's attention on the stacked inputs ``x_l + change`` and one unchanged
         copy ``x_l``, whose values (v) every copy takes (only the last copy's are computed where the adapter
         can: :meth:`Adapter.attention_z`). ``compose`` (every change a lone head, :meth:`_composable`): the
-        copies' q/k projections are composed (:meth:`_composed_z`) instead of computed from their inputs."""
+        copies' q/k projections are composed (:meth:`_composed_z`) instead of computed from their inputs;
+        ``memo`` (per layer) keeps what chunks of the same group share."""
         ad = self.ad
         P = self.local_prefix(g, source)
         B, L, k = P.batch, ad.n_layers, len(changes)
@@ -357,7 +360,8 @@ class GradientsMixin:
             with torch.no_grad(), self.model.evaluating():
                 z = None
                 if heads is not None and layer not in self._no_compose:
-                    z = self._composed_z(P, layer, x, heads[0][:kk], heads[1][:kk])
+                    z = self._composed_z(P, layer, x, heads[0][:kk], heads[1][:kk],
+                                         {} if memo is None else memo.setdefault(layer, {}))
                     if z is None:  # the attention does not read its norm's output as composed: plain route
                         self._no_compose.add(layer)
                 if z is None:
@@ -411,8 +415,8 @@ class GradientsMixin:
                 dz[j, :, p] = diff[:, p]
         return dz, W
 
-    def _composed_z(self, P: Any, layer: int, x: torch.Tensor, dz: torch.Tensor, W: torch.Tensor
-                    ) -> torch.Tensor | None:
+    def _composed_z(self, P: Any, layer: int, x: torch.Tensor, dz: torch.Tensor, W: torch.Tensor,
+                    memo: dict[Any, Any]) -> torch.Tensor | None:
         """Layer ``layer``'s heads' output z ((k+1)*B, T, H*dh) for the block inputs ``x + dz_j @ W_j`` (each
         lone head j of ``dz`` (k, B, T, head_dim) with its ``W_O`` rows ``W`` (k, head_dim, d)), then ``x``,
         every copy's values the last copy's, with the q/k projections composed instead of projected:
@@ -424,39 +428,45 @@ class GradientsMixin:
         ``sigma(x)^2``, ``dz . (P(x) W^T)`` and ``dz W W^T dz`` (no (k, B, T, d) tensor is formed). The
         projection then costs head_dim rows per head instead of B*T, and only the attention runs on every
         copy (:meth:`Adapter.attention_z_given`). None where the adapter cannot take given projections or
-        the last copy's composed q/k differ from the module's own."""
+        the last copy's composed q/k differ from the module's own. ``memo``: kept by the caller for calls
+        with the same layer and ``x`` (what depends on them alone is computed once)."""
         ad = self.ad
         if not ad.can_compose_qk(layer):
             return None
         k, B, T, dh = dz.shape
         d = ad.d_model
         cdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
-        aff = ad.attn_input_affine(layer)
-        if aff is None:
-            gamma, beta, eps, centre = torch.ones(d, dtype=cdt, device=x.device), None, 0.0, False
-        else:
-            gamma, beta, eps, centre = aff
-        gamma = gamma.to(cdt)
-        xs, Wc, dzc = x.to(cdt), W.to(cdt), dz.to(cdt).flatten(1, 2)  # dzc (k, B*T, dh)
-        if centre:
-            xs = xs - xs.mean(-1, keepdim=True)
+        if "xs" not in memo:  # what depends on the layer and x alone
+            aff = ad.attn_input_affine(layer)
+            gamma, beta, eps, centre = ((torch.ones(d, dtype=cdt, device=x.device), None, 0.0, False)
+                                        if aff is None else aff)
+            xs = x.to(cdt)
+            if centre:
+                xs = xs - xs.mean(-1, keepdim=True)
+            memo.update(xs=xs.flatten(0, 1), gamma=gamma.to(cdt), eps=eps, centre=centre, norm=aff is not None,
+                        var0=xs.pow(2).mean(-1).flatten(), normed=ad.block_norm(layer, "attn", x))
+            zero = torch.zeros(1, d, dtype=ad.dtype, device=x.device)
+            for site, qk in ad.qk_sites(layer):
+                bias = ad.project_columns(site, zero, qk).to(cdt)  # (1, n): n query and key columns
+                const = bias if beta is None else ad.project_columns(site, beta.to(ad.dtype)[None], qk).to(cdt)
+                base = ad.project_columns(site, (xs * memo["gamma"]).to(ad.dtype), qk).to(cdt).flatten(0, 1) - bias
+                memo[("proj", site)] = bias, const, base  # base (B*T, n)
+        xs, gamma = memo["xs"], memo["gamma"]
+        Wc, dzc = W.to(cdt), dz.to(cdt).flatten(1, 2)  # dzc (k, B*T, dh)
+        if memo["centre"]:
             Wc = Wc - Wc.mean(-1, keepdim=True)
-        if aff is None:
-            inv = torch.ones(k + 1, B * T, 1, dtype=cdt, device=x.device)
-        else:
-            var0 = xs.pow(2).mean(-1).flatten()  # (B*T,)
-            cross = (dzc * torch.matmul(xs.flatten(0, 1), Wc.transpose(1, 2))).sum(-1)  # (k, B*T)
+        if memo["norm"]:
+            cross = (dzc * torch.matmul(xs, Wc.transpose(1, 2))).sum(-1)  # (k, B*T)
             quad = (torch.matmul(dzc, torch.matmul(Wc, Wc.transpose(1, 2))) * dzc).sum(-1)
+            var0 = memo["var0"]
             var = torch.cat([var0 + (2 * cross + quad) / d, var0[None]])
-            inv = torch.rsqrt(var + eps).unsqueeze(-1)  # (k+1, B*T, 1)
-        normed = ad.block_norm(layer, "attn", x)
-        zero = torch.zeros(1, d, dtype=ad.dtype, device=x.device)
-        scaled = (inv[:k] * dzc).to(cdt)  # (k, B*T, dh): 1 / sigma folded into dz
+            inv = torch.rsqrt(var + memo["eps"]).unsqueeze(-1)  # (k+1, B*T, 1)
+        else:
+            inv = torch.ones(k + 1, B * T, 1, dtype=cdt, device=x.device)
+        scaled = inv[:k] * dzc  # (k, B*T, dh): 1 / sigma folded into dz
         given: dict[Site, torch.Tensor] = {}
         for site, qk in ad.qk_sites(layer):
-            bias = ad.project_columns(site, zero, qk).to(cdt)  # (1, n): n query and key columns
-            const = bias if beta is None else ad.project_columns(site, beta.to(ad.dtype)[None], qk).to(cdt)
-            base = ad.project_columns(site, (xs * gamma).to(ad.dtype), qk).to(cdt).flatten(0, 1) - bias  # (B*T, n)
+            bias, const, base = memo[("proj", site)]
             M = ad.project_columns(site, (Wc * gamma).to(ad.dtype).reshape(-1, d), qk).to(cdt) - bias  # (k*dh, n)
             width = ad.module_width(site)
             full = torch.empty(k + 1, B * T, width, dtype=cdt, device=x.device)
@@ -467,7 +477,8 @@ class GradientsMixin:
             if not isinstance(qk, slice):
                 full[..., qk] = y
             given[site] = full.view(-1, T, width) if cdt == ad.dtype else full.view(-1, T, width).to(ad.dtype)
-        return ad.attention_z_given(P, layer, k + 1, normed, given)
+        normed = memo["normed"]
+        return ad.attention_z_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}))
 
     def _stacked_changes(self, g: int, source: str, changes: Sequence[SenderChange]) -> torch.Tensor:
         """:meth:`sender_change` of each change, stacked (k, B, T, d), not cached. A lone head of a layer without
