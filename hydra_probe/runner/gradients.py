@@ -275,7 +275,10 @@ class GradientsMixin:
         Each pair (change, layer) is independent, so per layer only that block's attention runs (up to
         its output projection's input), with the changes of every sender below it stacked along the
         batch (within the token budget, halved on out-of-memory), and is reduced against the gradients
-        at once. ``Runner.fast_qk = False``: the plain reference, one full forward per change. With
+        at once. A lone head's change (no post-attention norm) enters the q/k projections composed through
+        its ``W_O`` rows (:meth:`_composed_z`: head_dim projected rows per head and layer instead of one per
+        prompt position; ``Runner.compose_qk = False`` projects every copy's input instead).
+        ``Runner.fast_qk = False``: the plain reference, one full forward per change. With
         ``backend="nnsight"`` (also remote) one nnsight trace per chunk of changes instead.
 
         Returns:
