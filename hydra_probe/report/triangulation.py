@@ -7,7 +7,10 @@ public effect or graph function (``direct_effects``, ``self_repair``,
 ``iterated_ablation``) and is held in that function's result object, with
 its provenance. The report joins their summaries into one per-component
 table and applies a documented verdict rule (:data:`VERDICT_RULE`); it never
-recomputes a measurement.
+recomputes a measurement. The analyses of one call share their unedited runs
+(:func:`~hydra_probe.effects.common.shared_runs`): each clean and corrupted
+forward, with its captures, runs once per report, and the numbers are those of
+the functions called alone.
 """
 
 from __future__ import annotations
