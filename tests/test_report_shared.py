@@ -126,3 +126,12 @@ def test_make_runner_outside_and_inside_a_block():
             assert common.make_runner(m, task, "logit_diff")[0] is not common.make_runner(m, task, "logit_diff")[0]
     finally:
         common.SHARE_RUNS = old
+
+
+def test_nnsight_backend_report_unchanged_by_sharing():
+    """On the nnsight backend the runner is shared whole (its unedited traces return what was declared, the rest
+    is fetched on first use): the same report as without sharing."""
+    m = hp.load_model(tiny.hf_model("gpt2", layers=2, initializer_range=0.3), tokenizer=tiny.tokenizer(),
+                      backend="nnsight")
+    task = hp.tasks.ioi(m, 6, corruption="abc", seed=0)
+    _same_report(_report(m, task, True, top=2, iterate=1), _report(m, task, False, top=2, iterate=1))
