@@ -188,3 +188,20 @@ def test_composed_qk_falls_back_where_the_norm_is_not_as_described(family, plain
     got = runner.qk_fix("clean", changes, reads)
     _close(got, want)
     assert runner._no_compose == set(range(1, m.n_layers))
+
+
+def test_composed_weights_are_kept_for_the_other_direction():
+    """The second QK fix on one runner (the report's other AtP* direction) reuses the composed q/k weights and
+    gives what a fresh runner gives."""
+    m, t = build("llama")
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    changes = lambda value: [SenderChange((c,), value) for c in m.components(["L0H1", "L1H0", "L0H3", "L1H2"])]  # noqa: E731
+    shared, _ = make_runner(m, t, "logit_diff")
+    shared.qk_fix("corrupted", changes("clean"), shared.gradients("corrupted", [GradientRead(zs, None, True)]))
+    kept = dict(shared._qk_weights)
+    assert kept and shared._qk_weight_bytes > 0
+    got = shared.qk_fix("clean", changes("corrupted"), shared.gradients("clean", [GradientRead(zs, None, True)]))
+    assert shared._qk_weights.keys() == kept.keys()  # nothing new was composed
+    fresh, _ = make_runner(m, t, "logit_diff")
+    want = fresh.qk_fix("clean", changes("corrupted"), fresh.gradients("clean", [GradientRead(zs, None, True)]))
+    _close(got, want)

@@ -51,6 +51,11 @@ class _SkipOnlyGradient(torch.autograd.Function):
         return torch.where(mask, zero, g), torch.where(mask, g, zero), None
 
 
+#: bytes of composed q/k weights (``Runner._composed_z``) a runner keeps for its next QK fix: the report's two
+#: AtP* directions share one runner and the same weights
+QK_WEIGHT_CACHE = 512 * 2 ** 20
+
+
 class GradientsMixin:
     """The gradient reads and the QK fix of :class:`Runner`."""
 
@@ -363,8 +368,9 @@ class GradientsMixin:
             with torch.no_grad(), self.model.evaluating():
                 z = None
                 if heads is not None and layer not in self._no_compose:
+                    who = tuple((changes[j].senders[0].layer, changes[j].senders[0].head) for j in order[:kk])
                     z = self._composed_z(P, layer, x, heads[0][:kk], heads[1][:kk],
-                                         {} if memo is None else memo.setdefault(layer, {}))
+                                         {} if memo is None else memo.setdefault(layer, {}), who)
                     if z is None:  # the attention does not read its norm's output as composed: plain route
                         self._no_compose.add(layer)
                 if z is None:
@@ -419,7 +425,7 @@ class GradientsMixin:
         return dz, W
 
     def _composed_z(self, P: Any, layer: int, x: torch.Tensor, dz: torch.Tensor, W: torch.Tensor,
-                    memo: dict[Any, Any]) -> torch.Tensor | None:
+                    memo: dict[Any, Any], who: tuple[tuple[int, int], ...] = ()) -> torch.Tensor | None:
         """Layer ``layer``'s heads' output z ((k+1)*B, T, H*dh) for the block inputs ``x + dz_j @ W_j`` (each
         lone head j of ``dz`` (k, B, T, head_dim) with its ``W_O`` rows ``W`` (k, head_dim, d)), then ``x``,
         every copy's values the last copy's, with the q/k projections composed instead of projected:
@@ -432,7 +438,9 @@ class GradientsMixin:
         projection then costs head_dim rows per head instead of B*T, and only the attention runs on every
         copy (:meth:`Adapter.attention_z_given`). None where the adapter cannot take given projections or
         the last copy's composed q/k differ from the module's own. ``memo``: kept by the caller for calls
-        with the same layer and ``x`` (what depends on them alone is computed once)."""
+        with the same layer and ``x`` (what depends on them alone is computed once). ``who``: the heads of
+        ``W`` as (layer, head); their composed weights ``lin(gamma * P(W))`` depend on the weights alone and are
+        kept on the runner (within :data:`QK_WEIGHT_CACHE` bytes) for its next QK fix (the other direction)."""
         ad = self.ad
         if not ad.can_compose_qk(layer):
             return None
@@ -470,7 +478,14 @@ class GradientsMixin:
         given: dict[Site, torch.Tensor] = {}
         for site, qk in ad.qk_sites(layer):
             bias, const, base = memo[("proj", site)]
-            M = ad.project_columns(site, (Wc * gamma).to(ad.dtype).reshape(-1, d), qk).to(cdt) - bias  # (k*dh, n)
+            wkey = (layer, site, who)
+            M = self._qk_weights.get(wkey) if who else None
+            if M is None:
+                M = ad.project_columns(site, (Wc * gamma).to(ad.dtype).reshape(-1, d), qk).to(cdt) - bias  # (k*dh, n)
+                size = M.numel() * M.element_size()
+                if who and self._qk_weight_bytes + size <= QK_WEIGHT_CACHE:
+                    self._qk_weights[wkey] = M
+                    self._qk_weight_bytes += size
             width = ad.module_width(site)
             full = torch.empty(k + 1, B * T, width, dtype=cdt, device=x.device)
             y = full[..., qk] if isinstance(qk, slice) else torch.empty(k + 1, B * T, base.shape[-1], dtype=cdt,

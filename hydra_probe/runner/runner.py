@@ -112,6 +112,8 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         self._clean_logits: torch.Tensor | None = None
         self._changes: dict[Any, torch.Tensor] = {}
         self._no_compose: set[int] = set()  # layers whose attention input is not the norm the QK fix composes
+        self._qk_weights: dict[Any, torch.Tensor] = {}  # composed q/k weights of the QK fix (see QK_WEIGHT_CACHE)
+        self._qk_weight_bytes = 0
         #: nnsight: what the unedited forwards must return, per (group, source) {site: {"last", "all", "sum"}}
         #: (declared by :meth:`run`, fetched with the first request; see :class:`RemotePrefix`)
         self._want: dict[tuple[int, str], dict[Site, set[str]]] = {}
