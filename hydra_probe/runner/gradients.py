@@ -51,8 +51,9 @@ class _SkipOnlyGradient(torch.autograd.Function):
         return torch.where(mask, zero, g), torch.where(mask, g, zero), None
 
 
-#: bytes of composed q/k weights (``Runner._composed_z``) a runner keeps for its next QK fix: the report's two
-#: AtP* directions share one runner and the same weights
+#: bytes of composed q/k weights (``Runner._composed_z``) a runner keeps for its next QK fix on the CPU (on an
+#: accelerator they are recomputed: its memory goes to the batches): the report's two AtP* directions share one
+#: runner and the same weights
 QK_WEIGHT_CACHE = 512 * 2 ** 20
 
 
@@ -483,7 +484,7 @@ class GradientsMixin:
             if M is None:
                 M = ad.project_columns(site, (Wc * gamma).to(ad.dtype).reshape(-1, d), qk).to(cdt) - bias  # (k*dh, n)
                 size = M.numel() * M.element_size()
-                if who and self._qk_weight_bytes + size <= QK_WEIGHT_CACHE:
+                if who and x.device.type == "cpu" and self._qk_weight_bytes + size <= QK_WEIGHT_CACHE:
                     self._qk_weights[wkey] = M
                     self._qk_weight_bytes += size
             width = ad.module_width(site)
