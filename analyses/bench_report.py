@@ -26,7 +26,10 @@ The prompts are random tokens; the corrupted prompt changes one token (at
 logits that change raises and lowers most at the last position, so the
 clean - corrupted gap is the corruption's effect and not noise.
 Usage:
-    python analyses/bench_report.py [--shape gpt2|smol] [--prompts N] [--modes all,auto] [--threads 2]
+    python analyses/bench_report.py [--shape gpt2|smol] [--prompts N] [--modes all,auto] [--threads 2] [--no-share]
+
+(``--no-share``: the analyses do not share their unedited runs, the plain reference of
+``effects.common.shared_runs``; same numbers.) ``compare`` is reused by bench_sweep.py.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import argparse
 import sys
 import time
 import warnings
+from typing import Any
 
 import torch
 import transformers as tf
@@ -81,6 +85,41 @@ def run(model: hp.HookedModel, task: Task, exact: str) -> tuple[hp.Triangulation
     return rep, time.perf_counter() - w, time.process_time() - c
 
 
+def compare(shape: str, model: hp.HookedModel, task: Task, modes: str = "all,auto", say: Any = print
+            ) -> dict[str, hp.TriangulationReport]:
+    """Warm up, run the report once per mode (comma-separated, in order) and print the lines of the module doc
+    (with both modes, the ratio and the verdict comparison). Returns the reports by mode."""
+    hp.triangulate(model, task.subset(range(min(4, len(task)))), components=["L0H0", f"L{model.n_layers - 1}H0"],
+                   top=1, progress=False)  # warm-up (first-call costs)
+    n = len(task)
+    reps, wall, cpu = {}, {}, {}
+    for mode in modes.split(","):
+        reps[mode], wall[mode], cpu[mode] = run(model, task, mode)
+        t = reps[mode].to_frame()
+        b = reps[mode].baseline
+        say(f"shape={shape} exact={mode} wall_s={wall[mode]:.1f} cpu_s={cpu[mode]:.1f} "
+            f"swept={int(t['exact'].sum())}/{len(t)}  (n={n}, clean {b['clean_metric']:.3g}, "
+            f"corrupted {b['corrupted_metric']:.3g}, gap {b['gap']:.3g})", flush=True)
+        for step, s in reps[mode].timings.items():
+            say(f"shape={shape} exact={mode} step={step} wall_s={s:.1f}", flush=True)
+    if "all" in reps and "auto" in reps:
+        say(f"shape={shape} ratio auto/all wall={wall['auto'] / wall['all']:.3f} cpu={cpu['auto'] / cpu['all']:.3f}"
+            "  (issue 14: at most 1/3)")
+        f = reps["all"].to_frame().set_index("component")
+        x = reps["auto"].to_frame().set_index("component")
+        top = list(f.index[:10])
+        same = [c for c in top if f.loc[c, "verdict"] == x.loc[c, "verdict"]]
+        say(f"shape={shape} top10 verdicts agree={len(same)}/{len(top)} (by the exhaustive run's importance) "
+            + " ".join(f"[{c}: {f.loc[c, 'verdict']} -> {x.loc[c, 'verdict']}"
+                       f"{'' if x.loc[c, 'exact'] else ' (estimated)'}]" for c in top))
+        nm = f.index[f["verdict"] != "agree: minor"]
+        agree = int((x.loc[nm, "verdict"] == f.loc[nm, "verdict"]).sum())
+        say(f"shape={shape} non-minor verdicts agree={agree}/{len(nm)} swept={int(x.loc[nm, 'exact'].sum())}/"
+            f"{len(nm)}; all verdicts agree={int((x.loc[f.index, 'verdict'] == f['verdict']).sum())}/{len(f)}")
+    sys.stdout.flush()
+    return reps
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="gpt2", choices=sorted(SHAPES))
@@ -89,39 +128,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--position", type=int, default=5, help="the corrupted token's position")
     ap.add_argument("--modes", default="all,auto", help="which runs, in order (comma-separated: all, auto)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-share", action="store_true",
+                    help="every analysis builds its own runner (effects.common.SHARE_RUNS = False; same numbers)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
-    n = a.prompts or SHAPES[a.shape][3]
-    model, task = make(a.shape, n, a.tokens, a.position)
-    hp.triangulate(model, task.subset(range(4)), components=["L0H0", f"L{model.n_layers - 1}H0"], top=1,
-                   progress=False)  # warm-up (first-call costs)
-    say = print
-    reps, wall, cpu = {}, {}, {}
-    b = None
-    for mode in a.modes.split(","):
-        reps[mode], wall[mode], cpu[mode] = run(model, task, mode)
-        t = reps[mode].to_frame()
-        b = reps[mode].baseline
-        say(f"shape={a.shape} exact={mode} wall_s={wall[mode]:.1f} cpu_s={cpu[mode]:.1f} "
-            f"swept={int(t['exact'].sum())}/{len(t)}  (n={n}, clean {b['clean_metric']:.3g}, "
-            f"corrupted {b['corrupted_metric']:.3g}, gap {b['gap']:.3g})", flush=True)
-        for step, s in reps[mode].timings.items():
-            say(f"shape={a.shape} exact={mode} step={step} wall_s={s:.1f}", flush=True)
-    if "all" in reps and "auto" in reps:
-        say(f"shape={a.shape} ratio auto/all wall={wall['auto'] / wall['all']:.3f} cpu={cpu['auto'] / cpu['all']:.3f}")
-        f = reps["all"].to_frame().set_index("component")
-        x = reps["auto"].to_frame().set_index("component")
-        top = list(f.index[:10])
-        same = [c for c in top if f.loc[c, "verdict"] == x.loc[c, "verdict"]]
-        say(f"shape={a.shape} top10 verdicts agree={len(same)}/10 (by the exhaustive run's importance) "
-            + " ".join(f"[{c}: {f.loc[c, 'verdict']} -> {x.loc[c, 'verdict']}"
-                       f"{'' if x.loc[c, 'exact'] else ' (estimated)'}]" for c in top))
-        nm = f.index[f["verdict"] != "agree: minor"]
-        agree = int((x.loc[nm, "verdict"] == f.loc[nm, "verdict"]).sum())
-        say(f"shape={a.shape} non-minor verdicts agree={agree}/{len(nm)} swept={int(x.loc[nm, 'exact'].sum())}/"
-            f"{len(nm)}; all verdicts agree={int((x.loc[f.index, 'verdict'] == f['verdict']).sum())}/{len(f)}")
-    sys.stdout.flush()
+    if a.no_share:
+        from hydra_probe.effects import common
+
+        common.SHARE_RUNS = False
+    model, task = make(a.shape, a.prompts or SHAPES[a.shape][3], a.tokens, a.position)
+    compare(a.shape, model, task, a.modes)
 
 
 if __name__ == "__main__":

@@ -25,16 +25,29 @@ one full forward per sender for the QK fix, one stacked copy per GradDrop read):
 
     shape=NAME op=atp*_engine ratio=R max_abs_diff=D
 
-ratio = new time / old time; max_abs_diff compares the estimates. Before the attribution lines,
-the all-heads sweeps with the final block's attention for the last query only against the same sweeps
-computing it in full (``Runner.last_query_only`` on / off):
+ratio = new time / old time; max_abs_diff compares the estimates. With the ablation part, before the
+attribution lines, the all-heads sweeps with the final block's attention for the last query only against
+the same sweeps computing it in full (``Runner.last_query_only`` on / off):
 
     shape=NAME op=ablate_last_query_vs_full|self_repair_last_query_vs_full ratio=R max_abs_diff=D
 
-Random-weight configs, no downloads. Usage:
-    python analyses/bench_sweep.py [--shapes gpt2-small,small] [--threads 2] [--atp-only]
+Then the full
+report (``hp.triangulate``, every section) with exact="auto" and exact="all" on
+a model of each shape (``--report-prompts`` prompt pairs, 32 by default: for
+gpt2-small the GPT-2-small-sized model of 144 heads and 50257 tokens; prompts
+whose corruption changes one token), with analyses/bench_report.py's lines:
 
-(``--atp-only``: only the attribution lines, without the plain nnsight loop.)
+    shape=NAME exact=all|auto wall_s=W cpu_s=C swept=K/N  (and one step=STEP line per step)
+    shape=NAME ratio auto/all wall=R cpu=C
+    shape=NAME top10 verdicts agree=A/10 (by the exhaustive run's importance) [...]
+    shape=NAME non-minor verdicts agree=A/B swept=S/B; all verdicts agree=...
+
+Random-weight configs, no downloads. Usage:
+    python analyses/bench_sweep.py [--shapes gpt2-small,small] [--threads 2] [--parts ablation,attribution,report]
+                                   [--prompts 16] [--report-prompts 32] [--report-modes all,auto]
+
+(``--parts``: which parts, all three by default: ``ablation`` (the plain nnsight loop lines), ``attribution``
+(the op=atp, op=atp* and op=atp*_engine lines), ``report``; ``--atp-only`` is ``--parts attribution``.)
 """
 
 from __future__ import annotations
@@ -57,6 +70,9 @@ SHAPES = {
     "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257),
     "small": dict(n_layer=6, n_head=8, n_embd=256, vocab_size=50257),
 }
+#: the report part's model: bench_report.py's shape of that name (other shapes: a GPT-2 of this script's config)
+REPORT_SHAPES = {"gpt2-small": "gpt2"}
+PARTS = ("ablation", "attribution", "report")
 
 
 def make(shape: str, n_prompts: int, n_tokens: int, seed: int = 0):
@@ -105,17 +121,23 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=10)
-    ap.add_argument("--atp-only", action="store_true", help="only the attribution lines (exact, AtP, AtP*, engine)")
+    ap.add_argument("--atp-only", action="store_true", help="only the attribution lines (= --parts attribution)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"which parts, comma-separated ({', '.join(PARTS)})")
+    ap.add_argument("--report-prompts", type=int, default=32, help="prompt pairs of the report part")
+    ap.add_argument("--report-modes", default="all,auto", help="the report part's runs, in order (all, auto)")
     args = ap.parse_args(argv)
+    parts = {"attribution"} if args.atp_only else set(args.parts.split(","))
+    if parts - set(PARTS):
+        ap.error(f"unknown parts {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     import nnsight
 
-    for shape in args.shapes.split(","):
+    for shape in args.shapes.split(",") if parts & {"ablation", "attribution"} else []:
         hf, tok, task = make(shape, args.prompts, args.tokens)
         lm = nnsight.LanguageModel(hf, tokenizer=tok)
         model = hp.load_model(hf, tokenizer=tok)
-        if args.atp_only:
+        if "ablation" not in parts:
             _attribution_lines(shape, model, task, args.top_k)
             continue
         plain_loop(lm, hf, task.subset(range(2)))  # warm-up
@@ -154,7 +176,23 @@ def main(argv=None) -> None:
             diff = float((tes[True] - tes[False]).abs().max())
             print(f"shape={shape} op={op}_last_query_vs_full ratio={times[True] / times[False]:.3f} "
                   f"max_abs_diff={diff:.2e}  (last query {times[True]:.2f}s, full {times[False]:.2f}s)", flush=True)
-        _attribution_lines(shape, model, task, args.top_k)
+        if "attribution" in parts:
+            _attribution_lines(shape, model, task, args.top_k)
+    for shape in args.shapes.split(",") if "report" in parts else []:
+        _report_lines(shape, args.report_prompts, args.tokens, args.report_modes)
+
+
+def _report_lines(shape: str, n_prompts: int, n_tokens: int, modes: str) -> None:
+    """The full report with exact="auto" and "all" on a random model of ``shape``: bench_report.py's make
+    (prompts whose corruption changes one token, answers the tokens that change moves most) and compare."""
+    import bench_report
+
+    name = REPORT_SHAPES.get(shape, shape)
+    if name not in bench_report.SHAPES:  # another GPT-2 shape of this script
+        bench_report.SHAPES[name] = (tf.GPT2Config, tf.GPT2LMHeadModel, dict(n_positions=64, **SHAPES[shape]),
+                                     n_prompts)
+    model, task = bench_report.make(name, n_prompts, n_tokens)
+    bench_report.compare(shape, model, task, modes)
 
 
 def _attribution_lines(shape: str, model, task, top_k: int) -> None:

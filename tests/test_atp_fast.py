@@ -60,11 +60,17 @@ def test_qk_engine_equals_one_pinned_forward_per_sender(family, plain):
     changes = [SenderChange((c["L0H1"],), "clean", (-1, -3)), SenderChange((c["MLP0"],), "clean"),
                SenderChange((c["ATTN1"],), "clean"), SenderChange((c["L1H3"],), "clean", (-1,)),
                SenderChange((c["MLP2"],), "clean"), SenderChange((c["L0H0"], c["MLP1"]), "clean")]
-    got = runner.qk_fix("corrupted", changes, reads)
+    with plain("compose_qk"):
+        got = runner.qk_fix("corrupted", changes, reads)
     with plain("fast_qk"):
         want = runner.qk_fix("corrupted", changes, reads)
     assert got.shape == (3, len(changes), len(t))
     _close(got, want)
+    # lone heads' q/k composed through W_O: the same up to the model's own norm rounding (HF's RMSNorm
+    # computes in float32 even in a float64 model; the composition does not)
+    composed = runner.qk_fix("corrupted", changes, reads)
+    _close(composed, want, 1e-9 if m.adapter.table.norm_kind == "layernorm" else 1e-4)
+    assert not runner._no_compose
     # a real term for every sender below the last layer; none for the last layer's MLP
     assert (got[0, [0, 1, 2, 3, 5]].abs().amax(-1) > 1e-6).all() and (got[:, 4] == 0).all()
     # a read that drops layer 1 is never used for senders at layer 1 or above: its terms are not computed
@@ -80,7 +86,8 @@ def test_qk_engine_where_the_value_projection_is_wrapped(family, plain):
     zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
     reads = runner.gradients("clean", [GradientRead(zs, None, True)])
     changes = [SenderChange((c,), "corrupted") for c in m.components(["L0H1", "MLP0", "L1H0"])]
-    want = runner.qk_fix("clean", changes, reads)
+    with plain("compose_qk"):  # a block with a replaced forward is not composed
+        want = runner.qk_fix("clean", changes, reads)
     ad = m.adapter
     mods = [ad.module_of(Site(layer, "v" if ad.table.qkv_layout == "separate" else "qkv"))[0]
             for layer in range(m.n_layers)]
@@ -162,3 +169,39 @@ def test_qk_fix_retries_out_of_memory_with_half_the_stack(monkeypatch):
     i = sizes.index(-1)
     assert sizes[i + 1] == sizes[i - 1] // 2, sizes
     _close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_composed_qk_falls_back_where_the_norm_is_not_as_described(family, plain, monkeypatch):
+    """A norm the table describes wrongly (here: a gamma off by 2x) is caught on the unchanged copy before its
+    composed q/k are used; the layer then takes the plain route, with the same numbers."""
+    m, t = build(family)
+    runner, _ = make_runner(m, t, "logit_diff")
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    reads = runner.gradients("clean", [GradientRead(zs, None, True)])
+    changes = [SenderChange((c,), "corrupted") for c in m.components(["L0H1", "L1H0", "L0H3"])]
+    with plain("compose_qk"):
+        want = runner.qk_fix("clean", changes, reads)
+    ad = m.adapter
+    true = ad.attn_input_affine
+    monkeypatch.setattr(ad, "attn_input_affine", lambda layer: (lambda g, b, e, c: (2 * g, b, e, c))(*true(layer)))
+    got = runner.qk_fix("clean", changes, reads)
+    _close(got, want)
+    assert runner._no_compose == set(range(1, m.n_layers))
+
+
+def test_composed_weights_are_kept_for_the_other_direction():
+    """The second QK fix on one runner (the report's other AtP* direction) reuses the composed q/k weights and
+    gives what a fresh runner gives."""
+    m, t = build("llama")
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    changes = lambda value: [SenderChange((c,), value) for c in m.components(["L0H1", "L1H0", "L0H3", "L1H2"])]  # noqa: E731
+    shared, _ = make_runner(m, t, "logit_diff")
+    shared.qk_fix("corrupted", changes("clean"), shared.gradients("corrupted", [GradientRead(zs, None, True)]))
+    kept = dict(shared._qk_weights)
+    assert kept and shared._qk_weight_bytes > 0
+    got = shared.qk_fix("clean", changes("corrupted"), shared.gradients("clean", [GradientRead(zs, None, True)]))
+    assert shared._qk_weights.keys() == kept.keys()  # nothing new was composed
+    fresh, _ = make_runner(m, t, "logit_diff")
+    want = fresh.qk_fix("clean", changes("corrupted"), fresh.gradients("clean", [GradientRead(zs, None, True)]))
+    _close(got, want)

@@ -354,7 +354,9 @@ def test_custom_linear_metric_closes_on_the_shipped_model():
     mine = Metric("mine", True, lambda lg, a, b: _weights(lg, a, b, c))
     de = hp.direct_effects(m, task, "all", metric=mine)
     total = de.to_frame().groupby("prompt").direct_effect.sum().to_numpy() + de.constant["constant"].to_numpy()
-    assert abs(total - de.constant["metric"].to_numpy()).max() < 1e-5
+    want = de.constant["metric"].to_numpy()
+    # float32 rounding of a metric near 37 (the weights amplify the logits): relative, not absolute
+    assert abs(total - want).max() < 2e-6 * abs(want).max()
     # the metric itself, independently from a plain forward
     with torch.no_grad():
         lg = torch.stack([m.hf_model(ids[None]).logits[0, -1] for ids in task.clean_ids])

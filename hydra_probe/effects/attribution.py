@@ -188,7 +188,8 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     ``qk_fix=False`` (with ``"atp*"``): GradDrop alone, the softmax
     linearised as in plain AtP; it saves the QK fix (per component, the
     attention of every layer above it recomputed, up to its output
-    projection's input: :meth:`Runner.qk_fix`). GradDrop's reads share one
+    projection's input, a head's change composed with the q/k
+    projections: :meth:`Runner.qk_fix`). GradDrop's reads share one
     forward and backward (:meth:`Runner.gradients`).
     """
     model = as_model(model)

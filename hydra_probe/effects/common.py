@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -95,9 +97,64 @@ def make_runner(model: HookedModel, task: Any, metric: Any, value: Any = None, s
                 f"resample ablation draws from other prompts of the same token length, but the task has a single "
                 f"prompt of {' and of '.join(map(str, lone))} tokens; add prompts of that length or use value='mean'."
             )
-    runner = Runner(model, task, m, reference=reference, seed=seed, progress=progress)
+    cache = _SHARED.get()
+    if cache is None:
+        runner = Runner(model, task, m, reference=reference, seed=seed, progress=progress)
+    else:
+        runner = _shared_runner(cache, model, task, metric, m, reference, int(seed), progress)
     runner.value_hint = value  # what the nnsight path's first request should already bring (means' sums)
     return runner, m
+
+
+#: False: :func:`shared_runs` shares nothing, each analysis builds its own runner (the plain reference, for tests
+#: and benchmarks; same numbers)
+SHARE_RUNS: bool = True
+#: the runners of the active :func:`shared_runs` block (None outside one)
+_SHARED: ContextVar[dict[tuple, Runner] | None] = ContextVar("hydra_probe_shared_runs", default=None)
+
+
+@contextmanager
+def shared_runs() -> Iterator[None]:
+    """While active, the analyses of one model and task share their unedited runs (used by ``triangulate``).
+
+    Inside the block, :func:`make_runner` hands every call with the same model, task, metric, reference
+    task, seed and attention implementation the same :class:`Runner` (with this call's ``progress``), so
+    the clean and corrupted forwards with their captures, the mean-ablation values, the readout and the
+    clean logits are computed once for all of them; a runner that differs only in metric, reference or
+    seed shares the unedited forwards too (local backend; they depend on none of these). The numbers are
+    the same as without sharing (the same computations, run once). The unedited runs stay in memory until
+    the block ends. Nested blocks share the outermost one's runners; outside any block each analysis
+    builds its own runner, as before.
+    """
+    token = _SHARED.set({}) if SHARE_RUNS and _SHARED.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _SHARED.reset(token)
+
+
+def _shared_runner(cache: dict[tuple, Runner], model: HookedModel, task: Any, metric: Any, m: Metric,
+                   reference: Any, seed: int, progress: bool | None) -> Runner:
+    """The runner of ``cache`` for these arguments, built on first use (see :func:`shared_runs`).
+
+    Keys hold ``id``s; the cached runner refers to the model, task, metric and reference, so they stay alive
+    (and their ``id``s unique) while the cache does. A metric given by name or as a :class:`Metric` is that
+    object; a plain callable is keyed by itself (``get_metric`` wraps it anew on every call)."""
+    attn = getattr(getattr(model.adapter, "config", None), "_attn_implementation", None)
+    runs = (id(model), id(task), str(attn))  # what the unedited forwards depend on
+    key = (*runs, id(m) if metric is None or isinstance(metric, (str, Metric)) else id(metric), id(reference), seed)
+    runner = cache.get(key)
+    if runner is None:
+        runner = Runner(model, task, m, reference=reference, seed=seed, progress=progress)
+        sibling = cache.get(runs)
+        if sibling is None:
+            cache[runs] = runner
+        elif model.backend != "nnsight":  # nnsight's unedited runs are fetched per runner (what it declared)
+            runner._prefix = sibling._prefix
+        cache[key] = runner
+    runner.progress = progress
+    return runner
 
 
 def value_name(value: Any) -> str:

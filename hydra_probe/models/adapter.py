@@ -504,6 +504,25 @@ class Adapter:
         with _onloaded(mod):
             return mod.forward(x)
 
+    def project_columns(self, site: Site, x: torch.Tensor, cols: slice | torch.Tensor) -> torch.Tensor:
+        """``project(site, x)[..., cols]``, computing only those columns where the module is a plain linear
+        layer (``nn.Linear``, GPT-2's ``Conv1D``) with its own forward."""
+        mod, _ = self.module_of(site)
+        conv = type(mod).__name__ == "Conv1D"
+        if (type(mod) is nn.Linear or conv) and "forward" not in mod.__dict__ and not hasattr(mod, "_hf_hook"):
+            w = mod.weight.T if conv else mod.weight  # (out, in)
+            return nn.functional.linear(x, w[cols], None if mod.bias is None else mod.bias[cols])
+        return self.project(site, x)[..., cols]
+
+    def module_width(self, site: Site) -> int:
+        """The output width of the projection module of ``site`` (q, k, v or qkv)."""
+        mod, _ = self.module_of(site)
+        if type(mod).__name__ == "Conv1D":
+            return int(mod.weight.shape[1])
+        if isinstance(getattr(mod, "out_features", None), int):
+            return int(mod.out_features)
+        return int(self.project(site, torch.zeros(1, self.d_model, dtype=self.dtype, device=self.device)).shape[-1])
+
     def project(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         """Output of the projection of ``site`` (kind q, k, v or qkv) for a normed input ``x`` (..., d_model)."""
         if site.kind not in ("q", "k", "v", "qkv"):
@@ -844,6 +863,116 @@ class Adapter:
             yield
         finally:
             del mod.forward
+
+
+    def qk_sites(self, layer: int) -> list[tuple[Site, torch.Tensor | slice]]:
+        """Layer ``layer``'s query/key projection sites with the columns of each that hold queries or keys:
+        ``[(Site(layer, "q"), all), (Site(layer, "k"), all)]`` for separate projections, one ``qkv`` site
+        with its q and k columns for a fused one."""
+        cols: dict[Site, set[int]] = {}
+        for h in range(self.n_heads):
+            for w in ("q", "k"):
+                site, sl = self.head_input_slice(layer, h, w)
+                cols.setdefault(site, set()).update(range(sl.start, sl.stop))
+        if self.table.qkv_layout == "separate":
+            return [(s, slice(None)) for s in sorted(cols, key=lambda s: s.kind == "k")]
+        return [(s, _as_index(sorted(c))) for s, c in cols.items()]
+
+    def can_compose_qk(self, layer: int) -> bool:
+        """Whether :meth:`attention_z_given` may run layer ``layer``: the block runs its own modules (no
+        accelerate dispatch) and nobody replaced a module's forward in it (a wrapper or an adapter layer must
+        see its input)."""
+        return not any(hasattr(m, "_hf_hook") or "forward" in m.__dict__ for m in self.blocks[layer].modules())
+
+    def attn_input_affine(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, float, bool] | None:
+        """Block ``layer``'s attention input norm as ``(gamma (d,), beta (d,) or None, eps, centre)``:
+        ``norm(x) = gamma * P(x) / sigma(x) + beta`` with ``P`` the centring (``centre``, LayerNorm) or the
+        identity (RMSNorm) and ``sigma`` :func:`norm_scale`; gamma includes Gemma's 1 + w. None where the
+        attention reads the residual itself (OLMo-2). What the family's table says; :meth:`attention_z`
+        checks it on the real input before relying on it."""
+        path = self.table.attn_norm
+        if path is None:
+            return None
+        n = get_path(self.blocks[layer], path)
+        w = _param(n, "weight")
+        gamma = (torch.ones(self.d_model, dtype=self.dtype, device=self.device) if w is None else w) + self.table.gamma_offset
+        return gamma, _param(n, "bias"), _eps_of(n), self.table.norm_kind == "layernorm"
+
+    def attention_z_given(self, prefix: Prefix, layer: int, copies: int, normed: torch.Tensor,
+                          given: Mapping[Site, torch.Tensor], memo: dict[Any, Any] | None = None
+                          ) -> torch.Tensor | None:
+        """:meth:`attention_z` with every copy's query/key projections given and the values of one input.
+
+        ``given``: ``{site: (copies*B, T, width)}`` for each of :meth:`qk_sites`, which the q/k projection
+        modules return instead of computing (a fused module's value columns are then filled in);
+        ``normed`` (B, T, d): the attention's input (its norm's output) of the last copy, from which every
+        copy's values are projected. The block's input and its attention norm carry no data (a broadcast
+        zero stands in for the stacked block input), so only the attention itself runs on every copy. The
+        last copy's given q/k are checked against the modules' own output on ``normed``; where they differ
+        nothing more is run and None is returned. Only where :meth:`can_compose_qk`. ``memo``: a dict
+        kept by the caller for calls with the same layer and ``normed``, so that the unchanged copy's
+        projections are computed and checked once.
+        """
+        self._refuse_remote()
+        t = self.table
+        block = self.blocks[layer]
+        o_proj = get_path(block, t.o_proj)
+        B, T, d = normed.shape
+        got: dict[str, torch.Tensor] = {}
+        saved: list[tuple[nn.Module, Any]] = []
+
+        def at_z(mod, args, kwargs):
+            got["z"] = args[0] if args else next(iter(kwargs.values()))
+            raise _StopAtZ
+
+        def swap(mod: nn.Module, fn: Callable[..., Any]) -> None:
+            saved.append((mod, mod.__dict__.get("forward")))
+            mod.forward = fn
+
+        memo = {} if memo is None else memo
+        for site, qk in self.qk_sites(layer):
+            mod, _ = self.module_of(site)
+            if site not in memo:
+                memo[site] = own = mod.forward(normed)
+                mine = given[site][-B:, ..., qk]
+                ref = own[..., qk].to(mine.dtype)
+                tol = max(1e-3, 8 * torch.finfo(self.dtype).eps)  # a wrong norm is off by O(1), rounding is not
+                if not torch.allclose(mine, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-6):
+                    return None
+            own = memo[site]
+            out = given[site]
+            if t.qkv_layout != "separate":  # the fused module's value columns: the last copy's, for every copy
+                v = _as_index(sorted({c for h in range(self.n_heads)
+                                      for c in range(*self.head_input_slice(layer, h, "v")[1].indices(10 ** 9))}))
+                out.unflatten(0, (-1, B))[..., v] = own[..., v].to(out.dtype)
+            swap(mod, lambda x, out=out: out)
+        if t.qkv_layout == "separate":
+            vmod, _ = self.module_of(Site(layer, "v"))
+            if "v" not in memo:
+                memo["v"] = vmod.forward(normed)
+            vals = memo["v"]
+            swap(vmod, lambda x, vals=vals: vals.repeat(copies, *([1] * (vals.dim() - 1))))
+        if t.attn_norm is not None:
+            swap(get_path(block, t.attn_norm), lambda x, *a, **k: x)
+        args, kw = prefix.calls[layer]
+        hidden = normed.new_zeros(()).expand(copies * B, T, d)
+        try:
+            with temporary_hooks() as register:
+                register(o_proj, at_z, pre=True, with_kwargs=True)
+                try:
+                    block(hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
+                except _StopAtZ:
+                    pass
+        finally:
+            for mod, old in reversed(saved):
+                if old is None:
+                    del mod.forward
+                else:
+                    mod.forward = old
+        if "z" not in got:
+            raise ArchitectureError(f"block {layer} never called its attention output projection "
+                                    f"({t.o_proj}); check the architecture table's o_proj path.")
+        return got["z"]
 
 
 class _StopAtZ(BaseException):

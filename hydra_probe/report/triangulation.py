@@ -7,7 +7,10 @@ public effect or graph function (``direct_effects``, ``self_repair``,
 ``iterated_ablation``) and is held in that function's result object, with
 its provenance. The report joins their summaries into one per-component
 table and applies a documented verdict rule (:data:`VERDICT_RULE`); it never
-recomputes a measurement.
+recomputes a measurement. The analyses of one call share their unedited runs
+(:func:`~hydra_probe.effects.common.shared_runs`): each clean and corrupted
+forward, with its captures, runs once per report, and the numbers are those of
+the functions called alone.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..checks import public
 from ..claims import VERDICT_RULE, VERDICTS, verdict_scale, verdict_table
 from ..components import is_norm_row, select
 from ..effects import activation_patch, attribution_patch, direct_effects, iterated_ablation, path_patch, self_repair
-from ..effects.common import as_model, check_scale, check_task, make_runner, value_name
+from ..effects.common import as_model, check_scale, check_task, make_runner, shared_runs, value_name
 from ..effects.mechanisms import repair_mechanisms
 from ..errors import ComponentError, MetricError, OptionError
 from ..graph import add_mechanisms, compensation_graph, compensators_of, hydra_slope, verify_edges
@@ -233,6 +236,7 @@ def _assemble(rep: TriangulationReport) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------- main entry
 @public
+@shared_runs()  # the analyses share one runner: each unedited run (and its captures) is computed once
 def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "frozen", metric: Any = "logit_diff",
                 components: Any = "heads", top: int = 5, seed: int = 0, threshold: float = 0.1,
                 graph_threshold: float | None = None, graph_top_k: int = 5, iterate: int = 3,

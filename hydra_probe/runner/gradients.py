@@ -51,6 +51,12 @@ class _SkipOnlyGradient(torch.autograd.Function):
         return torch.where(mask, zero, g), torch.where(mask, g, zero), None
 
 
+#: bytes of composed q/k weights (``Runner._composed_z``) a runner keeps for its next QK fix on the CPU (on an
+#: accelerator they are recomputed: its memory goes to the batches): the report's two AtP* directions share one
+#: runner and the same weights
+QK_WEIGHT_CACHE = 512 * 2 ** 20
+
+
 class GradientsMixin:
     """The gradient reads and the QK fix of :class:`Runner`."""
 
@@ -275,7 +281,10 @@ class GradientsMixin:
         Each pair (change, layer) is independent, so per layer only that block's attention runs (up to
         its output projection's input), with the changes of every sender below it stacked along the
         batch (within the token budget, halved on out-of-memory), and is reduced against the gradients
-        at once. ``Runner.fast_qk = False``: the plain reference, one full forward per change. With
+        at once. A lone head's change (no post-attention norm) enters the q/k projections composed through
+        its ``W_O`` rows (:meth:`_composed_z`: head_dim projected rows per head and layer instead of one per
+        prompt position; ``Runner.compose_qk = False`` projects every copy's input instead).
+        ``Runner.fast_qk = False``: the plain reference, one full forward per change. With
         ``backend="nnsight"`` (also remote) one nnsight trace per chunk of changes instead.
 
         Returns:
@@ -297,19 +306,24 @@ class GradientsMixin:
         if not self.fast_qk:
             out = self._qk_fix_plain(source, changes, reads, lay, todo, label)
             return out * use[..., None]
-        order = sorted(todo, key=lambda c: lay[c])
+        # lone heads (their change is z' - z through their own W_O rows) first: their q/k projections compose
+        lone = [c for c in todo if self._composable(changes[c])]
+        order = sorted(lone, key=lambda c: lay[c]) + sorted(set(todo) - set(lone), key=lambda c: lay[c])
         with progress_bar(len(order) * len(self.groups), label, self.progress) as bar:
             for g, idx in enumerate(self.groups):
                 it = torch.tensor(idx)
                 P = self.local_prefix(g, source)
                 B, T = P.batch, P.resid[0].shape[1]
                 pos = 0
+                memo: dict[int, dict[Any, Any]] = {}  # per layer: what the composed q/k of its chunks share
                 while pos < len(order):
                     chunk = order[pos:pos + max(1, self.token_budget // (B * T) - 1)]
+                    if pos < len(lone) < pos + len(chunk):
+                        chunk = chunk[:len(lone) - pos]
                     while True:
                         try:
                             part = self._qk_chunk(g, source, [changes[c] for c in chunk], [lay[c] for c in chunk],
-                                                  reads)
+                                                  reads, compose=pos < len(lone), memo=memo)
                             break
                         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
                             if not is_oom(e):
@@ -324,28 +338,48 @@ class GradientsMixin:
                     bar.update(len(chunk))
         return out * use[..., None]
 
+    def _composable(self, change: SenderChange) -> bool:
+        """Whether ``change`` is one head whose residual write is ``(z' - z) W_O^h`` (no post-attention norm),
+        so that :meth:`_qk_chunk` may compose its q/k projections (``Runner.compose_qk``)."""
+        c = change.senders[0]
+        return (self.compose_qk and len(change.senders) == 1 and c.kind == "head"
+                and not self.ad.has_post_attn_norm)
+
     def _qk_chunk(self, g: int, source: str, changes: Sequence[SenderChange], lays: Sequence[int],
-                  reads: Sequence[GradientOutput]) -> torch.Tensor:
+                  reads: Sequence[GradientOutput], compose: bool = False,
+                  memo: dict[int, dict[Any, Any]] | None = None) -> torch.Tensor:
         """The QK-fix terms (R, k, B) of ``changes`` (senders' layers ``lays``) on group ``g``: per downstream
         layer one call of its block's attention on the stacked inputs ``x_l + change`` and one unchanged
         copy ``x_l``, whose values (v) every copy takes (only the last copy's are computed where the adapter
-        can: :meth:`Adapter.attention_z`)."""
+        can: :meth:`Adapter.attention_z`). ``compose`` (every change a lone head, :meth:`_composable`): the
+        copies' q/k projections are composed (:meth:`_composed_z`) instead of computed from their inputs;
+        ``memo`` (per layer) keeps what chunks of the same group share."""
         ad = self.ad
         P = self.local_prefix(g, source)
         B, L, k = P.batch, ad.n_layers, len(changes)
         order = sorted(range(k), key=lambda j: lays[j])  # senders below a layer are then a leading block
-        d = self._stacked_changes(g, source, [changes[j] for j in order])
         part = torch.zeros(len(reads), k, B, dtype=torch.float64, device=ad.device)
         cdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
+        heads = self._head_changes(g, source, [changes[j] for j in order]) if compose else None
+        d: torch.Tensor | None = None
 
         for layer in range(lays[order[0]] + 1, L):
             kk = sum(lays[j] < layer for j in order)
             x = P.resid[layer]
-            with torch.no_grad():
-                hidden = x.new_empty((kk + 1) * B, *x.shape[1:])
-                torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
-                hidden[kk * B:] = x
-                with self.model.evaluating():
+            with torch.no_grad(), self.model.evaluating():
+                z = None
+                if heads is not None and layer not in self._no_compose:
+                    who = tuple((changes[j].senders[0].layer, changes[j].senders[0].head) for j in order[:kk])
+                    z = self._composed_z(P, layer, x, heads[0][:kk], heads[1][:kk],
+                                         {} if memo is None else memo.setdefault(layer, {}), who)
+                    if z is None:  # the attention does not read its norm's output as composed: plain route
+                        self._no_compose.add(layer)
+                if z is None:
+                    if d is None:
+                        d = self._stacked_changes(g, source, [changes[j] for j in order])
+                    hidden = x.new_empty((kk + 1) * B, *x.shape[1:])
+                    torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
+                    hidden[kk * B:] = x
                     z = self.ad.attention_z(P, layer, kk + 1, hidden, shared_values=True)
                 # reduced in float64 for a float64 model, else in float32 (a rounding-level difference)
                 dz = (z[:kk * B].reshape(kk, B, -1) - z[kk * B:].reshape(1, B, -1)).to(cdt)
@@ -365,6 +399,105 @@ class GradientsMixin:
                     for r in rs:
                         part[r, rows] += got[u]
         return part
+
+    def _head_changes(self, g: int, source: str, changes: Sequence[SenderChange]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For lone-head changes: ``(dz (k, B, T, head_dim), W (k, head_dim, d))``, each head's output change
+        (zero outside the change's positions) and its own ``W_O`` rows, so that its write is ``dz @ W``."""
+        ad = self.ad
+        Pb = self.local_prefix(g, source)
+        B, T = Pb.resid[0].shape[:2]
+        dz = torch.zeros(len(changes), B, T, ad.head_dim, dtype=ad.dtype, device=ad.device)
+        W = torch.empty(len(changes), ad.head_dim, ad.d_model, dtype=ad.dtype, device=ad.device)
+        W_O: dict[int, torch.Tensor] = {}
+        for j, ch in enumerate(changes):
+            c = ch.senders[0]
+            s = Site(c.layer, "z")
+            if c.layer not in W_O:
+                W_O[c.layer] = ad.W_O(c.layer)
+            W[j] = W_O[c.layer][c.head]
+            diff = (self.local_prefix(g, ch.value).captures[s] - Pb.captures[s])
+            diff = diff.reshape(B, T, ad.n_heads, ad.head_dim)[:, :, c.head]  # type: ignore[index]
+            if ch.positions is None:
+                dz[j] = diff
+            else:
+                p = list(ch.positions)
+                dz[j, :, p] = diff[:, p]
+        return dz, W
+
+    def _composed_z(self, P: Any, layer: int, x: torch.Tensor, dz: torch.Tensor, W: torch.Tensor,
+                    memo: dict[Any, Any], who: tuple[tuple[int, int], ...] = ()) -> torch.Tensor | None:
+        """Layer ``layer``'s heads' output z ((k+1)*B, T, H*dh) for the block inputs ``x + dz_j @ W_j`` (each
+        lone head j of ``dz`` (k, B, T, head_dim) with its ``W_O`` rows ``W`` (k, head_dim, d)), then ``x``,
+        every copy's values the last copy's, with the q/k projections composed instead of projected:
+
+        ``proj(norm(x + D)) = (lin(gamma * P(x)) + dz @ lin(gamma * P(W))) / sigma(x + D) + proj(beta)``
+
+        with the norm ``gamma * P(.) / sigma(.) + beta`` of :meth:`Adapter.attn_input_affine`, ``lin`` the
+        projection without its bias and ``P`` the norm's centring (or the identity); ``sigma(x + D)^2`` from
+        ``sigma(x)^2``, ``dz . (P(x) W^T)`` and ``dz W W^T dz`` (no (k, B, T, d) tensor is formed). The
+        projection then costs head_dim rows per head instead of B*T, and only the attention runs on every
+        copy (:meth:`Adapter.attention_z_given`). None where the adapter cannot take given projections or
+        the last copy's composed q/k differ from the module's own. ``memo``: kept by the caller for calls
+        with the same layer and ``x`` (what depends on them alone is computed once). ``who``: the heads of
+        ``W`` as (layer, head); their composed weights ``lin(gamma * P(W))`` depend on the weights alone and are
+        kept on the runner (within :data:`QK_WEIGHT_CACHE` bytes) for its next QK fix (the other direction)."""
+        ad = self.ad
+        if not ad.can_compose_qk(layer):
+            return None
+        k, B, T, dh = dz.shape
+        d = ad.d_model
+        cdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
+        if "xs" not in memo:  # what depends on the layer and x alone
+            aff = ad.attn_input_affine(layer)
+            gamma, beta, eps, centre = ((torch.ones(d, dtype=cdt, device=x.device), None, 0.0, False)
+                                        if aff is None else aff)
+            xs = x.to(cdt)
+            if centre:
+                xs = xs - xs.mean(-1, keepdim=True)
+            memo.update(xs=xs.flatten(0, 1), gamma=gamma.to(cdt), eps=eps, centre=centre, norm=aff is not None,
+                        var0=xs.pow(2).mean(-1).flatten(), normed=ad.block_norm(layer, "attn", x))
+            zero = torch.zeros(1, d, dtype=ad.dtype, device=x.device)
+            for site, qk in ad.qk_sites(layer):
+                bias = ad.project_columns(site, zero, qk).to(cdt)  # (1, n): n query and key columns
+                const = bias if beta is None else ad.project_columns(site, beta.to(ad.dtype)[None], qk).to(cdt)
+                base = ad.project_columns(site, (xs * memo["gamma"]).to(ad.dtype), qk).to(cdt).flatten(0, 1) - bias
+                memo[("proj", site)] = bias, const, base  # base (B*T, n)
+        xs, gamma = memo["xs"], memo["gamma"]
+        Wc, dzc = W.to(cdt), dz.to(cdt).flatten(1, 2)  # dzc (k, B*T, dh)
+        if memo["centre"]:
+            Wc = Wc - Wc.mean(-1, keepdim=True)
+        if memo["norm"]:
+            cross = (dzc * torch.matmul(xs, Wc.transpose(1, 2))).sum(-1)  # (k, B*T)
+            quad = (torch.matmul(dzc, torch.matmul(Wc, Wc.transpose(1, 2))) * dzc).sum(-1)
+            var0 = memo["var0"]
+            var = torch.cat([var0 + (2 * cross + quad) / d, var0[None]])
+            inv = torch.rsqrt(var + memo["eps"]).unsqueeze(-1)  # (k+1, B*T, 1)
+        else:
+            inv = torch.ones(k + 1, B * T, 1, dtype=cdt, device=x.device)
+        scaled = inv[:k] * dzc  # (k, B*T, dh): 1 / sigma folded into dz
+        given: dict[Site, torch.Tensor] = {}
+        for site, qk in ad.qk_sites(layer):
+            bias, const, base = memo[("proj", site)]
+            wkey = (layer, site, who)
+            M = self._qk_weights.get(wkey) if who else None
+            if M is None:
+                M = ad.project_columns(site, (Wc * gamma).to(ad.dtype).reshape(-1, d), qk).to(cdt) - bias  # (k*dh, n)
+                size = M.numel() * M.element_size()
+                if who and x.device.type == "cpu" and self._qk_weight_bytes + size <= QK_WEIGHT_CACHE:
+                    self._qk_weights[wkey] = M
+                    self._qk_weight_bytes += size
+            width = ad.module_width(site)
+            full = torch.empty(k + 1, B * T, width, dtype=cdt, device=x.device)
+            y = full[..., qk] if isinstance(qk, slice) else torch.empty(k + 1, B * T, base.shape[-1], dtype=cdt,
+                                                                         device=x.device)
+            torch.addcmul(const, inv, base[None], out=y)  # const + base / sigma, every copy
+            y[:k].baddbmm_(scaled, M.reshape(k, dh, -1))  # + dz W / sigma, the changed copies
+            if not isinstance(qk, slice):
+                full[..., qk] = y
+            given[site] = full.view(-1, T, width) if cdt == ad.dtype else full.view(-1, T, width).to(ad.dtype)
+        normed = memo["normed"]
+        return ad.attention_z_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}))
 
     def _stacked_changes(self, g: int, source: str, changes: Sequence[SenderChange]) -> torch.Tensor:
         """:meth:`sender_change` of each change, stacked (k, B, T, d), not cached. A lone head of a layer without

@@ -97,6 +97,9 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     #: gradient reads share one forward per group (GradDrop reads as vector-Jacobian products of the
     #: blocks under the dropped layer); False: the plain reference, one stacked copy per read
     shared_gradients: bool = True
+    #: the QK fix composes a lone head's change with the q/k projections (head_dim rows per head instead of
+    #: one projection per prompt position); False: every copy's q/k projected from its block input
+    compose_qk: bool = True
 
     def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
                  token_budget: int | None = None, progress: bool | None = None) -> None:
@@ -115,6 +118,9 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         self._readout: Readout | None = None
         self._clean_logits: torch.Tensor | None = None
         self._changes: dict[Any, torch.Tensor] = {}
+        self._no_compose: set[int] = set()  # layers whose attention input is not the norm the QK fix composes
+        self._qk_weights: dict[Any, torch.Tensor] = {}  # composed q/k weights of the QK fix (see QK_WEIGHT_CACHE)
+        self._qk_weight_bytes = 0
         #: nnsight: what the unedited forwards must return, per (group, source) {site: {"last", "all", "sum"}}
         #: (declared by :meth:`run`, fetched with the first request; see :class:`RemotePrefix`)
         self._want: dict[tuple[int, str], dict[Site, set[str]]] = {}
