@@ -365,7 +365,7 @@ def test_custom_linear_metric_closes_on_the_shipped_model():
     sr = hp.self_repair(m, task, ["L1H5"], metric=mine)
     f = sr.to_frame()
     con = sr.contributions().groupby("prompt").delta_de.sum().to_numpy()
-    assert abs(con - f.self_repair.to_numpy()).max() < 1e-5
+    assert abs(con - f.self_repair.to_numpy()).max() < 2e-6 * abs(want).max()  # float32, as above
     # and a linear metric written by hand reproduces the built-in logit difference exactly
     ld = Metric("my_ld", True, lambda lg, a, b: lg.gather(1, a[:, None]).squeeze(1) - lg.gather(1, b[:, None]).squeeze(1))
     x = hp.direct_effects(m, task, "heads", metric=ld).to_frame().direct_effect.to_numpy()

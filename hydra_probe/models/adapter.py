@@ -880,9 +880,14 @@ class Adapter:
 
     def can_compose_qk(self, layer: int) -> bool:
         """Whether :meth:`attention_z_given` may run layer ``layer``: the block runs its own modules (no
-        accelerate dispatch) and nobody replaced a module's forward in it (a wrapper or an adapter layer must
-        see its input)."""
-        return not any(hasattr(m, "_hf_hook") or "forward" in m.__dict__ for m in self.blocks[layer].modules())
+        accelerate dispatch) and nobody replaced the forward of its attention norm or of a module of its
+        attention (a wrapper or an adapter layer must see its input)."""
+        block = self.blocks[layer]
+        if any(hasattr(m, "_hf_hook") for m in block.modules()):
+            return False
+        parts = [get_path(block, self.table.attn)] + ([get_path(block, self.table.attn_norm)]
+                                                      if self.table.attn_norm is not None else [])
+        return not any("forward" in m.__dict__ for p in parts for m in p.modules())
 
     def attn_input_affine(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None, float, bool] | None:
         """Block ``layer``'s attention input norm as ``(gamma (d,), beta (d,) or None, eps, centre)``:
