@@ -281,7 +281,7 @@ def test_cli_report_on_a_gguf_file(tmp_path, capsys):
 
 
 def test_token_budget_follows_free_memory(monkeypatch):
-    """On the CPU at most 8192; on a GPU the budget scales with its free memory (torch.cuda.mem_get_info)."""
+    """On the CPU the fixed 8192; on a GPU the budget scales with its free memory (torch.cuda.mem_get_info)."""
     from hydra_probe.models.wrapper import budget_for_memory
     from hydra_probe.runner import Runner
 
@@ -293,15 +293,5 @@ def test_token_budget_follows_free_memory(monkeypatch):
     small, large = budget_for_memory(m, 2**28), budget_for_memory(m, 2**30)
     assert large == 4 * small > 1024  # proportional to the free memory
     assert budget_for_memory(m, 0) == 1024 and budget_for_memory(m, 2**50) == 262144  # clamped
-    # on the CPU one MLP activation stays within 32 MiB (glibc maps larger blocks afresh): GPT-2 small's
-    # 3072-wide float32 MLP gives 2730 tokens, float16 5461; a tiny MLP keeps 8192, a huge one 1024
-    from types import SimpleNamespace as NS
-
-    from hydra_probe.models.wrapper import cpu_budget
-
-    def shaped(d_mlp, dtype):
-        return NS(adapter=NS(dtype=dtype), hf_model=NS(config=NS(intermediate_size=d_mlp)), d_model=768)
-    assert cpu_budget(shaped(3072, torch.float32)) == 2730 and cpu_budget(shaped(3072, torch.float16)) == 5461
-    assert cpu_budget(shaped(64, torch.float32)) == 8192 and cpu_budget(shaped(65536, torch.float32)) == 1024
     half = budget_for_memory(hp.load_model(tiny.hf_model("gpt2").half(), tokenizer=tiny.tokenizer()), 2**28)
     assert half == 2 * small  # half the bytes per token

@@ -163,15 +163,10 @@ class HookedModel:
 
         On a CUDA device: ``fraction`` of the free memory (``torch.cuda.mem_get_info``) over an estimate
         of the bytes one token holds during a forward without gradients (a few residual-width and
-        MLP-width activations plus its row of attention scores), clamped to 1024..262144. On the CPU
-        8192, or fewer so that one MLP activation (tokens x d_mlp) stays within 32 MiB (at least 1024):
-        glibc serves larger blocks by fresh ``mmap`` calls, whose page faults took a fifth of a GPT-2-small
-        sweep's CPU time. Elsewhere (MPS, remote, several devices) the fixed 8192. A run that still runs out
-        of memory halves it.
+        MLP-width activations plus its row of attention scores), clamped to 1024..262144. Elsewhere
+        (CPU, MPS, remote, several devices) the fixed 8192. A run that still runs out of memory halves it.
         """
         devs = {p.device for p in self.hf_model.parameters() if p.device.type != "meta"}
-        if not self.remote and devs == {torch.device("cpu")}:
-            return cpu_budget(self)
         if self.remote or len(devs) != 1 or next(iter(devs)).type != "cuda" or not torch.cuda.is_available():
             return 8192
         free, _ = torch.cuda.mem_get_info(next(iter(devs)))
@@ -219,22 +214,10 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(x, approximate="tanh")
 
 
-def cpu_budget(model: HookedModel) -> int:
-    """Tokens per stacked forward on the CPU: 8192, or fewer (at least 1024) so that one MLP activation
-    (tokens x d_mlp) stays within 32 MiB, glibc's largest block kept for reuse rather than mapped afresh."""
-    elem = torch.finfo(model.adapter.dtype).bits // 8
-    return int(min(8192, max(1024, (32 << 20) // (_d_mlp(model) * elem))))
-
-
-def _d_mlp(model: HookedModel) -> int:
-    cfg = model.hf_model.config
-    return int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * model.d_model)
-
-
 def budget_for_memory(model: HookedModel, free_bytes: int, fraction: float = 0.5) -> int:
     """Tokens per stacked forward that fit in ``fraction`` of ``free_bytes`` (see ``HookedModel.token_budget``)."""
     cfg = model.hf_model.config
-    d_mlp = _d_mlp(model)
+    d_mlp = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * model.d_model)
     ctx = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024)
     elem = torch.finfo(model.adapter.dtype).bits // 8
     per_token = elem * (8 * model.d_model + 2 * d_mlp + 2 * model.n_heads * min(ctx, 512))

@@ -83,7 +83,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         seed: seeds ``resample`` donors.
         token_budget: at most this many tokens (copies x prompts x positions)
             per stacked forward; None (default) sizes it to the device's free
-            memory (on the CPU at most 8192; see ``HookedModel.token_budget``).
+            memory (8192 on the CPU; see ``HookedModel.token_budget``).
         progress: show a progress bar (default: only on a terminal).
     """
 
