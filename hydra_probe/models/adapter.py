@@ -827,8 +827,7 @@ class Adapter:
         t = self.table
         mod = get_path(self.blocks[layer], t.qkv[2] if t.qkv_layout == "separate" else t.qkv[0])
         conv = type(mod).__name__ == "Conv1D"  # GPT-2's: weight (in, out)
-        v_cols = sorted({c for h in range(self.n_heads)
-                         for c in range(*self.head_input_slice(layer, h, "v")[1].indices(10 ** 9))})
+        v_cols = self.value_columns(layer)
         vs = _as_index(v_cols)
         orig = mod.forward
         forward: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -864,6 +863,12 @@ class Adapter:
         finally:
             del mod.forward
 
+
+    def value_columns(self, layer: int) -> list[int]:
+        """The columns of layer ``layer``'s value projection site (``v``, or the fused ``qkv``) that hold values,
+        sorted."""
+        return sorted({c for h in range(self.n_heads)
+                       for c in range(*self.head_input_slice(layer, h, "v")[1].indices(10 ** 9))})
 
     def qk_sites(self, layer: int) -> list[tuple[Site, torch.Tensor | slice]]:
         """Layer ``layer``'s query/key projection sites with the columns of each that hold queries or keys:
@@ -947,8 +952,7 @@ class Adapter:
             own = memo[site]
             out = given[site]
             if t.qkv_layout != "separate":  # the fused module's value columns: the last copy's, for every copy
-                v = _as_index(sorted({c for h in range(self.n_heads)
-                                      for c in range(*self.head_input_slice(layer, h, "v")[1].indices(10 ** 9))}))
+                v = _as_index(self.value_columns(layer))
                 out.unflatten(0, (-1, B))[..., v] = own[..., v].to(out.dtype)
             swap(mod, lambda x, out=out: out)
         if t.qkv_layout == "separate":

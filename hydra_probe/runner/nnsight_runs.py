@@ -392,13 +392,7 @@ class NnsightMixin:
         P = self.prefix(g, source)
         k, B, L = len(copies), P.batch, ad.n_layers
         final = Site(L, "resid_pre")
-        shadow: dict[int, int] = {}
-        shadow_layers: dict[int, set[int]] = {}
-        for ci, c in enumerate(copies):
-            sl = self._shadow_layers(c)
-            if sl:
-                shadow[ci] = k + len(shadow)
-                shadow_layers[ci] = sl
+        shadow, shadow_layers = self._shadow_plan(copies)
         plain = [tuple(iv for iv in c if isinstance(iv, Intervention)) for c in copies]
         ops: dict[Any, list[tuple]] = {s: [("edit", *spec) for spec in specs]
                                        for s, specs in self._plain_edits(g, source, plain, B).items()}

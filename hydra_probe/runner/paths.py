@@ -84,14 +84,7 @@ class PathsMixin:
         shadow batch index, the logits deliveries).
         """
         ad = self.ad
-        k = len(copies)
-        shadow: dict[int, int] = {}
-        shadow_layers: dict[int, set[int]] = {}
-        for ci, c in enumerate(copies):
-            sl = self._shadow_layers(c)
-            if sl:
-                shadow[ci] = k + len(shadow)
-                shadow_layers[ci] = sl
+        shadow, shadow_layers = self._shadow_plan(copies)
 
         def rows(j: int) -> slice:
             return slice(j * B, (j + 1) * B)

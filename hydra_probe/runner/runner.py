@@ -392,6 +392,18 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
                 need.append(iv.layer)
         return min(need, default=L)
 
+    def _shadow_plan(self, copies: Sequence[Copy]) -> tuple[dict[int, int], dict[int, set[int]]]:
+        """For the copies that need a shadow copy (:meth:`_shadow_layers`): (copy -> the shadow's batch index,
+        after the ``len(copies)`` copies; copy -> its shadow layers)."""
+        shadow: dict[int, int] = {}
+        shadow_layers: dict[int, set[int]] = {}
+        for ci, c in enumerate(copies):
+            sl = self._shadow_layers(c)
+            if sl:
+                shadow[ci] = len(copies) + len(shadow)
+                shadow_layers[ci] = sl
+        return shadow, shadow_layers
+
     def _shadow_layers(self, copy: Copy) -> set[int]:
         """Layers where a delivery to some heads' k or v must not reach the other heads of their key/value
         group (grouped-query attention): there the copy gets a shadow batch (see :meth:`_path_edits`)."""
