@@ -6,18 +6,21 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import tiny
+import torch
 
 import hydra_probe as hp
 from hydra_probe.effects import common
 
 
-def _report(m, task, share: bool, **kw):
-    old = common.SHARE_RUNS
-    common.SHARE_RUNS = share
+def _report(m, task, share: bool, reuse: bool = False, **kw):
+    """The report with the unedited runs shared or not; ``reuse``: the intervened copies' results too (only these
+    may differ, by float rounding, where a single ablation comes from the eager mechanisms sweep)."""
+    old = common.SHARE_RUNS, common.REUSE_RESULTS
+    common.SHARE_RUNS, common.REUSE_RESULTS = share, reuse
     try:
         return hp.triangulate(m, task, progress=False, **kw)
     finally:
-        common.SHARE_RUNS = old
+        common.SHARE_RUNS, common.REUSE_RESULTS = old
 
 
 def _same_report(a, b) -> None:
@@ -135,3 +138,74 @@ def test_nnsight_backend_report_unchanged_by_sharing():
                       backend="nnsight")
     task = hp.tasks.ioi(m, 6, corruption="abc", seed=0)
     _same_report(_report(m, task, True, top=2, iterate=1), _report(m, task, False, top=2, iterate=1))
+
+
+def _close_report(a, b) -> None:
+    """The same verdicts, tested edges and notes; every number equal to float32 rounding."""
+    ta, tb = a.to_frame(), b.to_frame()
+    pd.testing.assert_frame_equal(ta, tb, check_exact=False, rtol=1e-4, atol=1e-5)
+    assert list(ta["verdict"]) == list(tb["verdict"])
+    for k, r in a.results.items():
+        pd.testing.assert_frame_equal(r.to_frame(), b.results[k].to_frame(), check_exact=False, rtol=1e-4,
+                                      atol=1e-5, obj=k)
+    pd.testing.assert_frame_equal(a.edges_tested, b.edges_tested, check_exact=False, rtol=1e-4, atol=1e-5)
+    assert a.notes == b.notes and a.config == b.config
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("gpt2", dict(top=3, iterate=2)),
+    ("llama", dict(top=3, value="zero", exact="all", mechanisms=False)),
+])
+def test_reused_ablations_change_no_verdict(family, kw, monkeypatch):
+    """With the copies' results reused (the default): the paired-ablation confirmations and the iterated ablation
+    run no single ablation the self-repair sweep already ran, and the report equals the one without reuse to
+    float rounding (a reused single may come from the eager-attention mechanisms sweep)."""
+    from hydra_probe.runner import Runner
+
+    m = tiny.model(family, layers=3, initializer_range=0.3) if family == "gpt2" else tiny.model(family, layers=3)
+    task = hp.tasks.ioi(m, 8, corruption="abc", seed=0)
+    runs: list[tuple] = []
+    orig = Runner._run
+
+    def spy(self, source, copies, readout, label, cap, *a, **k):
+        if not cap:  # a run that captures sites (the neurons section's) cannot be served from the memo
+            runs.extend((source, frozenset(c)) for c in copies if c)
+        return orig(self, source, copies, readout, label, cap, *a, **k)
+
+    monkeypatch.setattr(Runner, "_run", spy)
+    plain = _report(m, task, True, reuse=False, **kw)
+    n_plain = len(runs)
+    ablations = [r for r in runs if all(getattr(iv, "value", None) == plain.config["value"] for iv in r[1])]
+    runs.clear()
+    reused = _report(m, task, True, reuse=True, **kw)
+    _close_report(reused, plain)
+    assert len(ablations) > len(set(ablations)), "the plain report should repeat some ablation"
+    mine = [r for r in runs if all(getattr(iv, "value", None) == plain.config["value"] for iv in r[1])]
+    assert len(mine) == len(set(mine)), "an ablation ran twice with reuse"
+    assert len(runs) < n_plain
+
+
+def test_memo_serves_only_what_it_holds():
+    """A copy run with captures, or without the readout a later call needs, is run again; deliveries are never
+    kept; served results are copies (editing one leaves the memo as it was)."""
+    from hydra_probe.components import select
+    from hydra_probe.interventions import interventions_for
+    from hydra_probe.models.sites import Site
+
+    m = tiny.model("gpt2", layers=2)
+    task = hp.tasks.ioi(m, 4, seed=0)
+    with common.shared_runs():
+        r, _ = common.make_runner(m, task, "logit_diff")
+        assert r.memo is not None and r.memo == {}
+        c = select(m, ["L0H1"])[0]
+        cp = interventions_for([c], "zero", m.head_dim, None)
+        a = r.run("clean", [cp])[0]
+        assert len(r.memo) == 1 and r.memo[next(iter(r.memo))].proj is None
+        b = r.run("clean", [cp], readout=True)[0]  # needs the readout: run again, kept with it
+        assert b.proj is not None and r.memo[next(iter(r.memo))].proj is not None
+        torch.testing.assert_close(a.metric, b.metric, rtol=0, atol=0)
+        served = r.run("clean", [cp])[0]
+        served.metric += 1
+        assert torch.equal(r.run("clean", [cp])[0].metric, b.metric)
+        cap = r.run("clean", [cp], capture={Site(1, "z")})[0]
+        assert Site(1, "z") in cap.captures

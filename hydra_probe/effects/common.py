@@ -109,6 +109,9 @@ def make_runner(model: HookedModel, task: Any, metric: Any, value: Any = None, s
 #: False: :func:`shared_runs` shares nothing, each analysis builds its own runner (the plain reference, for tests
 #: and benchmarks; same numbers)
 SHARE_RUNS: bool = True
+#: False: the runners of a :func:`shared_runs` block share their unedited runs only, no intervened copy's results
+#: (``Runner.memo``); then the numbers are bit for bit those without sharing
+REUSE_RESULTS: bool = True
 #: the runners of the active :func:`shared_runs` block (None outside one)
 _SHARED: ContextVar[dict[tuple, Runner] | None] = ContextVar("hydra_probe_shared_runs", default=None)
 
@@ -122,8 +125,11 @@ def shared_runs() -> Iterator[None]:
     the clean and corrupted forwards with their captures, the mean-ablation values, the readout and the
     clean logits are computed once for all of them; a runner that differs only in metric, reference or
     seed shares the unedited forwards too (local backend; they depend on none of these). The numbers are
-    the same as without sharing (the same computations, run once). The unedited runs stay in memory until
-    the block ends. Nested blocks share the outermost one's runners; outside any block each analysis
+    the same as without sharing (the same computations, run once). The runners of one model, task, metric,
+    reference and seed also share their intervened copies' results (``Runner.memo``, :data:`REUSE_RESULTS`):
+    the paired-ablation confirmations and the iterated ablation reuse the single ablations of the self-repair
+    sweep, which may have run with eager attention (equal to float rounding). The unedited runs stay in
+    memory until the block ends. Nested blocks share the outermost one's runners; outside any block each analysis
     builds its own runner, as before.
     """
     token = _SHARED.set({}) if SHARE_RUNS and _SHARED.get() is None else None
@@ -152,6 +158,8 @@ def _shared_runner(cache: dict[tuple, Runner], model: HookedModel, task: Any, me
             cache[runs] = runner
         elif model.backend != "nnsight":  # nnsight's unedited runs are fetched per runner (what it declared)
             runner._prefix = sibling._prefix
+        if REUSE_RESULTS:  # one memo for every attention implementation (key without it)
+            runner.memo = cache.setdefault(("memo", *runs[:2], *key[3:]), {})  # type: ignore[assignment]
         cache[key] = runner
     runner.progress = progress
     return runner

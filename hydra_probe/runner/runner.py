@@ -129,6 +129,9 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         self.value_hint: Any = None
         self._mean_sums: dict[tuple[int, Site], torch.Tensor] = {}
         self._mean_want: set[Site] = set()
+        #: earlier copies' results (metric, final residual, readout), shared by the runners of one report
+        #: (``effects.common.shared_runs``); None: nothing is reused (see :meth:`run`)
+        self.memo: dict[tuple, RunOutput] | None = None
 
     # ---------------------------------------------------------------- caches
     def capture_sites(self) -> set[Site]:
@@ -283,6 +286,12 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
             capture_positions: CapturePositions = "last") -> list[RunOutput]:
         """Run every copy on every prompt; see the module doc.
 
+        With a ``memo`` (the runners of one report share one; see ``effects.common.shared_runs``), a copy of
+        interventions (no deliveries) that an earlier call already ran on ``source`` is not run again when
+        nothing is captured: its metric, final residual and readout are the earlier run's (copies as clones).
+        The earlier run may have used another attention implementation (the mechanisms' eager sweep), so a
+        reused number equals a fresh one to float rounding. Copies run here are added to the memo.
+
         Args:
             source: ``"clean"`` or ``"corrupted"``: the prompts every copy runs on.
             copies: one tuple of interventions per copy (:class:`~hydra_probe.interventions.Intervention`
@@ -302,6 +311,26 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         if source not in SOURCES:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
         cap = self.check_capture(capture, capture_positions)
+        memo = self.memo if self.model.backend != "nnsight" else None
+        keys = [_memo_key(source, c) for c in copies] if memo is not None else [None] * len(copies)
+        served = {i: memo[k] for i, k in enumerate(keys)
+                  if k is not None and not cap and k in memo and (memo[k].proj is not None or not readout)}
+        todo = [i for i in range(len(copies)) if i not in served]
+        outs = self._run(source, [copies[i] for i in todo], readout, label, cap, capture_positions) if todo else []
+        result: list[RunOutput | None] = [None] * len(copies)
+        for i, o in zip(todo, outs):
+            result[i] = o
+            if keys[i] is not None and (keys[i] not in memo or o.proj is not None):
+                memo[keys[i]] = RunOutput(o.metric, o.resid, o.proj, o.proj_const, {}, None, o.post_sigma)
+        for i, o in served.items():
+            result[i] = RunOutput(o.metric.clone(), o.resid.clone(), None if o.proj is None else o.proj.clone(),
+                                  None if o.proj_const is None else o.proj_const.clone(), {}, None,
+                                  None if o.post_sigma is None else o.post_sigma.clone())
+        return result  # type: ignore[return-value]
+
+    def _run(self, source: str, copies: Sequence[Copy], readout: bool, label: str, cap: frozenset[Site],
+             capture_positions: CapturePositions) -> list[RunOutput]:
+        """:meth:`run` without the memo (``cap``: the checked capture sites)."""
         paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
         if paths:
             if readout:
@@ -595,3 +624,13 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
             self._prefix.setdefault((g, "clean"), other.prefix(g, "clean"))
         if self.reference is self.task and other.reference is other.task:
             self._means, self._mean_len = other.means(), other._mean_len
+
+
+def _memo_key(source: str, copy: Copy) -> tuple | None:
+    """The memo's key of ``copy`` run on ``source`` (None: not kept: a copy with deliveries). Interventions
+    that all set the same value commute (overlaps get that value whatever the order), so their order is not
+    part of the key."""
+    if any(not isinstance(iv, Intervention) for iv in copy):
+        return None
+    same = len({iv.value for iv in copy}) <= 1
+    return (source, frozenset(copy) if same else tuple(copy))
