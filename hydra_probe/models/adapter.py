@@ -779,7 +779,7 @@ class Adapter:
 
     # ------------------------------------------------------------------ AtP*'s QK fix (attention only)
     def attention_z(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor,
-                    shared_values: bool = False) -> torch.Tensor:
+                    shared_values: bool = False, first_row: int = 0) -> torch.Tensor:
         """Block ``layer``'s heads' output ``z`` (copies*B, T, H*dh), its attention output projection's input,
         for the block input ``hidden`` (copies*B, T, d) with the prefix's call arguments (masks, positions).
 
@@ -793,12 +793,19 @@ class Adapter:
         own). The value projection then runs on the last copy only where it is a separate module or a
         plain linear layer (``nn.Linear``, GPT-2's ``Conv1D``); otherwise every copy's is computed and the
         last copy's copied over it.
+
+        ``first_row``: the attention computes the query rows ``first_row..T-1`` only, and the result is
+        those rows, (copies*B, T - first_row, H*dh), where the attention is causal and its function can take
+        a query-row subset (:func:`.last_query.query_rows_function`); elsewhere every row,
+        (copies*B, T, H*dh). The caller reads which from the shape. Exact where the copies' block inputs
+        agree before ``first_row`` (rows before it then read the same keys and queries in every copy).
         """
         self._refuse_remote()
         block = self.blocks[layer]
         o_proj = get_path(block, self.table.o_proj)
         plain = not any(hasattr(m, "_hf_hook") for m in block.modules())
         got: dict[str, torch.Tensor] = {}
+        state: dict[str, int] = {}
 
         def at_z(mod, args, kwargs):
             got["z"] = args[0] if args else next(iter(kwargs.values()))
@@ -811,6 +818,7 @@ class Adapter:
             register(o_proj, at_z, pre=True, with_kwargs=True)
             if shared_values:
                 stack.enter_context(self._last_copy_values(layer, B, register, plain))
+            stack.enter_context(self._query_rows(layer, first_row, state))
             try:
                 block(hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
             except _StopAtZ:
@@ -818,7 +826,21 @@ class Adapter:
         if "z" not in got:
             raise ArchitectureError(f"block {layer} never called its attention output projection "
                                     f"({self.table.o_proj}); check the architecture table's o_proj path.")
-        return got["z"]
+        if state.get("rows") and state.get("full"):  # some calls cut, some not: every row, from the start
+            return self.attention_z(prefix, layer, copies, hidden, shared_values)
+        return got["z"][:, first_row:] if state.get("rows") else got["z"]
+
+    @contextlib.contextmanager
+    def _query_rows(self, layer: int, first: int, state: dict[str, int]) -> Iterator[None]:
+        """Within the block, block ``layer``'s attention function computes the query rows ``first..`` only where
+        it safely can (:func:`.last_query.query_rows_function`; ``state`` counts the calls cut and not)."""
+        if first <= 0:
+            yield
+            return
+        from .last_query import query_rows_function
+
+        with query_rows_function(get_path(self.blocks[layer], self.table.attn), first, state):
+            yield
 
     @contextlib.contextmanager
     def _last_copy_values(self, layer: int, B: int, register: Callable[..., None], plain: bool) -> Iterator[None]:
@@ -909,8 +931,8 @@ class Adapter:
         return gamma, _param(n, "bias"), _eps_of(n), self.table.norm_kind == "layernorm"
 
     def attention_z_given(self, prefix: Prefix, layer: int, copies: int, normed: torch.Tensor,
-                          given: Mapping[Site, torch.Tensor], memo: dict[Any, Any] | None = None
-                          ) -> torch.Tensor | None:
+                          given: Mapping[Site, torch.Tensor], memo: dict[Any, Any] | None = None,
+                          first_row: int = 0) -> torch.Tensor | None:
         """:meth:`attention_z` with every copy's query/key projections given and the values of one input.
 
         ``given``: ``{site: (copies*B, T, width)}`` for each of :meth:`qk_sites`, which the q/k projection
@@ -921,7 +943,9 @@ class Adapter:
         last copy's given q/k are checked against the modules' own output on ``normed``; where they differ
         nothing more is run and None is returned. Only where :meth:`can_compose_qk`. ``memo``: a dict
         kept by the caller for calls with the same layer and ``normed``, so that the unchanged copy's
-        projections are computed and checked once.
+        projections are computed and checked once. ``first_row``: as in :meth:`attention_z` (the result
+        is then the rows ``first_row..T-1`` where the attention takes the cut; the caller reads it from the
+        shape).
         """
         self._refuse_remote()
         t = self.table
@@ -965,8 +989,9 @@ class Adapter:
             swap(get_path(block, t.attn_norm), lambda x, *a, **k: x)
         args, kw = prefix.calls[layer]
         hidden = normed.new_zeros(()).expand(copies * B, T, d)
+        state: dict[str, int] = {}
         try:
-            with temporary_hooks() as register:
+            with temporary_hooks() as register, self._query_rows(layer, first_row, state):
                 register(o_proj, at_z, pre=True, with_kwargs=True)
                 try:
                     block(hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
@@ -981,7 +1006,9 @@ class Adapter:
         if "z" not in got:
             raise ArchitectureError(f"block {layer} never called its attention output projection "
                                     f"({t.o_proj}); check the architecture table's o_proj path.")
-        return got["z"]
+        if state.get("rows") and state.get("full"):  # some calls cut, some not: every row, from the start
+            return self.attention_z_given(prefix, layer, copies, normed, given, memo)
+        return got["z"][:, first_row:] if state.get("rows") else got["z"]
 
 
 class _StopAtZ(BaseException):
