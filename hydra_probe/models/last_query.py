@@ -21,7 +21,7 @@ other than eager/sdpa, a mask or output of an unexpected shape) the full computa
 
 :func:`query_rows_function` generalises the attention function's wrapper to the query rows from a given
 position on (AtP*'s QK fix: the rows before the first position where a sender's change is nonzero do not
-change in a causal attention).
+change in a causal attention); it also tells whether the attention is causal.
 """
 
 from __future__ import annotations
@@ -98,18 +98,19 @@ def last_query_function(attn: nn.Module) -> Iterator[bool]:
 
 @contextlib.contextmanager
 def query_rows_function(attn: nn.Module, first: int, state: dict[str, int]) -> Iterator[bool]:
-    """Within the block, ``attn``'s attention function computes the query rows ``first..T-1`` only (AtP*'s
-    QK fix, :meth:`Adapter.attention_z_given`): it gets those rows of the query and of the mask (keys and
-    values at every position) and its output (B, T - first, H, dh) is written into zeros of the usual
-    (B, T, H, dh) shape, so the module's reshapes see their usual shapes; rows ``< first`` of the output
-    are zero (the caller reads rows ``first..`` only).
+    """Within the block, ``attn``'s attention function is checked to be causal and, where its mask is a tensor,
+    computes the query rows ``first..T-1`` only (AtP*'s QK fix, :meth:`Adapter.attention_z_given`): it gets
+    those rows of the query and of the mask (keys and values at every position) and its output
+    (B, T - first, H, dh) is written into zeros of the usual (B, T, H, dh) shape, so the module's reshapes
+    see their usual shapes; rows ``< first`` of the output are then zero.
 
-    Only a causal attention is cut: the mask's rows ``< first`` must mask every key ``>= first`` (those
-    rows then read keys ``< first`` only; the caller relies on it), or, without a mask, the ``sdpa``
-    implementation must be causal (its own ``is_causal``), which the rows' part of that causal mask
-    (a boolean lower triangle, offset ``first``) then states explicitly. Anything else (eager without a mask,
-    a position bias, a mask or output of an unexpected shape) runs in full. ``state`` counts the calls for
-    ``attn`` cut (``"rows"``) and run in full (``"full"``). Yields whether the wrapper is in place; the
+    Causal: the mask's rows ``< first`` mask every key ``>= first``, or, without a mask, the ``sdpa``
+    implementation is causal (its own ``is_causal``); the caller relies on it when it reads the rows
+    ``first..`` only. Without a mask the rows are not cut (a mask of the rows would take sdpa off its causal
+    kernel and, with grouped-query attention, make transformers repeat the keys and values: slower than
+    the rows it saves). ``state`` counts the calls for ``attn``: cut (``"rows"``), causal and not cut
+    (``"causal"``), and not known to be causal (``"full"``: eager without a mask, a position bias, a mask
+    or output of an unexpected shape), each run in full. Yields whether the wrapper is in place; the
     registry entry is restored on exit, also on error."""
     found = attention_function(attn)
     if found is None or first <= 0:
@@ -125,8 +126,9 @@ def query_rows_function(attn: nn.Module, first: int, state: dict[str, int]) -> I
         if module is not attn:
             return orig(*full, **kwargs)
         mask = _row_mask(impl, module, query, key, attention_mask, first, kwargs)
-        if mask is None:
-            state["full"] = state.get("full", 0) + 1
+        if mask is None or mask is True:
+            which = "full" if mask is None else "causal"
+            state[which] = state.get(which, 0) + 1
             return orig(*full, **kwargs)
         B, H, T, dh = query.shape
         out, *rest = orig(module, query[:, :, first:], key, value, mask, *args, **kwargs)
@@ -151,8 +153,8 @@ def query_rows_function(attn: nn.Module, first: int, state: dict[str, int]) -> I
 
 
 def _row_mask(impl: str, module: nn.Module, query: Any, key: Any, mask: Any, first: int, kwargs: dict) -> Any:
-    """The mask of the query rows ``first..T-1`` for :func:`query_rows_function`, or None where the rows may not
-    be cut (see there)."""
+    """For :func:`query_rows_function`: the mask's rows ``first..T-1`` where the rows are cut, True where the call
+    is causal without a mask (not cut), None where it is not known to be causal."""
     if not (torch.is_tensor(query) and torch.is_tensor(key) and query.dim() == 4 and key.dim() == 4):
         return None
     T = query.shape[2]
@@ -161,9 +163,7 @@ def _row_mask(impl: str, module: nn.Module, query: Any, key: Any, mask: Any, fir
     if mask is None:
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
-        if impl != "sdpa" or causal is not True:
-            return None
-        return torch.ones(T - first, T, dtype=torch.bool, device=query.device).tril(first)[None, None]
+        return True if impl == "sdpa" and causal is True else None
     if not torch.is_tensor(mask) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (T, T):
         return None
     early = mask[..., :first, first:]  # rows < first must not see keys >= first

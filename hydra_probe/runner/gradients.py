@@ -392,7 +392,8 @@ class GradientsMixin:
                     z = self.ad.attention_z(P, layer, kk + 1, hidden, shared_values=True, first_row=first["plain"])
                 r = T - z.shape[1]  # the rows before r were skipped (their terms are zero)
                 # reduced in float64 for a float64 model, else in float32 (a rounding-level difference)
-                dz = (z[:kk * B].reshape(kk, B, -1) - z[kk * B:].reshape(1, B, -1)).to(cdt)
+                zz = z.unflatten(0, (kk + 1, B))
+                dz = (zz[:kk] - zz[kk:]).to(cdt).flatten(2)  # (kk, B, (T - r) * H * dh)
                 # one product per distinct gradient tensor (reads that drop a layer below this one share the
                 # full gradient here); none for reads whose drop is at or below every sender (unused) or is
                 # this layer (the gradient inside a dropped block is zero)
@@ -404,7 +405,7 @@ class GradientsMixin:
                     continue
                 G = torch.stack([reads[rs[0]].grads[Site(layer, "z")][g][:, r:].to(ad.device, cdt)
                                  for rs in uniq.values()])
-                got = torch.einsum("kbx,rbx->rkb", dz, G.view(len(uniq), B, -1)).to(torch.float64)
+                got = torch.einsum("kbx,rbx->rkb", dz, G.flatten(2)).to(torch.float64)
                 rows = torch.tensor(order[:kk], device=ad.device)
                 for u, rs in enumerate(uniq.values()):
                     for i in rs:
