@@ -283,7 +283,11 @@ class GradientsMixin:
         batch (within the token budget, halved on out-of-memory), and is reduced against the gradients
         at once. A lone head's change (no post-attention norm) enters the q/k projections composed through
         its ``W_O`` rows (:meth:`_composed_z`: head_dim projected rows per head and layer instead of one per
-        prompt position; ``Runner.compose_qk = False`` projects every copy's input instead).
+        prompt position; ``Runner.compose_qk = False`` projects every copy's input instead). In a causal
+        attention the query rows before the first position where a change of the chunk is nonzero (clean and
+        corrupted prompts sharing a prefix; per length group, read from the changes themselves) have no term:
+        they are skipped (their attention too where its mask is a tensor; ``Runner.qk_changed_rows_only =
+        False`` computes every row).
         ``Runner.fast_qk = False``: the plain reference, one full forward per change. With
         ``backend="nnsight"`` (also remote) one nnsight trace per chunk of changes instead.
 
@@ -468,8 +472,9 @@ class GradientsMixin:
         kept on the runner (within :data:`QK_WEIGHT_CACHE` bytes) for its next QK fix (the other direction).
 
         ``first``: ``dz`` is zero at the positions before it, so there the changed copies' q/k are the last
-        copy's (copied, not composed) and the attention computes the query rows ``first..`` only where it can
-        (the result is then (copies*B, T - first, H*dh); :meth:`Adapter.attention_z_given`)."""
+        copy's (copied, or composed from a zero change where the layout makes every row in place faster);
+        the result is the rows ``first..`` only where the attention is causal, (copies*B, T - first, H*dh)
+        (:meth:`Adapter.attention_z_given`)."""
         ad = self.ad
         if not ad.can_compose_qk(layer):
             return None
