@@ -205,3 +205,126 @@ def test_composed_weights_are_kept_for_the_other_direction():
     fresh, _ = make_runner(m, t, "logit_diff")
     want = fresh.qk_fix("clean", changes("corrupted"), fresh.gradients("clean", [GradientRead(zs, None, True)]))
     _close(got, want)
+
+
+def prefix_task(m: hp.HookedModel, seed: int = 0) -> hp.Task:
+    """A task whose clean and corrupted prompts share a prefix: a group of length 10 whose prompts first differ at
+    positions 4 and 5 (so the QK fix may skip query rows 0..3), and a group of length 12 where one prompt's first
+    token differs (nothing to skip)."""
+    from hydra_probe.tasks.task import Task
+
+    g = torch.Generator().manual_seed(seed)
+    clean, corrupted = [], []
+    for T, positions in ((10, (6, 4)), (10, (7, 5)), (12, (0, 9)), (12, (8,))):
+        ids = torch.randint(3, 60, (T,), generator=g)
+        other = ids.clone()
+        for p in positions:
+            other[p] = 3 + (ids[p] - 3 + int(torch.randint(1, 57, (1,), generator=g))) % 57
+        clean.append(ids)
+        corrupted.append(other)
+    ans = torch.randint(3, 60, (4,), generator=g)
+    return Task([{"clean": "", "corrupted": "", "answer": "", "alternative": ""}] * 4, "prefix", "shared prefix",
+                seed, clean, corrupted, ans, (ans - 3 + 1) % 57 + 3)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.NEW_FAMILIES)
+def test_qk_fix_skips_exactly_the_unchanged_query_rows(family, plain, monkeypatch):
+    """Runner.qk_changed_rows_only: the terms are those computed over every query row (composed and stacked
+    routes, both directions, changes narrowed to positions, MLPs, whole layers, several senders), and those of
+    the plain reference; rows were skipped in the group with a shared prefix and not in the other. A skip one row
+    too far changes the terms (the comparison can see a wrong skip)."""
+    from hydra_probe.models.adapter import Adapter
+
+    m = build(family)[0]
+    t = prefix_task(m)
+    runner, _ = make_runner(m, t, "logit_diff")
+    assert [len(t.clean_ids[idx[0]]) for idx in runner.groups] == [10, 12]
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    c = {x.name: x for x in m.components(["all", "layers"])}
+    seen: list[tuple[int, dict[str, int]]] = []
+    real = Adapter._qk_attention
+
+    def spy(self, layer, first, state):
+        seen.append((first, state))
+        return real(self, layer, first, state)
+
+    monkeypatch.setattr(Adapter, "_qk_attention", spy)
+    tol = 1e-9 if m.adapter.table.norm_kind == "layernorm" else 1e-4  # composed vs the model's float32 RMSNorm
+    for source, value in (("corrupted", "clean"), ("clean", "corrupted")):
+        reads = runner.gradients(source, [GradientRead(zs, None, True), GradientRead(zs, 1, True)])
+        changes = [SenderChange((c["L0H1"],), value, (-1, -3)), SenderChange((c["MLP0"],), value),
+                   SenderChange((c["ATTN1"],), value), SenderChange((c["L1H3"],), value, (-1,)),
+                   SenderChange((c["L0H2"],), value), SenderChange((c["L1H0"],), value),
+                   SenderChange((c["L0H0"], c["MLP1"]), value)]
+        got = runner.qk_fix(source, changes, reads)
+        with plain("compose_qk"):
+            got_stacked = runner.qk_fix(source, changes, reads)
+        with plain("qk_changed_rows_only"):
+            want = runner.qk_fix(source, changes, reads)
+        with plain("qk_changed_rows_only", "compose_qk"):
+            want_stacked = runner.qk_fix(source, changes, reads)
+        with plain("fast_qk"):
+            ref = runner.qk_fix(source, changes, reads)
+        _close(got, want)
+        _close(got_stacked, want_stacked)
+        _close(got_stacked, ref)
+        _close(got, ref, tol)
+        assert (want[0, [0, 1, 2, 4, 6]].abs().amax(-1) > 1e-6).all()
+    # the group of length 10 skipped rows 0..3 (rows 0..6 for L0H1's change at -1 and -3 alone), every attention
+    # call checked causal; the group of length 12 skipped nothing
+    assert {f for f, _ in seen} >= {0, 4}
+    assert all(st and not st.get("full") for f, st in seen if f > 0)
+    # a skip one row too far is seen (with sliding windows of 4 the terms of the rows before 6 are zero: no read
+    # reaches them from the last position, so there the skip goes on to the last row)
+    first = Runner._first_changed_row
+    far = 8 if family in ("gemma2", "gemma3", "olmo3") else 1
+
+    def too_far(self, ch):
+        f = first(self, ch)
+        return min(f + far, ch.shape[2] - 1) if 0 < f < ch.shape[2] - 1 else f
+
+    monkeypatch.setattr(Runner, "_first_changed_row", too_far)
+    bad = runner.qk_fix(source, changes, reads)
+    assert not torch.allclose(bad, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+
+def test_query_rows_are_cut_only_where_the_attention_is_causal():
+    """The attention function's row cut (last_query.query_rows_function): a causal mask (boolean or additive, also
+    a sliding window) is cut to its rows; a mask that lets an early row see a later key, eager attention without a
+    mask, a non-causal module and a position bias are not (None); sdpa without a mask is causal but not cut (True)."""
+    from hydra_probe.models.last_query import _row_mask
+
+    q = k = torch.zeros(2, 4, 6, 8)
+    mod = torch.nn.Module()
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+    window = causal & torch.ones(6, 6, dtype=torch.bool).triu(-2)
+    additive = torch.zeros(1, 1, 6, 6).masked_fill(~causal, torch.finfo(torch.float32).min)
+    for mask in (causal, window, additive, additive.expand(2, 1, 6, 6)):
+        assert torch.equal(_row_mask("sdpa", mod, q, k, mask, 2, {}), mask[:, :, 2:])
+    assert _row_mask("sdpa", mod, q, k, torch.ones(1, 1, 6, 6, dtype=torch.bool), 2, {}) is None
+    assert _row_mask("eager", mod, q, k, torch.zeros(1, 1, 6, 6), 2, {}) is None
+    assert _row_mask("eager", mod, q, k, None, 2, {}) is None
+    assert _row_mask("sdpa", mod, q, k, None, 2, {}) is True
+    assert _row_mask("sdpa", mod, q, k, additive, 2, {"position_bias": torch.zeros(1, 4, 6, 6)}) is None
+    assert _row_mask("sdpa", mod, q, k, causal, 0, {}) is None and _row_mask("sdpa", mod, q, k, causal, 6, {}) is None
+    mod.is_causal = False
+    assert _row_mask("sdpa", mod, q, k, None, 2, {}) is None
+
+
+def test_fast_rotary_is_llamas_bit_for_bit():
+    """models.rotary.apply_rotary gives transformers' Llama apply_rotary_pos_emb bit for bit (float32, float64, a
+    float32 cos/sin with float64 queries as OLMo-2 has them), and is swapped in only where a family's rotary is
+    Llama's (not NeoX's partial rotary)."""
+    from transformers.models.gpt_neox import modeling_gpt_neox
+    from transformers.models.llama import modeling_llama
+
+    from hydra_probe.models.rotary import _is_llama_rotary, apply_rotary
+
+    g = torch.Generator().manual_seed(0)
+    for dt, cdt in ((torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float64, torch.float32)):
+        q = torch.randn(3, 7, 5, 16, generator=g, dtype=torch.float64).to(dt).transpose(1, 2)  # as the modules view it
+        k = torch.randn(3, 2, 7, 16, generator=g, dtype=torch.float64).to(dt)
+        cos, sin = torch.randn(2, 1, 7, 16, generator=g, dtype=torch.float64).to(cdt)
+        for a, b in zip(apply_rotary(q, k, cos, sin), modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert _is_llama_rotary(modeling_llama) and not _is_llama_rotary(modeling_gpt_neox)

@@ -112,6 +112,10 @@ def temporary_hooks() -> Iterator[Callable[..., None]]:
 class Adapter:
     """Architecture-aware access to a Hugging Face causal LM (see module doc)."""
 
+    #: AtP*'s QK fix (:meth:`attention_z`, :meth:`attention_z_given`) computes a Llama-style rotary embedding
+    #: without its concatenation (:mod:`.rotary`, the same numbers bit for bit); False: transformers' own
+    fast_rotary: bool = True
+
     def __init__(self, hf_model: nn.Module, table: ArchTable | None = None) -> None:
         config = getattr(hf_model, "config", None)
         if config is None:
@@ -779,7 +783,7 @@ class Adapter:
 
     # ------------------------------------------------------------------ AtP*'s QK fix (attention only)
     def attention_z(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor,
-                    shared_values: bool = False) -> torch.Tensor:
+                    shared_values: bool = False, first_row: int = 0) -> torch.Tensor:
         """Block ``layer``'s heads' output ``z`` (copies*B, T, H*dh), its attention output projection's input,
         for the block input ``hidden`` (copies*B, T, d) with the prefix's call arguments (masks, positions).
 
@@ -793,12 +797,19 @@ class Adapter:
         own). The value projection then runs on the last copy only where it is a separate module or a
         plain linear layer (``nn.Linear``, GPT-2's ``Conv1D``); otherwise every copy's is computed and the
         last copy's copied over it.
+
+        ``first_row``: where the attention is causal (:func:`.last_query.query_rows_function`; computed for
+        the query rows ``first_row..T-1`` only where its mask is a tensor) the result is those rows,
+        (copies*B, T - first_row, H*dh); elsewhere every row, (copies*B, T, H*dh). The caller reads which
+        from the shape. For callers whose copies' block inputs agree before ``first_row`` (those rows'
+        queries and keys, hence their ``z``, are then every copy's alike).
         """
         self._refuse_remote()
         block = self.blocks[layer]
         o_proj = get_path(block, self.table.o_proj)
         plain = not any(hasattr(m, "_hf_hook") for m in block.modules())
         got: dict[str, torch.Tensor] = {}
+        state: dict[str, int] = {}
 
         def at_z(mod, args, kwargs):
             got["z"] = args[0] if args else next(iter(kwargs.values()))
@@ -811,6 +822,7 @@ class Adapter:
             register(o_proj, at_z, pre=True, with_kwargs=True)
             if shared_values:
                 stack.enter_context(self._last_copy_values(layer, B, register, plain))
+            stack.enter_context(self._qk_attention(layer, first_row, state))
             try:
                 block(hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
             except _StopAtZ:
@@ -818,7 +830,27 @@ class Adapter:
         if "z" not in got:
             raise ArchitectureError(f"block {layer} never called its attention output projection "
                                     f"({self.table.o_proj}); check the architecture table's o_proj path.")
-        return got["z"]
+        if state.get("rows") and state.get("full"):  # some calls cut, some not causal: every row, from the start
+            return self.attention_z(prefix, layer, copies, hidden, shared_values)
+        return got["z"][:, first_row:] if first_row > 0 and not state.get("full") and state else got["z"]
+
+    @contextlib.contextmanager
+    def _qk_attention(self, layer: int, first: int, state: dict[str, int]) -> Iterator[None]:
+        """Within the block, block ``layer``'s attention (in the QK fix) computes its rotary embedding without
+        a concatenation where it is Llama's (:func:`.rotary.fast_rotary`, the same numbers; unless
+        ``Adapter.fast_rotary`` is False), and its attention function is checked to be causal and computes
+        the query rows ``first..`` only where it can (:func:`.last_query.query_rows_function`, which counts
+        the calls in ``state``; ``first`` 0: every row, unchecked)."""
+        from .last_query import query_rows_function
+        from .rotary import fast_rotary
+
+        attn = get_path(self.blocks[layer], self.table.attn)
+        with contextlib.ExitStack() as stack:
+            if self.fast_rotary:
+                stack.enter_context(fast_rotary(attn))
+            if first > 0:
+                stack.enter_context(query_rows_function(attn, first, state))
+            yield
 
     @contextlib.contextmanager
     def _last_copy_values(self, layer: int, B: int, register: Callable[..., None], plain: bool) -> Iterator[None]:
@@ -909,8 +941,8 @@ class Adapter:
         return gamma, _param(n, "bias"), _eps_of(n), self.table.norm_kind == "layernorm"
 
     def attention_z_given(self, prefix: Prefix, layer: int, copies: int, normed: torch.Tensor,
-                          given: Mapping[Site, torch.Tensor], memo: dict[Any, Any] | None = None
-                          ) -> torch.Tensor | None:
+                          given: Mapping[Site, torch.Tensor], memo: dict[Any, Any] | None = None,
+                          first_row: int = 0) -> torch.Tensor | None:
         """:meth:`attention_z` with every copy's query/key projections given and the values of one input.
 
         ``given``: ``{site: (copies*B, T, width)}`` for each of :meth:`qk_sites`, which the q/k projection
@@ -921,7 +953,9 @@ class Adapter:
         last copy's given q/k are checked against the modules' own output on ``normed``; where they differ
         nothing more is run and None is returned. Only where :meth:`can_compose_qk`. ``memo``: a dict
         kept by the caller for calls with the same layer and ``normed``, so that the unchanged copy's
-        projections are computed and checked once.
+        projections are computed and checked once. ``first_row``: as in :meth:`attention_z` (the result
+        is then the rows ``first_row..T-1`` where the attention is causal; the caller reads it from the
+        shape).
         """
         self._refuse_remote()
         t = self.table
@@ -965,8 +999,9 @@ class Adapter:
             swap(get_path(block, t.attn_norm), lambda x, *a, **k: x)
         args, kw = prefix.calls[layer]
         hidden = normed.new_zeros(()).expand(copies * B, T, d)
+        state: dict[str, int] = {}
         try:
-            with temporary_hooks() as register:
+            with temporary_hooks() as register, self._qk_attention(layer, first_row, state):
                 register(o_proj, at_z, pre=True, with_kwargs=True)
                 try:
                     block(hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
@@ -981,7 +1016,9 @@ class Adapter:
         if "z" not in got:
             raise ArchitectureError(f"block {layer} never called its attention output projection "
                                     f"({t.o_proj}); check the architecture table's o_proj path.")
-        return got["z"]
+        if state.get("rows") and state.get("full"):  # some calls cut, some not causal: every row, from the start
+            return self.attention_z_given(prefix, layer, copies, normed, given, memo)
+        return got["z"][:, first_row:] if first_row > 0 and not state.get("full") and state else got["z"]
 
 
 class _StopAtZ(BaseException):

@@ -18,6 +18,10 @@ each exact for the last position on its own:
 
 Where the route is not known to be safe (accelerate hooks, a replaced forward, an attention implementation
 other than eager/sdpa, a mask or output of an unexpected shape) the full computation runs instead.
+
+:func:`query_rows_function` generalises the attention function's wrapper to the query rows from a given
+position on (AtP*'s QK fix: the rows before the first position where a sender's change is nonzero do not
+change in a causal attention); it also tells whether the attention is causal.
 """
 
 from __future__ import annotations
@@ -90,6 +94,86 @@ def last_query_function(attn: nn.Module) -> Iterator[bool]:
             local[impl] = prev
         else:
             local.pop(impl, None)
+
+
+@contextlib.contextmanager
+def query_rows_function(attn: nn.Module, first: int, state: dict[str, int]) -> Iterator[bool]:
+    """Within the block, ``attn``'s attention function is checked to be causal and, where its mask is a tensor,
+    computes the query rows ``first..T-1`` only (AtP*'s QK fix, :meth:`Adapter.attention_z_given`): it gets
+    those rows of the query and of the mask (keys and values at every position) and its output
+    (B, T - first, H, dh) is written into zeros of the usual (B, T, H, dh) shape, so the module's reshapes
+    see their usual shapes; rows ``< first`` of the output are then zero.
+
+    Causal: the mask's rows ``< first`` mask every key ``>= first``, or, without a mask, the ``sdpa``
+    implementation is causal (its own ``is_causal``); the caller relies on it when it reads the rows
+    ``first..`` only. Without a mask the rows are not cut (a mask of the rows would take sdpa off its causal
+    kernel and, with grouped-query attention, make transformers repeat the keys and values: slower than
+    the rows it saves). ``state`` counts the calls for ``attn``: cut (``"rows"``), causal and not cut
+    (``"causal"``), and not known to be causal (``"full"``: eager without a mask, a position bias, a mask
+    or output of an unexpected shape), each run in full. Yields whether the wrapper is in place; the
+    registry entry is restored on exit, also on error."""
+    found = attention_function(attn)
+    if found is None or first <= 0:
+        yield False
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
+
+    impl, orig = found
+
+    def rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+        full = (module, query, key, value, attention_mask, *args)
+        if module is not attn:
+            return orig(*full, **kwargs)
+        mask = _row_mask(impl, module, query, key, attention_mask, first, kwargs)
+        if mask is None or mask is True:
+            which = "full" if mask is None else "causal"
+            state[which] = state.get(which, 0) + 1
+            return orig(*full, **kwargs)
+        B, H, T, dh = query.shape
+        out, *rest = orig(module, query[:, :, first:], key, value, mask, *args, **kwargs)
+        if not torch.is_tensor(out) or tuple(out.shape) != (B, T - first, H, dh):
+            state["full"] = state.get("full", 0) + 1
+            return orig(*full, **kwargs)  # an unexpected layout: the full computation, exact
+        state["rows"] = state.get("rows", 0) + 1
+        whole = out.new_zeros(B, T, H, dh)
+        whole[:, first:] = out
+        return (whole, *rest)
+
+    local = fns._local_mapping
+    had, prev = impl in local, local.get(impl)
+    local[impl] = rows
+    try:
+        yield True
+    finally:
+        if had:
+            local[impl] = prev
+        else:
+            local.pop(impl, None)
+
+
+def _row_mask(impl: str, module: nn.Module, query: Any, key: Any, mask: Any, first: int, kwargs: dict) -> Any:
+    """For :func:`query_rows_function`: the mask's rows ``first..T-1`` where the rows are cut, True where the call
+    is causal without a mask (not cut), None where it is not known to be causal."""
+    if not (torch.is_tensor(query) and torch.is_tensor(key) and query.dim() == 4 and key.dim() == 4):
+        return None
+    T = query.shape[2]
+    if key.shape[2] != T or not 0 < first < T or kwargs.get("position_bias") is not None:
+        return None
+    if mask is None:
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        return True if impl == "sdpa" and causal is True else None
+    if not torch.is_tensor(mask) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (T, T):
+        return None
+    early = mask[..., :first, first:]  # rows < first must not see keys >= first
+    if mask.dtype == torch.bool:
+        causal = not bool(early.any())
+    elif mask.is_floating_point():
+        causal = bool(((early == torch.finfo(mask.dtype).min) | torch.isneginf(early)).all())
+    else:
+        causal = False
+    return mask[:, :, first:] if causal else None
 
 
 def slice_last(register: Callable[..., None], module: nn.Module) -> None:

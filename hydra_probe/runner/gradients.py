@@ -283,7 +283,11 @@ class GradientsMixin:
         batch (within the token budget, halved on out-of-memory), and is reduced against the gradients
         at once. A lone head's change (no post-attention norm) enters the q/k projections composed through
         its ``W_O`` rows (:meth:`_composed_z`: head_dim projected rows per head and layer instead of one per
-        prompt position; ``Runner.compose_qk = False`` projects every copy's input instead).
+        prompt position; ``Runner.compose_qk = False`` projects every copy's input instead). In a causal
+        attention the query rows before the first position where a change of the chunk is nonzero (clean and
+        corrupted prompts sharing a prefix; per length group, read from the changes themselves) have no term:
+        they are skipped (their attention too where its mask is a tensor; ``Runner.qk_changed_rows_only =
+        False`` computes every row).
         ``Runner.fast_qk = False``: the plain reference, one full forward per change. With
         ``backend="nnsight"`` (also remote) one nnsight trace per chunk of changes instead.
 
@@ -362,43 +366,66 @@ class GradientsMixin:
         cdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
         heads = self._head_changes(g, source, [changes[j] for j in order]) if compose else None
         d: torch.Tensor | None = None
+        T = P.resid[0].shape[1]
+        # the query rows before the first position where a change of the chunk is nonzero are skipped
+        # (Runner.qk_changed_rows_only): composed route from the heads' dz, plain route from the changes
+        first = {"composed": 0 if heads is None else self._first_changed_row(heads[0]), "plain": 0}
+        if heads is not None and first["composed"] == T:
+            return part  # no change anywhere: every term is zero
 
-        for layer in range(lays[order[0]] + 1, L):
-            kk = sum(lays[j] < layer for j in order)
-            x = P.resid[layer]
-            with torch.no_grad(), self.model.evaluating():
+        with torch.no_grad(), self.model.evaluating():
+            for layer in range(lays[order[0]] + 1, L):
+                kk = sum(lays[j] < layer for j in order)
+                x = P.resid[layer]
                 z = None
                 if heads is not None and layer not in self._no_compose:
                     who = tuple((changes[j].senders[0].layer, changes[j].senders[0].head) for j in order[:kk])
                     z = self._composed_z(P, layer, x, heads[0][:kk], heads[1][:kk],
-                                         {} if memo is None else memo.setdefault(layer, {}), who)
+                                         {} if memo is None else memo.setdefault(layer, {}), who, first["composed"])
                     if z is None:  # the attention does not read its norm's output as composed: plain route
                         self._no_compose.add(layer)
                 if z is None:
                     if d is None:
                         d = self._stacked_changes(g, source, [changes[j] for j in order])
+                        first["plain"] = self._first_changed_row(d)
+                        if first["plain"] == T:
+                            return part
                     hidden = x.new_empty((kk + 1) * B, *x.shape[1:])
                     torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
                     hidden[kk * B:] = x
-                    z = self.ad.attention_z(P, layer, kk + 1, hidden, shared_values=True)
+                    z = self.ad.attention_z(P, layer, kk + 1, hidden, shared_values=True, first_row=first["plain"])
+                r = T - z.shape[1]  # the rows before r were skipped (their terms are zero)
                 # reduced in float64 for a float64 model, else in float32 (a rounding-level difference)
-                dz = (z[:kk * B].reshape(kk, B, -1) - z[kk * B:].reshape(1, B, -1)).to(cdt)
+                zz = z.unflatten(0, (kk + 1, B))
+                dz = (zz[:kk] - zz[kk:]).to(cdt).flatten(2)  # (kk, B, (T - r) * H * dh)
                 # one product per distinct gradient tensor (reads that drop a layer below this one share the
                 # full gradient here); none for reads whose drop is at or below every sender (unused) or is
                 # this layer (the gradient inside a dropped block is zero)
                 uniq: dict[int, list[int]] = {}
-                for r, rd in enumerate(reads):
+                for i, rd in enumerate(reads):
                     if Site(layer, "z") in rd.grads and (rd.drop_layer is None or lays[order[0]] < rd.drop_layer != layer):
-                        uniq.setdefault(id(rd.grads[Site(layer, "z")][g]), []).append(r)
+                        uniq.setdefault(id(rd.grads[Site(layer, "z")][g]), []).append(i)
                 if not uniq:
                     continue
-                G = torch.stack([reads[rs[0]].grads[Site(layer, "z")][g].to(ad.device, cdt) for rs in uniq.values()])
-                got = torch.einsum("kbx,rbx->rkb", dz, G.view(len(uniq), B, -1)).to(torch.float64)
+                G = torch.stack([reads[rs[0]].grads[Site(layer, "z")][g][:, r:].to(ad.device, cdt)
+                                 for rs in uniq.values()])
+                got = torch.einsum("kbx,rbx->rkb", dz, G.flatten(2)).to(torch.float64)
                 rows = torch.tensor(order[:kk], device=ad.device)
                 for u, rs in enumerate(uniq.values()):
-                    for r in rs:
-                        part[r, rows] += got[u]
+                    for i in rs:
+                        part[i, rows] += got[u]
         return part
+
+    def _first_changed_row(self, change: torch.Tensor) -> int:
+        """The first position where any of the stacked changes ``change`` (k, B, T, ...) is nonzero (T: none),
+        or 0 where ``Runner.qk_changed_rows_only`` is False. Before it every copy's block input equals the
+        unchanged one, so in a causal attention those query rows (and their keys) are the unchanged copy's
+        and their QK-fix terms are zero."""
+        T = change.shape[2]
+        if not self.qk_changed_rows_only:
+            return 0
+        nz = change.ne(0).flatten(3).any(-1).any(1).any(0)  # (T,)
+        return int(nz.to(torch.int8).argmax()) if bool(nz.any()) else T
 
     def _head_changes(self, g: int, source: str, changes: Sequence[SenderChange]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,7 +453,8 @@ class GradientsMixin:
         return dz, W
 
     def _composed_z(self, P: Any, layer: int, x: torch.Tensor, dz: torch.Tensor, W: torch.Tensor,
-                    memo: dict[Any, Any], who: tuple[tuple[int, int], ...] = ()) -> torch.Tensor | None:
+                    memo: dict[Any, Any], who: tuple[tuple[int, int], ...] = (), first: int = 0
+                    ) -> torch.Tensor | None:
         """Layer ``layer``'s heads' output z ((k+1)*B, T, H*dh) for the block inputs ``x + dz_j @ W_j`` (each
         lone head j of ``dz`` (k, B, T, head_dim) with its ``W_O`` rows ``W`` (k, head_dim, d)), then ``x``,
         every copy's values the last copy's, with the q/k projections composed instead of projected:
@@ -441,12 +469,18 @@ class GradientsMixin:
         the last copy's composed q/k differ from the module's own. ``memo``: kept by the caller for calls
         with the same layer and ``x`` (what depends on them alone is computed once). ``who``: the heads of
         ``W`` as (layer, head); their composed weights ``lin(gamma * P(W))`` depend on the weights alone and are
-        kept on the runner (within :data:`QK_WEIGHT_CACHE` bytes) for its next QK fix (the other direction)."""
+        kept on the runner (within :data:`QK_WEIGHT_CACHE` bytes) for its next QK fix (the other direction).
+
+        ``first``: ``dz`` is zero at the positions before it, so there the changed copies' q/k are the last
+        copy's (copied, or composed from a zero change where the layout makes every row in place faster);
+        the result is the rows ``first..`` only where the attention is causal, (copies*B, T - first, H*dh)
+        (:meth:`Adapter.attention_z_given`)."""
         ad = self.ad
         if not ad.can_compose_qk(layer):
             return None
         k, B, T, dh = dz.shape
         d = ad.d_model
+        r = first
         cdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
         if "xs" not in memo:  # what depends on the layer and x alone
             aff = ad.attn_input_affine(layer)
@@ -457,28 +491,53 @@ class GradientsMixin:
                 xs = xs - xs.mean(-1, keepdim=True)
             memo.update(xs=xs.flatten(0, 1), gamma=gamma.to(cdt), eps=eps, centre=centre, norm=aff is not None,
                         var0=xs.pow(2).mean(-1).flatten(), normed=ad.block_norm(layer, "attn", x))
+            inv0 = (torch.rsqrt(memo["var0"] + eps) if memo["norm"]
+                    else torch.ones(B * T, dtype=cdt, device=x.device)).unsqueeze(-1)  # (B*T, 1)
             zero = torch.zeros(1, d, dtype=ad.dtype, device=x.device)
             for site, qk in ad.qk_sites(layer):
                 bias = ad.project_columns(site, zero, qk).to(cdt)  # (1, n): n query and key columns
                 const = bias if beta is None else ad.project_columns(site, beta.to(ad.dtype)[None], qk).to(cdt)
                 base = ad.project_columns(site, (xs * memo["gamma"]).to(ad.dtype), qk).to(cdt).flatten(0, 1) - bias
-                memo[("proj", site)] = bias, const, base  # base (B*T, n)
-        xs, gamma = memo["xs"], memo["gamma"]
-        Wc, dzc = W.to(cdt), dz.to(cdt).flatten(1, 2)  # dzc (k, B*T, dh)
+                # base (B*T, n); the unchanged copy's q/k (B*T, n): const + base / sigma(x)
+                memo[("proj", site)] = bias, const, base, torch.addcmul(const, inv0, base)
+            memo["inv0"] = inv0
+        if ("rows", r) not in memo:  # the rows from r on of what depends on the layer and x alone
+            def cut(t: torch.Tensor) -> torch.Tensor:
+                return t if r == 0 else t.unflatten(0, (B, T))[:, r:].flatten(0, 1)
+            memo[("rows", r)] = cut(memo["xs"]), cut(memo["var0"]), {
+                site: cut(memo[("proj", site)][2]) for site, _ in ad.qk_sites(layer)}
+        xs, var0, bases = memo[("rows", r)]
+        gamma = memo["gamma"]
+        Wc, dzc = W.to(cdt), dz[:, :, r:].to(cdt).flatten(1, 2)  # dzc (k, B*(T-r), dh)
+        n_rows = dzc.shape[1]
         if memo["centre"]:
             Wc = Wc - Wc.mean(-1, keepdim=True)
         if memo["norm"]:
-            cross = (dzc * torch.matmul(xs, Wc.transpose(1, 2))).sum(-1)  # (k, B*T)
+            cross = (dzc * torch.matmul(xs, Wc.transpose(1, 2))).sum(-1)  # (k, B*(T-r))
             quad = (torch.matmul(dzc, torch.matmul(Wc, Wc.transpose(1, 2))) * dzc).sum(-1)
-            var0 = memo["var0"]
-            var = torch.cat([var0 + (2 * cross + quad) / d, var0[None]])
-            inv = torch.rsqrt(var + memo["eps"]).unsqueeze(-1)  # (k+1, B*T, 1)
+            inv = torch.rsqrt(var0 + (2 * cross + quad) / d + memo["eps"]).unsqueeze(-1)  # (k, B*(T-r), 1)
         else:
-            inv = torch.ones(k + 1, B * T, 1, dtype=cdt, device=x.device)
-        scaled = inv[:k] * dzc  # (k, B*T, dh): 1 / sigma folded into dz
+            inv = torch.ones(k, n_rows, 1, dtype=cdt, device=x.device)
+        scaled = inv * dzc  # (k, B*(T-r), dh): 1 / sigma folded into dz
+        every: list[torch.Tensor] = []
+
+        def every_row() -> list[torch.Tensor]:
+            """``inv`` and ``scaled`` over every row (before r: the unchanged copy's scale and no change)."""
+            if not every:
+                if r == 0:
+                    every.extend((inv, scaled))
+                else:
+                    ia = torch.empty(k, B, T, 1, dtype=cdt, device=x.device)
+                    ia[:, :, :r] = memo["inv0"].view(B, T, 1)[:, :r]
+                    ia[:, :, r:] = inv.view(k, B, T - r, 1)
+                    sa = scaled.new_zeros(k, B, T, dh)
+                    sa[:, :, r:] = scaled.view(k, B, T - r, dh)
+                    every.extend((ia.view(k, B * T, 1), sa.view(k, B * T, dh)))
+            return every
+
         given: dict[Site, torch.Tensor] = {}
         for site, qk in ad.qk_sites(layer):
-            bias, const, base = memo[("proj", site)]
+            bias, const, base, y0 = memo[("proj", site)]
             wkey = (layer, site, who)
             M = self._qk_weights.get(wkey) if who else None
             if M is None:
@@ -488,16 +547,29 @@ class GradientsMixin:
                     self._qk_weights[wkey] = M
                     self._qk_weight_bytes += size
             width = ad.module_width(site)
-            full = torch.empty(k + 1, B * T, width, dtype=cdt, device=x.device)
-            y = full[..., qk] if isinstance(qk, slice) else torch.empty(k + 1, B * T, base.shape[-1], dtype=cdt,
-                                                                         device=x.device)
-            torch.addcmul(const, inv, base[None], out=y)  # const + base / sigma, every copy
-            y[:k].baddbmm_(scaled, M.reshape(k, dh, -1))  # + dz W / sigma, the changed copies
-            if not isinstance(qk, slice):
-                full[..., qk] = y
-            given[site] = full.view(-1, T, width) if cdt == ad.dtype else full.view(-1, T, width).to(ad.dtype)
+            full = torch.empty(k + 1, B, T, width, dtype=cdt, device=x.device)
+            Mk = M.reshape(k, dh, -1)
+            y0v = y0.view(B, T, -1)
+            # three ways to the same numbers (the fastest measured on the CPU for each layout)
+            if isinstance(qk, slice) and (r == 0 or Mk.shape[-1] != width):  # every row, in place (fused q/k/v)
+                ia, sa = every_row()
+                y = full.view(k + 1, B * T, width)[:k, :, qk]
+                torch.addcmul(const, ia, base[None], out=y)  # const + base / sigma
+                y.baddbmm_(sa, Mk)  # + dz W / sigma, the changed copies
+            elif isinstance(qk, slice):  # a projection of queries or keys only: the rows from r on, in place
+                y = full[:k, :, r:]
+                torch.addcmul(const, inv.view(k, B, T - r, 1), bases[site].view(B, T - r, -1), out=y)
+                y += torch.bmm(scaled, Mk).view(k, B, T - r, -1)
+                full[:k, :, :r] = y0v[:, :r]  # the changed copies before r: the unchanged copy's (dz is zero)
+            else:  # columns of an index (NeoX's interleaved heads): the rows from r on, then placed
+                y = torch.addcmul(const, inv, bases[site][None])
+                y.baddbmm_(scaled, Mk)
+                full[:k, :, r:, qk] = y.view(k, B, T - r, -1)
+                full[:k, :, :r, qk] = y0v[:, :r]
+            full[k, ..., qk] = y0v  # the unchanged copy
+            given[site] = (full.view(-1, T, width) if cdt == ad.dtype else full.view(-1, T, width).to(ad.dtype))
         normed = memo["normed"]
-        return ad.attention_z_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}))
+        return ad.attention_z_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}), first_row=r)
 
     def _stacked_changes(self, g: int, source: str, changes: Sequence[SenderChange]) -> torch.Tensor:
         """:meth:`sender_change` of each change, stacked (k, B, T, d), not cached. A lone head of a layer without

@@ -73,6 +73,10 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     ``Runner.fast_qk`` and ``Runner.shared_gradients`` (default True) switch
     AtP*'s engine (:meth:`qk_fix`, :meth:`gradients`) to its plain reference
     when False (same numbers, for tests and benchmarks).
+    ``Runner.qk_changed_rows_only`` (default True): the fast QK fix computes
+    each layer's attention for the query rows from the first position where a
+    sender's change is nonzero on (in a causal attention the rows before it
+    do not change); False computes every row (same numbers).
 
     Args:
         model: a :class:`~hydra_probe.models.HookedModel`.
@@ -100,6 +104,10 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     #: the QK fix composes a lone head's change with the q/k projections (head_dim rows per head instead of
     #: one projection per prompt position); False: every copy's q/k projected from its block input
     compose_qk: bool = True
+    #: the fast QK fix skips the query rows before the first position where a change of the chunk is nonzero
+    #: (their q, k and z are the unchanged run's in a causal attention; per length group, from the data);
+    #: False: every query row (the plain reference of the restriction)
+    qk_changed_rows_only: bool = True
 
     def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
                  token_budget: int | None = None, progress: bool | None = None) -> None:
