@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import NumericalError
+from ..errors import NumericalError, ResourceError
 from ..interventions import Delivery, Intervention
 from ..models.sites import Site
 
@@ -92,6 +92,24 @@ def default_budget(model: Any) -> int:
 def is_oom(e: BaseException) -> bool:
     """Whether ``e`` (caught as out-of-memory, MemoryError or RuntimeError) means the device ran out of memory."""
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+
+
+def halving(chunk: list[int], call: Callable[[list[int]], Any], weight: Callable[[list[int]], int],
+            B: int, T: int) -> tuple[list[int], Any, int | None]:
+    """``call(chunk)``, and on out-of-memory the first half of the chunk, again and again: (the chunk that
+    ran, its result, the token budget it fits: ``weight(chunk) * B * T`` after a halving, else None).
+    Raises :class:`ResourceError` when one item alone does not fit; other errors pass through."""
+    budget = None
+    while True:
+        try:
+            return chunk, call(chunk), budget
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not is_oom(e):
+                raise
+            if len(chunk) == 1:
+                raise ResourceError(oom_advice(B, T)) from None
+            chunk = chunk[:max(1, len(chunk) // 2)]
+            budget = max(1, weight(chunk)) * B * T
 
 
 def oom_advice(B: int, T: int) -> str:

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from ..errors import OptionError, ResourceError
+from ..errors import OptionError
 from ..interventions import Delivery, GradientRead, Intervention, SenderChange
 from ..models.adapter import check_fired
 from ..models.sites import Site
-from .base import SOURCES, compose, is_oom, oom_advice, progress_bar
+from .base import SOURCES, compose, halving, progress_bar
 
 
 @dataclass
@@ -324,18 +324,14 @@ class GradientsMixin:
                     chunk = order[pos:pos + max(1, self.token_budget // (B * T) - 1)]
                     if pos < len(lone) < pos + len(chunk):
                         chunk = chunk[:len(lone) - pos]
-                    while True:
-                        try:
-                            part = self._qk_chunk(g, source, [changes[c] for c in chunk], [lay[c] for c in chunk],
-                                                  reads, compose=pos < len(lone), memo=memo)
-                            break
-                        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-                            if not is_oom(e):
-                                raise
-                            if len(chunk) == 1:
-                                raise ResourceError(oom_advice(B, T)) from None
-                            chunk = chunk[:max(1, len(chunk) // 2)]
-                            self.token_budget = (len(chunk) + 1) * B * T
+                    compose = pos < len(lone)
+                    chunk, part, budget = halving(
+                        chunk, lambda ch, g=g, compose=compose, memo=memo: self._qk_chunk(
+                            g, source, [changes[c] for c in ch], [lay[c] for c in ch], reads, compose=compose,
+                            memo=memo),
+                        lambda ch: len(ch) + 1, B, T)  # the chunk's copies and the unchanged one
+                    if budget is not None:
+                        self.token_budget = budget
                     ci = torch.tensor(chunk)
                     out[:, ci[:, None], it[None, :]] = part.cpu()
                     pos += len(chunk)

@@ -49,7 +49,7 @@ from .base import (
     check_finite,
     compose,
     default_budget,
-    is_oom,
+    halving,
     oom_advice,
     progress_bar,
 )
@@ -478,18 +478,10 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
                 chunk.append(order[j])
                 weight += w
                 j += 1
-            while True:
-                try:
-                    out = forward(chunk, start)
-                    break
-                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-                    if not is_oom(e):
-                        raise
-                    if len(chunk) == 1:
-                        raise ResourceError(oom_advice(B, T)) from None
-                    half = max(1, len(chunk) // 2)
-                    self.token_budget = max(1, sum(weights[i] for i in chunk[:half])) * B * T
-                    chunk = chunk[:half]
+            chunk, out, budget = halving(chunk, lambda c, s=start: forward(c, s),
+                                         lambda c: sum(weights[i] for i in c), B, T)
+            if budget is not None:  # keep the smaller budget
+                self.token_budget = budget
             yield chunk, out
             pos += len(chunk)
 
