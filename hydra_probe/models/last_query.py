@@ -64,7 +64,6 @@ def last_query_function(attn: nn.Module) -> Iterator[bool]:
     if found is None:
         yield False
         return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
 
     impl, orig = found
 
@@ -84,16 +83,8 @@ def last_query_function(attn: nn.Module) -> Iterator[bool]:
             return orig(*full, **kwargs)  # an unexpected layout: the full computation, exact
         return (out.expand(B, T, H, dh), *rest)
 
-    local = fns._local_mapping
-    had, prev = impl in local, local.get(impl)
-    local[impl] = last_query
-    try:
+    with _registered(impl, last_query):
         yield True
-    finally:
-        if had:
-            local[impl] = prev
-        else:
-            local.pop(impl, None)
 
 
 @contextlib.contextmanager
@@ -116,7 +107,6 @@ def query_rows_function(attn: nn.Module, first: int, state: dict[str, int]) -> I
     if found is None or first <= 0:
         yield False
         return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
 
     impl, orig = found
 
@@ -140,16 +130,8 @@ def query_rows_function(attn: nn.Module, first: int, state: dict[str, int]) -> I
         whole[:, first:] = out
         return (whole, *rest)
 
-    local = fns._local_mapping
-    had, prev = impl in local, local.get(impl)
-    local[impl] = rows
-    try:
+    with _registered(impl, rows):
         yield True
-    finally:
-        if had:
-            local[impl] = prev
-        else:
-            local.pop(impl, None)
 
 
 def _row_mask(impl: str, module: nn.Module, query: Any, key: Any, mask: Any, first: int, kwargs: dict) -> Any:
@@ -174,6 +156,24 @@ def _row_mask(impl: str, module: nn.Module, query: Any, key: Any, mask: Any, fir
     else:
         causal = False
     return mask[:, :, first:] if causal else None
+
+
+@contextlib.contextmanager
+def _registered(impl: str, fn: Callable[..., Any]) -> Iterator[None]:
+    """transformers' attention registry maps ``impl`` to ``fn`` within the block (this thread's local mapping);
+    the previous entry is restored on exit, also on error."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
+
+    local = fns._local_mapping
+    had, prev = impl in local, local.get(impl)
+    local[impl] = fn
+    try:
+        yield
+    finally:
+        if had:
+            local[impl] = prev
+        else:
+            local.pop(impl, None)
 
 
 def slice_last(register: Callable[..., None], module: nn.Module) -> None:
