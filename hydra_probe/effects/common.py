@@ -149,7 +149,8 @@ def _shared_runner(cache: dict[tuple, Runner], model: HookedModel, task: Any, me
     object; a plain callable is keyed by itself (``get_metric`` wraps it anew on every call)."""
     attn = getattr(getattr(model.adapter, "config", None), "_attn_implementation", None)
     runs = (id(model), id(task), str(attn))  # what the unedited forwards depend on
-    key = (*runs, id(m) if metric is None or isinstance(metric, (str, Metric)) else id(metric), id(reference), seed)
+    conditions = (id(m) if metric is None or isinstance(metric, (str, Metric)) else id(metric), id(reference), seed)
+    key = (*runs, *conditions)
     runner = cache.get(key)
     if runner is None:
         runner = Runner(model, task, m, reference=reference, seed=seed, progress=progress)
@@ -159,7 +160,7 @@ def _shared_runner(cache: dict[tuple, Runner], model: HookedModel, task: Any, me
         elif model.backend != "nnsight":  # nnsight's unedited runs are fetched per runner (what it declared)
             runner._prefix = sibling._prefix
         if REUSE_RESULTS:  # one memo for every attention implementation (key without it)
-            runner.memo = cache.setdefault(("memo", *runs[:2], *key[3:]), {})  # type: ignore[assignment]
+            runner.memo = cache.setdefault(("memo", id(model), id(task), *conditions), {})  # type: ignore[assignment]
         cache[key] = runner
     runner.progress = progress
     return runner

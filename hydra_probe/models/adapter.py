@@ -805,9 +805,25 @@ class Adapter:
         queries and keys, hence their ``z``, are then every copy's alike).
         """
         self._refuse_remote()
-        block = self.blocks[layer]
-        o_proj = get_path(block, self.table.o_proj)
-        plain = not any(hasattr(m, "_hf_hook") for m in block.modules())
+        plain = not any(hasattr(m, "_hf_hook") for m in self.blocks[layer].modules())
+
+        def values(register: Callable[..., None], stack: contextlib.ExitStack) -> None:
+            if shared_values:
+                stack.enter_context(self._last_copy_values(layer, prefix.batch, register, plain))
+
+        z = self._run_to_z(prefix, layer, copies, hidden, first_row, plain, values)
+        return self.attention_z(prefix, layer, copies, hidden, shared_values) if z is None else z
+
+    def _run_to_z(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor, first_row: int,
+                  plain: bool, setup: Callable[[Callable[..., None], contextlib.ExitStack], None] | None = None
+                  ) -> torch.Tensor | None:
+        """Run block ``layer`` on ``hidden`` (copies*B, T, d) with the prefix's call arguments and the QK fix's
+        attention (:meth:`_qk_attention`) up to its output projection's input (``plain``: stop there; else the
+        block runs to its end, for accelerate's hooks); ``setup(register, stack)`` adds hooks or contexts.
+        Returns ``z`` (its rows ``first_row..`` where the attention was causal and cut, see
+        :meth:`attention_z`), or None where some calls were cut and some not causal (the caller runs every
+        row)."""
+        o_proj = get_path(self.blocks[layer], self.table.o_proj)
         got: dict[str, torch.Tensor] = {}
         state: dict[str, int] = {}
 
@@ -820,18 +836,18 @@ class Adapter:
         B = prefix.batch
         with temporary_hooks() as register, contextlib.ExitStack() as stack:
             register(o_proj, at_z, pre=True, with_kwargs=True)
-            if shared_values:
-                stack.enter_context(self._last_copy_values(layer, B, register, plain))
+            if setup is not None:
+                setup(register, stack)
             stack.enter_context(self._qk_attention(layer, first_row, state))
             try:
-                block(hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
+                self.blocks[layer](hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
             except _StopAtZ:
                 pass
         if "z" not in got:
             raise ArchitectureError(f"block {layer} never called its attention output projection "
                                     f"({self.table.o_proj}); check the architecture table's o_proj path.")
         if state.get("rows") and state.get("full"):  # some calls cut, some not causal: every row, from the start
-            return self.attention_z(prefix, layer, copies, hidden, shared_values)
+            return None
         return got["z"][:, first_row:] if first_row > 0 and not state.get("full") and state else got["z"]
 
     @contextlib.contextmanager
@@ -894,7 +910,6 @@ class Adapter:
             yield
         finally:
             del mod.forward
-
 
     def value_columns(self, layer: int) -> list[int]:
         """The columns of layer ``layer``'s value projection site (``v``, or the fused ``qkv``) that hold values,
@@ -960,14 +975,8 @@ class Adapter:
         self._refuse_remote()
         t = self.table
         block = self.blocks[layer]
-        o_proj = get_path(block, t.o_proj)
         B, T, d = normed.shape
-        got: dict[str, torch.Tensor] = {}
         saved: list[tuple[nn.Module, Any]] = []
-
-        def at_z(mod, args, kwargs):
-            got["z"] = args[0] if args else next(iter(kwargs.values()))
-            raise _StopAtZ
 
         def swap(mod: nn.Module, fn: Callable[..., Any]) -> None:
             saved.append((mod, mod.__dict__.get("forward")))
@@ -997,28 +1006,16 @@ class Adapter:
             swap(vmod, lambda x, vals=vals: vals.repeat(copies, *([1] * (vals.dim() - 1))))
         if t.attn_norm is not None:
             swap(get_path(block, t.attn_norm), lambda x, *a, **k: x)
-        args, kw = prefix.calls[layer]
         hidden = normed.new_zeros(()).expand(copies * B, T, d)
-        state: dict[str, int] = {}
         try:
-            with temporary_hooks() as register, self._qk_attention(layer, first_row, state):
-                register(o_proj, at_z, pre=True, with_kwargs=True)
-                try:
-                    block(hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
-                except _StopAtZ:
-                    pass
+            z = self._run_to_z(prefix, layer, copies, hidden, first_row, plain=True)  # can_compose_qk: no accelerate
         finally:
             for mod, old in reversed(saved):
                 if old is None:
                     del mod.forward
                 else:
                     mod.forward = old
-        if "z" not in got:
-            raise ArchitectureError(f"block {layer} never called its attention output projection "
-                                    f"({t.o_proj}); check the architecture table's o_proj path.")
-        if state.get("rows") and state.get("full"):  # some calls cut, some not causal: every row, from the start
-            return self.attention_z_given(prefix, layer, copies, normed, given, memo)
-        return got["z"][:, first_row:] if first_row > 0 and not state.get("full") and state else got["z"]
+        return self.attention_z_given(prefix, layer, copies, normed, given, memo) if z is None else z
 
 
 class _StopAtZ(BaseException):

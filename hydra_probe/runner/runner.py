@@ -329,11 +329,9 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         for i, o in zip(todo, outs):
             result[i] = o
             if keys[i] is not None and (keys[i] not in memo or o.proj is not None):
-                memo[keys[i]] = RunOutput(o.metric, o.resid, o.proj, o.proj_const, {}, None, o.post_sigma)
+                memo[keys[i]] = _results_only(o)
         for i, o in served.items():
-            result[i] = RunOutput(o.metric.clone(), o.resid.clone(), None if o.proj is None else o.proj.clone(),
-                                  None if o.proj_const is None else o.proj_const.clone(), {}, None,
-                                  None if o.post_sigma is None else o.post_sigma.clone())
+            result[i] = _results_only(o, clone=True)
         return result  # type: ignore[return-value]
 
     def _run(self, source: str, copies: Sequence[Copy], readout: bool, label: str, cap: frozenset[Site],
@@ -624,6 +622,15 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
             self._prefix.setdefault((g, "clean"), other.prefix(g, "clean"))
         if self.reference is self.task and other.reference is other.task:
             self._means, self._mean_len = other.means(), other._mean_len
+
+
+def _results_only(o: RunOutput, clone: bool = False) -> RunOutput:
+    """``o``'s metric, final residual and readout, without its captures (what the memo keeps); ``clone``:
+    copies of the tensors."""
+    def c(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.clone() if clone and t is not None else t
+    return RunOutput(c(o.metric), c(o.resid), c(o.proj), c(o.proj_const), {}, None,  # type: ignore[arg-type]
+                     c(o.post_sigma))
 
 
 def _memo_key(source: str, copy: Copy) -> tuple | None:
