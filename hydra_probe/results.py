@@ -73,9 +73,64 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _column_json(s: pd.Series) -> list[Any]:
+    """One column's values as JSON-ready Python objects (floats with NaN as None, ints, bools; other
+    columns through :func:`_jsonable`), converted per column instead of per cell."""
+    kind = s.dtype.kind if isinstance(s.dtype, np.dtype) else ""
+    if kind == "f":
+        v = s.to_numpy(dtype=np.float64)
+        out = v.tolist()
+        if np.isnan(v).any():
+            out = [None if x != x else x for x in out]
+        return out
+    if kind in ("i", "u", "b"):
+        return s.to_numpy().tolist()
+    return [_jsonable(x) for x in s.astype(object).tolist()]
+
+
 def frame_to_json(df: pd.DataFrame) -> dict[str, Any]:
-    return {"columns": list(map(str, df.columns)), "data": _jsonable(df.astype(object).values.tolist()),
-            "dtypes": [str(t) for t in df.dtypes]}
+    """``{"columns", "data" (one list per row, NaN as null), "dtypes"}``: read back by :func:`frame_from_json`."""
+    cols = [_column_json(df.iloc[:, i]) for i in range(df.shape[1])]
+    data = [list(r) for r in zip(*cols)] if cols else [[] for _ in range(len(df))]
+    return {"columns": list(map(str, df.columns)), "data": data, "dtypes": [str(t) for t in df.dtypes]}
+
+
+def dumps_json(obj: Any, allow_nan: bool = False) -> str:
+    """``obj`` (JSON-ready: dicts, lists, str, numbers, bools, None) as JSON text: nested dicts and lists
+    indented by one space, a list of rows (lists of scalars, as in :func:`frame_to_json`'s ``data``) one row
+    per line and a list of scalars on one line, each written by the json module's C encoder (``json.dumps``
+    with ``indent`` runs in Python: tens of seconds for a report's frames). NaN or infinity raise ValueError
+    unless ``allow_nan`` (then written as ``json.dumps`` does).
+    ``json.loads`` reads back the same object as from ``json.dumps(obj, indent=1)``."""
+    out: list[str] = []
+    _dump(obj, 0, out, json.JSONEncoder(allow_nan=allow_nan).encode)
+    return "".join(out)
+
+
+def _scalar(x: Any) -> bool:
+    return x is None or isinstance(x, (str, int, float))
+
+
+def _dump(x: Any, depth: int, out: list[str], enc: Any) -> None:
+    if isinstance(x, dict) and x:
+        pad = "\n" + " " * (depth + 1)
+        out.append("{")
+        for i, (k, v) in enumerate(x.items()):
+            out.append(("," if i else "") + pad + enc(str(k)) + ": ")
+            _dump(v, depth + 1, out, enc)
+        out.append("\n" + " " * depth + "}")
+    elif isinstance(x, (list, tuple)) and x and not all(map(_scalar, x)):
+        pad = "\n" + " " * (depth + 1)
+        if all(isinstance(r, (list, tuple)) for r in x):  # rows: one per line
+            out.append("[" + pad + ("," + pad).join(enc(r) for r in x) + "\n" + " " * depth + "]")
+            return
+        out.append("[")
+        for i, v in enumerate(x):
+            out.append(("," if i else "") + pad)
+            _dump(v, depth + 1, out, enc)
+        out.append("\n" + " " * depth + "]")
+    else:
+        out.append(enc(x))
 
 
 def frame_from_json(obj: dict[str, Any]) -> pd.DataFrame:
@@ -127,7 +182,7 @@ class Result:
             path = path.with_suffix(".json") if path.suffix == "" else path
         obj = {"kind": self.kind, "provenance": _jsonable(self.provenance), "frame": frame_to_json(self._frame),
                "extras": {k: frame_to_json(v) for k, v in self.extras.items()}}
-        atomic_write_text(path, json.dumps(obj, indent=1))
+        atomic_write_text(path, dumps_json(obj, allow_nan=True))
         return path
 
     @classmethod

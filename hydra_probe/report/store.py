@@ -27,7 +27,7 @@ def results_json(rep: Any, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
     ``tables``: the report's tables by stem (:func:`.tables.derived_tables`); the per-prompt
     contribution and patch-vs-ablate tables are left out (their summaries and the result frames hold them).
     """
-    return _jsonable({
+    head = _jsonable({  # the frames below are JSON-ready already (frame_to_json): not walked again
         "kind": KIND,
         "version": package_version(),
         "provenance": rep.provenance,
@@ -39,13 +39,16 @@ def results_json(rep: Any, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
         "verdict_rule": verdict_rule_text(rep),
         "hydra_slope": rep.hydra,
         "notes": rep.notes,
+    })
+    return {
+        **head,
         "results": {k: _result_json(v) for k, v in rep.results.items()},
         "tables": {k: frame_to_json(v) for k, v in tables.items() if not k.startswith(("self_repair_contributions",
                                                                                         "patch_vs_ablate"))
                    or k.endswith("summary")},
-        "graph": None if rep.graph is None else nx.node_link_data(rep.graph, edges="edges"),
-        "attribution_agreement": _agreement_json(rep.agreement),
-    })
+        "graph": None if rep.graph is None else _jsonable(nx.node_link_data(rep.graph, edges="edges")),
+        "attribution_agreement": _jsonable(_agreement_json(rep.agreement)),
+    }
 
 
 def _agreement_json(ag: Any) -> Any:

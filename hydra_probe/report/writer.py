@@ -6,7 +6,6 @@ target only when every file is there (:func:`hydra_probe.io.atomic_folder`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pandas as pd
 
 from ..graph import draw_graph, save_graph
 from ..io import atomic_folder, check_output_folder
+from ..results import dumps_json
 from . import figures as F
 from . import render
 from .conditions_section import conditions_grid
@@ -62,8 +62,7 @@ def save_report(rep: Any, folder: Any, overwrite: bool = False, figures: bool = 
             save_graph(rep.graph, gdir)
             tables["graph_edges"].to_csv(gdir / "edges.csv", index=False)
             tables["graph_nodes"].to_csv(gdir / "nodes.csv", index=False)
-        (tmp / "results.json").write_text(json.dumps(results_json(rep, tables), indent=1, allow_nan=False) + "\n",
-                                          encoding="utf-8")
+        (tmp / "results.json").write_text(dumps_json(results_json(rep, tables)) + "\n", encoding="utf-8")
         figs = make_figures(rep, tables, tmp / "figures") if figures else {}
         doc = build_doc(rep, figs)
         (tmp / "report.md").write_text(render.to_markdown(doc), encoding="utf-8")
