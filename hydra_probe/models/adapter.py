@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import ArchitectureError, InterventionError, OptionError
 from .sites import READ_ONLY_KINDS, Site
+from .suffix import capture_keys, prefix_keys_function, suffix_call
 from .tables import ArchTable, table_for
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
@@ -68,6 +69,9 @@ class Prefix:
     #: per layer: the attention module's output structure when it is exactly its output projection's
     #: output (``"tensor"`` or the tuple's length, the rest None), so a restart may begin at ``z``; else None
     attn_direct: list[Any] = field(default_factory=list)
+    #: per layer: the keys and values (B, H_kv, T, dh) its attention function received in this run, as
+    #: :meth:`Adapter.suffix_ready` records them for runs of the later rows (:mod:`.suffix`)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -149,6 +153,8 @@ class Adapter:
         self.vocab_size = self.unembed.weight.shape[0]
         #: set by a remote HookedModel: local hooks would run here, not on the server, so they refuse
         self.remote = False
+        #: per attention implementation: whether runs of the later rows passed their check (:meth:`suffix_ready`)
+        self._suffix_ok: dict[Any, bool] = {}
 
     def _refuse_remote(self) -> None:
         if self.remote:
@@ -401,6 +407,7 @@ class Adapter:
         last_position_mlp: bool = False,
         attn_z: torch.Tensor | None = None,
         last_query: bool = False,
+        first_row: int = 0,
     ) -> torch.Tensor:
         """Run blocks ``start..stop-1`` on ``copies`` stacked copies of the prefix batch.
 
@@ -424,11 +431,18 @@ class Adapter:
         at every position; see :mod:`.last_query`), so again only the last position of the result is exact.
         Hooks on the output projection registered before the call (:meth:`hooks`) see every position.
         Where the block cannot take this route safely (:meth:`can_last_query`) it computes in full.
+
+        ``first_row`` r > 0: only the rows ``r..T-1`` are run (``hidden``, ``attn_z`` and the result have
+        T - r rows; hooks see those rows), each attention taking the prefix's keys and values of the rows
+        ``< r`` (:mod:`.suffix`). Exact where every copy's rows ``< r`` are the prefix's; only after
+        :meth:`suffix_ready` said yes for this prefix and ``start`` (outside any hook of the run).
         """
         self._refuse_remote()
         B = prefix.batch
         stop = self.n_layers if stop is None else stop
-        h = prefix.resid[start].repeat(copies, 1, 1) if hidden is None else hidden
+        r, T = first_row, prefix.resid[start].shape[1]
+        h = prefix.resid[start][:, r:].repeat(copies, 1, 1) if hidden is None else hidden
+        state: dict[str, int] = {}
         final = stop == self.n_layers and start < stop
         with temporary_hooks() as register, contextlib.ExitStack() as stack:
             if last_position_mlp and final:
@@ -440,13 +454,81 @@ class Adapter:
                 stack.enter_context(self._last_query(stop - 1, register))
             for i in range(start, stop):
                 args, kw = prefix.calls[i]
+                from_z = attn_z is not None and i == start
                 skip = (_attention_from_z(get_path(self.blocks[i], self.table.attn),
                                           get_path(self.blocks[i], self.table.o_proj), attn_z, prefix.attn_direct[i])
-                        if attn_z is not None and i == start else contextlib.nullcontext())
-                with skip:
+                        if from_z else contextlib.nullcontext())
+                with skip, contextlib.ExitStack() as rows:
+                    if r:
+                        args, kw = suffix_call(args, kw, r, T)  # type: ignore[misc]  # checked by suffix_ready
+                        if not from_z:
+                            k0, v0 = prefix.kv[i]
+                            rows.enter_context(prefix_keys_function(get_path(self.blocks[i], self.table.attn),
+                                                                    k0[:, :, :r], v0[:, :, :r], state))
                     out = self.blocks[i](h, *_tile(args, B, copies), **_tile(kw, B, copies))
                 h = out[0] if isinstance(out, tuple) else out
+        if state.get("odd"):
+            raise SuffixRefused("a run of the later rows met an attention call of an unexpected layout; "
+                                "run with Runner.suffix_rows = False.")
         return h
+
+    def refuse_suffix(self) -> None:
+        """Runs of the later rows (:meth:`suffix_ready`) are refused from now on for the current attention
+        implementation (after :class:`SuffixRefused`)."""
+        self._suffix_ok[getattr(self.config, "_attn_implementation", None)] = False
+
+    def suffix_ready(self, prefix: Prefix, start: int, first_row: int) -> bool:
+        """Whether :meth:`run_blocks` may run blocks ``start..`` on the rows ``first_row..`` of copies of
+        ``prefix`` (see its ``first_row``); call outside any hook of a run. Yes when the model is local, in
+        float32 or float64, without accelerate hooks, every block's call arguments can be cut
+        (:func:`.suffix.suffix_call`), every attention function is eager or sdpa and records the keys and
+        values of the prefix (kept in ``prefix.kv``), and, once per adapter, a run of the later rows of the
+        prefix itself from block 0 gives its final residual (to 1e-4 of its largest value; else never again)."""
+        T = prefix.resid[0].shape[1]
+        impl = getattr(self.config, "_attn_implementation", None)
+        ok = self._suffix_ok.get(impl)
+        if not 0 < first_row < T or self.dtype not in (torch.float32, torch.float64) or ok is False:
+            return False
+        for i in range(0 if ok is None else start, self.n_layers):
+            if suffix_call(*prefix.calls[i], first_row, T) is None or any(
+                    hasattr(m, "_hf_hook") for m in self.blocks[i].modules()):
+                return False
+            if i not in prefix.kv and not self._record_kv(prefix, i):
+                return False
+        if ok is None:
+            want = prefix.resid[self.n_layers][:, first_row:]
+            try:
+                with torch.no_grad():
+                    got = self.run_blocks(prefix, 0, 1, first_row=first_row)
+                err = float((got - want).abs().max())
+            except SuffixRefused:
+                err = float("inf")
+            ok = self._suffix_ok[impl] = err <= 1e-4 * float(want.abs().max().clamp(min=1.0))
+        return ok
+
+    def _record_kv(self, prefix: Prefix, layer: int) -> bool:
+        """Run block ``layer``'s attention on the prefix's input, up to its output projection, recording the
+        keys and values its attention function receives in ``prefix.kv``; False where it cannot."""
+        attn = get_path(self.blocks[layer], self.table.attn)
+        got: dict[str, torch.Tensor] = {}
+        args, kw = prefix.calls[layer]
+
+        def stop(mod, args, kwargs):
+            raise _StopAtZ
+
+        with temporary_hooks() as register, capture_keys(attn, got) as placed, torch.no_grad():
+            if not placed:
+                return False
+            register(get_path(self.blocks[layer], self.table.o_proj), stop, pre=True, with_kwargs=True)
+            try:
+                self.blocks[layer](prefix.resid[layer], *args, **kw)
+            except _StopAtZ:
+                pass
+        if not (torch.is_tensor(got.get("key")) and torch.is_tensor(got.get("value"))
+                and got["key"].dim() == 4 and got["key"].shape[0] == prefix.batch):
+            return False
+        prefix.kv[layer] = (got["key"], got["value"])
+        return True
 
     def can_last_query(self, layer: int, from_z: bool = False) -> bool:
         """Whether block ``layer``'s attention may work for the last query only (see :meth:`run_blocks`): no
@@ -1016,6 +1098,11 @@ class Adapter:
                 else:
                     mod.forward = old
         return self.attention_z_given(prefix, layer, copies, normed, given, memo) if z is None else z
+
+
+class SuffixRefused(ArchitectureError):
+    """A run of the later rows (``Adapter.run_blocks(first_row=)``) met an attention call it cannot extend
+    with the earlier rows' keys; the caller runs every row instead."""
 
 
 class _StopAtZ(BaseException):

@@ -39,8 +39,8 @@ import torch
 from ..errors import InterventionError, OptionError, ResourceError, TaskError
 from ..interventions import Delivery, Intervention
 from ..metrics import Metric
-from ..models.adapter import Prefix, check_fired
-from ..models.sites import Site
+from ..models.adapter import Prefix, SuffixRefused, check_fired
+from ..models.sites import READ_ONLY_KINDS, Site
 from .base import (
     SOURCES,
     CapturePositions,
@@ -108,6 +108,10 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     #: (their q, k and z are the unchanged run's in a causal attention; per length group, from the data);
     #: False: every query row (the plain reference of the restriction)
     qk_changed_rows_only: bool = True
+    #: a stacked forward whose interventions leave the rows before some position as the unedited run has them
+    #: (patching between prompts that share a prefix) runs the later rows only, with the unedited run's keys
+    #: and values of the earlier rows (``Adapter.run_blocks(first_row=)``); False: every row (the plain path)
+    suffix_rows: bool = True
 
     def __init__(self, model: Any, task: Any, metric: Metric, reference: Any = None, seed: int = 0,
                  token_budget: int | None = None, progress: bool | None = None) -> None:
@@ -129,6 +133,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         self._no_compose: set[int] = set()  # layers whose attention input is not the norm the QK fix composes
         self._qk_weights: dict[Any, torch.Tensor] = {}  # composed q/k weights of the QK fix (see QK_WEIGHT_CACHE)
         self._qk_weight_bytes = 0
+        self._rows: dict[tuple[int, str, Intervention], int] = {}  # see _unedited_rows
         #: nnsight: what the unedited forwards must return, per (group, source) {site: {"last", "all", "sum"}}
         #: (declared by :meth:`run`, fetched with the first request; see :class:`RemotePrefix`)
         self._want: dict[tuple[int, str], dict[Site, set[str]]] = {}
@@ -494,10 +499,28 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         if self.model.backend == "nnsight" and paths:  # deliveries as one trace (also remote)
             return self._forward_nnsight_paths(g, source, copies, start, capture, every)
         P = self.local_prefix(g, source) if paths else self.prefix(g, source)
+        r = 0
+        if self.suffix_rows and not paths and not every and start < self.ad.n_layers \
+                and not any(s.kind in READ_ONLY_KINDS for s in capture):  # views over the keys: every row
+            r = min(self._unedited_rows(g, source, copies, P), P.resid[0].shape[1] - 1)
+            with self.model.evaluating(), torch.no_grad():
+                r = r if r > 0 and self.ad.suffix_ready(P, start, r) else 0
+        if r:
+            try:
+                return self._forward_local(g, source, copies, start, readout, capture, every, P, r)
+            except SuffixRefused:  # an attention call of an unexpected layout: every row, from now on
+                self.ad.refuse_suffix()
+        return self._forward_local(g, source, copies, start, readout, capture, every, P, 0)
+
+    def _forward_local(self, g: int, source: str, copies: Sequence[Copy], start: int, readout: bool,
+                       capture: frozenset[Site], every: bool, P: Prefix, r: int) -> dict[str, Any]:
+        """:meth:`_forward` on the local path; ``r`` > 0: only the rows ``r..`` run (every copy leaves the
+        earlier rows as ``P`` has them, :meth:`_unedited_rows`; see ``Adapter.run_blocks(first_row=)``)."""
+        paths = any(isinstance(iv, Delivery) for c in copies for iv in c)
         k, B = len(copies), P.batch
         L = self.ad.n_layers
         final = Site(L, "resid_pre")
-        edits = self._edits(g, source, copies, B)
+        edits = self._edits(g, source, copies, B, r)
         norm_fns: dict[tuple[int, str], Callable] = {}
         shadow: dict[int, int] = {}
         deliveries: list[tuple[int, Delivery]] = []
@@ -525,8 +548,9 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
                     and not any(s.layer == start and s.kind not in ("z", "mlp_out", "mlp_in", "resid_pre")
                                 for s in capture):
                 # the ablated heads' layer restarts at its output projection's input: its attention is the prefix's
-                z0 = P.captures[Site(start, "z")].repeat(n_rows, 1, 1)
-            x = (self.ad.run_blocks(P, start, n_rows, last_position_mlp=skip, attn_z=z0, last_query=last_q)
+                z0 = P.captures[Site(start, "z")][:, r:].repeat(n_rows, 1, 1)
+            x = (self.ad.run_blocks(P, start, n_rows, last_position_mlp=skip, attn_z=z0, last_query=last_q,
+                                    first_row=r)
                  if start < L
                  else P.resid[L].repeat(n_rows, 1, 1).clone())
             if final in edit_fns:
@@ -580,9 +604,10 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
             out["proj_const"] = ro.const_projection(last_of(P, Site(0, "resid_pre")).repeat(k, 1), u).view(k, B)
         return out
 
-    def _edits(self, g: int, source: str, copies: Sequence[Copy], B: int) -> dict[Site, list[Callable]]:
+    def _edits(self, g: int, source: str, copies: Sequence[Copy], B: int, r: int = 0
+               ) -> dict[Site, list[Callable]]:
         """Replacement edits of the copies' :class:`Intervention` items, per site (in a list, so that
-        other edits of the same site can follow)."""
+        other edits of the same site can follow); ``r`` > 0: the edited tensors hold the rows ``r..`` only."""
         per_site: dict[Site, list[tuple[int, Intervention, torch.Tensor | None]]] = {}
         for ci, c in enumerate(copies):
             for iv in c:
@@ -595,15 +620,59 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
                 for ci, iv, val in items:
                     rows = slice(ci * B, (ci + 1) * B)
                     cols = slice(*iv.cols) if iv.cols else slice(None)
-                    p = list(iv.positions) if iv.positions is not None else slice(None)
+                    p: Any = slice(None)
+                    src: Any = slice(r, None)
+                    if iv.positions is not None:
+                        T = x.shape[1] + r
+                        src = [q % T for q in iv.positions if q % T >= r]
+                        p = [q - r for q in src]
+                        if not p:
+                            continue
                     if val is None:
                         x[rows, p, cols] = 0
                     else:
-                        x[rows, p, cols] = val[:, p, cols].to(x.device, x.dtype)
+                        x[rows, p, cols] = val[:, src, cols].to(x.device, x.dtype)
                 return x
             return edit
 
         return {s: [make(items)] for s, items in per_site.items()}
+
+    def _unedited_rows(self, g: int, source: str, copies: Sequence[Copy], P: Prefix) -> int:
+        """The first position where some intervention of ``copies`` changes its site's activation on group
+        ``g`` of the ``source`` run ``P`` (T: none does; 0 where a site's activation is not at hand). Before it
+        every activation of every copy is ``P``'s in a causal model (patching between prompts that share a
+        prefix; a mean or zero ablation changes the first row)."""
+        T = P.resid[0].shape[1]
+        r = T
+        for c in copies:
+            for iv in c:
+                if not isinstance(iv, Intervention):
+                    return 0
+                key = (g, source, iv)
+                if key not in self._rows:
+                    self._rows[key] = self._first_edited_row(g, source, iv, P)
+                r = min(r, self._rows[key])
+                if r == 0:
+                    return 0
+        return r
+
+    def _first_edited_row(self, g: int, source: str, iv: Intervention, P: Prefix) -> int:
+        """The first position where ``iv`` changes its site's activation in ``P`` (T: nowhere)."""
+        T = P.resid[0].shape[1]
+        s = iv.site
+        act = P.resid[s.layer] if s.kind == "resid_pre" else P.captures.get(s)
+        if act is None:
+            return 0
+        cols = slice(*iv.cols) if iv.cols else slice(None)
+        val = self.value(iv, g, source)
+        a = act[..., cols]
+        new = torch.zeros_like(a) if val is None else val[..., cols].to(a.device, a.dtype)
+        changed = (new != a).flatten(2).any(-1).any(0)  # (T,)
+        if iv.positions is not None:
+            keep = torch.zeros(T, dtype=torch.bool, device=changed.device)
+            keep[[q % T for q in iv.positions]] = True
+            changed &= keep
+        return int(changed.to(torch.int8).argmax()) if bool(changed.any()) else T
 
     def share_clean_runs(self, other: Runner) -> None:
         """Reuse ``other``'s unedited clean forwards (prefixes) and per-position means.

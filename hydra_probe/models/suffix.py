@@ -1,0 +1,119 @@
+"""Blocks run on the rows from a given position on, the earlier rows' keys and values taken from the base run.
+
+When every edit of a stacked forward leaves the rows before position ``r`` as they were in the base run
+(clean and corrupted prompts share a prefix, and a patched activation equals the base run's there), every
+activation of those rows is the base run's in a causal model: only the rows ``r..T-1`` need computing, with
+the base run's keys and values of the rows ``< r`` in each attention (:meth:`Adapter.run_blocks` with
+``first_row``). Three pieces:
+
+* :func:`suffix_call`: a block's recorded call arguments cut to the rows ``r..`` (position ids, cache
+  positions, rotary tables, the 4-d mask's query rows); None where an argument's layout is not known;
+* :func:`capture_keys`: the attention function (transformers' ``eager``/``sdpa``, dispatched through
+  ``ALL_ATTENTION_FUNCTIONS``) records the keys and values it receives (the base run's);
+* :func:`prefix_keys_function`: within a block, the attention function gets those keys and values of the
+  rows ``< r`` (tiled over the stacked copies) before its own, and a causal mask for its query rows where
+  it had none (``sdpa``'s own causal flag aligns a shorter query block with the first keys, not the last).
+
+Where the route is not known to be exact the caller computes every row (see ``Adapter.can_run_suffix``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .last_query import _registered, attention_function
+
+#: keyword arguments of a block call that run along the positions, and how their positions are cut
+_POSITIONAL = {"position_ids": -1, "cache_position": -1}
+
+
+def suffix_call(args: tuple, kw: dict[str, Any], r: int, T: int) -> tuple[tuple, dict[str, Any]] | None:
+    """A block's recorded call ``(args, kw)`` for the rows ``r..T-1`` of its input, or None where some argument
+    is a tensor (or a structure of them) whose positions this function does not know how to cut."""
+    if any(a is not None and not isinstance(a, (bool, int, float, str)) for a in args):
+        return None
+    out: dict[str, Any] = {}
+    for k, v in kw.items():
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif k in _POSITIONAL and torch.is_tensor(v) and v.shape[-1] == T:
+            out[k] = v[..., r:]
+        elif k == "position_embeddings" and isinstance(v, tuple) and all(
+                torch.is_tensor(t) and t.dim() == 3 and t.shape[1] == T for t in v):
+            out[k] = tuple(t[:, r:] for t in v)
+        elif k == "attention_mask" and torch.is_tensor(v) and v.dim() == 4 and tuple(v.shape[-2:]) == (T, T):
+            out[k] = v[:, :, r:]
+        else:
+            return None
+    return args, out
+
+
+@contextlib.contextmanager
+def capture_keys(attn: nn.Module, got: dict[str, torch.Tensor]) -> Iterator[bool]:
+    """Within the block, ``attn``'s attention function stores the key and value it receives in ``got``
+    (``"key"``, ``"value"``: (B, H_kv, T, dh)). Yields whether the wrapper is in place."""
+    found = attention_function(attn)
+    if found is None:
+        yield False
+        return
+    impl, orig = found
+
+    def record(module: nn.Module, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if module is attn:
+            got["key"], got["value"] = key, value
+        return orig(module, query, key, value, *args, **kwargs)
+
+    with _registered(impl, record):
+        yield True
+
+
+@contextlib.contextmanager
+def prefix_keys_function(attn: nn.Module, key0: torch.Tensor, value0: torch.Tensor, state: dict[str, int]
+                         ) -> Iterator[bool]:
+    """Within the block, ``attn``'s attention function prepends the keys and values ``key0``, ``value0``
+    (B, H_kv, r, dh: the base run's rows ``< r``) to its own (copies*B rows: ``key0`` is tiled), so that its
+    queries, the last rows of the sequence, see every key. Without a mask (``sdpa`` causal) it gets the causal
+    mask of those rows as an additive float mask. ``state["calls"]`` counts the calls; ``state["odd"]`` those
+    of a layout the function does not know (the caller's result is then not used). Yields whether the wrapper
+    is in place."""
+    found = attention_function(attn)
+    if found is None:
+        yield False
+        return
+    impl, orig = found
+
+    def with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+        if module is not attn:
+            return orig(module, query, key, value, attention_mask, *args, **kwargs)
+        state["calls"] = state.get("calls", 0) + 1
+        ok = (torch.is_tensor(key) and key.dim() == 4 and key.shape[1:2] == key0.shape[1:2]
+              and key.shape[0] % key0.shape[0] == 0 and kwargs.get("position_bias") is None)
+        if not ok:
+            state["odd"] = state.get("odd", 0) + 1
+            return orig(module, query, key, value, attention_mask, *args, **kwargs)
+        n = key.shape[0] // key0.shape[0]
+        key = torch.cat([key0.repeat(n, 1, 1, 1).to(key.dtype), key], dim=2)
+        value = torch.cat([value0.repeat(n, 1, 1, 1).to(value.dtype), value], dim=2)
+        Tq, Tk = query.shape[2], key.shape[2]
+        if attention_mask is None:
+            causal = kwargs.get("is_causal")
+            if impl != "sdpa" or causal is False or (causal is None and not getattr(module, "is_causal", True)):
+                state["odd"] = state.get("odd", 0) + 1  # not known to be causal
+            allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
+            attention_mask = torch.zeros(Tq, Tk, dtype=query.dtype, device=query.device).masked_fill(
+                ~allowed, torch.finfo(query.dtype).min)[None, None]
+            if "is_causal" in kwargs:
+                kwargs = {**kwargs, "is_causal": False}
+        elif not (torch.is_tensor(attention_mask) and attention_mask.dim() == 4
+                  and tuple(attention_mask.shape[-2:]) == (Tq, Tk)):
+            state["odd"] = state.get("odd", 0) + 1
+        return orig(module, query, key, value, attention_mask, *args, **kwargs)
+
+    with _registered(impl, with_prefix):
+        yield True

@@ -1,0 +1,123 @@
+"""Issue 14: a stacked forward that leaves the rows before some position as the unedited run has them runs the
+later rows only (``Runner.suffix_rows``; ``Adapter.run_blocks(first_row=)``, :mod:`hydra_probe.models.suffix`).
+
+Clean and corrupted IOI prompts share every token before the second subject, so patching between them changes
+nothing before it; the route runs the rows from there on, each attention taking the unedited run's keys and
+values of the earlier rows. Every family's tiny float64 model gives the same activation patching (both
+directions, per-position residual patches, positions given) as the plain computation, the route is shown to
+run, a cut one row too late changes the numbers, and a model whose check fails runs every row.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import tiny
+import torch
+
+import hydra_probe as hp
+import hydra_probe.models.suffix as sx
+from hydra_probe.models.adapter import Adapter
+from hydra_probe.runner import Runner
+
+ALL = tiny.FAMILIES + tiny.NEW_FAMILIES
+
+
+@functools.lru_cache(maxsize=None)
+def build(family: str):
+    m = tiny.model64(family)
+    return m, tiny.ioi(m, 6, corruption="abc")
+
+
+@pytest.fixture
+def rows(monkeypatch):
+    """The ``first_row`` of every ``Adapter.run_blocks`` call."""
+    seen: list[int] = []
+    real = Adapter.run_blocks
+
+    def spy(self, *a, **k):
+        seen.append(k.get("first_row", 0))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Adapter, "run_blocks", spy)
+    return seen
+
+
+def patching(m, t):
+    out = []
+    for d in ("denoise", "noise"):
+        f = hp.activation_patch(m, t, "all", d, progress=False).to_frame()
+        out.append(f.select_dtypes("number").to_numpy())
+    f = hp.activation_patch(m, t, ["RESID1", "L0H1", "MLP1"], "denoise", per_position=True, progress=False)
+    out.append(f.to_frame().select_dtypes("number").to_numpy())
+    f = hp.activation_patch(m, t, "heads", "noise", positions=[-1, -3], progress=False)
+    out.append(f.to_frame().select_dtypes("number").to_numpy())
+    return out
+
+
+def both(m, t, monkeypatch):
+    got = {}
+    for flag in (False, True):
+        monkeypatch.setattr(Runner, "suffix_rows", flag)
+        got[flag] = patching(m, t)
+    return got
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_later_rows_only_equal_every_row(family, monkeypatch, rows):
+    m, t = build(family)
+    got = both(m, t, monkeypatch)
+    for a, b in zip(got[False], got[True]):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
+    assert max(rows) > 0, "the later-rows route never ran"
+    assert m.adapter._suffix_ok.get(m.adapter.config._attn_implementation) is True
+
+
+def test_ablations_run_every_row(rows):
+    m, t = build("llama")
+    rows.clear()
+    hp.ablate(m, t, "heads", "zero", progress=False)
+    assert set(rows) == {0}  # a zero ablation changes the first row
+
+
+def test_a_cut_one_row_too_late_changes_the_numbers(monkeypatch):
+    """Negative control: starting one row after the first changed position loses that row's change."""
+    m, t = build("llama")
+    monkeypatch.setattr(Runner, "suffix_rows", False)
+    plain = hp.activation_patch(m, t, "heads", "denoise", progress=False).to_frame()["patched_metric"].to_numpy()
+    monkeypatch.setattr(Runner, "suffix_rows", True)
+    real = Runner._first_edited_row
+    monkeypatch.setattr(Runner, "_first_edited_row", lambda self, *a: real(self, *a) + 1)
+    late = hp.activation_patch(m, t, "heads", "denoise", progress=False).to_frame()["patched_metric"].to_numpy()
+    assert np.abs(late - plain).max() > 1e-6
+
+
+def test_a_model_failing_the_check_runs_every_row(monkeypatch, rows):
+    """Without the earlier rows' keys the route's own check fails: every row runs, with the plain numbers."""
+    m = tiny.model64("qwen2")
+    t = tiny.ioi(m, 6, corruption="abc")
+    monkeypatch.setattr(Runner, "suffix_rows", False)
+    plain = hp.activation_patch(m, t, "heads", "denoise", progress=False).to_frame()["patched_metric"].to_numpy()
+    monkeypatch.setattr(Runner, "suffix_rows", True)
+    monkeypatch.setattr(sx, "prefix_keys_function", lambda *a, **k: __import__("contextlib").nullcontext(False))
+    import hydra_probe.models.adapter as adm
+    monkeypatch.setattr(adm, "prefix_keys_function", sx.prefix_keys_function)
+    rows.clear()
+    got = hp.activation_patch(m, t, "heads", "denoise", progress=False).to_frame()["patched_metric"].to_numpy()
+    np.testing.assert_allclose(got, plain, rtol=1e-10, atol=1e-12)
+    assert m.adapter._suffix_ok == {"sdpa": False}
+    assert max(rows) > 0 and set(rows[1:]) == {0}  # only the check ran the later rows
+
+
+def test_suffix_call_cuts_known_arguments_only():
+    T, r = 7, 3
+    mask = torch.zeros(2, 1, T, T)
+    cos = torch.randn(1, T, 4)
+    args, kw = sx.suffix_call((None,), {"attention_mask": mask, "position_ids": torch.arange(T)[None],
+                                        "position_embeddings": (cos, cos), "use_cache": False}, r, T)
+    assert kw["attention_mask"].shape == (2, 1, T - r, T) and kw["position_ids"].tolist() == [[3, 4, 5, 6]]
+    assert kw["position_embeddings"][0].shape == (1, T - r, 4) and kw["use_cache"] is False
+    assert sx.suffix_call((), {"alibi": torch.zeros(2, 1, T)}, r, T) is None
+    assert sx.suffix_call((torch.zeros(1),), {}, r, T) is None
