@@ -82,7 +82,8 @@ def draw_graph(G: nx.DiGraph, ax: Any = None, max_nodes: int = 40, *, max_edges:
         w = abs(d.get("weight", 0.0))
         ls, alpha = _STYLE.get(d.get("verified", "untested"), ("-", 0.6))
         rad = 0.25 if pos[u][0] == pos[v][0] else 0.12
-        ax.add_patch(FancyArrowPatch(pos[u], pos[v], arrowstyle="-|>", mutation_scale=8 + 6 * w / wmax,
+        # add_artist, not add_patch: the limits are set below, so no data-limit update (a bezier split per arrow)
+        ax.add_artist(FancyArrowPatch(pos[u], pos[v], arrowstyle="-|>", mutation_scale=8 + 6 * w / wmax,
                                      connectionstyle=f"arc3,rad={rad}", linewidth=0.4 + 3.6 * w / wmax,
                                      linestyle=ls, alpha=alpha, shrinkA=5, shrinkB=5, zorder=1,
                                      color=COLOURS.get(d.get("sign"), "grey")))
