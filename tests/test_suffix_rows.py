@@ -121,3 +121,38 @@ def test_suffix_call_cuts_known_arguments_only():
     assert kw["position_embeddings"][0].shape == (1, T - r, 4) and kw["use_cache"] is False
     assert sx.suffix_call((), {"alibi": torch.zeros(2, 1, T)}, r, T) is None
     assert sx.suffix_call((torch.zeros(1),), {}, r, T) is None
+
+
+def attribution(m, t):
+    out = []
+    for d, comps in (("denoise", "all"), ("noise", "heads")):
+        out.append(hp.attribution_patch(m, t, comps, d, method="atp*", progress=False).to_frame()["estimate"])
+    out.append(hp.attribution_patch(m, t, ["RESID1", "L0H1"], "denoise", per_position=True,
+                                    progress=False).to_frame()["estimate"])
+    return [o.to_numpy() for o in out]
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_attribution_on_the_later_rows_equals_every_row(family, monkeypatch, rows):
+    """AtP and AtP* (QK fix, GradDrop) with the gradient forward on the rows from the first clean/corrupted
+    difference on equal the plain computation."""
+    m, t = build(family)
+    got = {}
+    for flag in (False, True):
+        monkeypatch.setattr(Runner, "suffix_rows", flag)
+        rows.clear()
+        got[flag] = attribution(m, t)
+    for a, b in zip(got[False], got[True]):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+    assert max(rows) > 0
+
+
+def test_attribution_rows_cut_one_too_late_change_the_estimates(monkeypatch):
+    """Negative control: zeroing the gradient at the first differing position too loses its estimate."""
+    m, t = build("llama")
+    monkeypatch.setattr(Runner, "suffix_rows", True)
+    plain = attribution(m, t)
+    real = Runner.first_difference
+    monkeypatch.setattr(Runner, "first_difference", lambda self, g: real(self, g) + 1)
+    late = attribution(m, t)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(plain, late)) > 1e-6

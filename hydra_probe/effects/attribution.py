@@ -216,7 +216,7 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     drops = sorted({l for c in comps for l in range(c.layer if c.kind == "resid" else c.layer + 1, L)}) if star else []
     reads = [GradientRead(sites, None, qk_on)] + [GradientRead(sites, l, qk_on) for l in drops]
     label = f"{'AtP*' if star else 'attribution'} ({direction})"
-    outs = runner.gradients(source, reads, label=label)
+    outs = runner.gradients(source, reads, label=label, changed_rows_only=True)  # the estimates read differences
     other_run, = runner.run(other, [()], capture=own, capture_positions="all")
     qk = _qk_terms(runner, model, plan, source, other, pos, label, outs) if qk_on else {}
     est = torch.zeros(len(reads), len(plan), n, dtype=torch.float64)

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import OptionError
 from ..interventions import Delivery, GradientRead, Intervention, SenderChange
-from ..models.adapter import check_fired
+from ..models.adapter import SuffixRefused, check_fired
 from ..models.sites import Site
 from .base import SOURCES, compose, halving, progress_bar
 
@@ -61,8 +61,8 @@ class GradientsMixin:
     """The gradient reads and the QK fix of :class:`Runner`."""
 
     # ---------------------------------------------------------------- gradients (attribution)
-    def gradients(self, source: str, reads: Sequence[GradientRead], label: str = "gradients"
-                  ) -> list[GradientOutput]:
+    def gradients(self, source: str, reads: Sequence[GradientRead], label: str = "gradients",
+                  changed_rows_only: bool = False) -> list[GradientOutput]:
         """Run every :class:`~hydra_probe.interventions.GradientRead` on the ``source`` prompts.
 
         Reads are taken in chunks within the token budget (halved on
@@ -75,6 +75,12 @@ class GradientsMixin:
         parameters do not require gradients and leaves no ``.grad`` on them.
         With ``backend="nnsight"`` (also remote) each chunk of reads, stacked
         one copy per read, is one nnsight trace instead (:meth:`_gradients_nnsight`).
+
+        ``changed_rows_only`` (for estimates that multiply the gradient by a clean - corrupted difference):
+        the gradients at the positions before the first one where a group's clean and corrupted prompts
+        differ are zero instead of computed (the difference is zero there in a causal model); where
+        ``Runner.suffix_rows`` allows, the shared forward then runs the later rows only
+        (``Adapter.run_blocks(first_row=)``).
         """
         if source not in SOURCES:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
@@ -90,8 +96,10 @@ class GradientsMixin:
         starts = [min((s.layer for s in r.sites), default=L) for r in reads]
         with progress_bar(K * len(self.groups), label, self.progress) as bar:
             for g, idx in enumerate(self.groups):
-                def forward(chunk: list[int], start: int, g: int = g) -> Any:
-                    return self._gradient_forward(g, source, [reads[i] for i in chunk], start)
+                rows = self.first_difference(g) if changed_rows_only else 0
+
+                def forward(chunk: list[int], start: int, g: int = g, rows: int = rows) -> Any:
+                    return self._gradient_forward(g, source, [reads[i] for i in chunk], start, rows)
 
                 for chunk, (m, a, gr) in self._batched(g, starts, [1] * K, forward):
                     metric[torch.tensor(idx)] = m.cpu()
@@ -115,11 +123,18 @@ class GradientsMixin:
             if r.drop_layer is not None and not 0 <= r.drop_layer < L:
                 raise OptionError(f"drop_layer {r.drop_layer} is outside layers 0..{L - 1}.")
 
-    def _gradient_forward(self, g: int, source: str, reads: Sequence[GradientRead], start: int
+    def first_difference(self, g: int) -> int:
+        """The first position where group ``g``'s clean and corrupted prompts differ (T: nowhere)."""
+        idx = self.groups[g]
+        ne = (self.task.batch(idx, "clean") != self.task.batch(idx, "corrupted")).any(0)
+        return int(ne.to(torch.int8).argmax()) if bool(ne.any()) else int(ne.shape[0])
+
+    def _gradient_forward(self, g: int, source: str, reads: Sequence[GradientRead], start: int, rows: int = 0
                           ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
         """The forward and backward of ``reads`` on group ``g``: (metric (B,), activations {site: (B, T, w)},
         per read {site: gradient (B, T, w)}). Shared (one forward per ``freeze_patterns`` setting) unless
-        ``Runner.shared_gradients`` is False."""
+        ``Runner.shared_gradients`` is False. ``rows`` > 0: the gradients at the positions before it are zero
+        (see :meth:`gradients`' ``changed_rows_only``; the shared forward runs the later rows where it can)."""
         if not self.shared_gradients:
             return self._gradient_forward_stacked(g, source, reads, start)
         m0: torch.Tensor | None = None
@@ -128,7 +143,7 @@ class GradientsMixin:
         for flag in (False, True):
             js = [j for j, r in enumerate(reads) if r.freeze_patterns == flag]
             if js:
-                m0, a, got = self._gradient_forward_shared(g, source, [reads[j] for j in js], start, flag)
+                m0, a, got = self._gradient_forward_shared(g, source, [reads[j] for j in js], start, flag, rows)
                 acts.update(a)
                 for j, p in zip(js, got):
                     per[j] = p
@@ -136,14 +151,47 @@ class GradientsMixin:
         return m0, acts, per
 
     def _gradient_forward_shared(self, g: int, source: str, reads: Sequence[GradientRead], start: int,
-                                 freeze: bool
+                                 freeze: bool, rows: int = 0
                                  ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
         """One forward of group ``g`` for every read (all with ``freeze_patterns == freeze``) and one full
         backward; each GradDrop read then reuses it: dropping block l's write leaves the gradient at the
         sites above l as it is, makes it zero inside block l, and below l it is the vector-Jacobian product
         of the blocks under l with the residual gradient at block l's output placed at block l's input
         (``torch.autograd.grad`` on the kept graph). Equals one stacked copy per read
-        (:meth:`_gradient_forward_stacked`) to float rounding."""
+        (:meth:`_gradient_forward_stacked`) to float rounding. ``rows`` > 0: the gradients before that position
+        are zero; where ``Runner.suffix_rows`` and the adapter allow, only the later rows run (the unedited
+        run's, so the activations are the prefix's)."""
+        ad = self.ad
+        P = self.local_prefix(g, source)
+        L = ad.n_layers
+        T = P.resid[0].shape[1]
+        held = all(s.kind == "resid_pre" or s in P.captures for rd in reads for s in rd.sites)
+        r = min(rows, T - 1) if self.suffix_rows and start < L and held else 0
+        if r > 0:
+            with self.model.evaluating(), torch.no_grad():
+                r = r if ad.suffix_ready(P, start, r) else 0
+        if r > 0:
+            try:
+                m, _, per = self._gradient_forward_shared_rows(g, source, reads, start, freeze, r)
+            except SuffixRefused:  # an attention call of an unexpected layout: every row, from now on
+                ad.refuse_suffix()
+            else:
+                acts = {s: P.resid[s.layer] if s.kind == "resid_pre" else P.captures[s]
+                        for s in {s for rd in reads for s in rd.sites}}
+                return m, acts, [{s: _pad_rows(v, r) for s, v in p.items()} for p in per]
+        m, acts, per = self._gradient_forward_shared_rows(g, source, reads, start, freeze, 0)
+        if rows > 0:
+            for p in per:
+                for v in p.values():
+                    v[:, :min(rows, T)] = 0
+        return m, acts, per
+
+    def _gradient_forward_shared_rows(self, g: int, source: str, reads: Sequence[GradientRead], start: int,
+                                      freeze: bool, r: int
+                                      ) -> tuple[torch.Tensor, dict[Site, torch.Tensor],
+                                                 list[dict[Site, torch.Tensor]]]:
+        """:meth:`_gradient_forward_shared` on the rows ``r..`` (every row where ``r`` is 0): activations and
+        gradients (B, T - r, w)."""
         ad = self.ad
         P = self.local_prefix(g, source)
         L = ad.n_layers
@@ -170,7 +218,7 @@ class GradientsMixin:
         with self.model.evaluating(), torch.enable_grad():
             hook_edits = {s: f for s, f in edit_fns.items() if s != final}
             with self.ad.hooks(hook_edits, caps) as fired:
-                x = self.ad.run_blocks(P, start, 1) if start < L else P.resid[L].clone()
+                x = self.ad.run_blocks(P, start, 1, first_row=r) if start < L else P.resid[L].clone()
             check_fired(fired, hook_edits)
             if final in edit_fns:
                 x = edit_fns[final](x)
@@ -629,6 +677,13 @@ class GradientsMixin:
                             if s in read.grads:
                                 out[r, c, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
         return out
+
+
+def _pad_rows(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``x`` (B, T - r, ...) after ``r`` zero rows: (B, T, ...)."""
+    out = x.new_zeros(x.shape[0], x.shape[1] + r, *x.shape[2:])
+    out[:, r:] = x
+    return out
 
 
 def _zero_reads(edits: dict[Site, list[Callable]], sites: Sequence[Site], keep: set[Site],
