@@ -26,10 +26,12 @@ The prompts are random tokens; the corrupted prompt changes one token (at
 logits that change raises and lowers most at the last position, so the
 clean - corrupted gap is the corruption's effect and not noise.
 Usage:
-    python analyses/bench_report.py [--shape gpt2|smol] [--prompts N] [--modes all,auto] [--threads 2] [--no-share]
+    python analyses/bench_report.py [--shape gpt2|smol] [--prompts N] [--position P] [--modes all,auto] [--threads 2]
+        [--every-row] [--no-share]
 
 (``--no-share``: the analyses do not share their unedited runs, the plain reference of
-``effects.common.shared_runs``; same numbers.) ``compare`` is reused by bench_sweep.py.
+``effects.common.shared_runs``; ``--every-row``: no stacked forward is restricted to the rows after the
+clean and corrupted prompts' shared prefix, ``Runner.suffix_rows = False``; same numbers.) ``compare`` is reused by bench_sweep.py.
 """
 
 from __future__ import annotations
@@ -128,11 +130,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--position", type=int, default=5, help="the corrupted token's position")
     ap.add_argument("--modes", default="all,auto", help="which runs, in order (comma-separated: all, auto)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--every-row", action="store_true",
+                    help="every stacked forward runs every row (Runner.suffix_rows = False; same numbers)")
     ap.add_argument("--no-share", action="store_true",
                     help="every analysis builds its own runner (effects.common.SHARE_RUNS = False; same numbers)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
+    if a.every_row:
+        from hydra_probe.runner import Runner
+
+        Runner.suffix_rows = False
     if a.no_share:
         from hydra_probe.effects import common
 
