@@ -100,7 +100,7 @@ def test_qk_engine_where_the_value_projection_is_wrapped(family, plain):
         for mod in mods:
             del mod.forward
     _close(got, want)
-    assert calls and all(c > len(runner.groups[0]) for c in calls[:1])  # every copy's values computed
+    assert calls and max(calls) > len(runner.groups[0])  # every copy's values computed (not the last copy's alone)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "olmo2", "gemma2"])
@@ -256,6 +256,10 @@ def test_qk_fix_skips_exactly_the_unchanged_query_rows(family, plain, monkeypatc
                    SenderChange((c["ATTN1"],), value), SenderChange((c["L1H3"],), value, (-1,)),
                    SenderChange((c["L0H2"],), value), SenderChange((c["L1H0"],), value),
                    SenderChange((c["L0H0"], c["MLP1"]), value)]
+        # the composed route on the later rows only (Runner.suffix_rows; the earlier rows' keys are the
+        # model's own, whose RMSNorm rounds in float32: the composed route's tolerance)
+        rows_only = runner.qk_fix(source, changes, reads)
+        monkeypatch.setattr(Runner, "suffix_rows", False)
         got = runner.qk_fix(source, changes, reads)
         with plain("compose_qk"):
             got_stacked = runner.qk_fix(source, changes, reads)
@@ -269,6 +273,9 @@ def test_qk_fix_skips_exactly_the_unchanged_query_rows(family, plain, monkeypatc
         _close(got_stacked, want_stacked)
         _close(got_stacked, ref)
         _close(got, ref, tol)
+        _close(rows_only, got, tol)
+        _close(rows_only, ref, tol)
+        monkeypatch.setattr(Runner, "suffix_rows", True)
         assert (want[0, [0, 1, 2, 4, 6]].abs().amax(-1) > 1e-6).all()
     # the group of length 10 skipped rows 0..3 (rows 0..6 for L0H1's change at -1 and -3 alone), every attention
     # call checked causal; the group of length 12 skipped nothing

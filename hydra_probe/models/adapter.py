@@ -897,40 +897,60 @@ class Adapter:
         return self.attention_z(prefix, layer, copies, hidden, shared_values) if z is None else z
 
     def _run_to_z(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor, first_row: int,
-                  plain: bool, setup: Callable[[Callable[..., None], contextlib.ExitStack], None] | None = None
-                  ) -> torch.Tensor | None:
+                  plain: bool, setup: Callable[[Callable[..., None], contextlib.ExitStack], None] | None = None,
+                  suffix: bool = False) -> torch.Tensor | None:
         """Run block ``layer`` on ``hidden`` (copies*B, T, d) with the prefix's call arguments and the QK fix's
         attention (:meth:`_qk_attention`) up to its output projection's input (``plain``: stop there; else the
         block runs to its end, for accelerate's hooks); ``setup(register, stack)`` adds hooks or contexts.
         Returns ``z`` (its rows ``first_row..`` where the attention was causal and cut, see
         :meth:`attention_z`), or None where some calls were cut and some not causal (the caller runs every
-        row)."""
+        row). ``suffix``: ``hidden`` holds the rows ``first_row..`` only and the attention takes the prefix's keys
+        and values of the earlier rows (:meth:`suffix_ready` said yes; :mod:`.suffix`): z is (copies*B,
+        T - first_row, H*dh); :class:`SuffixRefused` where an attention call has an unexpected layout."""
         o_proj = get_path(self.blocks[layer], self.table.o_proj)
         got: dict[str, torch.Tensor] = {}
         state: dict[str, int] = {}
-
-        def at_z(mod, args, kwargs):
-            got["z"] = args[0] if args else next(iter(kwargs.values()))
-            if plain:
-                raise _StopAtZ
-
-        args, kw = prefix.calls[layer]
         B = prefix.batch
+        if suffix:
+            args, kw = suffix_call(*prefix.calls[layer], first_row, prefix.resid[0].shape[1])  # type: ignore[misc]
+            attention = self._suffix_attention(prefix, layer, first_row, state)
+        else:
+            args, kw = prefix.calls[layer]
+            attention = self._qk_attention(layer, first_row, state)
         with temporary_hooks() as register, contextlib.ExitStack() as stack:
-            register(o_proj, at_z, pre=True, with_kwargs=True)
+            register(o_proj, _stop_at(got, plain), pre=True, with_kwargs=True)
             if setup is not None:
                 setup(register, stack)
-            stack.enter_context(self._qk_attention(layer, first_row, state))
+            stack.enter_context(attention)
             try:
                 self.blocks[layer](hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
             except _StopAtZ:
                 pass
+        if suffix:
+            if state.get("odd") or "z" not in got:
+                raise SuffixRefused(f"block {layer}'s attention on the later rows met an unexpected layout.")
+            return got["z"]
         if "z" not in got:
             raise ArchitectureError(f"block {layer} never called its attention output projection "
                                     f"({self.table.o_proj}); check the architecture table's o_proj path.")
         if state.get("rows") and state.get("full"):  # some calls cut, some not causal: every row, from the start
             return None
         return got["z"][:, first_row:] if first_row > 0 and not state.get("full") and state else got["z"]
+
+    @contextlib.contextmanager
+    def _suffix_attention(self, prefix: Prefix, layer: int, first: int, state: dict[str, int]) -> Iterator[None]:
+        """Within the block, block ``layer``'s attention (in the QK fix, on the rows ``first..``) takes the prefix's
+        keys and values of the rows before ``first`` (:func:`.suffix.prefix_keys_function`, counting in
+        ``state``), with the rotary embedding of :meth:`_qk_attention`."""
+        from .rotary import fast_rotary
+
+        attn = get_path(self.blocks[layer], self.table.attn)
+        k0, v0 = prefix.kv[layer]
+        with contextlib.ExitStack() as stack:
+            if self.fast_rotary:
+                stack.enter_context(fast_rotary(attn))
+            stack.enter_context(prefix_keys_function(attn, k0[:, :, :first], v0[:, :, :first], state))
+            yield
 
     @contextlib.contextmanager
     def _qk_attention(self, layer: int, first: int, state: dict[str, int]) -> Iterator[None]:
@@ -1039,7 +1059,7 @@ class Adapter:
 
     def attention_z_given(self, prefix: Prefix, layer: int, copies: int, normed: torch.Tensor,
                           given: Mapping[Site, torch.Tensor], memo: dict[Any, Any] | None = None,
-                          first_row: int = 0) -> torch.Tensor | None:
+                          first_row: int = 0, suffix: bool = False) -> torch.Tensor | None:
         """:meth:`attention_z` with every copy's query/key projections given and the values of one input.
 
         ``given``: ``{site: (copies*B, T, width)}`` for each of :meth:`qk_sites`, which the q/k projection
@@ -1052,12 +1072,15 @@ class Adapter:
         kept by the caller for calls with the same layer and ``normed``, so that the unchanged copy's
         projections are computed and checked once. ``first_row``: as in :meth:`attention_z` (the result
         is then the rows ``first_row..T-1`` where the attention is causal; the caller reads it from the
-        shape).
+        shape). ``suffix``: ``given`` holds the rows ``first_row..`` only, and so does the result; the
+        attention takes the prefix's keys and values of the earlier rows (only after :meth:`suffix_ready`;
+        the copies' block inputs must agree with the prefix's before ``first_row``).
         """
         self._refuse_remote()
         t = self.table
         block = self.blocks[layer]
         B, T, d = normed.shape
+        r = first_row if suffix else 0
         saved: list[tuple[nn.Module, Any]] = []
 
         def swap(mod: nn.Module, fn: Callable[..., Any]) -> None:
@@ -1070,11 +1093,11 @@ class Adapter:
             if site not in memo:
                 memo[site] = own = mod.forward(normed)
                 mine = given[site][-B:, ..., qk]
-                ref = own[..., qk].to(mine.dtype)
+                ref = own[:, r:, qk].to(mine.dtype)
                 tol = max(1e-3, 8 * torch.finfo(self.dtype).eps)  # a wrong norm is off by O(1), rounding is not
                 if not torch.allclose(mine, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-6):
                     return None
-            own = memo[site]
+            own = memo[site][:, r:]
             out = given[site]
             if t.qkv_layout != "separate":  # the fused module's value columns: the last copy's, for every copy
                 v = _as_index(self.value_columns(layer))
@@ -1084,25 +1107,38 @@ class Adapter:
             vmod, _ = self.module_of(Site(layer, "v"))
             if "v" not in memo:
                 memo["v"] = vmod.forward(normed)
-            vals = memo["v"]
+            vals = memo["v"][:, r:]
             swap(vmod, lambda x, vals=vals: vals.repeat(copies, *([1] * (vals.dim() - 1))))
         if t.attn_norm is not None:
             swap(get_path(block, t.attn_norm), lambda x, *a, **k: x)
-        hidden = normed.new_zeros(()).expand(copies * B, T, d)
+        hidden = normed.new_zeros(()).expand(copies * B, T - r, d)
         try:
-            z = self._run_to_z(prefix, layer, copies, hidden, first_row, plain=True)  # can_compose_qk: no accelerate
+            z = self._run_to_z(prefix, layer, copies, hidden, first_row, plain=True,  # can_compose_qk: no accelerate
+                               suffix=suffix)
         finally:
             for mod, old in reversed(saved):
                 if old is None:
                     del mod.forward
                 else:
                     mod.forward = old
+        if z is None and suffix:
+            raise SuffixRefused(f"block {layer}'s attention on the later rows met an unexpected layout.")
         return self.attention_z_given(prefix, layer, copies, normed, given, memo) if z is None else z
 
 
 class SuffixRefused(ArchitectureError):
     """A run of the later rows (``Adapter.run_blocks(first_row=)``) met an attention call it cannot extend
     with the earlier rows' keys; the caller runs every row instead."""
+
+
+def _stop_at(got: dict[str, torch.Tensor], plain: bool) -> Callable[..., None]:
+    """A forward pre-hook keeping the output projection's input in ``got["z"]`` (and, ``plain``, stopping the
+    block there: :class:`_StopAtZ`)."""
+    def at_z(mod, args, kwargs):
+        got["z"] = args[0] if args else next(iter(kwargs.values()))
+        if plain:
+            raise _StopAtZ
+    return at_z
 
 
 class _StopAtZ(BaseException):

@@ -416,6 +416,11 @@ class GradientsMixin:
         first = {"composed": 0 if heads is None else self._first_changed_row(heads[0]), "plain": 0}
         if heads is not None and first["composed"] == T:
             return part  # no change anywhere: every term is zero
+        # the composed route runs the rows from the first change on, with the prefix's earlier keys and values
+        suffix = False
+        if heads is not None and first["composed"] > 0 and self.suffix_rows:
+            with torch.no_grad(), self.model.evaluating():
+                suffix = ad.suffix_ready(P, lays[order[0]] + 1, first["composed"])
 
         with torch.no_grad(), self.model.evaluating():
             for layer in range(lays[order[0]] + 1, L):
@@ -424,8 +429,14 @@ class GradientsMixin:
                 z = None
                 if heads is not None and layer not in self._no_compose:
                     who = tuple((changes[j].senders[0].layer, changes[j].senders[0].head) for j in order[:kk])
-                    z = self._composed_z(P, layer, x, heads[0][:kk], heads[1][:kk],
-                                         {} if memo is None else memo.setdefault(layer, {}), who, first["composed"])
+                    lmemo = {} if memo is None else memo.setdefault(layer, {})
+                    try:
+                        z = self._composed_z(P, layer, x, heads[0][:kk], heads[1][:kk], lmemo, who, first["composed"],
+                                             suffix)
+                    except SuffixRefused:  # an attention call of an unexpected layout: every row, from now on
+                        ad.refuse_suffix()
+                        suffix = False
+                        z = self._composed_z(P, layer, x, heads[0][:kk], heads[1][:kk], lmemo, who, first["composed"])
                     if z is None:  # the attention does not read its norm's output as composed: plain route
                         self._no_compose.add(layer)
                 if z is None:
@@ -497,8 +508,8 @@ class GradientsMixin:
         return dz, W
 
     def _composed_z(self, P: Any, layer: int, x: torch.Tensor, dz: torch.Tensor, W: torch.Tensor,
-                    memo: dict[Any, Any], who: tuple[tuple[int, int], ...] = (), first: int = 0
-                    ) -> torch.Tensor | None:
+                    memo: dict[Any, Any], who: tuple[tuple[int, int], ...] = (), first: int = 0,
+                    suffix: bool = False) -> torch.Tensor | None:
         """Layer ``layer``'s heads' output z ((k+1)*B, T, H*dh) for the block inputs ``x + dz_j @ W_j`` (each
         lone head j of ``dz`` (k, B, T, head_dim) with its ``W_O`` rows ``W`` (k, head_dim, d)), then ``x``,
         every copy's values the last copy's, with the q/k projections composed instead of projected:
@@ -518,7 +529,9 @@ class GradientsMixin:
         ``first``: ``dz`` is zero at the positions before it, so there the changed copies' q/k are the last
         copy's (copied, or composed from a zero change where the layout makes every row in place faster);
         the result is the rows ``first..`` only where the attention is causal, (copies*B, T - first, H*dh)
-        (:meth:`Adapter.attention_z_given`)."""
+        (:meth:`Adapter.attention_z_given`). ``suffix`` (after ``Adapter.suffix_ready``): the q/k of the rows
+        ``first..`` only are formed and the attention runs on those rows, taking the prefix's keys and values
+        of the earlier rows (which every copy shares); the result is then always (copies*B, T - first, H*dh)."""
         ad = self.ad
         if not ad.can_compose_qk(layer):
             return None
@@ -591,10 +604,22 @@ class GradientsMixin:
                     self._qk_weights[wkey] = M
                     self._qk_weight_bytes += size
             width = ad.module_width(site)
-            full = torch.empty(k + 1, B, T, width, dtype=cdt, device=x.device)
+            full = torch.empty(k + 1, B, T - r if suffix else T, width, dtype=cdt, device=x.device)
             Mk = M.reshape(k, dh, -1)
             y0v = y0.view(B, T, -1)
             # three ways to the same numbers (the fastest measured on the CPU for each layout)
+            if suffix:  # the rows from r on only, in place (or placed, for columns of an index)
+                if isinstance(qk, slice):
+                    y = full.view(k + 1, B * (T - r), width)[:k, :, qk]
+                    torch.addcmul(const, inv, bases[site][None], out=y)
+                    y.baddbmm_(scaled, Mk)
+                else:
+                    y = torch.addcmul(const, inv, bases[site][None])
+                    y.baddbmm_(scaled, Mk)
+                    full[:k, ..., qk] = y.view(k, B, T - r, -1)
+                full[k, ..., qk] = y0v[:, r:]
+                given[site] = full.view(-1, T - r, width).to(ad.dtype)
+                continue
             if isinstance(qk, slice) and (r == 0 or Mk.shape[-1] != width):  # every row, in place (fused q/k/v)
                 ia, sa = every_row()
                 y = full.view(k + 1, B * T, width)[:k, :, qk]
@@ -613,7 +638,8 @@ class GradientsMixin:
             full[k, ..., qk] = y0v  # the unchanged copy
             given[site] = (full.view(-1, T, width) if cdt == ad.dtype else full.view(-1, T, width).to(ad.dtype))
         normed = memo["normed"]
-        return ad.attention_z_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}), first_row=r)
+        return ad.attention_z_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}), first_row=r,
+                                    suffix=suffix)
 
     def _stacked_changes(self, g: int, source: str, changes: Sequence[SenderChange]) -> torch.Tensor:
         """:meth:`sender_change` of each change, stacked (k, B, T, d), not cached. A lone head of a layer without
