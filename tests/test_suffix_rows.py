@@ -169,3 +169,18 @@ def test_attribution_rows_cut_one_too_late_change_the_estimates(monkeypatch):
     monkeypatch.setattr(Runner, "first_difference", lambda self, g: real(self, g) + 1)
     late = attribution(m, t)
     assert max(float(np.abs(a - b).max()) for a, b in zip(plain, late)) > 1e-6
+
+
+def test_grouped_query_calls_use_torchs_kernel_with_the_same_numbers(monkeypatch):
+    """On the later rows a masked grouped-query sdpa call runs torch's grouped-query kernel (no repeated keys);
+    the numbers are transformers' own (its repeat-the-keys path, forced by refusing the kernel)."""
+    m, t = build("qwen2")
+    assert m.adapter.n_kv_heads < m.adapter.n_heads
+    calls = []
+    real = sx._sdpa_gqa
+    monkeypatch.setattr(sx, "_sdpa_gqa", lambda *a: (calls.append(1), real(*a))[1])
+    got = hp.activation_patch(m, t, "heads", "denoise", progress=False).to_frame()["patched_metric"].to_numpy()
+    assert calls
+    monkeypatch.setattr(sx, "_plain_gqa", lambda *a: False)
+    want = hp.activation_patch(m, t, "heads", "denoise", progress=False).to_frame()["patched_metric"].to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)

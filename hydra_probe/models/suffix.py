@@ -12,9 +12,11 @@ the base run's keys and values of the rows ``< r`` in each attention (:meth:`Ada
   ``ALL_ATTENTION_FUNCTIONS``) records the keys and values it receives (the base run's);
 * :func:`prefix_keys_function`: within a block, the attention function gets those keys and values of the
   rows ``< r`` (tiled over the stacked copies) before its own, and a causal mask for its query rows where
-  it had none (``sdpa``'s own causal flag aligns a shorter query block with the first keys, not the last).
+  it had none (``sdpa``'s own causal flag aligns a shorter query block with the first keys, not the last);
+  a plain grouped-query sdpa call then runs torch's grouped-query kernel itself (for a masked call
+  transformers would repeat the keys and values per query head).
 
-Where the route is not known to be exact the caller computes every row (see ``Adapter.can_run_suffix``).
+Where the route is not known to be exact the caller computes every row (see ``Adapter.suffix_ready``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,33 @@ def capture_keys(attn: nn.Module, got: dict[str, torch.Tensor]) -> Iterator[bool
         yield True
 
 
+def _plain_gqa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether an sdpa call with a mask is plain grouped-query attention: more query heads than key/value heads,
+    no dropout, soft cap or position bias, and nothing but the scale passed besides."""
+    groups = query.shape[1] // key.shape[1] if key.shape[1] else 0
+    extra = set(kwargs) - _SDPA_IGNORES
+    return (not args and not extra and groups > 1 and query.shape[1] == groups * key.shape[1]
+            and not kwargs.get("dropout") and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+            and not kwargs.get("output_attentions") and not module.training)
+
+
+#: keyword arguments transformers' sdpa attention takes and, for a plain call, does not act on (the block's
+#: own arguments passed through, the scale, a zero dropout, an unused soft cap or position bias); any other
+#: keyword leaves the call to transformers
+_SDPA_IGNORES = {"scaling", "dropout", "sliding_window", "is_causal", "softcap", "position_bias", "position_ids",
+                 "use_cache", "cache", "past_key_values", "cache_position", "output_attentions"}
+
+
+def _sdpa_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+              scaling: float | None) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention for plain grouped-query attention with a mask, with torch's own grouped-query
+    kernel (``enable_gqa``) instead of keys and values repeated per query head (transformers repeats them on
+    the CPU whenever a mask is given): output (B, Tq, H, dh), as transformers returns it."""
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
 @contextlib.contextmanager
 def prefix_keys_function(attn: nn.Module, key0: torch.Tensor, value0: torch.Tensor, state: dict[str, int]
                          ) -> Iterator[bool]:
@@ -113,6 +142,8 @@ def prefix_keys_function(attn: nn.Module, key0: torch.Tensor, value0: torch.Tens
         elif not (torch.is_tensor(attention_mask) and attention_mask.dim() == 4
                   and tuple(attention_mask.shape[-2:]) == (Tq, Tk)):
             state["odd"] = state.get("odd", 0) + 1
+        if impl == "sdpa" and _plain_gqa(module, query, key, args, kwargs):
+            return _sdpa_gqa(query, key, value, attention_mask, kwargs.get("scaling"))
         return orig(module, query, key, value, attention_mask, *args, **kwargs)
 
     with _registered(impl, with_prefix):
