@@ -119,9 +119,10 @@ def test_receiver_input_reaches_that_head_only(family, which):
         h.remove()
     base = seen[0]  # the clean prefix forward comes first
     path = [s for s in seen if s.shape[0] >= B][-1][:B]  # the path forward (main rows first; a shadow copy after)
+    base = base[:, base.shape[1] - path.shape[1]:]  # the path forward may run the later rows only (suffix_rows)
     changed = [(path[..., i * dh:(i + 1) * dh] - base[..., i * dh:(i + 1) * dh]).abs().max().item() for i in range(H)]
     assert changed[1] > 1e-8, changed
-    assert max(changed[:1] + changed[2:]) == 0, changed
+    assert max(changed[:1] + changed[2:]) <= 1e-12, changed  # rounding: the later rows' attention (suffix_rows)
     if which != "q" and m.n_kv_heads < m.n_heads:
         assert any(s.shape[0] == 2 * B for s in seen), "a GQA k/v receiver needs a shadow copy"
 

@@ -54,6 +54,10 @@ def patching(m, t):
     out.append(f.to_frame().select_dtypes("number").to_numpy())
     f = hp.activation_patch(m, t, "heads", "noise", positions=[-1, -3], progress=False)
     out.append(f.to_frame().select_dtypes("number").to_numpy())
+    for which in ("qkv", "k"):  # path patching: deliveries of the senders' changes (k: GQA shadow copies)
+        f = hp.path_patch(m, t, ["L0H1", "MLP0"], [["logits"], ["all"], ["L2H1"]], "noise", receiver_input=which,
+                          progress=False)
+        out.append(f.to_frame().select_dtypes("number").to_numpy())
     return out
 
 

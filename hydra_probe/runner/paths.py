@@ -71,7 +71,7 @@ class PathsMixin:
         return out
 
     def _path_edits(self, g: int, source: str, copies: Sequence[Copy], B: int,
-                    edits: dict[Site, list[Callable]], norm_fns: dict[tuple[int, str], Callable]
+                    edits: dict[Site, list[Callable]], norm_fns: dict[tuple[int, str], Callable], r: int = 0
                     ) -> tuple[dict[int, int], list[tuple[int, Delivery]]]:
         """Add the hooks of the copies' deliveries to ``edits`` and ``norm_fns``.
 
@@ -81,7 +81,8 @@ class PathsMixin:
         reach the other heads of a key/value group, a *shadow* batch of the
         copy gets the copy's block input, the patched k/v, and the receiver
         heads' ``z`` is copied from the shadow into the copy. Returns (copy ->
-        shadow batch index, the logits deliveries).
+        shadow batch index, the logits deliveries). ``r`` > 0: the forward runs the rows ``r..`` only (the
+        changes are zero before them), so the changes delivered are their rows ``r..``.
         """
         ad = self.ad
         shadow, shadow_layers = self._shadow_plan(copies)
@@ -132,7 +133,7 @@ class PathsMixin:
             def fn(inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
                 out = out.clone()
                 for ci, ch in items:
-                    d = self.sender_change(g, source, ch)
+                    d = self.sender_change(g, source, ch)[:, r:]
                     out[rows(ci)] = ad.block_norm(layer, "mlp", inp[rows(ci)] + d).to(out.dtype)
                 return out
             return fn
@@ -143,7 +144,7 @@ class PathsMixin:
                 for tgt, ch, layer, cols in items:
                     key = (layer, tgt, ch)
                     if key not in normed:
-                        d = self.sender_change(g, source, ch)
+                        d = self.sender_change(g, source, ch)[:, r:]
                         normed[key] = ad.block_norm(layer, "attn", attn_in[layer][rows(tgt)] + d)
                     proj = ad.project(site, normed[key])
                     for c in cols:

@@ -133,7 +133,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         self._no_compose: set[int] = set()  # layers whose attention input is not the norm the QK fix composes
         self._qk_weights: dict[Any, torch.Tensor] = {}  # composed q/k weights of the QK fix (see QK_WEIGHT_CACHE)
         self._qk_weight_bytes = 0
-        self._rows: dict[tuple[int, str, Intervention], int] = {}  # see _unedited_rows
+        self._rows: dict[tuple[int, str, Any], int] = {}  # see _unedited_rows
         #: nnsight: what the unedited forwards must return, per (group, source) {site: {"last", "all", "sum"}}
         #: (declared by :meth:`run`, fetched with the first request; see :class:`RemotePrefix`)
         self._want: dict[tuple[int, str], dict[Site, set[str]]] = {}
@@ -500,7 +500,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
             return self._forward_nnsight_paths(g, source, copies, start, capture, every)
         P = self.local_prefix(g, source) if paths else self.prefix(g, source)
         r = 0
-        if self.suffix_rows and not paths and not every and start < self.ad.n_layers \
+        if self.suffix_rows and not every and start < self.ad.n_layers \
                 and not any(s.kind in READ_ONLY_KINDS for s in capture):  # views over the keys: every row
             r = min(self._unedited_rows(g, source, copies, P), P.resid[0].shape[1] - 1)
             with self.model.evaluating(), torch.no_grad():
@@ -525,7 +525,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         shadow: dict[int, int] = {}
         deliveries: list[tuple[int, Delivery]] = []
         if paths:
-            shadow, deliveries = self._path_edits(g, source, copies, B, edits, norm_fns)
+            shadow, deliveries = self._path_edits(g, source, copies, B, edits, norm_fns, r)
         n_rows = k + len(shadow)
         acts: dict[Site, torch.Tensor] = {}
         want = {Site(l, kind) for l in range(start, L) for kind in ("z", "mlp_out")} if readout else set()
@@ -639,18 +639,19 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
 
     def _unedited_rows(self, g: int, source: str, copies: Sequence[Copy], P: Prefix) -> int:
         """The first position where some intervention of ``copies`` changes its site's activation on group
-        ``g`` of the ``source`` run ``P`` (T: none does; 0 where a site's activation is not at hand). Before it
-        every activation of every copy is ``P``'s in a causal model (patching between prompts that share a
-        prefix; a mean or zero ablation changes the first row)."""
+        ``g`` of the ``source`` run ``P`` (T: none does; 0 where a site's activation is not at hand), or a
+        delivery's sender change is nonzero. Before it every activation of every copy is ``P``'s in a causal
+        model (patching between prompts that share a prefix; a mean or zero ablation changes the first row)."""
         T = P.resid[0].shape[1]
         r = T
         for c in copies:
             for iv in c:
-                if not isinstance(iv, Intervention):
-                    return 0
+                if isinstance(iv, Delivery) and iv.target == "logits":
+                    continue  # added to the last position's logits
                 key = (g, source, iv)
                 if key not in self._rows:
-                    self._rows[key] = self._first_edited_row(g, source, iv, P)
+                    self._rows[key] = (self._first_edited_row(g, source, iv, P) if isinstance(iv, Intervention)
+                                       else _first_true(self.sender_change(g, source, iv.change).ne(0)))
                 r = min(r, self._rows[key])
                 if r == 0:
                     return 0
@@ -667,12 +668,12 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         val = self.value(iv, g, source)
         a = act[..., cols]
         new = torch.zeros_like(a) if val is None else val[..., cols].to(a.device, a.dtype)
-        changed = (new != a).flatten(2).any(-1).any(0)  # (T,)
+        changed = new != a
         if iv.positions is not None:
-            keep = torch.zeros(T, dtype=torch.bool, device=changed.device)
+            keep = torch.zeros(T, 1, dtype=torch.bool, device=changed.device)
             keep[[q % T for q in iv.positions]] = True
             changed &= keep
-        return int(changed.to(torch.int8).argmax()) if bool(changed.any()) else T
+        return _first_true(changed)
 
     def share_clean_runs(self, other: Runner) -> None:
         """Reuse ``other``'s unedited clean forwards (prefixes) and per-position means.
@@ -691,6 +692,12 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
             self._prefix.setdefault((g, "clean"), other.prefix(g, "clean"))
         if self.reference is self.task and other.reference is other.task:
             self._means, self._mean_len = other.means(), other._mean_len
+
+
+def _first_true(x: torch.Tensor) -> int:
+    """The first position (dim 1) where ``x`` (B, T, ...) is true anywhere (T: nowhere)."""
+    nz = x.flatten(2).any(-1).any(0)
+    return int(nz.to(torch.int8).argmax()) if bool(nz.any()) else int(nz.shape[0])
 
 
 def _results_only(o: RunOutput, clone: bool = False) -> RunOutput:
