@@ -188,3 +188,15 @@ def test_grouped_query_calls_use_torchs_kernel_with_the_same_numbers(monkeypatch
     monkeypatch.setattr(sx, "_plain_gqa", lambda *a: False)
     want = hp.activation_patch(m, t, "heads", "denoise", progress=False).to_frame()["patched_metric"].to_numpy()
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_short_shared_prefix_runs_every_row(rows):
+    """A few shared first rows (a template's opening under a mean ablation) are not worth the route: every row."""
+    assert [sx.min_shared_rows(T) for T in (4, 15, 16, 40)] == [2, 4, 4, 10]
+    m, t = build("llama")
+    ad = m.adapter
+    P = ad.prefix(t.batch(t.groups()[0], "clean"))
+    assert not ad.suffix_ready(P, 0, 1) and not ad.suffix_ready(P, 0, sx.min_shared_rows(P.resid[0].shape[1]) - 1)
+    rows.clear()
+    hp.ablate(m, t, "heads", "mean", progress=False)
+    assert set(rows) == {0}

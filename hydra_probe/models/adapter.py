@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import ArchitectureError, InterventionError, OptionError
 from .sites import READ_ONLY_KINDS, Site
-from .suffix import capture_keys, prefix_keys_function, suffix_call
+from .suffix import capture_keys, min_shared_rows, prefix_keys_function, suffix_call
 from .tables import ArchTable, table_for
 
 EditFn = Callable[[torch.Tensor], torch.Tensor]
@@ -487,7 +487,7 @@ class Adapter:
         T = prefix.resid[0].shape[1]
         impl = getattr(self.config, "_attn_implementation", None)
         ok = self._suffix_ok.get(impl)
-        if not 0 < first_row < T or self.dtype not in (torch.float32, torch.float64) or ok is False:
+        if not min_shared_rows(T) <= first_row < T or self.dtype not in (torch.float32, torch.float64) or ok is False:
             return False
         for i in range(0 if ok is None else start, self.n_layers):
             if suffix_call(*prefix.calls[i], first_row, T) is None or any(

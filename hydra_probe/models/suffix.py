@@ -22,6 +22,7 @@ Where the route is not known to be exact the caller computes every row (see ``Ad
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,17 @@ import torch
 from torch import nn
 
 from .last_query import _registered, attention_function
+
+#: the shortest shared prefix worth the route, as a fraction of the prompt (at least 2 rows): a few common first
+#: tokens (BOS or a template's opening under a mean ablation) save less than the earlier keys' concatenation
+#: costs, and those sweeps keep the every-row numbers bit for bit
+MIN_SHARED_FRACTION = 0.25
+
+
+def min_shared_rows(T: int) -> int:
+    """The fewest earlier rows (of ``T``) for which a run of the later rows is taken."""
+    return max(2, math.ceil(T * MIN_SHARED_FRACTION))
+
 
 #: keyword arguments of a block call that run along the positions, and how their positions are cut
 _POSITIONAL = {"position_ids": -1, "cache_position": -1}
