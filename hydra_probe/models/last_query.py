@@ -56,35 +56,47 @@ def attention_function(attn: nn.Module) -> tuple[str, Callable[..., Any]] | None
 
 
 @contextlib.contextmanager
-def last_query_function(attn: nn.Module) -> Iterator[bool]:
-    """Within the block, ``attn``'s attention function computes the last query only (see module doc);
-    other modules calling the same function are passed through unchanged. Yields whether the wrapper is
-    in place (False: nothing changed). The registry entry is restored on exit, also on error."""
+def wrapped_attention(attn: nn.Module, make: Callable[[str, Callable[..., Any]], Callable[..., Any]]
+                      ) -> Iterator[bool]:
+    """Within the block, the attention function ``attn`` calls (:func:`attention_function`) is replaced by
+    ``make(implementation name, the original function)`` in transformers' registry (this thread's local
+    mapping, restored on exit, also on error). Yields whether it is in place (False: an implementation this
+    package does not know; nothing changed). The wrapper sees every module's calls; it passes the others on."""
     found = attention_function(attn)
     if found is None:
         yield False
         return
-
     impl, orig = found
-
-    def last_query(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
-        full = (module, query, key, value, attention_mask, *args)
-        if module is not attn or not torch.is_tensor(query) or query.dim() != 4 or query.shape[2] < 2:
-            return orig(*full, **kwargs)
-        B, H, T, dh = query.shape
-        mask = attention_mask
-        if mask is not None:
-            if not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[-2] not in (1, T):
-                return orig(*full, **kwargs)
-            mask = mask[:, :, -1:] if mask.shape[-2] == T else mask
-        out, *rest = orig(module, query[:, :, -1:], key, value, mask, *args, **kwargs)
-        if not torch.is_tensor(out) or tuple(out.shape) != (B, 1, H, dh):
-            return orig(*full, **kwargs)  # an unexpected layout: the full computation, exact
-        return (out.expand(B, T, H, dh), *rest)
-
-    with _registered(impl, last_query):
+    with _registered(impl, make(impl, orig)):
         yield True
+
+
+@contextlib.contextmanager
+def last_query_function(attn: nn.Module) -> Iterator[bool]:
+    """Within the block, ``attn``'s attention function computes the last query only (see module doc);
+    other modules calling the same function are passed through unchanged. Yields whether the wrapper is
+    in place (False: nothing changed). The registry entry is restored on exit, also on error."""
+
+    def make(impl: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def last_query(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+            full = (module, query, key, value, attention_mask, *args)
+            if module is not attn or not torch.is_tensor(query) or query.dim() != 4 or query.shape[2] < 2:
+                return orig(*full, **kwargs)
+            B, H, T, dh = query.shape
+            mask = attention_mask
+            if mask is not None:
+                if not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[-2] not in (1, T):
+                    return orig(*full, **kwargs)
+                mask = mask[:, :, -1:] if mask.shape[-2] == T else mask
+            out, *rest = orig(module, query[:, :, -1:], key, value, mask, *args, **kwargs)
+            if not torch.is_tensor(out) or tuple(out.shape) != (B, 1, H, dh):
+                return orig(*full, **kwargs)  # an unexpected layout: the full computation, exact
+            return (out.expand(B, T, H, dh), *rest)
+        return last_query
+
+    with wrapped_attention(attn, make) as placed:
+        yield placed
 
 
 @contextlib.contextmanager
@@ -103,35 +115,34 @@ def query_rows_function(attn: nn.Module, first: int, state: dict[str, int]) -> I
     (``"causal"``), and not known to be causal (``"full"``: eager without a mask, a position bias, a mask
     or output of an unexpected shape), each run in full. Yields whether the wrapper is in place; the
     registry entry is restored on exit, also on error."""
-    found = attention_function(attn)
-    if found is None or first <= 0:
+    if first <= 0:
         yield False
         return
 
-    impl, orig = found
+    def make(impl: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+            full = (module, query, key, value, attention_mask, *args)
+            if module is not attn:
+                return orig(*full, **kwargs)
+            mask = _row_mask(impl, module, query, key, attention_mask, first, kwargs)
+            if mask is None or mask is True:
+                which = "full" if mask is None else "causal"
+                state[which] = state.get(which, 0) + 1
+                return orig(*full, **kwargs)
+            B, H, T, dh = query.shape
+            out, *rest = orig(module, query[:, :, first:], key, value, mask, *args, **kwargs)
+            if not torch.is_tensor(out) or tuple(out.shape) != (B, T - first, H, dh):
+                state["full"] = state.get("full", 0) + 1
+                return orig(*full, **kwargs)  # an unexpected layout: the full computation, exact
+            state["rows"] = state.get("rows", 0) + 1
+            whole = out.new_zeros(B, T, H, dh)
+            whole[:, first:] = out
+            return (whole, *rest)
+        return rows
 
-    def rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
-        full = (module, query, key, value, attention_mask, *args)
-        if module is not attn:
-            return orig(*full, **kwargs)
-        mask = _row_mask(impl, module, query, key, attention_mask, first, kwargs)
-        if mask is None or mask is True:
-            which = "full" if mask is None else "causal"
-            state[which] = state.get(which, 0) + 1
-            return orig(*full, **kwargs)
-        B, H, T, dh = query.shape
-        out, *rest = orig(module, query[:, :, first:], key, value, mask, *args, **kwargs)
-        if not torch.is_tensor(out) or tuple(out.shape) != (B, T - first, H, dh):
-            state["full"] = state.get("full", 0) + 1
-            return orig(*full, **kwargs)  # an unexpected layout: the full computation, exact
-        state["rows"] = state.get("rows", 0) + 1
-        whole = out.new_zeros(B, T, H, dh)
-        whole[:, first:] = out
-        return (whole, *rest)
-
-    with _registered(impl, rows):
-        yield True
+    with wrapped_attention(attn, make) as placed:
+        yield placed
 
 
 def _row_mask(impl: str, module: nn.Module, query: Any, key: Any, mask: Any, first: int, kwargs: dict) -> Any:

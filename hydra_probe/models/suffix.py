@@ -22,14 +22,15 @@ Where the route is not known to be exact the caller computes every row (see ``Ad
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .last_query import _registered, attention_function
+from .last_query import wrapped_attention
 
 #: the shortest shared prefix worth the route, as a fraction of the prompt (at least 2 rows): a few common first
 #: tokens (BOS or a template's opening under a mean ablation) save less than the earlier keys' concatenation
@@ -67,23 +68,17 @@ def suffix_call(args: tuple, kw: dict[str, Any], r: int, T: int) -> tuple[tuple,
     return args, out
 
 
-@contextlib.contextmanager
-def capture_keys(attn: nn.Module, got: dict[str, torch.Tensor]) -> Iterator[bool]:
+def capture_keys(attn: nn.Module, got: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager[bool]:
     """Within the block, ``attn``'s attention function stores the key and value it receives in ``got``
     (``"key"``, ``"value"``: (B, H_kv, T, dh)). Yields whether the wrapper is in place."""
-    found = attention_function(attn)
-    if found is None:
-        yield False
-        return
-    impl, orig = found
+    def make(impl: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def record(module: nn.Module, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+            if module is attn:
+                got["key"], got["value"] = key, value
+            return orig(module, query, key, value, *args, **kwargs)
+        return record
 
-    def record(module: nn.Module, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
-        if module is attn:
-            got["key"], got["value"] = key, value
-        return orig(module, query, key, value, *args, **kwargs)
-
-    with _registered(impl, record):
-        yield True
+    return wrapped_attention(attn, make)
 
 
 def _plain_gqa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> bool:
@@ -113,50 +108,48 @@ def _sdpa_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
     return out.transpose(1, 2).contiguous(), None
 
 
-@contextlib.contextmanager
 def prefix_keys_function(attn: nn.Module, key0: torch.Tensor, value0: torch.Tensor, state: dict[str, int]
-                         ) -> Iterator[bool]:
+                         ) -> contextlib.AbstractContextManager[bool]:
     """Within the block, ``attn``'s attention function prepends the keys and values ``key0``, ``value0``
     (B, H_kv, r, dh: the base run's rows ``< r``) to its own (copies*B rows: ``key0`` is tiled), so that its
     queries, the last rows of the sequence, see every key. Without a mask (``sdpa`` causal) it gets the causal
     mask of those rows as an additive float mask. ``state["calls"]`` counts the calls; ``state["odd"]`` those
     of a layout the function does not know (the caller's result is then not used). Yields whether the wrapper
     is in place."""
-    found = attention_function(attn)
-    if found is None:
-        yield False
-        return
-    impl, orig = found
+    def make(impl: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        return functools.partial(_with_prefix, impl, orig, attn, key0, value0, state)
 
-    def with_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
-        if module is not attn:
-            return orig(module, query, key, value, attention_mask, *args, **kwargs)
-        state["calls"] = state.get("calls", 0) + 1
-        ok = (torch.is_tensor(key) and key.dim() == 4 and key.shape[1:2] == key0.shape[1:2]
-              and key.shape[0] % key0.shape[0] == 0 and kwargs.get("position_bias") is None)
-        if not ok:
-            state["odd"] = state.get("odd", 0) + 1
-            return orig(module, query, key, value, attention_mask, *args, **kwargs)
-        n = key.shape[0] // key0.shape[0]
-        key = torch.cat([key0.repeat(n, 1, 1, 1).to(key.dtype), key], dim=2)
-        value = torch.cat([value0.repeat(n, 1, 1, 1).to(value.dtype), value], dim=2)
-        Tq, Tk = query.shape[2], key.shape[2]
-        if attention_mask is None:
-            causal = kwargs.get("is_causal")
-            if impl != "sdpa" or causal is False or (causal is None and not getattr(module, "is_causal", True)):
-                state["odd"] = state.get("odd", 0) + 1  # not known to be causal
-            allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
-            attention_mask = torch.zeros(Tq, Tk, dtype=query.dtype, device=query.device).masked_fill(
-                ~allowed, torch.finfo(query.dtype).min)[None, None]
-            if "is_causal" in kwargs:
-                kwargs = {**kwargs, "is_causal": False}
-        elif not (torch.is_tensor(attention_mask) and attention_mask.dim() == 4
-                  and tuple(attention_mask.shape[-2:]) == (Tq, Tk)):
-            state["odd"] = state.get("odd", 0) + 1
-        if impl == "sdpa" and _plain_gqa(module, query, key, args, kwargs):
-            return _sdpa_gqa(query, key, value, attention_mask, kwargs.get("scaling"))
+    return wrapped_attention(attn, make)
+
+
+def _with_prefix(impl: str, orig: Callable[..., Any], attn: nn.Module, key0: torch.Tensor, value0: torch.Tensor,
+                 state: dict[str, int], module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+    """The attention function of :func:`prefix_keys_function` (``orig``: the one it wraps, of ``impl``)."""
+    if module is not attn:
         return orig(module, query, key, value, attention_mask, *args, **kwargs)
-
-    with _registered(impl, with_prefix):
-        yield True
+    state["calls"] = state.get("calls", 0) + 1
+    ok = (torch.is_tensor(key) and key.dim() == 4 and key.shape[1:2] == key0.shape[1:2]
+          and key.shape[0] % key0.shape[0] == 0 and kwargs.get("position_bias") is None)
+    if not ok:
+        state["odd"] = state.get("odd", 0) + 1
+        return orig(module, query, key, value, attention_mask, *args, **kwargs)
+    n = key.shape[0] // key0.shape[0]
+    key = torch.cat([key0.repeat(n, 1, 1, 1).to(key.dtype), key], dim=2)
+    value = torch.cat([value0.repeat(n, 1, 1, 1).to(value.dtype), value], dim=2)
+    Tq, Tk = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        causal = kwargs.get("is_causal")
+        if impl != "sdpa" or causal is False or (causal is None and not getattr(module, "is_causal", True)):
+            state["odd"] = state.get("odd", 0) + 1  # not known to be causal
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=query.device).tril(Tk - Tq)
+        attention_mask = torch.zeros(Tq, Tk, dtype=query.dtype, device=query.device).masked_fill(
+            ~allowed, torch.finfo(query.dtype).min)[None, None]
+        if "is_causal" in kwargs:
+            kwargs = {**kwargs, "is_causal": False}
+    elif not (torch.is_tensor(attention_mask) and attention_mask.dim() == 4
+              and tuple(attention_mask.shape[-2:]) == (Tq, Tk)):
+        state["odd"] = state.get("odd", 0) + 1
+    if impl == "sdpa" and _plain_gqa(module, query, key, args, kwargs):
+        return _sdpa_gqa(query, key, value, attention_mask, kwargs.get("scaling"))
+    return orig(module, query, key, value, attention_mask, *args, **kwargs)
