@@ -511,19 +511,12 @@ class Adapter:
         keys and values its attention function receives in ``prefix.kv``; False where it cannot."""
         attn = get_path(self.blocks[layer], self.table.attn)
         got: dict[str, torch.Tensor] = {}
-        args, kw = prefix.calls[layer]
 
-        def stop(mod, args, kwargs):
-            raise _StopAtZ
+        def record(register: Callable[..., None], stack: contextlib.ExitStack) -> None:
+            stack.enter_context(capture_keys(attn, got))
 
-        with temporary_hooks() as register, capture_keys(attn, got) as placed, torch.no_grad():
-            if not placed:
-                return False
-            register(get_path(self.blocks[layer], self.table.o_proj), stop, pre=True, with_kwargs=True)
-            try:
-                self.blocks[layer](prefix.resid[layer], *args, **kw)
-            except _StopAtZ:
-                pass
+        with torch.no_grad():
+            self._run_to_z(prefix, layer, 1, prefix.resid[layer], 0, plain=True, setup=record)
         if not (torch.is_tensor(got.get("key")) and torch.is_tensor(got.get("value"))
                 and got["key"].dim() == 4 and got["key"].shape[0] == prefix.batch):
             return False
@@ -1121,8 +1114,6 @@ class Adapter:
                     del mod.forward
                 else:
                     mod.forward = old
-        if z is None and suffix:
-            raise SuffixRefused(f"block {layer}'s attention on the later rows met an unexpected layout.")
         return self.attention_z_given(prefix, layer, copies, normed, given, memo) if z is None else z
 
 

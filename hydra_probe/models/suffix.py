@@ -43,8 +43,8 @@ def min_shared_rows(T: int) -> int:
     return max(2, math.ceil(T * MIN_SHARED_FRACTION))
 
 
-#: keyword arguments of a block call that run along the positions, and how their positions are cut
-_POSITIONAL = {"position_ids": -1, "cache_position": -1}
+#: keyword arguments of a block call whose last dimension runs along the positions
+_POSITIONAL = frozenset({"position_ids", "cache_position"})
 
 
 def suffix_call(args: tuple, kw: dict[str, Any], r: int, T: int) -> tuple[tuple, dict[str, Any]] | None:

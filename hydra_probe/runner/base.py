@@ -112,6 +112,12 @@ def halving(chunk: list[int], call: Callable[[list[int]], Any], weight: Callable
             budget = max(1, weight(chunk)) * B * T
 
 
+def first_true(x: torch.Tensor) -> int:
+    """The first position (dim 1) where ``x`` (B, T, ...) is true for any row and column (T: nowhere)."""
+    nz = x.reshape(x.shape[0], x.shape[1], -1).any(-1).any(0)
+    return int(nz.to(torch.int8).argmax()) if bool(nz.any()) else int(nz.shape[0])
+
+
 def oom_advice(B: int, T: int) -> str:
     return (f"one run of {B} prompts x {T} tokens does not fit in memory even unbatched; use fewer prompts "
             "(--n-prompts), shorter prompts, a smaller dtype, or a device with more memory.")

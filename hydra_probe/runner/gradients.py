@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ from ..errors import OptionError
 from ..interventions import Delivery, GradientRead, Intervention, SenderChange
 from ..models.adapter import SuffixRefused, check_fired
 from ..models.sites import Site
-from .base import SOURCES, compose, halving, progress_bar
+from .base import SOURCES, compose, first_true, halving, progress_bar
 
 
 @dataclass
@@ -126,8 +127,7 @@ class GradientsMixin:
     def first_difference(self, g: int) -> int:
         """The first position where group ``g``'s clean and corrupted prompts differ (T: nowhere)."""
         idx = self.groups[g]
-        ne = (self.task.batch(idx, "clean") != self.task.batch(idx, "corrupted")).any(0)
-        return int(ne.to(torch.int8).argmax()) if bool(ne.any()) else int(ne.shape[0])
+        return first_true(self.task.batch(idx, "clean") != self.task.batch(idx, "corrupted"))
 
     def _gradient_forward(self, g: int, source: str, reads: Sequence[GradientRead], start: int, rows: int = 0
                           ) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
@@ -429,14 +429,15 @@ class GradientsMixin:
                 z = None
                 if heads is not None and layer not in self._no_compose:
                     who = tuple((changes[j].senders[0].layer, changes[j].senders[0].head) for j in order[:kk])
-                    lmemo = {} if memo is None else memo.setdefault(layer, {})
+                    composed = functools.partial(self._composed_z, P, layer, x, heads[0][:kk], heads[1][:kk],
+                                                 {} if memo is None else memo.setdefault(layer, {}), who,
+                                                 first["composed"])
                     try:
-                        z = self._composed_z(P, layer, x, heads[0][:kk], heads[1][:kk], lmemo, who, first["composed"],
-                                             suffix)
+                        z = composed(suffix)
                     except SuffixRefused:  # an attention call of an unexpected layout: every row, from now on
                         ad.refuse_suffix()
                         suffix = False
-                        z = self._composed_z(P, layer, x, heads[0][:kk], heads[1][:kk], lmemo, who, first["composed"])
+                        z = composed(False)
                     if z is None:  # the attention does not read its norm's output as composed: plain route
                         self._no_compose.add(layer)
                 if z is None:
@@ -476,11 +477,7 @@ class GradientsMixin:
         or 0 where ``Runner.qk_changed_rows_only`` is False. Before it every copy's block input equals the
         unchanged one, so in a causal attention those query rows (and their keys) are the unchanged copy's
         and their QK-fix terms are zero."""
-        T = change.shape[2]
-        if not self.qk_changed_rows_only:
-            return 0
-        nz = change.ne(0).flatten(3).any(-1).any(1).any(0)  # (T,)
-        return int(nz.to(torch.int8).argmax()) if bool(nz.any()) else T
+        return first_true(change.ne(0).flatten(0, 1)) if self.qk_changed_rows_only else 0
 
     def _head_changes(self, g: int, source: str, changes: Sequence[SenderChange]
                       ) -> tuple[torch.Tensor, torch.Tensor]:

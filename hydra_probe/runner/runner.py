@@ -49,6 +49,7 @@ from .base import (
     check_finite,
     compose,
     default_budget,
+    first_true,
     halving,
     oom_advice,
     progress_bar,
@@ -651,7 +652,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
                 key = (g, source, iv)
                 if key not in self._rows:
                     self._rows[key] = (self._first_edited_row(g, source, iv, P) if isinstance(iv, Intervention)
-                                       else _first_true(self.sender_change(g, source, iv.change).ne(0)))
+                                       else first_true(self.sender_change(g, source, iv.change).ne(0)))
                 r = min(r, self._rows[key])
                 if r == 0:
                     return 0
@@ -673,7 +674,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
             keep = torch.zeros(T, 1, dtype=torch.bool, device=changed.device)
             keep[[q % T for q in iv.positions]] = True
             changed &= keep
-        return _first_true(changed)
+        return first_true(changed)
 
     def share_clean_runs(self, other: Runner) -> None:
         """Reuse ``other``'s unedited clean forwards (prefixes) and per-position means.
@@ -692,12 +693,6 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
             self._prefix.setdefault((g, "clean"), other.prefix(g, "clean"))
         if self.reference is self.task and other.reference is other.task:
             self._means, self._mean_len = other.means(), other._mean_len
-
-
-def _first_true(x: torch.Tensor) -> int:
-    """The first position (dim 1) where ``x`` (B, T, ...) is true anywhere (T: nowhere)."""
-    nz = x.flatten(2).any(-1).any(0)
-    return int(nz.to(torch.int8).argmax()) if bool(nz.any()) else int(nz.shape[0])
 
 
 def _results_only(o: RunOutput, clone: bool = False) -> RunOutput:
