@@ -38,3 +38,29 @@ def test_sweeps_equal_the_models_own_activation(monkeypatch):
     plain = hp.self_repair(m, t, "heads", value="mean").to_frame()
     for col in ("total_effect", "de_lost", "self_repair"):
         np.testing.assert_allclose(fast[col], plain[col], rtol=0, atol=1e-12)
+
+
+def test_fused_gelu_also_under_an_nnsight_wrapper_and_put_back():
+    """nnsight's LanguageModel sets an instance ``forward`` on every module of the model it wraps; a user may
+    wrap the same model they gave hydra_probe. The local backend still runs the fused GELU, and puts nnsight's
+    ``forward`` back after the block (the wrapper's traces still see the activation)."""
+    import nnsight
+
+    from hydra_probe.models.wrapper import _gelu_tanh
+
+    m = tiny.model64("gpt2")
+    t = tiny.ioi(m, 4, seed=2)
+    before = hp.ablate(m, t, "heads", value="zero").to_frame()
+    lm = nnsight.LanguageModel(m.hf_model, tokenizer=m.tokenizer)
+    acts = [x for x in m.hf_model.modules() if type(x).__name__ == "NewGELUActivation"]
+    theirs = [a.__dict__["forward"] for a in acts]
+    assert all(f is not _gelu_tanh for f in theirs)
+    with m.evaluating():
+        assert all(a.__dict__["forward"] is _gelu_tanh for a in acts)
+    assert all(a.__dict__["forward"] is f for a, f in zip(acts, theirs))
+    after = hp.ablate(m, t, "heads", value="zero").to_frame()
+    np.testing.assert_allclose(after.total_effect, before.total_effect, rtol=0, atol=1e-12)
+    ids = t.clean_ids[0][None]
+    with torch.no_grad(), lm.trace(ids):
+        h = lm.transformer.h[0].mlp.act.output.save()
+    assert h.shape[:2] == ids.shape

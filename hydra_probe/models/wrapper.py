@@ -185,20 +185,31 @@ class HookedModel:
         ``HookedModel.fast_activations`` (default True), transformers' ``NewGELUActivation`` (GPT-2's
         ``gelu_new``, a Python formula of five tensor operations) computes the same function as PyTorch's
         fused ``gelu(x, approximate="tanh")`` for the block (equal to float rounding; about a fifth of a
-        GPT-2 sweep's CPU time was that formula)."""
+        GPT-2 sweep's CPU time was that formula). On the local backend this holds also where another library
+        has set the module's instance ``forward`` (nnsight's ``LanguageModel`` wraps every module of the model
+        it is given, the same model object a user may also pass here): that ``forward`` is put back after the
+        block. The nnsight backend keeps it (its traces reach modules through it)."""
         mods = list(self.hf_model.modules())
         flags = [(m, m.training) for m in mods]
-        swapped = [m for m in mods if self.fast_activations and type(m).__name__ == "NewGELUActivation"
-                   and "forward" not in m.__dict__] if not self._fast_on else []
+        swapped: list[tuple[nn.Module, Any]] = []
+        if self.fast_activations and not self._fast_on:
+            for m in mods:
+                own = m.__dict__.get("forward", _UNSET)
+                if type(m).__name__ == "NewGELUActivation" and own is not _gelu_tanh \
+                        and (own is _UNSET or self.backend == "local"):
+                    swapped.append((m, own))
         try:
             self.hf_model.eval()
-            for m in swapped:
+            for m, _ in swapped:
                 m.forward = _gelu_tanh
             self._fast_on = self._fast_on or bool(swapped)
             yield
         finally:
-            for m in swapped:
-                del m.forward
+            for m, own in swapped:
+                if own is _UNSET:
+                    del m.forward
+                else:
+                    m.forward = own
             if swapped:
                 self._fast_on = False
             for m, f in flags:
@@ -207,6 +218,9 @@ class HookedModel:
     def __repr__(self) -> str:
         return (f"HookedModel({self.name!r}, family={self.family}, layers={self.n_layers}, "
                 f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, d_model={self.d_model}, backend={self.backend!r})")
+
+
+_UNSET = object()  # no instance ``forward`` was set
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
