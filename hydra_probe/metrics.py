@@ -25,6 +25,9 @@ class Metric:
     fn: Callable[..., torch.Tensor]
     needs_clean: bool = False
     description: str = ""
+    #: reads only the answer's and the alternative's logits: the runner then unembeds those two columns alone
+    #: (``Adapter.logits_at``) and calls ``fn`` on (B, 2) logits with answer 0 and alternative 1
+    columns_only: bool = False
 
     def __call__(self, logits: torch.Tensor, answer: torch.Tensor, alternative: torch.Tensor,
                  clean_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,8 +80,9 @@ def _kl(lg, a, b, clean):
 
 
 METRICS: dict[str, Metric] = {
-    "logit_diff": Metric("logit_diff", True, _logit_diff, description="logit(answer) - logit(alternative)"),
-    "logit": Metric("logit", True, _logit, description="logit of the answer"),
+    "logit_diff": Metric("logit_diff", True, _logit_diff, description="logit(answer) - logit(alternative)",
+                         columns_only=True),
+    "logit": Metric("logit", True, _logit, description="logit of the answer", columns_only=True),
     "logprob": Metric("logprob", False, _logprob, description="log-probability of the answer"),
     "prob": Metric("prob", False, _prob, description="probability of the answer"),
     "cross_entropy": Metric("cross_entropy", False, _ce, description="cross-entropy of the answer (-logprob)"),

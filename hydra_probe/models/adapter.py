@@ -209,6 +209,27 @@ class Adapter:
         """Final norm then unembedding of residual vectors x (..., d) -> (..., vocab); soft-capped where the model caps."""
         return self.apply_softcap(self.unembed(self.final_norm(x)))
 
+    def logits_at(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` at the token columns ``ids`` only: x (N, d), ids (N, c) -> (N, c).
+
+        Final norm, then each row's own unembedding rows ``W_U[ids]`` (and bias), soft-capped: equal to
+        ``logits(x).gather(-1, ids)`` to float rounding without the (N, vocab) product (for a 50k-262k
+        vocabulary most of the unembedding's cost). Where the head is not a plain ``nn.Linear`` whose weight
+        is in memory and which nothing hooks (quantized, offloaded or wrapped heads), the full logits are
+        gathered."""
+        u = self.unembed
+        w = getattr(u, "weight", None)
+        if (type(u) is not nn.Linear or not torch.is_tensor(w) or w.device.type == "meta"
+                or getattr(u, "_hf_hook", None) is not None or u._forward_hooks or u._forward_pre_hooks):
+            logits = self.logits(x)
+            return logits.gather(-1, ids.to(logits.device))
+        h = self.final_norm(x)
+        ids = ids.to(w.device)
+        out = torch.matmul(w[ids], h.to(w.device)[..., None]).squeeze(-1)  # (N, c, d) @ (N, d, 1)
+        if u.bias is not None:
+            out = out + u.bias[ids]
+        return self.apply_softcap(out)
+
     # ------------------------------------------------------------------ sites
     def _resolve(self, site: Site) -> tuple[str, str]:
         """The one site resolver: dotted module path (from the model's root) of ``site`` and whether its

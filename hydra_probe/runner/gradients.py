@@ -222,10 +222,9 @@ class GradientsMixin:
             check_fired(fired, hook_edits)
             if final in edit_fns:
                 x = edit_fns[final](x)
-            logits = ad.logits(x[:, -1])
             idx = self.groups[g]
             clean = self.clean_logits()[idx] if self.metric.needs_clean else None
-            mvals = self.metric(logits, self.task.answer_ids[idx], self.task.alternative_ids[idx], clean)
+            mvals = self.metric_of(x[:, -1], self.task.answer_ids[idx], self.task.alternative_ids[idx], clean)
             gr = torch.autograd.grad(mvals.sum(), [deltas[s] for s in need], allow_unused=True,
                                      retain_graph=bool(drops))
             full = {s: torch.zeros_like(deltas[s]) if v is None else v.detach() for s, v in zip(need, gr)}
@@ -297,12 +296,11 @@ class GradientsMixin:
             check_fired(fired, hook_edits)
             if final in edit_fns:
                 x = edit_fns[final](x)
-            logits = ad.logits(x[:, -1])
             idx = self.groups[g]
             a = self.task.answer_ids[idx].repeat(k)
             b = self.task.alternative_ids[idx].repeat(k)
             clean = self.clean_logits()[idx].repeat(k, 1) if self.metric.needs_clean else None
-            mvals = self.metric(logits, a, b, clean)
+            mvals = self.metric_of(x[:, -1], a, b, clean)
             gr = torch.autograd.grad(mvals.sum(), [deltas[s] for s in sites], allow_unused=True)
         per = [{} for _ in reads]  # type: list[dict[Site, torch.Tensor]]
         for s, gv in zip(sites, gr):

@@ -267,6 +267,17 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         with torch.no_grad():
             return self.ad.logits(x_last)
 
+    def metric_of(self, x_last: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  clean: torch.Tensor | None = None) -> torch.Tensor:
+        """The metric of final residuals ``x_last`` (N, d) with answers ``a`` and alternatives ``b`` (N,) (and
+        the clean logits where the metric needs them): (N,), differentiable. A metric that reads only those
+        two logits (``Metric.columns_only``) gets them alone (``Adapter.logits_at``)."""
+        if self.metric.columns_only and not self.metric.needs_clean:
+            two = self.ad.logits_at(x_last, torch.stack([a, b], -1))
+            first = torch.zeros(len(two), dtype=torch.long, device=two.device)
+            return self.metric(two, first, first + 1)
+        return self.metric(self.ad.logits(x_last), a, b, clean)
+
     def _inverse(self) -> torch.Tensor:
         order = torch.tensor([i for idx in self.groups for i in idx])
         inv = torch.empty_like(order)
@@ -586,10 +597,12 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         check_finite(x_last, "an intervened run")
         a = self.task.answer_ids[idx].repeat(k)
         b = self.task.alternative_ids[idx].repeat(k)
-        if logits is None:
-            logits = self._logits_of(x_last)
         clean = self.clean_logits()[idx].repeat(k, 1) if self.metric.needs_clean else None
-        m = self.metric(logits, a, b, clean).detach().to(torch.float64)
+        if logits is None:
+            with torch.no_grad():
+                m = self.metric_of(x_last, a, b, clean).detach().to(torch.float64)
+        else:
+            m = self.metric(logits, a, b, clean).detach().to(torch.float64)
         out = {"metric": m.view(k, B), "resid": x_last.detach().to(torch.float64).view(k, B, -1)}
         if readout:
             L = self.ad.n_layers
