@@ -122,6 +122,17 @@ def prefix_keys_function(attn: nn.Module, key0: torch.Tensor, value0: torch.Tens
     return wrapped_attention(attn, make)
 
 
+def _prepend(first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """``first`` (B, H, r, dh), tiled over the copies of ``rest`` (copies*B, H, T - r, dh), then ``rest``, along
+    the positions: (copies*B, H, T, dh), written once (no tiled intermediate)."""
+    B, H, r, dh = first.shape
+    n = rest.shape[0] // B
+    out = rest.new_empty(rest.shape[0], H, r + rest.shape[2], dh)
+    out.view(n, B, H, -1, dh)[:, :, :, :r] = first.to(rest.dtype)
+    out[:, :, r:] = rest
+    return out
+
+
 def _with_prefix(impl: str, orig: Callable[..., Any], attn: nn.Module, key0: torch.Tensor, value0: torch.Tensor,
                  state: dict[str, int], module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
@@ -134,9 +145,7 @@ def _with_prefix(impl: str, orig: Callable[..., Any], attn: nn.Module, key0: tor
     if not ok:
         state["odd"] = state.get("odd", 0) + 1
         return orig(module, query, key, value, attention_mask, *args, **kwargs)
-    n = key.shape[0] // key0.shape[0]
-    key = torch.cat([key0.repeat(n, 1, 1, 1).to(key.dtype), key], dim=2)
-    value = torch.cat([value0.repeat(n, 1, 1, 1).to(value.dtype), value], dim=2)
+    key, value = _prepend(key0, key), _prepend(value0, value)
     Tq, Tk = query.shape[2], key.shape[2]
     if attention_mask is None:
         causal = kwargs.get("is_causal")
