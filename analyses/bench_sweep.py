@@ -8,8 +8,11 @@ last position). Prints one line per shape and op:
     shape=NAME op=ablate|self_repair ratio=R max_abs_diff=D
 
 ratio = package time / loop time; max_abs_diff compares per-prompt total
-effects. The same all-heads ablation with the runner's restart at the
-output projection switched off (``Runner.fast_attention = False``):
+effects (the loop runs GPT-2's own gelu_new formula, the package PyTorch's fused tanh GELU: a float32
+rounding-level difference). The package is given the very model object the loop's nnsight.LanguageModel
+wraps (nnsight's instance forward on every module does not keep the package from its fused GELU).
+
+The same all-heads ablation with the runner's restart at the output projection switched off (``Runner.fast_attention = False``):
 
     shape=NAME op=ablate_fast_vs_plain_restart ratio=R max_abs_diff=D
 
