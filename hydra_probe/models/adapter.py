@@ -212,23 +212,20 @@ class Adapter:
     def logits_at(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """:meth:`logits` at the token columns ``ids`` only: x (N, d), ids (N, c) -> (N, c).
 
-        Final norm, then each row's own unembedding rows ``W_U[ids]`` (and bias), soft-capped: equal to
+        Final norm, then each row's own unembedding rows (:meth:`W_U`, :meth:`b_U`), soft-capped: equal to
         ``logits(x).gather(-1, ids)`` to float rounding without the (N, vocab) product (for a 50k-262k
-        vocabulary most of the unembedding's cost). Where the head is not a plain ``nn.Linear`` whose weight
-        is in memory and which nothing hooks (quantized, offloaded or wrapped heads), the full logits are
+        vocabulary most of the unembedding's cost). Where the head is not a plain ``nn.Linear`` or something
+        hooks it (quantized heads, accelerate's offload or device hooks, forward hooks), the full logits are
         gathered."""
         u = self.unembed
-        w = getattr(u, "weight", None)
-        if (type(u) is not nn.Linear or not torch.is_tensor(w) or w.device.type == "meta"
-                or getattr(u, "_hf_hook", None) is not None or u._forward_hooks or u._forward_pre_hooks):
+        if (type(u) is not nn.Linear or getattr(u, "_hf_hook", None) is not None
+                or u._forward_hooks or u._forward_pre_hooks):
             logits = self.logits(x)
             return logits.gather(-1, ids.to(logits.device))
-        h = self.final_norm(x)
-        ids = ids.to(w.device)
-        out = torch.matmul(w[ids], h.to(w.device)[..., None]).squeeze(-1)  # (N, c, d) @ (N, d, 1)
-        if u.bias is not None:
-            out = out + u.bias[ids]
-        return self.apply_softcap(out)
+        W = self.W_U(ids)  # (N, c, d)
+        out = torch.matmul(W, self.final_norm(x).to(W.device)[..., None]).squeeze(-1)
+        b = self.b_U(ids)
+        return self.apply_softcap(out if b is None else out + b)
 
     # ------------------------------------------------------------------ sites
     def _resolve(self, site: Site) -> tuple[str, str]:
