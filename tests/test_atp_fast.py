@@ -335,3 +335,110 @@ def test_fast_rotary_is_llamas_bit_for_bit():
         for a, b in zip(apply_rotary(q, k, cos, sin), modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)):
             assert a.dtype == b.dtype and torch.equal(a, b)
     assert _is_llama_rotary(modeling_llama) and not _is_llama_rotary(modeling_gpt_neox)
+
+
+@pytest.fixture
+def pattern_calls(monkeypatch):
+    """How often each adapter call of the QK fix's pattern route gave a pattern ("pattern") or declined ("True" /
+    "False")."""
+    from hydra_probe.models.adapter import Adapter
+
+    calls: dict[str, int] = {}
+    for name in ("attention_patterns", "attention_patterns_given"):
+        real = getattr(Adapter, name)
+
+        def spy(self, *a, _real=real, **k):
+            got = _real(self, *a, **k)
+            key = "pattern" if isinstance(got, tuple) else str(got)
+            calls[key] = calls.get(key, 0) + 1
+            return got
+
+        monkeypatch.setattr(Adapter, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.NEW_FAMILIES)
+def test_pattern_route_equals_the_output_route(family, plain, pattern_calls):
+    """Runner.qk_patterns: the QK fix's terms read from each copy's attention pattern against grad_z . V are those
+    read from its heads' output z (composed and stacked routes; every row, and the changed rows only, in a task
+    with a shared prefix), in float64 to rounding; the pattern route was taken in every layer and every call
+    (eager attention: Gemma-2's; sdpa: the others)."""
+    m = build(family)[0]
+    c = {x.name: x for x in m.components(["all", "layers"])}
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    for t in (build(family)[1], prefix_task(m)):
+        runner, _ = make_runner(m, t, "logit_diff")
+        reads = runner.gradients("clean", [GradientRead(zs, None, True), GradientRead(zs, 1, True)])
+        changes = [SenderChange((c["L0H1"],), "corrupted"), SenderChange((c["L1H3"],), "corrupted", (-1,)),
+                   SenderChange((c["MLP0"],), "corrupted"), SenderChange((c["L0H0"], c["MLP1"]), "corrupted")]
+        for flags in ((), ("compose_qk",)):
+            with plain(*flags):
+                pattern_calls.clear()
+                got = runner.qk_fix("clean", changes, reads)
+                assert pattern_calls.get("pattern", 0) >= m.n_layers - 1 and set(pattern_calls) == {"pattern"}
+                assert not runner._no_patterns
+                with plain("qk_patterns"):
+                    pattern_calls.clear()
+                    want = runner.qk_fix("clean", changes, reads)
+                    assert not pattern_calls
+            assert (want[0, :3].abs().amax(-1) > 1e-6).all()
+            _close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_pattern_route_falls_back_where_its_pattern_is_not_the_attentions(family, plain, pattern_calls,
+                                                                          monkeypatch):
+    """A pattern that is not the one the attention applies (here: computed at half the scale) fails the check of
+    the unchanged copy's ``A V`` against the captured z; every layer then takes the output route, with the output
+    route's numbers. An attention call the pattern function does not know (here: every mask refused) goes to the
+    original function: the output route again."""
+    from hydra_probe.models import patterns
+
+    m, t = build(family)
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    changes = [SenderChange((x,), "corrupted") for x in m.components(["L0H1", "L1H0", "MLP0"])]
+    fresh = lambda: make_runner(m, t, "logit_diff")[0]  # noqa: E731
+    want = {}
+    for flags in ((), ("compose_qk",)):
+        with plain("qk_patterns", *flags):
+            r = fresh()
+            want[flags] = r.qk_fix("clean", changes, r.gradients("clean", [GradientRead(zs, None, True)]))
+    real = patterns.softmax_pattern
+    for name, bad in (("softmax_pattern", lambda q, k, mask, s, cap=None: real(q, k, mask, s / 2, cap)),
+                      ("_mask_of", lambda *a: False)):
+        with monkeypatch.context() as mp:
+            mp.setattr(patterns, name, bad)
+            for flags in ((), ("compose_qk",)):
+                with plain(*flags):
+                    r = fresh()
+                    pattern_calls.clear()
+                    got = r.qk_fix("clean", changes, r.gradients("clean", [GradientRead(zs, None, True)]))
+                    assert r._no_patterns == set(range(1, m.n_layers)) and "pattern" not in pattern_calls
+                    _close(got, want[flags], 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_softmax_pattern_is_sdpas(dtype):
+    """patterns.softmax_pattern against torch's scaled_dot_product_attention on repeated keys: grouped queries
+    (4 query heads per key head), boolean and additive masks broadcast over heads, a soft cap (against the
+    formula), float32 softmax for a half-precision query."""
+    from hydra_probe.models.patterns import softmax_pattern
+
+    g = torch.Generator().manual_seed(0)
+    N, H, Hk, Tq, Tk, dh = 2, 8, 2, 3, 7, 5
+    q, k, v = (torch.randn(N, h, t, dh, generator=g).to(dtype) for h, t in ((H, Tq), (Hk, Tk), (Hk, Tk)))
+    causal = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+    additive = torch.zeros(N, 1, Tq, Tk).masked_fill(~causal, -1e9).to(dtype)
+    kr, vr = (x.repeat_interleave(H // Hk, 1) for x in (k, v))
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    for mask in (causal, additive, None):
+        A = softmax_pattern(q, k, mask, 0.3)
+        assert A.dtype == (dtype if dtype == torch.float64 else torch.float32)
+        want = torch.nn.functional.scaled_dot_product_attention(q.double(), kr.double(), vr.double(),
+                                                                attn_mask=None if mask is None else mask.double()
+                                                                if mask.is_floating_point() else mask, scale=0.3)
+        np.testing.assert_allclose((A.double() @ vr.double()).numpy(), want.numpy(), atol=tol, rtol=0)
+    s = (q.double() @ kr.double().transpose(-1, -2)) * 0.3
+    capped = (torch.tanh(s / 2) * 2).masked_fill(~causal, float("-inf")).softmax(-1)
+    np.testing.assert_allclose(softmax_pattern(q, k, causal, 0.3, 2.0).double().numpy(), capped.numpy(),
+                               atol=tol, rtol=0)

@@ -146,9 +146,9 @@ def test_attribution_on_the_later_rows_equals_every_row(family, monkeypatch, row
     qk_rows: list[int] = []
     real = Adapter._suffix_attention
 
-    def spy(self, prefix, layer, first, state):
+    def spy(self, prefix, layer, first, state, **kw):
         qk_rows.append(first)
-        return real(self, prefix, layer, first, state)
+        return real(self, prefix, layer, first, state, **kw)
 
     monkeypatch.setattr(Adapter, "_suffix_attention", spy)
     got = {}

@@ -907,9 +907,34 @@ class Adapter:
         z = self._run_to_z(prefix, layer, copies, hidden, first_row, plain, values)
         return self.attention_z(prefix, layer, copies, hidden, shared_values) if z is None else z
 
+    def attention_patterns(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor,
+                           first_row: int = 0, memo: dict[Any, Any] | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor] | bool:
+        """:meth:`attention_z` with ``shared_values`` as attention patterns (the QK fix's pattern route):
+        ``(pattern, values)`` as :meth:`attention_patterns_given` returns them, checked once per ``memo`` (a dict
+        the caller keeps for calls of this layer and prefix), or True where the route does not apply (the
+        caller takes :meth:`attention_z`)."""
+        self._refuse_remote()
+        memo = {} if memo is None else memo
+        if (Site(layer, "z") not in prefix.captures or memo.get("patterns") is False
+                or any(hasattr(m, "_hf_hook") for m in self.blocks[layer].modules())):
+            return True
+
+        def values(register: Callable[..., None], stack: contextlib.ExitStack) -> None:
+            stack.enter_context(self._last_copy_values(layer, prefix.batch, register, True))
+
+        got = self._run_to_z(prefix, layer, copies, hidden, first_row, True, values, sink={})
+        if got is True:
+            return True
+        if "patterns" not in memo:
+            memo["patterns"] = self._patterns_match(prefix, layer, *got)
+            if not memo["patterns"]:
+                return True
+        return got
+
     def _run_to_z(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor, first_row: int,
                   plain: bool, setup: Callable[[Callable[..., None], contextlib.ExitStack], None] | None = None,
-                  suffix: bool = False) -> torch.Tensor | None:
+                  suffix: bool = False, sink: dict[str, torch.Tensor] | None = None) -> Any:
         """Run block ``layer`` on ``hidden`` (copies*B, T, d) with the prefix's call arguments and the QK fix's
         attention (:meth:`_qk_attention`) up to its output projection's input (``plain``: stop there; else the
         block runs to its end, for accelerate's hooks); ``setup(register, stack)`` adds hooks or contexts.
@@ -917,14 +942,19 @@ class Adapter:
         :meth:`attention_z`), or None where some calls were cut and some not causal (the caller runs every
         row). ``suffix``: ``hidden`` holds the rows ``first_row..`` only and the attention takes the prefix's keys
         and values of the earlier rows (:meth:`suffix_ready` said yes; :mod:`.suffix`): z is (copies*B,
-        T - first_row, H*dh); :class:`SuffixRefused` where an attention call has an unexpected layout."""
+        T - first_row, H*dh); :class:`SuffixRefused` where an attention call has an unexpected layout.
+        ``sink`` (a dict; ``plain`` only): the attention function stores the pattern and the last copy's values
+        instead (:func:`.patterns.pattern_function`) and they are returned, ``(pattern, values)``, or True where
+        it did not (the output route applies; the other copies' values may not be formed)."""
+        from .patterns import StopAtPattern, pattern_function
+
         o_proj = get_path(self.blocks[layer], self.table.o_proj)
         got: dict[str, torch.Tensor] = {}
         state: dict[str, int] = {}
         B = prefix.batch
         if suffix:
             args, kw = suffix_call(*prefix.calls[layer], first_row, prefix.resid[0].shape[1])  # type: ignore[misc]
-            attention = self._suffix_attention(prefix, layer, first_row, state)
+            attention = self._suffix_attention(prefix, layer, first_row, state, last_values=sink is not None)
         else:
             args, kw = prefix.calls[layer]
             attention = self._qk_attention(layer, first_row, state)
@@ -932,11 +962,20 @@ class Adapter:
             register(o_proj, _stop_at(got, plain), pre=True, with_kwargs=True)
             if setup is not None:
                 setup(register, stack)
+            if sink is not None:  # entered first: the innermost attention function, after the prefix's keys
+                stack.enter_context(pattern_function(get_path(self.blocks[layer], self.table.attn), B, sink))
             stack.enter_context(attention)
             try:
                 self.blocks[layer](hidden, *_tile(args, B, copies), **_tile(kw, B, copies))
-            except _StopAtZ:
+            except (_StopAtZ, StopAtPattern):
                 pass
+        if sink is not None:
+            if "pattern" not in sink or state.get("odd"):
+                return True
+            A = sink["pattern"]
+            if not suffix and first_row > 0 and state.get("causal") and not state.get("full") and A.shape[2] == hidden.shape[1]:
+                A = A[:, :, first_row:]  # causal, not cut: the earlier rows are every copy's alike (as z's)
+            return A, sink["values"]
         if suffix:
             if state.get("odd") or "z" not in got:
                 raise SuffixRefused(f"block {layer}'s attention on the later rows met an unexpected layout.")
@@ -949,10 +988,12 @@ class Adapter:
         return got["z"][:, first_row:] if first_row > 0 and not state.get("full") and state else got["z"]
 
     @contextlib.contextmanager
-    def _suffix_attention(self, prefix: Prefix, layer: int, first: int, state: dict[str, int]) -> Iterator[None]:
+    def _suffix_attention(self, prefix: Prefix, layer: int, first: int, state: dict[str, int],
+                          last_values: bool = False) -> Iterator[None]:
         """Within the block, block ``layer``'s attention (in the QK fix, on the rows ``first..``) takes the prefix's
         keys and values of the rows before ``first`` (:func:`.suffix.prefix_keys_function`, counting in
-        ``state``), with the rotary embedding of :meth:`_qk_attention`."""
+        ``state``; ``last_values``: the values of the last copy only), with the rotary embedding of
+        :meth:`_qk_attention`."""
         from .rotary import fast_rotary
 
         attn = get_path(self.blocks[layer], self.table.attn)
@@ -960,7 +1001,8 @@ class Adapter:
         with contextlib.ExitStack() as stack:
             if self.fast_rotary:
                 stack.enter_context(fast_rotary(attn))
-            stack.enter_context(prefix_keys_function(attn, k0[:, :, :first], v0[:, :, :first], state))
+            stack.enter_context(prefix_keys_function(attn, k0[:, :, :first], v0[:, :, :first], state,
+                                                     last_values=prefix.batch if last_values else 0))
             yield
 
     @contextlib.contextmanager
@@ -1087,18 +1129,69 @@ class Adapter:
         attention takes the prefix's keys and values of the earlier rows (only after :meth:`suffix_ready`;
         the copies' block inputs must agree with the prefix's before ``first_row``).
         """
+        memo = {} if memo is None else memo
+        z = self._given_run(prefix, layer, copies, normed, given, memo, first_row, suffix, None)
+        if z is False:
+            return None
+        return self.attention_z_given(prefix, layer, copies, normed, given, memo) if z is None else z
+
+    def attention_patterns_given(self, prefix: Prefix, layer: int, copies: int, normed: torch.Tensor,
+                                 given: Mapping[Site, torch.Tensor], memo: dict[Any, Any] | None = None,
+                                 first_row: int = 0, suffix: bool = False
+                                 ) -> tuple[torch.Tensor, torch.Tensor] | bool:
+        """:meth:`attention_z_given`'s attention patterns instead of its output (the QK fix's pattern route,
+        :mod:`.patterns`): ``(pattern (copies*B, H, Tq, Tk), values (B, H_kv, Tk, dh))``, each copy's softmax
+        pattern over its query rows (the last Tq of the sequence: ``first_row..`` where the attention is
+        causal and cut or ``suffix``, else every row) and every key, and the last copy's values (every
+        copy's, as in :meth:`attention_z_given`). ``z = pattern @ values`` per head (query head h reads key
+        head h // (H / H_kv)) is what :meth:`attention_z_given` would return; that is checked once per
+        ``memo`` on the last copy against the prefix's captured ``z``. False where the given q/k are not the
+        modules' own (as :meth:`attention_z_given`'s None); True where the pattern route does not apply (an
+        attention call :func:`.patterns.pattern_function` does not know, no captured ``z``, or a check that
+        failed): the caller takes :meth:`attention_z_given`. Only where :meth:`can_compose_qk`."""
+        memo = {} if memo is None else memo
+        if Site(layer, "z") not in prefix.captures or memo.get("patterns") is False:
+            return True
+        got = self._given_run(prefix, layer, copies, normed, given, memo, first_row, suffix, {})
+        if got is False or got is True:
+            return got
+        if "patterns" not in memo:
+            memo["patterns"] = self._patterns_match(prefix, layer, *got)  # type: ignore[misc]
+            if not memo["patterns"]:
+                return True
+        return got  # type: ignore[return-value]
+
+    def _patterns_match(self, prefix: Prefix, layer: int, pattern: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether the last copy's ``pattern @ values`` is the prefix's ``z`` at the pattern's query rows."""
+        B, Hk, Tk, dh = values.shape
+        H, Tq = pattern.shape[1], pattern.shape[2]
+        A = pattern[-B:].reshape(B, Hk, (H // Hk) * Tq, Tk).to(values.dtype)
+        mine = torch.matmul(A, values).view(B, H, Tq, dh).transpose(1, 2).reshape(B, Tq, H * dh)
+        ref = prefix.captures[Site(layer, "z")]
+        if ref.shape[-1] != H * dh or ref.shape[1] < Tq:
+            return False
+        ref = ref[:, ref.shape[1] - Tq:].to(mine.dtype)
+        tol = max(1e-3, 8 * torch.finfo(self.dtype).eps)
+        return bool(torch.allclose(mine, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-6))
+
+    def _given_run(self, prefix: Prefix, layer: int, copies: int, normed: torch.Tensor,
+                   given: Mapping[Site, torch.Tensor], memo: dict[Any, Any], first_row: int, suffix: bool,
+                   sink: dict[str, torch.Tensor] | None) -> Any:
+        """The body of :meth:`attention_z_given` (``sink`` None: z, None for "rerun every row", False for
+        "given q/k differ") and :meth:`attention_patterns_given` (``sink`` a dict: (pattern, values), False, or
+        True for "no pattern route"; only the last copy's values are then formed)."""
         self._refuse_remote()
         t = self.table
         block = self.blocks[layer]
         B, T, d = normed.shape
         r = first_row if suffix else 0
         saved: list[tuple[nn.Module, Any]] = []
+        last_only = sink is not None  # the pattern route reads the last copy's values only
 
         def swap(mod: nn.Module, fn: Callable[..., Any]) -> None:
             saved.append((mod, mod.__dict__.get("forward")))
             mod.forward = fn
 
-        memo = {} if memo is None else memo
         for site, qk in self.qk_sites(layer):
             mod, _ = self.module_of(site)
             if site not in memo:
@@ -1107,32 +1200,41 @@ class Adapter:
                 ref = own[:, r:, qk].to(mine.dtype)
                 tol = max(1e-3, 8 * torch.finfo(self.dtype).eps)  # a wrong norm is off by O(1), rounding is not
                 if not torch.allclose(mine, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-6):
-                    return None
+                    return False
             own = memo[site][:, r:]
             out = given[site]
             if t.qkv_layout != "separate":  # the fused module's value columns: the last copy's, for every copy
                 v = _as_index(self.value_columns(layer))
-                out.unflatten(0, (-1, B))[..., v] = own[..., v].to(out.dtype)
+                (out[-B:] if last_only else out).unflatten(0, (-1, B))[..., v] = own[..., v].to(out.dtype)
             swap(mod, lambda x, out=out: out)
         if t.qkv_layout == "separate":
             vmod, _ = self.module_of(Site(layer, "v"))
             if "v" not in memo:
                 memo["v"] = vmod.forward(normed)
             vals = memo["v"][:, r:]
-            swap(vmod, lambda x, vals=vals: vals.repeat(copies, *([1] * (vals.dim() - 1))))
+            if last_only:  # the other copies' rows are never read
+                swap(vmod, lambda x, vals=vals: _last_rows(vals, copies))
+            else:
+                swap(vmod, lambda x, vals=vals: vals.repeat(copies, *([1] * (vals.dim() - 1))))
         if t.attn_norm is not None:
             swap(get_path(block, t.attn_norm), lambda x, *a, **k: x)
         hidden = normed.new_zeros(()).expand(copies * B, T - r, d)
         try:
-            z = self._run_to_z(prefix, layer, copies, hidden, first_row, plain=True,  # can_compose_qk: no accelerate
-                               suffix=suffix)
+            return self._run_to_z(prefix, layer, copies, hidden, first_row, plain=True,  # can_compose_qk: no accelerate
+                                  suffix=suffix, sink=sink)
         finally:
             for mod, old in reversed(saved):
                 if old is None:
                     del mod.forward
                 else:
                     mod.forward = old
-        return self.attention_z_given(prefix, layer, copies, normed, given, memo) if z is None else z
+
+
+def _last_rows(vals: torch.Tensor, copies: int) -> torch.Tensor:
+    """(copies*B, ...) with ``vals`` (B, ...) as its last B rows and the others left unwritten (never read)."""
+    out = vals.new_empty((copies * vals.shape[0], *vals.shape[1:]))
+    out[-vals.shape[0]:] = vals
+    return out
 
 
 class SuffixRefused(ArchitectureError):

@@ -131,11 +131,12 @@ def query_rows_function(attn: nn.Module, first: int, state: dict[str, int]) -> I
                 state[which] = state.get(which, 0) + 1
                 return orig(*full, **kwargs)
             B, H, T, dh = query.shape
+            state["rows"] = state.get("rows", 0) + 1  # counted first: the function called may stop the block
             out, *rest = orig(module, query[:, :, first:], key, value, mask, *args, **kwargs)
             if not torch.is_tensor(out) or tuple(out.shape) != (B, T - first, H, dh):
+                state["rows"] -= 1
                 state["full"] = state.get("full", 0) + 1
                 return orig(*full, **kwargs)  # an unexpected layout: the full computation, exact
-            state["rows"] = state.get("rows", 0) + 1
             whole = out.new_zeros(B, T, H, dh)
             whole[:, first:] = out
             return (whole, *rest)

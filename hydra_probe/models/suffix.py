@@ -108,16 +108,18 @@ def _sdpa_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
     return out.transpose(1, 2).contiguous(), None
 
 
-def prefix_keys_function(attn: nn.Module, key0: torch.Tensor, value0: torch.Tensor, state: dict[str, int]
-                         ) -> contextlib.AbstractContextManager[bool]:
+def prefix_keys_function(attn: nn.Module, key0: torch.Tensor, value0: torch.Tensor, state: dict[str, int],
+                         last_values: int = 0) -> contextlib.AbstractContextManager[bool]:
     """Within the block, ``attn``'s attention function prepends the keys and values ``key0``, ``value0``
     (B, H_kv, r, dh: the base run's rows ``< r``) to its own (copies*B rows: ``key0`` is tiled), so that its
     queries, the last rows of the sequence, see every key. Without a mask (``sdpa`` causal) it gets the causal
     mask of those rows as an additive float mask. ``state["calls"]`` counts the calls; ``state["odd"]`` those
-    of a layout the function does not know (the caller's result is then not used). Yields whether the wrapper
-    is in place."""
+    of a layout the function does not know (the caller's result is then not used). ``last_values`` > 0 (the
+    QK fix's pattern route, whose attention function reads the last copy's values only): the values are those
+    of the last ``last_values`` rows, prefixed, and the call always goes to the wrapped function. Yields whether
+    the wrapper is in place."""
     def make(impl: str, orig: Callable[..., Any]) -> Callable[..., Any]:
-        return functools.partial(_with_prefix, impl, orig, attn, key0, value0, state)
+        return functools.partial(_with_prefix, impl, orig, attn, key0, value0, state, last_values)
 
     return wrapped_attention(attn, make)
 
@@ -134,7 +136,7 @@ def _prepend(first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
 
 
 def _with_prefix(impl: str, orig: Callable[..., Any], attn: nn.Module, key0: torch.Tensor, value0: torch.Tensor,
-                 state: dict[str, int], module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                 state: dict[str, int], last_values: int, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
     """The attention function of :func:`prefix_keys_function` (``orig``: the one it wraps, of ``impl``)."""
     if module is not attn:
@@ -145,7 +147,7 @@ def _with_prefix(impl: str, orig: Callable[..., Any], attn: nn.Module, key0: tor
     if not ok:
         state["odd"] = state.get("odd", 0) + 1
         return orig(module, query, key, value, attention_mask, *args, **kwargs)
-    key, value = _prepend(key0, key), _prepend(value0, value)
+    key, value = _prepend(key0, key), _prepend(value0, value[-last_values:] if last_values else value)
     Tq, Tk = query.shape[2], key.shape[2]
     if attention_mask is None:
         causal = kwargs.get("is_causal")
@@ -159,6 +161,6 @@ def _with_prefix(impl: str, orig: Callable[..., Any], attn: nn.Module, key0: tor
     elif not (torch.is_tensor(attention_mask) and attention_mask.dim() == 4
               and tuple(attention_mask.shape[-2:]) == (Tq, Tk)):
         state["odd"] = state.get("odd", 0) + 1
-    if impl == "sdpa" and _plain_gqa(module, query, key, args, kwargs):
+    if impl == "sdpa" and not last_values and _plain_gqa(module, query, key, args, kwargs):
         return _sdpa_gqa(query, key, value, attention_mask, kwargs.get("scaling"))
     return orig(module, query, key, value, attention_mask, *args, **kwargs)

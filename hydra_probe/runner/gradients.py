@@ -431,7 +431,10 @@ class GradientsMixin:
                                                  {} if memo is None else memo.setdefault(layer, {}), who,
                                                  first["composed"])
                     try:
-                        z = composed(suffix)
+                        z = composed(suffix, patterns=self.qk_patterns and layer not in self._no_patterns)
+                        if z is True:  # no pattern route in this layer: its output
+                            self._no_patterns.add(layer)
+                            z = composed(suffix)
                     except SuffixRefused:  # an attention call of an unexpected layout: every row, from now on
                         ad.refuse_suffix()
                         suffix = False
@@ -447,11 +450,24 @@ class GradientsMixin:
                     hidden = x.new_empty((kk + 1) * B, *x.shape[1:])
                     torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
                     hidden[kk * B:] = x
-                    z = self.ad.attention_z(P, layer, kk + 1, hidden, shared_values=True, first_row=first["plain"])
-                r = T - z.shape[1]  # the rows before r were skipped (their terms are zero)
+                    if self.qk_patterns and layer not in self._no_patterns:
+                        z = self.ad.attention_patterns(P, layer, kk + 1, hidden, first["plain"],
+                                                       {} if memo is None else memo.setdefault(layer, {}))
+                        if z is True:  # no pattern route in this layer: its output
+                            self._no_patterns.add(layer)
+                            z = None
+                    if z is None:
+                        z = self.ad.attention_z(P, layer, kk + 1, hidden, shared_values=True, first_row=first["plain"])
+                patterns = isinstance(z, tuple)
+                # the rows before r were skipped (their terms are zero)
+                r = T - (z[0].shape[2] if patterns else z.shape[1])
                 # reduced in float64 for a float64 model, else in float32 (a rounding-level difference)
-                zz = z.unflatten(0, (kk + 1, B))
-                dz = (zz[:kk] - zz[kk:]).to(cdt).flatten(2)  # (kk, B, (T - r) * H * dh)
+                if patterns:  # the pattern route: sum of (A' - A) * (grad_z . V) over heads, query rows, keys
+                    pz = z[0].unflatten(0, (kk + 1, B))
+                    dz = (pz[:kk] - pz[kk:]).to(cdt).flatten(2)  # (kk, B, H * (T - r) * Tk)
+                else:
+                    zz = z.unflatten(0, (kk + 1, B))
+                    dz = (zz[:kk] - zz[kk:]).to(cdt).flatten(2)  # (kk, B, (T - r) * H * dh)
                 # one product per distinct gradient tensor (reads that drop a layer below this one share the
                 # full gradient here); none for reads whose drop is at or below every sender (unused) or is
                 # this layer (the gradient inside a dropped block is zero)
@@ -461,9 +477,13 @@ class GradientsMixin:
                         uniq.setdefault(id(rd.grads[Site(layer, "z")][g]), []).append(i)
                 if not uniq:
                     continue
-                G = torch.stack([reads[rs[0]].grads[Site(layer, "z")][g][:, r:].to(ad.device, cdt)
-                                 for rs in uniq.values()])
-                got = torch.einsum("kbx,rbx->rkb", dz, G.flatten(2)).to(torch.float64)
+                G = [reads[rs[0]].grads[Site(layer, "z")][g] for rs in uniq.values()]
+                if patterns:
+                    mm = memo.setdefault(layer, {}) if memo is not None else {}
+                    G = [_pattern_weights(mm, grad, z[1], r, cdt) for grad in G]
+                else:
+                    G = [grad[:, r:].to(ad.device, cdt) for grad in G]
+                got = torch.einsum("kbx,rbx->rkb", dz, torch.stack(G).flatten(2)).to(torch.float64)
                 rows = torch.tensor(order[:kk], device=ad.device)
                 for u, rs in enumerate(uniq.values()):
                     for i in rs:
@@ -504,7 +524,7 @@ class GradientsMixin:
 
     def _composed_z(self, P: Any, layer: int, x: torch.Tensor, dz: torch.Tensor, W: torch.Tensor,
                     memo: dict[Any, Any], who: tuple[tuple[int, int], ...] = (), first: int = 0,
-                    suffix: bool = False) -> torch.Tensor | None:
+                    suffix: bool = False, patterns: bool = False) -> Any:
         """Layer ``layer``'s heads' output z ((k+1)*B, T, H*dh) for the block inputs ``x + dz_j @ W_j`` (each
         lone head j of ``dz`` (k, B, T, head_dim) with its ``W_O`` rows ``W`` (k, head_dim, d)), then ``x``,
         every copy's values the last copy's, with the q/k projections composed instead of projected:
@@ -633,6 +653,10 @@ class GradientsMixin:
             full[k, ..., qk] = y0v  # the unchanged copy
             given[site] = (full.view(-1, T, width) if cdt == ad.dtype else full.view(-1, T, width).to(ad.dtype))
         normed = memo["normed"]
+        if patterns:  # (pattern, values), True (no pattern route here) or None (as below)
+            got = ad.attention_patterns_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}),
+                                              first_row=r, suffix=suffix)
+            return None if got is False else got
         return ad.attention_z_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}), first_row=r,
                                     suffix=suffix)
 
@@ -698,6 +722,21 @@ class GradientsMixin:
                             if s in read.grads:
                                 out[r, c, it] += (dz * read.grads[s][g].to(torch.float64)).sum((-1, -2))
         return out
+
+
+def _pattern_weights(memo: dict[Any, Any], grad: torch.Tensor, values: torch.Tensor, r: int,
+                     cdt: torch.dtype) -> torch.Tensor:
+    """The QK fix's pattern route: ``M[b, h, t, s] = grad_z[b, t, h] . V[b, h // g, s]`` for the query rows
+    ``t = r..T-1`` of ``grad`` (B, T, H*dh) and the values ``values`` (B, H_kv, Tk, dh), flattened to
+    (B, H * (T - r) * Tk) in the order of :meth:`Adapter.attention_patterns_given`'s pattern; kept in ``memo``
+    (one layer and group) for the chunks that share it."""
+    key = ("M", r, id(grad))
+    if key not in memo:
+        B, Hk, Tk, dh = values.shape
+        G = grad[:, r:].to(values.device, cdt)
+        G = G.reshape(B, G.shape[1], Hk, G.shape[-1] // (Hk * dh), dh)
+        memo[key] = torch.einsum("btkjd,bksd->bkjts", G, values.to(cdt)).reshape(B, -1)
+    return memo[key]
 
 
 def _pad_rows(x: torch.Tensor, r: int) -> torch.Tensor:

@@ -109,6 +109,9 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     #: (their q, k and z are the unchanged run's in a causal attention; per length group, from the data);
     #: False: every query row (the plain reference of the restriction)
     qk_changed_rows_only: bool = True
+    #: the QK fix reads each copy's attention pattern against ``grad_z . V`` (the values are the base run's)
+    #: instead of forming its heads' output ``z`` (``Adapter.attention_patterns_given``); False: the output route
+    qk_patterns: bool = True
     #: a stacked forward whose interventions leave the rows before some position as the unedited run has them
     #: (patching between prompts that share a prefix) runs the later rows only, with the unedited run's keys
     #: and values of the earlier rows (``Adapter.run_blocks(first_row=)``); False: every row (the plain path)
@@ -132,6 +135,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         self._clean_logits: torch.Tensor | None = None
         self._changes: dict[Any, torch.Tensor] = {}
         self._no_compose: set[int] = set()  # layers whose attention input is not the norm the QK fix composes
+        self._no_patterns: set[int] = set()  # layers whose attention the QK fix's pattern route does not take
         self._qk_weights: dict[Any, torch.Tensor] = {}  # composed q/k weights of the QK fix (see QK_WEIGHT_CACHE)
         self._qk_weight_bytes = 0
         self._rows: dict[tuple[int, str, Any], int] = {}  # see _unedited_rows
