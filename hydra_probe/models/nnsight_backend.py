@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import InterventionError, MetricError, OptionError, RemoteError
-from .adapter import get_path
+from .plumbing import get_path
 from .sites import Site
 
 #: one edit: rows [r0, r1) of the stacked batch, positions (None: all), columns [c0, c1) (None: all), and the

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import OptionError
 from ..interventions import Delivery, GradientRead, Intervention, SenderChange
-from ..models.adapter import SuffixRefused, check_fired
+from ..models.plumbing import SuffixRefused, check_fired
 from ..models.sites import Site
 from .base import SOURCES, compose, first_true, halving, progress_bar
 

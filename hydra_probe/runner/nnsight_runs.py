@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..interventions import Delivery, GradientRead, Intervention, SenderChange
-from ..models.adapter import Prefix
+from ..models.plumbing import Prefix
 from ..models.sites import Site
 from .base import SOURCES, Copy, check_finite, compose, progress_bar
 from .gradients import GradientOutput

@@ -30,7 +30,7 @@ import torch
 
 from ..components import Component, finest
 from ..errors import ArchitectureError
-from ..models.adapter import norm_scale
+from ..models.plumbing import norm_scale
 
 
 class Float64Weights(Sequence):

@@ -39,7 +39,7 @@ import torch
 from ..errors import InterventionError, OptionError, ResourceError, TaskError
 from ..interventions import Delivery, Intervention
 from ..metrics import Metric
-from ..models.adapter import Prefix, SuffixRefused, check_fired
+from ..models.plumbing import Prefix, SuffixRefused, check_fired
 from ..models.sites import READ_ONLY_KINDS, Site
 from .base import (
     SOURCES,
