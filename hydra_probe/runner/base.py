@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..errors import NumericalError, ResourceError
 from ..interventions import Delivery, Intervention
+from ..models.plumbing import SuffixRefused
 from ..models.sites import Site
 
 SOURCES = ("clean", "corrupted")
@@ -130,3 +131,20 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 
 
 # ---------------------------------------------------------------- nnsight: unedited forwards, fetched piecewise
+
+
+def on_later_rows(model: Any, prefix: Any, start: int, r: int, run: Callable[[int], Any]) -> Any:
+    """``run(r)``: a run from layer ``start`` of the rows ``r..`` only, each attention taking ``prefix``'s keys
+    and values of the earlier rows, where ``r > 0`` and the adapter is ready for it
+    (:meth:`Adapter.suffix_ready`); else ``run(0)``, every row. An attention call of a layout the later rows
+    cannot take (:class:`SuffixRefused`) makes the adapter run every row from then on, and ``run(0)`` here."""
+    ad = model.adapter
+    if r > 0:
+        with model.evaluating(), torch.no_grad():
+            ready = ad.suffix_ready(prefix, start, r)
+        if ready:
+            try:
+                return run(r)
+            except SuffixRefused:
+                ad.refuse_suffix()
+    return run(0)

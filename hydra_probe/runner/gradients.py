@@ -13,7 +13,7 @@ from ..errors import OptionError
 from ..interventions import Delivery, GradientRead, Intervention, SenderChange
 from ..models.plumbing import SuffixRefused, check_fired
 from ..models.sites import Site
-from .base import SOURCES, compose, first_true, halving, progress_bar
+from .base import SOURCES, compose, first_true, halving, on_later_rows, progress_bar
 
 
 @dataclass
@@ -166,25 +166,21 @@ class GradientsMixin:
         L = ad.n_layers
         T = P.resid[0].shape[1]
         held = all(s.kind == "resid_pre" or s in P.captures for rd in reads for s in rd.sites)
-        r = min(rows, T - 1) if self.suffix_rows and start < L and held else 0
-        if r > 0:
-            with self.model.evaluating(), torch.no_grad():
-                r = r if ad.suffix_ready(P, start, r) else 0
-        if r > 0:
-            try:
-                m, _, per = self._gradient_forward_shared_rows(g, source, reads, start, freeze, r)
-            except SuffixRefused:  # an attention call of an unexpected layout: every row, from now on
-                ad.refuse_suffix()
-            else:
+
+        def run(r: int) -> tuple[torch.Tensor, dict[Site, torch.Tensor], list[dict[Site, torch.Tensor]]]:
+            m, acts, per = self._gradient_forward_shared_rows(g, source, reads, start, freeze, r)
+            if r > 0:  # the later rows only: the activations are the prefix's, the earlier gradients zero
                 acts = {s: P.resid[s.layer] if s.kind == "resid_pre" else P.captures[s]
                         for s in {s for rd in reads for s in rd.sites}}
                 return m, acts, [{s: _pad_rows(v, r) for s, v in p.items()} for p in per]
-        m, acts, per = self._gradient_forward_shared_rows(g, source, reads, start, freeze, 0)
-        if rows > 0:
-            for p in per:
-                for v in p.values():
-                    v[:, :min(rows, T)] = 0
-        return m, acts, per
+            if rows > 0:
+                for p in per:
+                    for v in p.values():
+                        v[:, :min(rows, T)] = 0
+            return m, acts, per
+
+        return on_later_rows(self.model, P, start, min(rows, T - 1) if self.suffix_rows and start < L and held else 0,
+                             run)
 
     def _gradient_forward_shared_rows(self, g: int, source: str, reads: Sequence[GradientRead], start: int,
                                       freeze: bool, r: int

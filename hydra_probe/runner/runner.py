@@ -39,7 +39,7 @@ import torch
 from ..errors import InterventionError, OptionError, ResourceError, TaskError
 from ..interventions import Delivery, Intervention
 from ..metrics import Metric
-from ..models.plumbing import Prefix, SuffixRefused, check_fired
+from ..models.plumbing import Prefix, check_fired
 from ..models.sites import READ_ONLY_KINDS, Site
 from .base import (
     SOURCES,
@@ -51,6 +51,7 @@ from .base import (
     default_budget,
     first_true,
     halving,
+    on_later_rows,
     oom_advice,
     progress_bar,
 )
@@ -519,14 +520,8 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         if self.suffix_rows and not every and start < self.ad.n_layers \
                 and not any(s.kind in READ_ONLY_KINDS for s in capture):  # views over the keys: every row
             r = min(self._unedited_rows(g, source, copies, P), P.resid[0].shape[1] - 1)
-            with self.model.evaluating(), torch.no_grad():
-                r = r if r > 0 and self.ad.suffix_ready(P, start, r) else 0
-        if r:
-            try:
-                return self._forward_local(g, source, copies, start, readout, capture, every, P, r)
-            except SuffixRefused:  # an attention call of an unexpected layout: every row, from now on
-                self.ad.refuse_suffix()
-        return self._forward_local(g, source, copies, start, readout, capture, every, P, 0)
+        return on_later_rows(self.model, P, start, r,
+                             lambda r: self._forward_local(g, source, copies, start, readout, capture, every, P, r))
 
     def _forward_local(self, g: int, source: str, copies: Sequence[Copy], start: int, readout: bool,
                        capture: frozenset[Site], every: bool, P: Prefix, r: int) -> dict[str, Any]:
