@@ -70,7 +70,10 @@ def test_analyses_equal_the_full_vocabulary_path(family, monkeypatch):
         return [sr["total_effect"].to_numpy(), sr["self_repair"].to_numpy(),
                 hp.activation_patch(m, t, "heads", "denoise").to_frame()["patched_metric"].to_numpy(),
                 hp.attribution_patch(m, t, "heads", "denoise", method="atp*").to_frame()["estimate"].to_numpy(),
-                hp.ablate(m, t, "heads", value="zero", metric="logit").to_frame()["total_effect"].to_numpy()]
+                hp.ablate(m, t, "heads", value="zero", metric="logit").to_frame()["total_effect"].to_numpy()] + [
+                hp.path_patch(m, t, senders=["L0H1", "MLP0", "L1H2"], receivers=[["logits"], ["all"]], scale=scale,
+                              direction="noise").to_frame()["patched_metric"].to_numpy()
+                for scale in ("frozen", "recomputed")]
 
     fast = run()
     for name in ("logit_diff", "logit"):
@@ -82,6 +85,8 @@ def test_analyses_equal_the_full_vocabulary_path(family, monkeypatch):
         raise AssertionError("the full-vocabulary path took the columns")
 
     monkeypatch.setattr(Adapter, "logits_at", unused)
+    real = Adapter._unembed_at
+    monkeypatch.setattr(Adapter, "_unembed_at", lambda self, n, ids: unused() if ids is not None else real(self, n, ids))
     plain = run()
     for f, p in zip(fast, plain):
         np.testing.assert_allclose(f, p, rtol=0, atol=1e-10)

@@ -154,13 +154,18 @@ class Adapter(QKAttention):
         vocabulary most of the unembedding's cost). Where the head is not a plain ``nn.Linear`` or something
         hooks it (quantized heads, accelerate's offload or device hooks, forward hooks), the full logits are
         gathered."""
+        return self._unembed_at(self.final_norm(x), ids)
+
+    def _unembed_at(self, normed: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """Soft-capped logits of final-norm outputs ``normed`` (N, d): (N, vocab), or at the columns ``ids``
+        (N, c) only (see :meth:`logits_at`)."""
         u = self.unembed
-        if (type(u) is not nn.Linear or getattr(u, "_hf_hook", None) is not None
-                or u._forward_hooks or u._forward_pre_hooks):
-            logits = self.logits(x)
-            return logits.gather(-1, ids.to(logits.device))
+        if ids is None or (type(u) is not nn.Linear or getattr(u, "_hf_hook", None) is not None
+                           or u._forward_hooks or u._forward_pre_hooks):
+            logits = self.apply_softcap(u(normed))
+            return logits if ids is None else logits.gather(-1, ids.to(logits.device))
         W = self.W_U(ids)  # (N, c, d)
-        out = torch.matmul(W, self.final_norm(x).to(W.device)[..., None]).squeeze(-1)
+        out = torch.matmul(W, normed.to(W.device)[..., None]).squeeze(-1)
         b = self.b_U(ids)
         return self.apply_softcap(out if b is None else out + b)
 
@@ -611,8 +616,9 @@ class Adapter(QKAttention):
         _, _, eps = self.norm_params()
         return norm_scale(x, eps, centre=self.table.norm_kind == "layernorm")
 
-    def logits_frozen(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Logits of ``x + delta`` with the final norm's scale held at that of ``x``.
+    def logits_frozen(self, x: torch.Tensor, delta: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``x + delta`` (N, d) with the final norm's scale held at that of ``x``: (N, vocab), or at
+        the columns ``ids`` (N, c) only (as :meth:`logits_at`).
 
         ``N(x) + gamma * P(delta) / sigma(x)``, then the unembedding: the
         final norm is linear in ``delta`` once its scale is frozen.
@@ -622,7 +628,7 @@ class Adapter(QKAttention):
         if self.table.norm_kind == "layernorm":
             d = d - d.mean(-1, keepdim=True)
         extra = gamma.to(torch.float64) * d / self.final_sigma(x)[..., None]
-        return self.apply_softcap(self.unembed(self.final_norm(x) + extra.to(x.dtype)))
+        return self._unembed_at(self.final_norm(x) + extra.to(x.dtype), ids)
 
     def post_norm(self, layer: int, which: str = "attn") -> nn.Module | None:
         """The norm block ``layer`` applies to its attention (``"attn"``) or MLP (``"mlp"``) output before

@@ -183,9 +183,14 @@ class PathsMixin:
 
     def _path_logits(self, g: int, source: str, x_last: torch.Tensor, deliveries: list[tuple[int, Delivery]],
                      B: int) -> torch.Tensor:
-        """Logits (k*B, vocab) of the final residual, with each copy's logits deliveries added."""
+        """Logits (k*B, vocab) of the final residual, with each copy's logits deliveries added; for a metric of
+        the answer's and the alternative's logits alone (:meth:`metric_columns`), those two columns (k*B, 2)."""
         ad = self.ad
         k = x_last.shape[0] // B
+        ids = None
+        if self.metric_columns():
+            idx = self.groups[g]
+            ids = torch.stack([self.task.answer_ids[idx], self.task.alternative_ids[idx]], -1).to(x_last.device)
         add: dict[int, tuple[torch.Tensor, str]] = {}
         for ci, dv in deliveries:
             d = self.sender_change(g, source, dv.change)[:, -1]
@@ -197,7 +202,11 @@ class PathsMixin:
                 xl = x_last[ci * B:(ci + 1) * B]
                 if ci in add:
                     d, scale = add[ci]
-                    out.append(ad.logits_frozen(xl, d) if scale == "frozen" else ad.logits(xl + d))
+                    out.append(ad.logits_frozen(xl, d, ids) if scale == "frozen" else self._logits(xl + d, ids))
                 else:
-                    out.append(ad.logits(xl))
+                    out.append(self._logits(xl, ids))
         return torch.cat(out)
+
+    def _logits(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`Adapter.logits` of ``x`` (N, d), or at the columns ``ids`` (N, c) (:meth:`Adapter.logits_at`)."""
+        return self.ad.logits(x) if ids is None else self.ad.logits_at(x, ids)

@@ -277,11 +277,19 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         """The metric of final residuals ``x_last`` (N, d) with answers ``a`` and alternatives ``b`` (N,) (and
         the clean logits where the metric needs them): (N,), differentiable. A metric that reads only those
         two logits (``Metric.columns_only``) gets them alone (``Adapter.logits_at``)."""
-        if self.metric.columns_only and not self.metric.needs_clean:
-            two = self.ad.logits_at(x_last, torch.stack([a, b], -1))
-            first = torch.zeros(len(two), dtype=torch.long, device=two.device)
-            return self.metric(two, first, first + 1)
+        if self.metric_columns():
+            return self._metric_of_columns(self.ad.logits_at(x_last, torch.stack([a, b], -1)))
         return self.metric(self.ad.logits(x_last), a, b, clean)
+
+    def metric_columns(self) -> bool:
+        """Whether the metric reads only the answer's and the alternative's logits (``Metric.columns_only``,
+        without the clean logits): those two columns are unembedded alone."""
+        return self.metric.columns_only and not self.metric.needs_clean
+
+    def _metric_of_columns(self, two: torch.Tensor) -> torch.Tensor:
+        """The metric of (N, 2) logits: the answer's, then the alternative's."""
+        first = torch.zeros(len(two), dtype=torch.long, device=two.device)
+        return self.metric(two, first, first + 1)
 
     def _inverse(self) -> torch.Tensor:
         order = torch.tensor([i for idx in self.groups for i in idx])
@@ -600,6 +608,8 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         if logits is None:
             with torch.no_grad():
                 m = self.metric_of(x_last, a, b, clean).detach().to(torch.float64)
+        elif self.metric_columns():  # path patching's two columns (_path_logits)
+            m = self._metric_of_columns(logits).detach().to(torch.float64)
         else:
             m = self.metric(logits, a, b, clean).detach().to(torch.float64)
         out = {"metric": m.view(k, B), "resid": x_last.detach().to(torch.float64).view(k, B, -1)}
