@@ -89,6 +89,17 @@ def test_every_cell_equals_the_single_condition_analysis(family):
     assert set(cmp.per_prompt("patching").direction) == {"denoise", "noise"}
 
 
+def test_a_second_two_column_metric_equals_its_single_analysis():
+    """A second metric that reads the answer's logit alone ("logit", beside the runner's "logit_diff") is read
+    from the sweep's final residuals through the two unembedding columns: its cells are its single analyses'."""
+    model = tiny.model("llama", layers=2, initializer_range=0.5)
+    task = hp.tasks.ioi(model, n_prompts=6, corruption="swap", seed=1)
+    cmp = compare_conditions(model, task, COMPS, corruptions=("swap",), values=("mean", "zero"),
+                             metrics=("logit_diff", "logit"), progress=False)
+    assert_cells_equal(model, lambda c: hp.tasks.ioi(model, n_prompts=6, corruption=c, seed=1), cmp, COMPS,
+                       [("swap", "mean", "logit"), ("swap", "zero", "logit")])
+
+
 def test_shipped_model_cells_and_the_verdict_of_the_report():
     model = hp.load_default_model()
     comps = ["L1H5", "L2H1", "L3H5"]

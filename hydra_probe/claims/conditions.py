@@ -447,10 +447,10 @@ def _metrics_of(runner: Any, m: Metric, primary: Metric, outs: Sequence[Any]) ->
     n = len(task)
     with torch.no_grad():
         x = torch.cat([o.resid for o in outs]).to(ad.dtype).to(ad.device)
-        logits = ad.logits(x)
         k = len(outs)
         clean = runner.clean_logits().repeat(k, 1) if m.needs_clean else None
-        v = m(logits, task.answer_ids.repeat(k), task.alternative_ids.repeat(k), clean)
+        a, b = (ids.repeat(k).to(ad.device) for ids in (task.answer_ids, task.alternative_ids))
+        v = runner.metric_of(x, a, b, clean, metric=m)
     return list(v.detach().to(torch.float64).cpu().view(k, n))
 
 

@@ -273,23 +273,25 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
             return self.ad.logits(x_last)
 
     def metric_of(self, x_last: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  clean: torch.Tensor | None = None) -> torch.Tensor:
-        """The metric of final residuals ``x_last`` (N, d) with answers ``a`` and alternatives ``b`` (N,) (and
-        the clean logits where the metric needs them): (N,), differentiable. A metric that reads only those
-        two logits (``Metric.columns_only``) gets them alone (``Adapter.logits_at``)."""
-        if self.metric_columns():
-            return self._metric_of_columns(self.ad.logits_at(x_last, torch.stack([a, b], -1)))
-        return self.metric(self.ad.logits(x_last), a, b, clean)
+                  clean: torch.Tensor | None = None, metric: Metric | None = None) -> torch.Tensor:
+        """The metric (the runner's, or ``metric``) of final residuals ``x_last`` (N, d) with answers ``a`` and
+        alternatives ``b`` (N,) (and the clean logits where the metric needs them): (N,), differentiable. A
+        metric that reads only those two logits (``Metric.columns_only``) gets them alone (``Adapter.logits_at``)."""
+        m = self.metric if metric is None else metric
+        if self.metric_columns(m):
+            return self._metric_of_columns(self.ad.logits_at(x_last, torch.stack([a, b], -1)), m)
+        return m(self.ad.logits(x_last), a, b, clean)
 
-    def metric_columns(self) -> bool:
-        """Whether the metric reads only the answer's and the alternative's logits (``Metric.columns_only``,
-        without the clean logits): those two columns are unembedded alone."""
-        return self.metric.columns_only and not self.metric.needs_clean
+    def metric_columns(self, metric: Metric | None = None) -> bool:
+        """Whether the metric (the runner's, or ``metric``) reads only the answer's and the alternative's logits
+        (``Metric.columns_only``, without the clean logits): those two columns are unembedded alone."""
+        m = self.metric if metric is None else metric
+        return m.columns_only and not m.needs_clean
 
-    def _metric_of_columns(self, two: torch.Tensor) -> torch.Tensor:
-        """The metric of (N, 2) logits: the answer's, then the alternative's."""
+    def _metric_of_columns(self, two: torch.Tensor, metric: Metric | None = None) -> torch.Tensor:
+        """The metric (the runner's, or ``metric``) of (N, 2) logits: the answer's, then the alternative's."""
         first = torch.zeros(len(two), dtype=torch.long, device=two.device)
-        return self.metric(two, first, first + 1)
+        return (self.metric if metric is None else metric)(two, first, first + 1)
 
     def _inverse(self) -> torch.Tensor:
         order = torch.tensor([i for idx in self.groups for i in idx])
