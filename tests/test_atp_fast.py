@@ -391,7 +391,8 @@ def test_pattern_route_falls_back_where_its_pattern_is_not_the_attentions(family
     """A pattern that is not the one the attention applies (here: computed at half the scale) fails the check of
     the unchanged copy's ``A V`` against the captured z; every layer then takes the output route, with the output
     route's numbers. An attention call the pattern function does not know (here: every mask refused) goes to the
-    original function: the output route again."""
+    original function: the output route again. So do prompts longer than ``Runner.qk_pattern_keys`` head
+    dimensions."""
     from hydra_probe.models import patterns
 
     m, t = build(family)
@@ -403,6 +404,15 @@ def test_pattern_route_falls_back_where_its_pattern_is_not_the_attentions(family
         with plain("qk_patterns", *flags):
             r = fresh()
             want[flags] = r.qk_fix("clean", changes, r.gradients("clean", [GradientRead(zs, None, True)]))
+    with monkeypatch.context() as mp:  # prompts longer than the pattern route's limit: the output route
+        mp.setattr(Runner, "qk_pattern_keys", 0)
+        for flags in ((), ("compose_qk",)):
+            with plain(*flags):
+                r = fresh()
+                pattern_calls.clear()
+                got = r.qk_fix("clean", changes, r.gradients("clean", [GradientRead(zs, None, True)]))
+                assert not pattern_calls
+                _close(got, want[flags], 1e-12)
     real = patterns.softmax_pattern
     for name, bad in (("softmax_pattern", lambda q, k, mask, s, cap=None: real(q, k, mask, s / 2, cap)),
                       ("_mask_of", lambda *a: False)):

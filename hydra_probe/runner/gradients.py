@@ -416,9 +416,12 @@ class GradientsMixin:
             with torch.no_grad(), self.model.evaluating():
                 suffix = ad.suffix_ready(P, lays[order[0]] + 1, first["composed"])
 
+        # the pattern route where each copy's patterns are not much larger than its output (Runner.qk_patterns)
+        short = T <= self.qk_pattern_keys * ad.head_dim
         with torch.no_grad(), self.model.evaluating():
             for layer in range(lays[order[0]] + 1, L):
                 kk = sum(lays[j] < layer for j in order)
+                patterns = self.qk_patterns and short and layer not in self._no_patterns
                 x = P.resid[layer]
                 z = None
                 if heads is not None and layer not in self._no_compose:
@@ -427,7 +430,7 @@ class GradientsMixin:
                                                  {} if memo is None else memo.setdefault(layer, {}), who,
                                                  first["composed"])
                     try:
-                        z = composed(suffix, patterns=self.qk_patterns and layer not in self._no_patterns)
+                        z = composed(suffix, patterns=patterns)
                         if z is True:  # no pattern route in this layer: its output
                             self._no_patterns.add(layer)
                             z = composed(suffix)
@@ -446,7 +449,7 @@ class GradientsMixin:
                     hidden = x.new_empty((kk + 1) * B, *x.shape[1:])
                     torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
                     hidden[kk * B:] = x
-                    if self.qk_patterns and layer not in self._no_patterns:
+                    if patterns:
                         z = self.ad.attention_patterns(P, layer, kk + 1, hidden, first["plain"],
                                                        {} if memo is None else memo.setdefault(layer, {}))
                         if z is True:  # no pattern route in this layer: its output

@@ -113,6 +113,10 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     #: the QK fix reads each copy's attention pattern against ``grad_z . V`` (the values are the base run's)
     #: instead of forming its heads' output ``z`` (``Adapter.attention_patterns_given``); False: the output route
     qk_patterns: bool = True
+    #: ... where a prompt's keys are at most this many times the head dimension: a copy's patterns (H, T, T) then
+    #: hold at most this many times the elements of its output (T, H * head_dim); longer prompts take the output
+    #: route (its sdpa kernel forms no pattern), so that long texts need no more memory than before
+    qk_pattern_keys: int = 4
     #: a stacked forward whose interventions leave the rows before some position as the unedited run has them
     #: (patching between prompts that share a prefix) runs the later rows only, with the unedited run's keys
     #: and values of the earlier rows (``Adapter.run_blocks(first_row=)``); False: every row (the plain path)
