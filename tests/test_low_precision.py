@@ -76,3 +76,34 @@ def test_load_in_bfloat16_from_a_folder(tmp_path):
     c = hp.direct_effects(m, t).constant
     assert (c.closure_tol > 0).all()
     assert hp.load_model(str(folder)).closure_rtol < 1e-5  # float32 by default
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])  # sdpa, and Gemma-2's eager attention with its soft cap
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_atp_star_pattern_route_in_half_precision(family, dtype, monkeypatch):
+    """AtP*'s QK fix in half precision takes the pattern route (the check of its A V against the base run's z
+    passes at that precision) and is as close to the float32 model's estimates as the output route is."""
+    from hydra_probe.models.adapter import Adapter
+    from hydra_probe.runner import Runner
+
+    f32, half = _cast(family, dtype)
+    t = tiny.ioi(f32, 6, seed=3)
+    atp = lambda m: hp.attribution_patch(m, t, "heads", "denoise", method="atp*").to_frame()["estimate"].to_numpy()  # noqa: E731
+    want = atp(f32)
+
+    routes: list[str] = []
+    for name in ("attention_patterns", "attention_patterns_given"):
+        real = getattr(Adapter, name)
+
+        def spy(self, *a, _real=real, **k):
+            got = _real(self, *a, **k)
+            routes.append("pattern" if isinstance(got, tuple) else str(got))
+            return got
+        monkeypatch.setattr(Adapter, name, spy)
+    got = atp(half)
+    assert routes and set(routes) == {"pattern"}  # every layer's QK fix read its patterns
+    monkeypatch.setattr(Runner, "qk_patterns", False)
+    out = atp(half)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1.5 * np.abs(out - want).max() + 1e-3 * scale
+    assert np.abs(got - out).max() <= 0.05 * scale
