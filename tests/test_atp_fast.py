@@ -452,3 +452,20 @@ def test_softmax_pattern_is_sdpas(dtype):
     capped = (torch.tanh(s / 2) * 2).masked_fill(~causal, float("-inf")).softmax(-1)
     np.testing.assert_allclose(softmax_pattern(q, k, causal, 0.3, 2.0).double().numpy(), capped.numpy(),
                                atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma3", "phi3"])
+def test_pattern_route_under_eager_attention(family, pattern_calls, monkeypatch):
+    """Models loaded with eager attention (their default is sdpa): the pattern route reads each family's own
+    eager function's weights and gives the output route's AtP* estimates in float64."""
+    hf = tiny.hf_model(family).double()
+    hf.set_attn_implementation("eager")
+    m = hp.load_model(hf, tokenizer=tiny.tokenizer(bos=True))
+    assert m.adapter.config._attn_implementation == "eager"
+    t = tiny.ioi(m, 4, seed=3)
+    atp = lambda: hp.attribution_patch(m, t, "heads", "denoise", method="atp*").to_frame()["estimate"].to_numpy()  # noqa: E731
+    got = atp()
+    assert pattern_calls and set(pattern_calls) == {"pattern"}
+    monkeypatch.setattr(Runner, "qk_patterns", False)
+    want = atp()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
