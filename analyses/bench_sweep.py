@@ -28,7 +28,11 @@ one full forward per sender for the QK fix, one stacked copy per GradDrop read):
 
     shape=NAME op=atp*_engine ratio=R max_abs_diff=D
 
-ratio = new time / old time; max_abs_diff compares the estimates. With the ablation part, before the
+ratio = new time / old time; max_abs_diff compares the estimates. Then the QK fix's pattern route against
+its output route (``Runner.qk_patterns`` on / off; the QK fix's own time in both directions):
+
+    shape=NAME op=qk_fix_patterns_vs_outputs ratio=R max_abs_diff=D
+ With the ablation part, before the
 attribution lines, the all-heads sweeps with the final block's attention for the last query only against
 the same sweeps computing it in full (``Runner.last_query_only`` on / off):
 
@@ -50,7 +54,7 @@ Random-weight configs, no downloads. Usage:
                                    [--prompts 16] [--report-prompts 32] [--report-modes all,auto]
 
 (``--parts``: which parts, all three by default: ``ablation`` (the plain nnsight loop lines), ``attribution``
-(the op=atp, op=atp* and op=atp*_engine lines), ``report``; ``--atp-only`` is ``--parts attribution``.)
+(the op=atp, op=atp*, op=atp*_engine and op=qk_fix_patterns_vs_outputs lines), ``report``; ``--atp-only`` is ``--parts attribution``.)
 """
 
 from __future__ import annotations
@@ -200,7 +204,7 @@ def _report_lines(shape: str, n_prompts: int, n_tokens: int, modes: str) -> None
 
 def _attribution_lines(shape: str, model, task, top_k: int) -> None:
     """AtP and AtP* against exact activation patching of every head and MLP, and AtP*'s engine against its
-    plain reference (the op=atp, op=atp* and op=atp*_engine lines)."""
+    plain reference (the op=atp, op=atp*, op=atp*_engine and op=qk_fix_patterns_vs_outputs lines)."""
     from hydra_probe.runner import Runner
 
     t0 = time.perf_counter()
@@ -230,6 +234,30 @@ def _attribution_lines(shape: str, model, task, top_k: int) -> None:
                   - torch.tensor(old.to_frame().estimate.to_numpy())).abs().max())
     print(f"shape={shape} op=atp*_engine ratio={t_new / t_old:.3f} max_abs_diff={diff:.2e}  "
           f"(new {t_new:.2f}s, old {t_old:.2f}s; old/exact {t_old / t_exact:.3f})", flush=True)
+    # the QK fix's pattern route (each copy's softmax pattern against grad_z . V) against its output route
+    # (each copy's z), both directions, timing the QK fix alone
+    qk: dict[bool, list[float]] = {True: [], False: []}
+    real = Runner.qk_fix
+
+    def timed(self, *a, **k):
+        t0 = time.perf_counter()
+        out = real(self, *a, **k)
+        qk[Runner.qk_patterns].append(time.perf_counter() - t0)
+        return out
+
+    Runner.qk_fix = timed
+    got = {}
+    try:
+        for flag in (False, True):
+            Runner.qk_patterns = flag
+            got[flag] = [hp.attribution_patch(model, task, "all", d, method="atp*", progress=False)
+                         .to_frame().estimate.to_numpy() for d in ("denoise", "noise")]
+    finally:
+        Runner.qk_fix, Runner.qk_patterns = real, True
+    diff = max(float(abs(a - b).max()) for a, b in zip(got[True], got[False]))
+    print(f"shape={shape} op=qk_fix_patterns_vs_outputs ratio={sum(qk[True]) / sum(qk[False]):.3f} "
+          f"max_abs_diff={diff:.2e}  (patterns {sum(qk[True]):.2f}s, outputs {sum(qk[False]):.2f}s; "
+          "the QK fix alone, both directions)", flush=True)
 
 
 if __name__ == "__main__":
