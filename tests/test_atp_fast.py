@@ -340,8 +340,11 @@ def test_fast_rotary_is_llamas_bit_for_bit():
 @pytest.fixture
 def pattern_calls(monkeypatch):
     """How often each adapter call of the QK fix's pattern route gave a pattern ("pattern") or declined ("True" /
-    "False")."""
+    "False"); the route is on for the tiny models' prompts (their head_dim is 8 to 16: the default
+    ``Runner.qk_pattern_keys`` would leave prompts of more than 4 to 8 tokens to the output route)."""
     from hydra_probe.models.adapter import Adapter
+
+    monkeypatch.setattr(Runner, "qk_pattern_keys", 64)
 
     calls: dict[str, int] = {}
     for name in ("attention_patterns", "attention_patterns_given"):
@@ -392,7 +395,7 @@ def test_pattern_route_falls_back_where_its_pattern_is_not_the_attentions(family
     the unchanged copy's ``A V`` against the captured z; every layer then takes the output route, with the output
     route's numbers. An attention call the pattern function does not know (here: every mask refused) goes to the
     original function: the output route again. So do prompts longer than ``Runner.qk_pattern_keys`` head
-    dimensions."""
+    dimensions (the default: half of one)."""
     from hydra_probe.models import patterns
 
     m, t = build(family)
@@ -405,7 +408,8 @@ def test_pattern_route_falls_back_where_its_pattern_is_not_the_attentions(family
             r = fresh()
             want[flags] = r.qk_fix("clean", changes, r.gradients("clean", [GradientRead(zs, None, True)]))
     with monkeypatch.context() as mp:  # prompts longer than the pattern route's limit: the output route
-        mp.setattr(Runner, "qk_pattern_keys", 0)
+        mp.setattr(Runner, "qk_pattern_keys", 0.5)
+        assert len(t.clean_ids[0]) > 0.5 * m.adapter.head_dim
         for flags in ((), ("compose_qk",)):
             with plain(*flags):
                 r = fresh()

@@ -416,7 +416,7 @@ class GradientsMixin:
             with torch.no_grad(), self.model.evaluating():
                 suffix = ad.suffix_ready(P, lays[order[0]] + 1, first["composed"])
 
-        # the pattern route where each copy's patterns are not much larger than its output (Runner.qk_patterns)
+        # the pattern route for short prompts only (Runner.qk_patterns, Runner.qk_pattern_keys)
         short = T <= self.qk_pattern_keys * ad.head_dim
         with torch.no_grad(), self.model.evaluating():
             for layer in range(lays[order[0]] + 1, L):
