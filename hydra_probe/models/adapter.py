@@ -142,9 +142,10 @@ class Adapter(QKAttention):
         b = param_of(self.unembed, "bias")
         return None if b is None else b[ids.to(b.device)]
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm then unembedding of residual vectors x (..., d) -> (..., vocab); soft-capped where the model caps."""
-        return self.apply_softcap(self.unembed(self.final_norm(x)))
+    def logits(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm then unembedding of residual vectors x (..., d) -> (..., vocab); soft-capped where the model
+        caps. With ``ids`` (N, c): the columns ``ids`` only, as :meth:`logits_at`."""
+        return self._unembed_at(self.final_norm(x), ids)
 
     def logits_at(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """:meth:`logits` at the token columns ``ids`` only: x (N, d), ids (N, c) -> (N, c).

@@ -79,21 +79,15 @@ class QKAttention:
         caller takes :meth:`attention_z`)."""
         self._refuse_remote()
         memo = {} if memo is None else memo
-        if (Site(layer, "z") not in prefix.captures or memo.get("patterns") is False
-                or any(hasattr(m, "_hf_hook") for m in self.blocks[layer].modules())):
+        if not self._pattern_route_open(prefix, layer, memo) or any(
+                hasattr(m, "_hf_hook") for m in self.blocks[layer].modules()):
             return True
 
         def values(register: Callable[..., None], stack: contextlib.ExitStack) -> None:
             stack.enter_context(self._last_copy_values(layer, prefix.batch, register, True))
 
-        got = self._run_to_z(prefix, layer, copies, hidden, first_row, True, values, sink={})
-        if got is True:
-            return True
-        if "patterns" not in memo:
-            memo["patterns"] = self._patterns_match(prefix, layer, *got)
-            if not memo["patterns"]:
-                return True
-        return got
+        return self._checked_patterns(prefix, layer, memo,
+                                      self._run_to_z(prefix, layer, copies, hidden, first_row, True, values, sink={}))
 
     def _run_to_z(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor, first_row: int,
                   plain: bool, setup: Callable[[Callable[..., None], contextlib.ExitStack], None] | None = None,
@@ -313,16 +307,26 @@ class QKAttention:
         attention call :func:`.patterns.pattern_function` does not know, no captured ``z``, or a check that
         failed): the caller takes :meth:`attention_z_given`. Only where :meth:`can_compose_qk`."""
         memo = {} if memo is None else memo
-        if Site(layer, "z") not in prefix.captures or memo.get("patterns") is False:
+        if not self._pattern_route_open(prefix, layer, memo):
             return True
-        got = self._given_run(prefix, layer, copies, normed, given, memo, first_row, suffix, {})
-        if got is False or got is True:
+        return self._checked_patterns(prefix, layer, memo,
+                                      self._given_run(prefix, layer, copies, normed, given, memo, first_row, suffix, {}))
+
+    @staticmethod
+    def _pattern_route_open(prefix: Prefix, layer: int, memo: dict[Any, Any]) -> bool:
+        """Whether a pattern route may run: the prefix holds the layer's ``z`` to check it against, and no
+        earlier check in ``memo`` failed."""
+        return Site(layer, "z") in prefix.captures and memo.get("patterns") is not False
+
+    def _checked_patterns(self, prefix: Prefix, layer: int, memo: dict[Any, Any], got: Any) -> Any:
+        """A pattern run's result ``got``: ``(pattern, values)`` once the first of ``memo``'s runs passed
+        :meth:`_patterns_match` (else True: the output route); True or False (no route, or given q/k that
+        differ) as it is."""
+        if isinstance(got, bool):
             return got
         if "patterns" not in memo:
-            memo["patterns"] = self._patterns_match(prefix, layer, *got)  # type: ignore[misc]
-            if not memo["patterns"]:
-                return True
-        return got  # type: ignore[return-value]
+            memo["patterns"] = self._patterns_match(prefix, layer, *got)
+        return got if memo["patterns"] else True
 
     def _patterns_match(self, prefix: Prefix, layer: int, pattern: torch.Tensor, values: torch.Tensor) -> bool:
         """Whether the last copy's ``pattern @ values`` is the prefix's ``z`` at the pattern's query rows."""

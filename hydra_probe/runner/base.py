@@ -130,9 +130,6 @@ def check_finite(x: torch.Tensor, what: str) -> None:
                              "(float16 overflows easily; try float32) and inputs.")
 
 
-# ---------------------------------------------------------------- nnsight: unedited forwards, fetched piecewise
-
-
 def on_later_rows(model: Any, prefix: Any, start: int, r: int, run: Callable[[int], Any]) -> Any:
     """``run(r)``: a run from layer ``start`` of the rows ``r..`` only, each attention taking ``prefix``'s keys
     and values of the earlier rows, where ``r > 0`` and the adapter is ready for it
@@ -148,3 +145,6 @@ def on_later_rows(model: Any, prefix: Any, start: int, r: int, run: Callable[[in
             except SuffixRefused:
                 ad.refuse_suffix()
     return run(0)
+
+
+# ---------------------------------------------------------------- nnsight: unedited forwards, fetched piecewise

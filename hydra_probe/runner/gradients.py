@@ -422,13 +422,13 @@ class GradientsMixin:
             for layer in range(lays[order[0]] + 1, L):
                 kk = sum(lays[j] < layer for j in order)
                 patterns = self.qk_patterns and short and layer not in self._no_patterns
+                lmemo: dict[Any, Any] = {} if memo is None else memo.setdefault(layer, {})
                 x = P.resid[layer]
                 z = None
                 if heads is not None and layer not in self._no_compose:
                     who = tuple((changes[j].senders[0].layer, changes[j].senders[0].head) for j in order[:kk])
                     composed = functools.partial(self._composed_z, P, layer, x, heads[0][:kk], heads[1][:kk],
-                                                 {} if memo is None else memo.setdefault(layer, {}), who,
-                                                 first["composed"])
+                                                 lmemo, who, first["composed"])
                     try:
                         z = composed(suffix, patterns=patterns)
                         if z is True:  # no pattern route in this layer: its output
@@ -450,8 +450,7 @@ class GradientsMixin:
                     torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
                     hidden[kk * B:] = x
                     if patterns:
-                        z = self.ad.attention_patterns(P, layer, kk + 1, hidden, first["plain"],
-                                                       {} if memo is None else memo.setdefault(layer, {}))
+                        z = self.ad.attention_patterns(P, layer, kk + 1, hidden, first["plain"], lmemo)
                         if z is True:  # no pattern route in this layer: its output
                             self._no_patterns.add(layer)
                             z = None
@@ -460,13 +459,11 @@ class GradientsMixin:
                 patterns = isinstance(z, tuple)
                 # the rows before r were skipped (their terms are zero)
                 r = T - (z[0].shape[2] if patterns else z.shape[1])
-                # reduced in float64 for a float64 model, else in float32 (a rounding-level difference)
-                if patterns:  # the pattern route: sum of (A' - A) * (grad_z . V) over heads, query rows, keys
-                    pz = z[0].unflatten(0, (kk + 1, B))
-                    dz = (pz[:kk] - pz[kk:]).to(cdt).flatten(2)  # (kk, B, H * (T - r) * Tk)
-                else:
-                    zz = z.unflatten(0, (kk + 1, B))
-                    dz = (zz[:kk] - zz[kk:]).to(cdt).flatten(2)  # (kk, B, (T - r) * H * dh)
+                # each copy's change of its output, or on the pattern route of its pattern (the term is then the
+                # sum of (A' - A) * (grad_z . V) over heads, query rows and keys): (kk, B, (T - r) * H * dh) or
+                # (kk, B, H * (T - r) * Tk), reduced in float64 for a float64 model, else in float32
+                zz = (z[0] if patterns else z).unflatten(0, (kk + 1, B))
+                dz = (zz[:kk] - zz[kk:]).to(cdt).flatten(2)
                 # one product per distinct gradient tensor (reads that drop a layer below this one share the
                 # full gradient here); none for reads whose drop is at or below every sender (unused) or is
                 # this layer (the gradient inside a dropped block is zero)
@@ -478,8 +475,7 @@ class GradientsMixin:
                     continue
                 G = [reads[rs[0]].grads[Site(layer, "z")][g] for rs in uniq.values()]
                 if patterns:
-                    mm = memo.setdefault(layer, {}) if memo is not None else {}
-                    G = [_pattern_weights(mm, grad, z[1], r, cdt) for grad in G]
+                    G = [_pattern_weights(lmemo, grad, z[1], r, cdt) for grad in G]
                 else:
                     G = [grad[:, r:].to(ad.device, cdt) for grad in G]
                 got = torch.einsum("kbx,rbx->rkb", dz, torch.stack(G).flatten(2)).to(torch.float64)

@@ -202,11 +202,7 @@ class PathsMixin:
                 xl = x_last[ci * B:(ci + 1) * B]
                 if ci in add:
                     d, scale = add[ci]
-                    out.append(ad.logits_frozen(xl, d, ids) if scale == "frozen" else self._logits(xl + d, ids))
+                    out.append(ad.logits_frozen(xl, d, ids) if scale == "frozen" else ad.logits(xl + d, ids))
                 else:
-                    out.append(self._logits(xl, ids))
+                    out.append(ad.logits(xl, ids))
         return torch.cat(out)
-
-    def _logits(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        """:meth:`Adapter.logits` of ``x`` (N, d), or at the columns ``ids`` (N, c) (:meth:`Adapter.logits_at`)."""
-        return self.ad.logits(x) if ids is None else self.ad.logits_at(x, ids)
