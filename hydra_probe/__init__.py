@@ -14,6 +14,7 @@ from .components import Component, Group
 from .effects import (  # the mechanisms of self-repair
     Ablation,
     ActivationPatch,
+    AttributionAblation,
     AttributionPatch,
     DirectEffects,
     InteractionParts,
@@ -27,6 +28,7 @@ from .effects import (  # the mechanisms of self-repair
     TextSelfRepair,
     ablate,
     activation_patch,
+    attribution_ablate,
     attribution_patch,
     direct_effects,
     interaction_parts,
@@ -75,6 +77,7 @@ from .tasks import Task
 __all__ = [
     "Ablation",
     "ActivationPatch",
+    "AttributionAblation",
     "AttributionPatch",
     "ArchitectureError",
     "Component",
@@ -110,6 +113,7 @@ __all__ = [
     "__version__",
     "ablate",
     "activation_patch",
+    "attribution_ablate",
     "attribution_patch",
     "compensation_graph",
     "compare_conditions",

@@ -83,15 +83,18 @@ class Intervention:
 class SenderChange:
     """The change of the senders' residual writes: their write in run ``value`` minus their write in
     the run being executed, at ``positions`` (all when None), summed over ``senders`` (heads
-    ``W_O``-projected, whole attention layers, MLP outputs)."""
+    ``W_O``-projected, whole attention layers, MLP outputs). ``value`` may also be an
+    :data:`AblationValue`: the senders' ablation replacement instead of another run's write
+    (the runner's value, e.g. the mean over its reference; local backend)."""
 
     senders: tuple[Component, ...]
     value: str
     positions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.value not in RUNS:
-            raise OptionError(f"a sender's change comes from a run ('clean' or 'corrupted'); got {self.value!r}.")
+        if self.value not in VALUE_SOURCES:
+            raise OptionError(f"a sender's change comes from a run ('clean' or 'corrupted') or an ablation value "
+                              f"({', '.join(ABLATION_VALUES)}); got {self.value!r}.")
         bad = [c.name for c in self.senders if c.kind not in ("head", "attn", "mlp")]
         if bad or not self.senders:
             raise OptionError(f"senders are heads, ATTN layers and MLPs; got {', '.join(bad) or 'none'}.")

@@ -51,6 +51,24 @@ def test_local_simulation_equals_local_on_tiny_families(family):
         _same(hp.attribution_patch(m, t, comps, "denoise", method="atp*").to_frame(), b, atol=1e-9)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ablation_estimate_in_local_simulation_equals_local(family):
+    """attribution_ablate as traces: the replacements (zeros, the reference mean from the server's sums,
+    resampled clean activations) formed from fetched captures, the QK fix of their changes as QK jobs."""
+    hf = tiny.hf_model(family).double()
+    tok = tiny.tokenizer(bos=family != "gpt2")
+    m = hp.load_model(hf, tokenizer=tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = hp.load_model(hf, tokenizer=tok, backend="nnsight", remote="local")
+    t = tiny.ioi(m, 4)
+    comps = ["L0H1", "L1H0", "MLP0", "ATTN1"]
+    for value in ("zero", "mean", "resample"):
+        a = hp.attribution_ablate(m, t, comps, value=value).to_frame()
+        _same(a, hp.attribution_ablate(r, t, comps, value=value).to_frame(), atol=1e-9)
+        assert (a.estimate.abs() > 1e-6).any()
+
+
 def test_remote_atp_equals_local_both_directions(ndif, requests, local, task):
     """Heads, MLPs and per-position residual rows; one request per length group for the gradient reads."""
     m = _remote()

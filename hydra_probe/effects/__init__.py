@@ -2,6 +2,7 @@
 
 from .ablation import Ablation, PairedAblation, ablate, paired_ablation
 from .attribution import AttributionPatch, attribution_patch
+from .attribution_ablation import AttributionAblation, attribution_ablate
 from .direct import DirectEffects, direct_effects
 from .interaction import InteractionParts, interaction_parts
 from .iterated import IteratedAblation, iterated_ablation
@@ -15,6 +16,7 @@ from .text import TextSelfRepair, read_texts, text_self_repair
 __all__ = [
     "Ablation",
     "ActivationPatch",
+    "AttributionAblation",
     "AttributionPatch",
     "DirectEffects",
     "InteractionParts",
@@ -28,6 +30,7 @@ __all__ = [
     "TextSelfRepair",
     "ablate",
     "activation_patch",
+    "attribution_ablate",
     "attribution_patch",
     "direct_effects",
     "interaction_parts",

@@ -29,7 +29,7 @@ import torch
 from ..checks import public
 from ..components import Component, select
 from ..errors import InputError, MetricError, OptionError
-from ..interventions import Direction, GradientRead, SenderChange, check_direction, site_of
+from ..interventions import ABLATION_VALUES, Direction, GradientRead, SenderChange, check_direction, site_of
 from ..metrics import Metric
 from ..models.sites import Site
 from ..results import Result, provenance
@@ -207,6 +207,45 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     T_min = min(task.lengths)
     pos_list = list(range(-T_min, 0)) if per_pos and len(set(task.lengths)) > 1 else list(range(T_min))
     plan = [(c, p) for c in comps for p in pos_list] if per_pos and pos is None else [(c, None) for c in comps]
+    label = f"{'AtP*' if star else 'attribution'} ({direction})"
+    n = len(task)
+    final, dropped, base_metric = estimates(runner, model, task, plan, source, other, pos, star, qk_on, label,
+                                            changed_rows_only=True)  # the estimates read clean - corrupted differences
+    clean_m = base_metric if source == "clean" else runner.baseline("clean").metric
+    corr_m = base_metric if source == "corrupted" else runner.baseline("corrupted").metric
+    check_separable(clean_m.numpy(), corr_m.numpy())
+    rows = []
+    for i, (c, p) in enumerate(plan):
+        row = {"component": c.name, "prompt": range(n), "estimate": final[i].numpy(),
+               "direction": direction, "baseline_metric": base_metric.numpy(),
+               "clean_metric": clean_m.numpy(), "corrupted_metric": corr_m.numpy(),
+               "position": -1 if p is None else p}
+        if star:
+            row["dropped_layer"] = dropped[i]
+        rows.append(pd.DataFrame(row))
+    frame = pd.concat(rows, ignore_index=True)
+    if not per_pos:
+        frame = frame.drop(columns="position")
+    prov = provenance(model, task, metric=m, direction=direction, positions=None if pos is None else list(pos),
+                      method=METHOD_STAR if star else METHOD,
+                      **({"estimator": "atp*", "qk_fix": qk_fix} if star else {}))
+    result = AttributionPatch(frame, prov)
+    if exact is not None:
+        ag = result.agreement(exact, top_k=top_k)
+        result.provenance["agreement"] = {k: v for k, v in ag.items() if k != "disagreements"}
+    return result
+
+
+def estimates(runner: Any, model: Any, task: Any, plan: list[tuple[Component, int | None]], source: str, other: str,
+              pos: tuple[int, ...] | None, star: bool, qk_on: bool, label: str, changed_rows_only: bool
+              ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """The first-order estimates of replacing each plan row's activation in the ``source`` run by its value in
+    ``other`` (a run, or an ablation value: :meth:`Runner.ablated_prefix`): ``(final (P, n) float64, dropped
+    layer per row (-1: none), the source run's metric (n,))``. ``star``: GradDrop (the largest mean magnitude
+    over the reads that drop a layer above the row's, and no drop); ``qk_on``: the QK fix (gradients with
+    frozen patterns, plus :func:`_qk_terms`). ``changed_rows_only``: the gradients before the first position
+    where the clean and corrupted prompts differ are not computed (only for ``other`` a run)."""
+    comps = list(dict.fromkeys(c for c, _ in plan))
     own = tuple(sorted({_site(c, model.head_dim)[0] for c in comps}, key=lambda s: s.order))
     L, n = model.n_layers, len(task)
     # AtP*: the heads' outputs downstream of any component carry the QK fix's pattern changes
@@ -215,12 +254,15 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
     sites = tuple(sorted(set(own) | set(zs), key=lambda s: s.order))
     drops = sorted({l for c in comps for l in range(c.layer if c.kind == "resid" else c.layer + 1, L)}) if star else []
     reads = [GradientRead(sites, None, qk_on)] + [GradientRead(sites, l, qk_on) for l in drops]
-    label = f"{'AtP*' if star else 'attribution'} ({direction})"
-    outs = runner.gradients(source, reads, label=label, changed_rows_only=True)  # the estimates read differences
-    other_run, = runner.run(other, [()], capture=own, capture_positions="all")
+    outs = runner.gradients(source, reads, label=label, changed_rows_only=changed_rows_only)
+    if other in ABLATION_VALUES:  # the replacements, formed from the clean run's captures (fetched at every position)
+        runner.run("clean", [()], capture=own, capture_positions="all")
+        values = {s: [runner.ablated_prefix(g, other).captures[s] for g in range(len(runner.groups))] for s in own}
+    else:
+        other_run, = runner.run(other, [()], capture=own, capture_positions="all")
+        values = other_run.captures
     qk = _qk_terms(runner, model, plan, source, other, pos, label, outs) if qk_on else {}
     est = torch.zeros(len(reads), len(plan), n, dtype=torch.float64)
-    base_metric = outs[0].metric
     by_site: dict[Site, list[int]] = {}
     for i, (c, _) in enumerate(plan):
         by_site.setdefault(_site(c, model.head_dim)[0], []).append(i)
@@ -234,7 +276,7 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
         it = torch.tensor(idx)
         for site, rows in by_site.items():
             # per plan row: its columns of the site (cols, k) and its positions (k, T); one product per read
-            diff = (other_run.captures[site][g] - outs[0].acts[site][g]).to(torch.float64)
+            diff = (values[site][g].to(outs[0].acts[site][g].device) - outs[0].acts[site][g]).to(torch.float64)
             cols = torch.zeros(diff.shape[-1], len(rows), dtype=torch.float64)
             w = torch.zeros(len(rows), T, dtype=torch.float64)
             for j, i in enumerate(rows):
@@ -268,29 +310,7 @@ def attribution_patch(model: Any, task: Any, components: Any = "heads", directio
             best = allowed[int(torch.argmax(means))]  # the first of equal magnitudes: no drop wins ties
             final[i] = est[best, i]
             dropped[i] = -1 if best == 0 else drops[best - 1]
-    clean_m = base_metric if source == "clean" else runner.baseline("clean").metric
-    corr_m = base_metric if source == "corrupted" else runner.baseline("corrupted").metric
-    check_separable(clean_m.numpy(), corr_m.numpy())
-    rows = []
-    for i, (c, p) in enumerate(plan):
-        row = {"component": c.name, "prompt": range(n), "estimate": final[i].numpy(),
-               "direction": direction, "baseline_metric": base_metric.numpy(),
-               "clean_metric": clean_m.numpy(), "corrupted_metric": corr_m.numpy(),
-               "position": -1 if p is None else p}
-        if star:
-            row["dropped_layer"] = dropped[i]
-        rows.append(pd.DataFrame(row))
-    frame = pd.concat(rows, ignore_index=True)
-    if not per_pos:
-        frame = frame.drop(columns="position")
-    prov = provenance(model, task, metric=m, direction=direction, positions=None if pos is None else list(pos),
-                      method=METHOD_STAR if star else METHOD,
-                      **({"estimator": "atp*", "qk_fix": qk_fix} if star else {}))
-    result = AttributionPatch(frame, prov)
-    if exact is not None:
-        ag = result.agreement(exact, top_k=top_k)
-        result.provenance["agreement"] = {k: v for k, v in ag.items() if k != "disagreements"}
-    return result
+    return final, dropped, outs[0].metric
 
 
 def _qk_terms(runner: Any, model: Any, plan: list[tuple[Component, int | None]], source: str, other: str,

@@ -14,6 +14,7 @@ hooks through the architecture table only.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -242,6 +243,33 @@ class QKAttention:
             return [(s, slice(None)) for s in sorted(cols, key=lambda s: s.kind == "k")]
         return [(s, as_index(sorted(c))) for s, c in cols.items()]
 
+    def freezes_qk(self, site: Site) -> bool:
+        """Whether :meth:`frozen_qk` freezes the q/k (or fused) projection ``site`` (one read at its output)."""
+        return self.module_of(site)[1] == "output"
+
+    @contextlib.contextmanager
+    def frozen_qk(self, layers: Any) -> Iterator[None]:
+        """Within the block, the queries and keys of ``layers`` pass no gradient (AtP*'s QK fix: attention
+        patterns are constants for the gradient) and cost no backward: a separate q or k projection's output
+        is detached (its backward never runs); a fused one's is detached and its other columns (the values)
+        recomputed from its input with their gradient, so its backward forms those columns' input gradient
+        alone. Only the sites :meth:`freezes_qk` accepts; the caller freezes the others by editing their
+        columns."""
+        self._refuse_remote()
+        with temporary_hooks() as register:
+            for layer in layers:
+                for site, qk in self.qk_sites(layer):
+                    mod, _ = self.module_of(site)
+                    if not self.freezes_qk(site):
+                        continue
+                    if isinstance(qk, slice) and qk == slice(None):
+                        register(mod, _detached_output)
+                        continue
+                    keep = torch.ones(self.module_width(site), dtype=torch.bool)
+                    keep[qk] = False
+                    register(mod, functools.partial(_values_only, self, site, as_index(keep.nonzero()[:, 0].tolist())))
+            yield
+
     def can_compose_qk(self, layer: int) -> bool:
         """Whether :meth:`attention_z_given` may run layer ``layer``: the block runs its own modules (no
         accelerate dispatch) and nobody replaced the forward of its attention norm or of a module of its
@@ -395,6 +423,20 @@ class QKAttention:
                     del mod.forward
                 else:
                     mod.forward = old
+
+
+def _detached_output(mod: nn.Module, args: Any, out: Any) -> Any:
+    """Forward hook: the module's output (or its first element), detached."""
+    return (out[0].detach(), *out[1:]) if isinstance(out, tuple) else out.detach()
+
+
+def _values_only(ad: Any, site: Site, keep: Any, mod: nn.Module, args: Any, out: Any) -> Any:
+    """Forward hook of a fused q/k/v projection: its output detached, then the columns ``keep`` recomputed from
+    its input with their gradient (:meth:`Adapter.project_columns`)."""
+    y = out[0] if isinstance(out, tuple) else out
+    z = y.detach().clone()
+    z[..., keep] = ad.project_columns(site, args[0], keep).to(z.dtype)
+    return (z, *out[1:]) if isinstance(out, tuple) else z
 
 
 def _last_rows(vals: torch.Tensor, copies: int) -> torch.Tensor:

@@ -322,9 +322,10 @@ def attribution(d: Doc, ctx: Context) -> None:
     d.h(2, "Attribution patching vs exact patching")
     if ctx.config.get("exact") == "auto":
         d.p("AtP* (attribution patching with the QK fix and GradDrop) estimates every component's denoising and "
-            "noising effects (an estimate, never a measurement); the report swept exactly only the components those "
-            "estimates and the direct effects could not rule out (see the triangulation table). Agreement with "
-            "exact activation patching, over the swept components:")
+            "noising effects and the total effect of its ablation (`attribution_ablate`; estimates, never "
+            "measurements); the report swept exactly only the components those estimates and the direct effects "
+            "could not rule out (see the triangulation table). Agreement with exact activation patching, over the "
+            "swept components:")
     else:
         d.p("Attribution patching estimates every component's denoising effect from two forwards and one backward "
             "(a first-order estimate, never a measurement). Agreement with exact activation patching:")

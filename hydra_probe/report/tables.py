@@ -53,6 +53,9 @@ def derived_tables(rep: Any) -> dict[str, pd.DataFrame]:
     t["attribution_patch"] = r["attribution"].to_frame()
     if "attribution_noise" in r:  # exact="auto": AtP* in the noising direction too
         t["attribution_patch_noise"] = r["attribution_noise"].to_frame()
+    if "attribution_ablation" in r:  # exact="auto": AtP* of each component's ablation
+        t["attribution_ablation"] = r["attribution_ablation"].to_frame()
+        t["attribution_ablation_summary"] = r["attribution_ablation"].summary()
     if "paired_ablation" in r:
         t["paired_ablation"] = r["paired_ablation"].to_frame()
         t["paired_ablation_summary"] = r["paired_ablation"].summary()

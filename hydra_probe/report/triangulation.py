@@ -27,7 +27,15 @@ import pandas as pd
 from ..checks import public
 from ..claims import VERDICT_RULE, VERDICTS, verdict_scale, verdict_table
 from ..components import is_norm_row, select
-from ..effects import activation_patch, attribution_patch, direct_effects, iterated_ablation, path_patch, self_repair
+from ..effects import (
+    activation_patch,
+    attribution_ablate,
+    attribution_patch,
+    direct_effects,
+    iterated_ablation,
+    path_patch,
+    self_repair,
+)
 from ..effects.common import as_model, check_scale, check_task, make_runner, shared_runs, value_name
 from ..effects.mechanisms import repair_mechanisms
 from ..errors import ComponentError, MetricError, OptionError
@@ -45,8 +53,9 @@ ANALYSES = {
                    "mechanisms: repair_mechanisms(...).as_self_repair(), the same forwards run once for both sections)",
     "patch_denoise": "activation_patch(..., direction='denoise'): clean activation into the corrupted run",
     "patch_noise": "activation_patch(..., direction='noise'): corrupted activation into the clean run",
-    "attribution": "attribution_patch(..., method='atp*', both directions) before the exact sweeps, which then run "
-                   "only over the components it cannot rule out (exact='auto', the default); with exact='all', "
+    "attribution": "attribution_patch(..., method='atp*', both directions) and attribution_ablate(..., value) (AtP* of "
+                   "each ablation's total effect) before the exact sweeps, which then run only over the components "
+                   "they and the direct effects cannot rule out (exact='auto', the default); with exact='all', "
                    "attribution_patch(..., direction='denoise') after them (first-order estimate of denoising)",
     "graph": "compensation_graph(self_repair) + verify_edges (paired ablations of the strongest edges)",
     "iterated_ablation": "iterated_ablation(target, its compensators)",
@@ -313,13 +322,17 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         results["direct_effects"] = direct_effects(model, task, names, scale=scale, **kw)
     swept, bound = names, ""
     if exact == "auto":
-        with steps.step("attribution", "attribution patching (AtP*, both directions: which components to sweep)"):
+        with steps.step("attribution", "attribution (AtP*: both patching directions and the ablation; which "
+                        "components to sweep)"):
             results["attribution"] = attribution_patch(model, task, components=names, direction="denoise",
                                                        method="atp*", **kw)
+            # on the local backend its clean-run gradients are handed to the noising direction (one pass)
+            results["attribution_ablation"] = attribution_ablate(model, task, names, value=value, seed=seed, **kw)
             results["attribution_noise"] = attribution_patch(model, task, components=names, direction="noise",
                                                              method="atp*", **kw)
         swept, bound = _exact_plan(results["direct_effects"].summary(), results["attribution"].to_frame(),
-                                   results["attribution_noise"].to_frame(), float(threshold), int(top), vname)
+                                   results["attribution_noise"].to_frame(), float(threshold), int(top), vname,
+                                   results["attribution_ablation"].to_frame())
     with steps.step("patch_denoise", "activation patching, denoise (clean -> corrupted)"):
         results["patch_denoise"] = activation_patch(model, task, swept, "denoise", progress=bars, **kw)
     with steps.step("patch_noise", "activation patching, noise (corrupted -> clean)"):
@@ -404,43 +417,56 @@ RULE_OUT = 0.5
 
 
 def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame, threshold: float,
-                top: int, value: str = "mean") -> tuple[list[str], str]:
+                top: int, value: str = "mean", ablation: pd.DataFrame | None = None) -> tuple[list[str], str]:
     """Which components ``exact="auto"`` sweeps exactly: (names in component order, the stated bound).
 
     ``direct``: ``DirectEffects.summary()`` (clean run); ``denoise``, ``noise``: AtP* ``to_frame()`` of each
     direction (with ``clean_metric`` and ``corrupted_metric``); ``value``: the ablation value's name (for the
-    text). A component's share is the largest of |mean AtP* denoise| and |mean AtP* noise| (estimated
-    restoration and damage, shares of |gap|) and |mean clean DE| / |verdict scale|. Swept: every component
-    whose share is at least ``RULE_OUT * threshold``, and the ``top`` largest shares whatever they are. The
-    direct effect covers the ablation side of the verdict rule: a component masked by self-repair has a small
-    TE but a large DE lost, which is its clean DE under zero ablation (DE lost = DE - the DE of the
-    ablation value), and AtP*'s GradDrop keeps components whose direct and indirect paths cancel.
+    text); ``ablation``: ``attribution_ablate(...).to_frame()`` (AtP* of the ablation's total effect; None:
+    not estimated). A component's share is the largest of |mean AtP* denoise| and |mean AtP* noise|
+    (estimated restoration and damage, shares of |gap|), mean AtP* ablation TE / verdict scale (signed: a TE
+    against the scale's side is never necessity) and |mean clean DE| / |verdict scale|. Swept: every component whose share is at least ``RULE_OUT * threshold``, and the
+    ``top`` largest shares whatever they are. The ablation estimate covers TE, including what a component
+    costs through downstream paths the corruption does not move; the direct effect covers DE lost (a
+    component masked by self-repair has a small TE but a large DE lost, which is its clean DE under zero
+    ablation: DE lost = DE - the DE of the ablation value); AtP*'s GradDrop keeps components whose direct
+    and indirect paths cancel.
     """
     g = denoise.drop_duplicates("prompt")
     clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
-    gap, scale = abs(clean - corr) or 1.0, abs(verdict_scale(clean, corr)) or 1.0
+    gap, signed = abs(clean - corr) or 1.0, verdict_scale(clean, corr) or 1.0
+    scale = abs(signed)
     den = denoise.groupby("component", sort=False)["estimate"].mean().abs() / gap
     noi = noise.groupby("component", sort=False)["estimate"].mean().abs() / gap
     de = direct.set_index("component")["direct_effect"].abs() / scale
-    share = pd.concat([den, noi, de.reindex(den.index)], axis=1).max(axis=1)
+    parts = [den, noi, de.reindex(den.index)]
+    if ablation is not None:  # TE counts toward necessity on the side of the scale only (VERDICT_RULE's N)
+        parts.append((ablation.groupby("component", sort=False)["estimate"].mean() / signed).reindex(den.index))
+    share = pd.concat(parts, axis=1).max(axis=1)
     cut = RULE_OUT * threshold
     keep = set(share[share >= cut].index) | set(share.sort_values(ascending=False, kind="stable").index[:top])
     names = [c for c in den.index if c in keep]
     n, k = len(den), len(names)
+    side = (f"the AtP* estimate of its {value} ablation's total effect or its clean direct effect" if ablation is not None
+            else "its clean direct effect")
     if k == n:
         return names, (f"all {n} components swept exactly: each is among the {min(top, n)} with the largest "
-                       f"estimates, or its AtP* restoration or damage estimate reaches {cut:.3g} of the gap, or its "
-                       f"clean direct effect reaches {cut:.3g} of the verdict scale (half the threshold {threshold:g}); "
+                       f"estimates, or its AtP* restoration or damage estimate reaches {cut:.3g} of the gap, or "
+                       f"{side} reaches {cut:.3g} of the verdict scale (half the threshold {threshold:g}); "
                        "none is estimated.")
     rest = (f"The other {n - k} are estimated: they read" if n - k > 1 else "The other one is estimated: it reads")
+    miss = (f"only if AtP* misestimates its restoration or damage by more than {threshold - cut:.3g} of the gap or its "
+            f"{value} ablation's total effect by more than {threshold - cut:.3g} of the verdict scale, or its DE lost "
+            f"reaches {threshold:g} of the verdict scale through a {value} value with a large direct effect of its own."
+            if ablation is not None else
+            f"only if AtP* misestimates its restoration or damage by more than {threshold - cut:.3g} of the gap, or its "
+            f"{value} ablation costs {threshold:g} of the verdict scale through what its direct effect does not show "
+            f"(indirect paths the corruption does not move, or a {value} value with a large direct effect of its own).")
     bound = (f"{k} of {n} components swept exactly: the {min(top, n)} with the largest estimates and every one whose "
-             f"AtP* restoration or damage estimate reaches {cut:.3g} of the gap or whose clean direct effect reaches "
-             f"{cut:.3g} of the verdict scale (half the threshold {threshold:g}). {rest} 'agree: minor' without an "
-             f"ablation or patching measurement. {'One of them' if n - k > 1 else 'It'} would read "
-             f"otherwise in the exhaustive run (exact='all') only if AtP* misestimates its restoration or damage by "
-             f"more than {threshold - cut:.3g} of the gap, or its {value} ablation costs {threshold:g} of the verdict "
-             "scale through what its direct effect does not show (indirect paths the corruption does not move, or "
-             f"a {value} value with a large direct effect of its own).")
+             f"AtP* restoration or damage estimate reaches {cut:.3g} of the gap or whose {side.removeprefix('its ')} "
+             f"reaches {cut:.3g} of the verdict scale (half the threshold {threshold:g}). {rest} 'agree: minor' "
+             f"without an ablation or patching measurement. {'One of them' if n - k > 1 else 'It'} would read "
+             f"otherwise in the exhaustive run (exact='all') {miss}")
     return names, bound
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,12 +83,40 @@ class GradientsMixin:
         differ are zero instead of computed (the difference is zero there in a causal model); where
         ``Runner.suffix_rows`` allows, the shared forward then runs the later rows only
         (``Adapter.run_blocks(first_row=)``).
+
+        Where the runner reuses results (``Runner.memo``, a report's shared runs), the outputs of an every-row
+        call are handed to the next call with the same ``source`` and ``reads`` that asks for the changed rows
+        only (AtP* of an ablation, then of noising, on the clean run), which then zeroes the earlier rows
+        instead of running again (equal to float rounding).
         """
         if source not in SOURCES:
             raise OptionError(f"unknown source {source!r}; choose 'clean' or 'corrupted'.")
         self.check_reads(reads)
         if self.model.backend == "nnsight":
             return self._gradients_nnsight(source, reads, label)
+        key = (source, tuple(reads))
+        if changed_rows_only and key in self._handoff:
+            return self._changed_rows_of(self._handoff.pop(key))
+        outs = self._gradients_local(source, reads, label, changed_rows_only)
+        if self.memo is not None and not changed_rows_only:
+            self._handoff = {key: outs}  # one at a time: the next call takes it, or the next every-row call replaces it
+        return outs
+
+    def _changed_rows_of(self, outs: list[GradientOutput]) -> list[GradientOutput]:
+        """Every-row gradient outputs with the gradients before each group's first clean/corrupted difference
+        zeroed, as ``gradients(changed_rows_only=True)`` returns them (in place; the caller owns them)."""
+        done: set[int] = set()
+        for o in outs:
+            for per_group in o.grads.values():
+                for g, v in enumerate(per_group):
+                    if id(v) not in done:
+                        done.add(id(v))
+                        v[:, :min(self.first_difference(g), v.shape[1])] = 0
+        return outs
+
+    def _gradients_local(self, source: str, reads: Sequence[GradientRead], label: str, changed_rows_only: bool
+                         ) -> list[GradientOutput]:
+        """:meth:`gradients` on the local backend."""
         self.check_local("attribution patching (gradient reads)")
         L = self.ad.n_layers
         n, K = len(self.task), len(reads)
@@ -201,7 +230,8 @@ class GradientsMixin:
         caps: dict[Site, Callable] = {}
         if freeze:  # AtP*'s QK fix: queries and keys pass no gradient (attention patterns are constants)
             for site, sls in _qk_columns(ad, start).items():
-                edits.setdefault(site, []).append(lambda y, sls=sls: torch.where(_column_mask(y, sls), y.detach(), y))
+                if not ad.freezes_qk(site):  # a projection the adapter does not freeze itself: edit its columns
+                    edits.setdefault(site, []).append(_frozen_columns(sls))
         block_in: dict[int, torch.Tensor] = {}
         for layer in drops:
             caps[Site(layer, "resid_pre")] = lambda x, layer=layer: block_in.__setitem__(layer, x)
@@ -213,7 +243,8 @@ class GradientsMixin:
         need = sorted(read_sites | taps, key=lambda s: s.order)
         with self.model.evaluating(), torch.enable_grad():
             hook_edits = {s: f for s, f in edit_fns.items() if s != final}
-            with self.ad.hooks(hook_edits, caps) as fired:
+            frozen = ad.frozen_qk(range(start, L)) if freeze else contextlib.nullcontext()
+            with self.ad.hooks(hook_edits, caps) as fired, frozen:
                 x = self.ad.run_blocks(P, start, 1, first_row=r) if start < L else P.resid[L].clone()
             check_fired(fired, hook_edits)
             if final in edit_fns:
@@ -772,6 +803,16 @@ def _qk_columns(ad: Any, start: int) -> dict[Site, list[slice]]:
                 site, sl = ad.head_input_slice(layer, h, w)
                 cols.setdefault(site, []).append(sl)
     return cols
+
+
+def _frozen_columns(sls: Sequence[slice]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The edit that lets no gradient through the columns ``sls`` of a q/k (or fused qkv) projection's output:
+    detached outright where they are every column (a separate q or k projection: its backward is then never
+    run), else the other columns keep theirs."""
+    def edit(y: torch.Tensor) -> torch.Tensor:
+        mask = _column_mask(y, sls)
+        return y.detach() if bool(mask.all()) else torch.where(mask, y.detach(), y)
+    return edit
 
 
 def _column_mask(y: torch.Tensor, sls: Sequence[slice]) -> torch.Tensor:

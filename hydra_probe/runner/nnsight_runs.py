@@ -120,7 +120,8 @@ class NnsightMixin:
         senders' sites, fetch every z and MLP output at every position of both runs of every group in one
         request (a sweep over many changes then needs no more), unless :meth:`run` declared them already."""
         sites = {Site(m.layer, "mlp_out" if m.kind == "mlp" else "z") for m in change.senders}
-        runs = {source, change.value}
+        # an ablation value's replacement is formed from the clean run (resample donors, zeros' shape)
+        runs = {source, change.value if change.value in SOURCES else "clean"}
         keys = [(g, src) for g in range(len(self.groups)) for src in runs]
         declared = all("all" in self._want.get(key, {}).get(x, ()) for key in keys for x in sites)
         lacking = any(isinstance(p := self._prefix.get(key), RemotePrefix) and not all(p.has(x, "all") for x in sites)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..errors import InterventionError, OptionError, ResourceError, TaskError
-from ..interventions import Delivery, Intervention
+from ..interventions import ABLATION_VALUES, Delivery, Intervention
 from ..metrics import Metric
 from ..models.plumbing import Prefix, check_fired
 from ..models.sites import READ_ONLY_KINDS, Site
@@ -135,6 +135,8 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         self.progress = progress
         self.groups = task.groups()
         self._prefix: dict[tuple[int, str], Prefix] = {}
+        self._ablated: dict[tuple[int, str], Prefix] = {}
+        self._handoff: dict[Any, Any] = {}  # every-row gradient outputs for the next changed-rows call (gradients)
         self._means: dict[Site, torch.Tensor] | None = None
         self._readout: Readout | None = None
         self._clean_logits: torch.Tensor | None = None
@@ -162,7 +164,10 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         return {Site(l, k) for l in range(L) for k in ("z", "mlp_out")}
 
     def prefix(self, g: int, source: str) -> Prefix:
-        """The unedited forward of group ``g`` on the ``source`` prompts."""
+        """The unedited forward of group ``g`` on the ``source`` prompts. ``source`` an ablation value
+        (``"zero"``, ``"mean"``, ``"resample"``): :meth:`ablated_prefix` (captures only)."""
+        if source in ABLATION_VALUES:
+            return self.ablated_prefix(g, source)
         key = (g, source)
         if key not in self._prefix:
             ids = self.task.batch(self.groups[g], source)
@@ -181,13 +186,33 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
 
     def local_prefix(self, g: int, source: str) -> Prefix:
         """Like :meth:`prefix`, but always from the local path (with block calls, for restarting)."""
-        if self.model.backend != "nnsight":
+        if self.model.backend != "nnsight" or source in ABLATION_VALUES:
             return self.prefix(g, source)
         key = (g, source + ":local")
         if key not in self._prefix:
             with self.model.evaluating():
                 self._prefix[key] = self.ad.prefix(self.task.batch(self.groups[g], source), capture=self.capture_sites())
         return self._prefix[key]
+
+    def ablated_prefix(self, g: int, value: str) -> Prefix:
+        """Group ``g``'s ablation replacements as a prefix holding captures only: ``captures[site]`` (B, T, width)
+        is what :meth:`value` puts at ``site`` (every ``z`` and ``mlp_out``) when ablating with ``value`` on the
+        clean run (zeros for ``"zero"``), formed on first access. No residuals or block calls: it serves sender
+        changes (:class:`~hydra_probe.interventions.SenderChange` with an ablation value), not restarts.
+        On nnsight the clean run's captures it reads must have been fetched at every position."""
+        key = (g, value)  # per runner (its reference and seed), not in the _prefix its siblings share
+        if key not in self._ablated:
+            runner = self
+
+            class Replacements(dict):
+                def __missing__(self, site: Site) -> torch.Tensor:
+                    base = runner.prefix(g, "clean").captures[site]
+                    v = runner.value(Intervention(site, None, None, value), g, "clean")
+                    self[site] = torch.zeros_like(base) if v is None else v.to(base.dtype)
+                    return self[site]
+
+            self._ablated[key] = Prefix([], [], Replacements())
+        return self._ablated[key]
 
     @property
     def readout(self) -> Readout:
