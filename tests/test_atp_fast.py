@@ -171,6 +171,35 @@ def test_qk_fix_retries_out_of_memory_with_half_the_stack(monkeypatch):
     _close(got, want, 1e-12)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
+def test_composed_qk_writes_one_workspace_per_projection_and_frees_it(family, plain, monkeypatch):
+    """The composed q/k of every layer and chunk go into one buffer per projection (no fresh allocation per
+    layer), which no result aliases (a budget of one change per chunk: every chunk overwrites the last one's)
+    and which the runner drops when the QK fix ends."""
+    m, t = build(family)
+    runner, _ = make_runner(m, t, "logit_diff")
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    reads = runner.gradients("clean", [GradientRead(zs, None, True)])
+    changes = [SenderChange((c,), "corrupted") for c in m.components("heads")]
+    with plain("fast_qk"):
+        want = runner.qk_fix("clean", changes, reads)
+    made: list[tuple] = []
+    real = Runner._qk_workspace
+
+    def spy(self, slot, shape, dtype, device):
+        out = real(self, slot, shape, dtype, device)
+        made.append((slot, out.untyped_storage().data_ptr()))
+        return out
+
+    monkeypatch.setattr(Runner, "_qk_workspace", spy)
+    runner.token_budget = 2 * max(len(idx) * len(t.clean_ids[idx[0]]) for idx in t.groups())
+    got = runner.qk_fix("clean", changes, reads)
+    _close(got, want, 1e-9 if m.adapter.table.norm_kind == "layernorm" else 1e-4)
+    assert len(made) > 2 * len({s for s, _ in made}) and runner._qk_bufs == {}
+    per_slot = {s: {p for q, p in made if q == s} for s, _ in made}
+    assert all(len(p) <= len(t.groups()) + 1 for p in per_slot.values()), per_slot  # reused, grown rarely
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_composed_qk_falls_back_where_the_norm_is_not_as_described(family, plain, monkeypatch):
     """A norm the table describes wrongly (here: a gamma off by 2x) is caught on the unchanged copy before its

@@ -383,6 +383,15 @@ class GradientsMixin:
         if not self.fast_qk:
             out = self._qk_fix_plain(source, changes, reads, lay, todo, label)
             return out * use[..., None]
+        try:
+            return self._qk_fix_local(source, changes, reads, label, lay, todo, use, out)
+        finally:
+            self._qk_bufs.clear()
+
+    def _qk_fix_local(self, source: str, changes: Sequence[SenderChange], reads: Sequence[GradientOutput],
+                      label: str, lay: list[int], todo: list[int], use: torch.Tensor, out: torch.Tensor
+                      ) -> torch.Tensor:
+        """:meth:`qk_fix`'s fast route on the local backend (``out`` (R, C, n) zeros, filled and returned)."""
         # lone heads (their change is z' - z through their own W_O rows) first: their q/k projections compose
         lone = [c for c in todo if self._composable(changes[c])]
         order = sorted(lone, key=lambda c: lay[c]) + sorted(set(todo) - set(lone), key=lambda c: lay[c])
@@ -634,7 +643,7 @@ class GradientsMixin:
             return every
 
         given: dict[Site, torch.Tensor] = {}
-        for site, qk in ad.qk_sites(layer):
+        for slot, (site, qk) in enumerate(ad.qk_sites(layer)):
             bias, const, base, y0 = memo[("proj", site)]
             wkey = (layer, site, who)
             M = self._qk_weights.get(wkey) if who else None
@@ -645,7 +654,7 @@ class GradientsMixin:
                     self._qk_weights[wkey] = M
                     self._qk_weight_bytes += size
             width = ad.module_width(site)
-            full = torch.empty(k + 1, B, T - r if suffix else T, width, dtype=cdt, device=x.device)
+            full = self._qk_workspace(slot, (k + 1, B, T - r if suffix else T, width), cdt, x.device)
             Mk = M.reshape(k, dh, -1)
             y0v = y0.view(B, T, -1)
             # three ways to the same numbers (the fastest measured on the CPU for each layout)
@@ -685,6 +694,22 @@ class GradientsMixin:
             return None if got is False else got
         return ad.attention_z_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}), first_row=r,
                                     suffix=suffix)
+
+    def _qk_workspace(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+                      ) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` for the composed q/k of projection ``slot`` of a layer, in a buffer
+        kept for the rest of the QK fix (:meth:`qk_fix` drops it at the end): every layer and chunk writes the
+        same pages instead of a fresh allocation of tens of MB each (the kernel's page faults took a tenth of
+        the QK fix's time). Nothing that outlives the layer's attention call may alias it (the attention's
+        output and patterns are new tensors)."""
+        n = 1
+        for s in shape:
+            n *= s
+        key = (slot, dtype, device)
+        buf = self._qk_bufs.get(key)
+        if buf is None or buf.numel() < n:
+            self._qk_bufs[key] = buf = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
     def _stacked_changes(self, g: int, source: str, changes: Sequence[SenderChange]) -> torch.Tensor:
         """:meth:`sender_change` of each change, stacked (k, B, T, d), not cached. A lone head of a layer without

@@ -145,6 +145,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         self._no_patterns: set[int] = set()  # layers whose attention the QK fix's pattern route does not take
         self._qk_weights: dict[Any, torch.Tensor] = {}  # composed q/k weights of the QK fix (see QK_WEIGHT_CACHE)
         self._qk_weight_bytes = 0
+        self._qk_bufs: dict[Any, torch.Tensor] = {}  # the QK fix's workspace while it runs (_qk_workspace)
         self._rows: dict[tuple[int, str, Any], int] = {}  # see _unedited_rows
         #: nnsight: what the unedited forwards must return, per (group, source) {site: {"last", "all", "sum"}}
         #: (declared by :meth:`run`, fetched with the first request; see :class:`RemotePrefix`)
