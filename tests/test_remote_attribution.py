@@ -23,17 +23,22 @@ import hydra_probe as hp
 server, ndif, requests, local, task = test_remote.server, test_remote.ndif, test_remote.requests, test_remote.local, test_remote.task
 
 
-@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma2"])
-def test_local_simulation_equals_local_on_tiny_families(family):
-    """nnsight's remote='local' (serialised, local modules hidden): fused, interleaved and separate q/k/v,
-    grouped-query attention (llama, gemma2), post norms and logit soft-capping (gemma2)."""
+def _local_and_simulated(family: str) -> tuple[hp.HookedModel, hp.HookedModel, hp.Task]:
+    """A tiny float64 model loaded locally and through nnsight's remote='local' simulation, and a 4-prompt task."""
     hf = tiny.hf_model(family).double()
     tok = tiny.tokenizer(bos=family != "gpt2")
     m = hp.load_model(hf, tokenizer=tok)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = hp.load_model(hf, tokenizer=tok, backend="nnsight", remote="local")
-    t = tiny.ioi(m, 4)
+    return m, r, tiny.ioi(m, 4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma2"])
+def test_local_simulation_equals_local_on_tiny_families(family):
+    """nnsight's remote='local' (serialised, local modules hidden): fused, interleaved and separate q/k/v,
+    grouped-query attention (llama, gemma2), post norms and logit soft-capping (gemma2)."""
+    m, r, t = _local_and_simulated(family)
     comps = ["L0H1", "L1H0", "MLP0", "ATTN1"]
     for method, direction in (("atp*", "denoise"), ("atp", "noise")):
         a = hp.attribution_patch(m, t, comps, direction, method=method).to_frame()
@@ -55,13 +60,7 @@ def test_local_simulation_equals_local_on_tiny_families(family):
 def test_ablation_estimate_in_local_simulation_equals_local(family):
     """attribution_ablate as traces: the replacements (zeros, the reference mean from the server's sums,
     resampled clean activations) formed from fetched captures, the QK fix of their changes as QK jobs."""
-    hf = tiny.hf_model(family).double()
-    tok = tiny.tokenizer(bos=family != "gpt2")
-    m = hp.load_model(hf, tokenizer=tok)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = hp.load_model(hf, tokenizer=tok, backend="nnsight", remote="local")
-    t = tiny.ioi(m, 4)
+    m, r, t = _local_and_simulated(family)
     comps = ["L0H1", "L1H0", "MLP0", "ATTN1"]
     for value in ("zero", "mean", "resample"):
         a = hp.attribution_ablate(m, t, comps, value=value).to_frame()

@@ -142,15 +142,17 @@ def _site(c: Component, head_dim: int) -> tuple[Site, slice]:
     return site, slice(*cols) if cols else slice(None)
 
 
-def _check_method(method: Any, metric: Metric, direction: str, exact: Any) -> None:
-    """Refuse a bad method, a metric the estimate cannot use, or an unusable ``exact`` (before any work)."""
+def _check_method(method: Any, metric: Metric, direction: str, exact: Any, of: str = "noising") -> None:
+    """Refuse a bad method, a metric the estimate cannot use, or an unusable ``exact`` (before any work).
+    ``of``: what the clean-run estimate estimates (``"noising"``, or ``"an ablation"``)."""
     if method not in METHODS:
         raise OptionError(f"unknown attribution method {method!r}; choose 'atp' (first-order estimate) or 'atp*' "
                           "(with the QK fix and GradDrop).")
     if metric.needs_clean and direction == "noise":
+        alt = "direction='denoise' or " if of == "noising" else ""
         raise MetricError(f"metric {metric.name!r} is minimal at the clean run, so its gradient there is zero and a "
-                          "first-order estimate of noising is zero for every component; use direction='denoise' or "
-                          "a linear metric such as 'logit_diff'.")
+                          f"first-order estimate of {of} is zero for every component; use {alt}a linear metric such "
+                          "as 'logit_diff'.")
     if method == "atp*" and not metric.linear:
         raise MetricError(f"AtP* compares the estimates of gradient paths (GradDrop), which add up only for a metric "
                           f"linear in the logits; {metric.name!r} is not. Use metric='logit_diff' (or 'logit'), or "

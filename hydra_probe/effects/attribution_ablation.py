@@ -23,10 +23,10 @@ import pandas as pd
 
 from ..checks import public
 from ..components import select
-from ..errors import InputError, MetricError, OptionError
+from ..errors import InputError, OptionError
 from ..results import Result, provenance
 from .ablation import Ablation
-from .attribution import METHODS, estimates
+from .attribution import METHODS, _check_method, estimates
 from .common import as_model, make_runner, value_name
 
 METHOD = "attribution of ablation (first-order estimate)"
@@ -99,18 +99,8 @@ def attribution_ablate(model: Any, task: Any, components: Any = "heads", value: 
     vname = value_name(value)
     if not isinstance(qk_fix, bool):
         raise OptionError(f"qk_fix must be True or False; got {qk_fix!r}.")
-    if method not in METHODS:
-        raise OptionError(f"unknown attribution method {method!r}; choose 'atp' (first-order estimate) or 'atp*' "
-                          "(with the QK fix and GradDrop).")
-    runner, m = make_runner(model, task, metric, value, seed, progress)
-    if m.needs_clean:
-        raise MetricError(f"metric {m.name!r} is minimal at the clean run, so its gradient there is zero and a "
-                          "first-order estimate of an ablation is zero for every component; use a linear metric "
-                          "such as 'logit_diff'.")
-    if method == "atp*" and not m.linear:
-        raise MetricError(f"AtP* compares the estimates of gradient paths (GradDrop), which add up only for a metric "
-                          f"linear in the logits; {m.name!r} is not. Use metric='logit_diff' (or 'logit'), or "
-                          "method='atp'.")
+    runner, m = make_runner(model, task, metric, value, seed, progress)  # validates value and metric; runs nothing
+    _check_method(method, m, "noise", None, of="an ablation")  # its gradient is the clean run's, as noising's
     star = method == "atp*"
     plan = [(c, None) for c in comps]
     final, dropped, clean_m = estimates(runner, model, task, plan, "clean", vname, None, star, star and qk_fix,

@@ -447,12 +447,12 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
     keep = set(share[share >= cut].index) | set(share.sort_values(ascending=False, kind="stable").index[:top])
     names = [c for c in den.index if c in keep]
     n, k = len(den), len(names)
-    side = (f"the AtP* estimate of its {value} ablation's total effect or its clean direct effect" if ablation is not None
-            else "its clean direct effect")
+    side = (f"AtP* estimate of its {value} ablation's total effect or clean direct effect" if ablation is not None
+            else "clean direct effect")
     if k == n:
         return names, (f"all {n} components swept exactly: each is among the {min(top, n)} with the largest "
                        f"estimates, or its AtP* restoration or damage estimate reaches {cut:.3g} of the gap, or "
-                       f"{side} reaches {cut:.3g} of the verdict scale (half the threshold {threshold:g}); "
+                       f"its {side} reaches {cut:.3g} of the verdict scale (half the threshold {threshold:g}); "
                        "none is estimated.")
     rest = (f"The other {n - k} are estimated: they read" if n - k > 1 else "The other one is estimated: it reads")
     miss = (f"only if AtP* misestimates its restoration or damage by more than {threshold - cut:.3g} of the gap or its "
@@ -463,7 +463,7 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
             f"{value} ablation costs {threshold:g} of the verdict scale through what its direct effect does not show "
             f"(indirect paths the corruption does not move, or a {value} value with a large direct effect of its own).")
     bound = (f"{k} of {n} components swept exactly: the {min(top, n)} with the largest estimates and every one whose "
-             f"AtP* restoration or damage estimate reaches {cut:.3g} of the gap or whose {side.removeprefix('its ')} "
+             f"AtP* restoration or damage estimate reaches {cut:.3g} of the gap or whose {side} "
              f"reaches {cut:.3g} of the verdict scale (half the threshold {threshold:g}). {rest} 'agree: minor' "
              f"without an ablation or patching measurement. {'One of them' if n - k > 1 else 'It'} would read "
              f"otherwise in the exhaustive run (exact='all') {miss}")
