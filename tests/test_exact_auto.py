@@ -189,3 +189,18 @@ def test_unknown_exact_is_refused_before_any_work(bad, monkeypatch):
 def test_cli_refuses_an_unknown_exact(capsys):
     assert cli.main(["report", "--exact", "some"]) == 2
     assert "--exact" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["zero", "resample", "reference"])
+def test_auto_reads_the_ablation_estimate_of_the_reports_own_value(value):
+    """The ablation side is estimated with the report's ablation value (zeros, resampled prompts with the seed, or
+    a reference task's mean), and auto still gives the exhaustive run's verdicts."""
+    m = quiet_heads(tiny.model64("llama", layers=2, heads=4))
+    task = hp.tasks.ioi(m, 6, corruption="abc", seed=0)
+    v = hp.tasks.ioi(m, 6, corruption="abc", seed=5) if value == "reference" else value
+    auto, _, a, f = both(m, task, top=1, mechanisms=False, iterate=0, value=v)
+    check_against_exhaustive(auto, a, f, rtol=1e-9)
+    prov = auto.results["attribution_ablation"].provenance
+    assert prov["value"] == ("mean" if value == "reference" else value) and prov["estimator"] == "atp*"
+    assert (prov.get("reference") == "ioi") == (value == "reference")
+    assert f"its {'mean' if value == 'reference' else value} ablation's total effect" in auto.config["exact_bound"]
