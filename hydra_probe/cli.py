@@ -165,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threshold", type=_fraction, default=0.1, metavar="T",
                    help=THRESHOLD_HELP)
     r.add_argument("--exact", choices=("auto", "all"), default="auto",
-                   help="exact sweeps (ablation, self-repair, activation patching) only over the components AtP* "
-                        "and the direct effect cannot rule out ('auto', default; the others are marked estimated "
-                        "and the bound is printed) or over every component ('all', the exhaustive run)")
+                   help="exact sweeps (ablation, self-repair, activation patching) only over the components that "
+                        "AtP* (of both patching directions and of the ablation) and the direct effect cannot rule "
+                        "out ('auto', default; the others are marked estimated and the bound is printed) or over "
+                        "every component ('all', the exhaustive run)")
     r.add_argument("--no-figures", action="store_true",
                    help="skip the figures (faster); report.md/html then have tables only")
     r.add_argument("--conditions", default=None, metavar="all|LIST",
