@@ -22,7 +22,12 @@ and MLP (denoising), measured in the same run:
     shape=NAME op=atp|atp* ratio=R spearman=S recall=K/k
 
 ratio = estimate time / exact time; recall = how many of the exact top-k
-(by |effect|) the estimate ranks in its top 2k. Then AtP*'s engine against
+(by |effect|) the estimate ranks in its top 2k. Then AtP* of every head's and MLP's mean ablation
+(``attribution_ablate``, what exact="auto" reads for the ablation side) against exact ablation:
+
+    shape=NAME op=atp*_ablation ratio=R spearman=S largest_miss=M recall=K/k
+
+(M in metric units, with the mean clean metric beside it). Then AtP*'s engine against
 its plain reference (``Runner.fast_qk`` and ``Runner.shared_gradients`` off:
 one full forward per sender for the QK fix, one stacked copy per GradDrop read):
 
@@ -220,6 +225,21 @@ def _attribution_lines(shape: str, model, task, top_k: int) -> None:
         print(f"shape={shape} op={method} ratio={t_est / t_exact:.3f} spearman={ag['spearman']:.3f} "
               f"recall={ag['exact_top_k_in_top_2k']}/{ag['top_k']}  (estimate {t_est:.2f}s, exact {t_exact:.2f}s)",
               flush=True)
+    # AtP* of each ablation (the ablation side of exact="auto") against exact ablation
+    t0 = time.perf_counter()
+    ab = hp.ablate(model, task, "all", value="mean", progress=False)
+    t_ab = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    est = hp.attribution_ablate(model, task, "all", value="mean", progress=False)
+    t_est = time.perf_counter() - t0
+    ag = est.agreement(ab)
+    ex = ab.to_frame().groupby("component", sort=False)["total_effect"].mean().abs()
+    mine = est.to_frame().groupby("component", sort=False)["estimate"].mean().abs()
+    k = min(top_k, len(ex))
+    hits = len(set(ex.sort_values(ascending=False).index[:k]) & set(mine.sort_values(ascending=False).index[:2 * k]))
+    print(f"shape={shape} op=atp*_ablation ratio={t_est / t_ab:.3f} spearman={ag['spearman']:.3f} "
+          f"largest_miss={ag['largest_miss']:.3g} recall={hits}/{k}  (estimate {t_est:.2f}s, exact {t_ab:.2f}s; "
+          f"{ag['component']}; mean clean metric {ab.to_frame()['clean_metric'].mean():.3g})", flush=True)
     # AtP*'s engine (QK fix on each downstream layer's attention only, one shared forward for the GradDrop
     # reads) against its plain reference (one full forward per sender, one stacked copy per read)
     Runner.fast_qk = Runner.shared_gradients = False
