@@ -274,7 +274,8 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
             self-repaired component.
         progress: step messages and progress bars on stderr (default: on a terminal).
         exact: ``"auto"`` (default) first estimates both patching directions with AtP*
-            (``attribution_patch(method="atp*")``) and runs the exact sweeps (activation patching both ways,
+            (``attribution_patch(method="atp*")``) and each component's ablation total effect
+            (``attribution_ablate(value=value)``, AtP* too) and runs the exact sweeps (activation patching both ways,
             ablation and self-repair, mechanisms) only over the components that the estimates and the clean
             direct effects cannot rule out, always including the ``top`` largest (see :func:`_exact_plan`).
             The others are marked ``exact = False`` in ``to_frame()``, read "agree: minor" without an
