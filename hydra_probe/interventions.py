@@ -85,7 +85,7 @@ class SenderChange:
     the run being executed, at ``positions`` (all when None), summed over ``senders`` (heads
     ``W_O``-projected, whole attention layers, MLP outputs). ``value`` may also be an
     :data:`AblationValue`: the senders' ablation replacement instead of another run's write
-    (the runner's value, e.g. the mean over its reference; local backend)."""
+    (the runner's value, e.g. the mean over its reference; :meth:`Runner.ablated_prefix`)."""
 
     senders: tuple[Component, ...]
     value: str

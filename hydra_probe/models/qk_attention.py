@@ -243,25 +243,18 @@ class QKAttention:
             return [(s, slice(None)) for s in sorted(cols, key=lambda s: s.kind == "k")]
         return [(s, as_index(sorted(c))) for s, c in cols.items()]
 
-    def freezes_qk(self, site: Site) -> bool:
-        """Whether :meth:`frozen_qk` freezes the q/k (or fused) projection ``site`` (one read at its output)."""
-        return self.module_of(site)[1] == "output"
-
     @contextlib.contextmanager
     def frozen_qk(self, layers: Any) -> Iterator[None]:
         """Within the block, the queries and keys of ``layers`` pass no gradient (AtP*'s QK fix: attention
         patterns are constants for the gradient) and cost no backward: a separate q or k projection's output
         is detached (its backward never runs); a fused one's is detached and its other columns (the values)
         recomputed from its input with their gradient, so its backward forms those columns' input gradient
-        alone. Only the sites :meth:`freezes_qk` accepts; the caller freezes the others by editing their
-        columns."""
+        alone."""
         self._refuse_remote()
         with temporary_hooks() as register:
             for layer in layers:
                 for site, qk in self.qk_sites(layer):
-                    mod, _ = self.module_of(site)
-                    if not self.freezes_qk(site):
-                        continue
+                    mod, _ = self.module_of(site)  # q, k and qkv sites are their projection's output
                     if isinstance(qk, slice) and qk == slice(None):
                         register(mod, _detached_output)
                         continue

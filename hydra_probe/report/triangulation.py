@@ -426,8 +426,9 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
     text); ``ablation``: ``attribution_ablate(...).to_frame()`` (AtP* of the ablation's total effect; None:
     not estimated). A component's share is the largest of |mean AtP* denoise| and |mean AtP* noise|
     (estimated restoration and damage, shares of |gap|), mean AtP* ablation TE / verdict scale (signed: a TE
-    against the scale's side is never necessity) and |mean clean DE| / |verdict scale|. Swept: every component whose share is at least ``RULE_OUT * threshold``, and the
-    ``top`` largest shares whatever they are. The ablation estimate covers TE, including what a component
+    against the scale's side is never necessity) and |mean clean DE| / |verdict scale|. Swept: every
+    component whose share is at least ``RULE_OUT * threshold``, and the ``top`` largest shares whatever they
+    are. The ablation estimate covers TE, including what a component
     costs through downstream paths the corruption does not move; the direct effect covers DE lost (a
     component masked by self-repair has a small TE but a large DE lost, which is its clean DE under zero
     ablation: DE lost = DE - the DE of the ablation value); AtP*'s GradDrop keeps components whose direct

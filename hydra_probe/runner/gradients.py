@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,13 +106,14 @@ class GradientsMixin:
     def _changed_rows_of(self, outs: list[GradientOutput]) -> list[GradientOutput]:
         """Every-row gradient outputs with the gradients before each group's first clean/corrupted difference
         zeroed, as ``gradients(changed_rows_only=True)`` returns them (in place; the caller owns them)."""
+        firsts = [self.first_difference(g) for g in range(len(self.groups))]
         done: set[int] = set()
         for o in outs:
             for per_group in o.grads.values():
                 for g, v in enumerate(per_group):
                     if id(v) not in done:
                         done.add(id(v))
-                        v[:, :min(self.first_difference(g), v.shape[1])] = 0
+                        v[:, :min(firsts[g], v.shape[1])] = 0
         return outs
 
     def _gradients_local(self, source: str, reads: Sequence[GradientRead], label: str, changed_rows_only: bool
@@ -228,10 +230,6 @@ class GradientsMixin:
         acts: dict[Site, torch.Tensor] = {}
         edits: dict[Site, list[Callable]] = {}
         caps: dict[Site, Callable] = {}
-        if freeze:  # AtP*'s QK fix: queries and keys pass no gradient (attention patterns are constants)
-            for site, sls in _qk_columns(ad, start).items():
-                if not ad.freezes_qk(site):  # a projection the adapter does not freeze itself: edit its columns
-                    edits.setdefault(site, []).append(_frozen_columns(sls))
         block_in: dict[int, torch.Tensor] = {}
         for layer in drops:
             caps[Site(layer, "resid_pre")] = lambda x, layer=layer: block_in.__setitem__(layer, x)
@@ -243,6 +241,7 @@ class GradientsMixin:
         need = sorted(read_sites | taps, key=lambda s: s.order)
         with self.model.evaluating(), torch.enable_grad():
             hook_edits = {s: f for s, f in edit_fns.items() if s != final}
+            # AtP*'s QK fix: queries and keys pass no gradient (attention patterns are constants)
             frozen = ad.frozen_qk(range(start, L)) if freeze else contextlib.nullcontext()
             with self.ad.hooks(hook_edits, caps) as fired, frozen:
                 x = self.ad.run_blocks(P, start, 1, first_row=r) if start < L else P.resid[L].clone()
@@ -702,9 +701,7 @@ class GradientsMixin:
         same pages instead of a fresh allocation of tens of MB each (the kernel's page faults took a tenth of
         the QK fix's time). Nothing that outlives the layer's attention call may alias it (the attention's
         output and patterns are new tensors)."""
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         key = (slot, dtype, device)
         buf = self._qk_bufs.get(key)
         if buf is None or buf.numel() < n:
@@ -828,16 +825,6 @@ def _qk_columns(ad: Any, start: int) -> dict[Site, list[slice]]:
                 site, sl = ad.head_input_slice(layer, h, w)
                 cols.setdefault(site, []).append(sl)
     return cols
-
-
-def _frozen_columns(sls: Sequence[slice]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The edit that lets no gradient through the columns ``sls`` of a q/k (or fused qkv) projection's output:
-    detached outright where they are every column (a separate q or k projection: its backward is then never
-    run), else the other columns keep theirs."""
-    def edit(y: torch.Tensor) -> torch.Tensor:
-        mask = _column_mask(y, sls)
-        return y.detach() if bool(mask.all()) else torch.where(mask, y.detach(), y)
-    return edit
 
 
 def _column_mask(y: torch.Tensor, sls: Sequence[slice]) -> torch.Tensor:
