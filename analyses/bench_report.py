@@ -6,7 +6,7 @@ On a random-weight model (no downloads) of a real model's shape, runs
 and once with ``exact="auto"`` (the default: AtP* and the direct effects rule
 components out), on the same prompts, and prints:
 
-    shape=NAME exact=all|auto wall_s=W cpu_s=C swept=K/N
+    shape=NAME exact=all|auto wall_s=W cpu_s=C swept=K/N denoise=D noise=E ablation=A
     shape=NAME exact=all|auto step=STEP wall_s=S        (rep.timings, one line per step)
     shape=NAME ratio auto/all wall=R cpu=C
     shape=NAME top10 verdicts agree=A/10 (by the exhaustive run's importance) [component: all -> auto ...]
@@ -46,6 +46,7 @@ import torch
 import transformers as tf
 
 import hydra_probe as hp
+from hydra_probe.report.triangulation import MEASUREMENTS
 from hydra_probe.tasks.task import Task
 
 SHAPES = {
@@ -99,8 +100,10 @@ def compare(shape: str, model: hp.HookedModel, task: Task, modes: str = "all,aut
         reps[mode], wall[mode], cpu[mode] = run(model, task, mode)
         t = reps[mode].to_frame()
         b = reps[mode].baseline
+        made = {k: int(t["measured"].map(lambda m, k=k: k in m.split(", ")).sum()) for k in MEASUREMENTS}
         say(f"shape={shape} exact={mode} wall_s={wall[mode]:.1f} cpu_s={cpu[mode]:.1f} "
-            f"swept={int(t['exact'].sum())}/{len(t)}  (n={n}, clean {b['clean_metric']:.3g}, "
+            f"swept={int(t['measured'].ne('').sum())}/{len(t)} "
+            + " ".join(f"{k}={v}" for k, v in made.items()) + f"  (n={n}, clean {b['clean_metric']:.3g}, "
             f"corrupted {b['corrupted_metric']:.3g}, gap {b['gap']:.3g})", flush=True)
         for step, s in reps[mode].timings.items():
             say(f"shape={shape} exact={mode} step={step} wall_s={s:.1f}", flush=True)
@@ -113,10 +116,11 @@ def compare(shape: str, model: hp.HookedModel, task: Task, modes: str = "all,aut
         same = [c for c in top if f.loc[c, "verdict"] == x.loc[c, "verdict"]]
         say(f"shape={shape} top10 verdicts agree={len(same)}/{len(top)} (by the exhaustive run's importance) "
             + " ".join(f"[{c}: {f.loc[c, 'verdict']} -> {x.loc[c, 'verdict']}"
-                       f"{'' if x.loc[c, 'exact'] else ' (estimated)'}]" for c in top))
+                       f"{'' if x.loc[c, 'exact'] else ' (' + (x.loc[c, 'measured'] or 'estimated') + ')'}]"
+                       for c in top))
         nm = f.index[f["verdict"] != "agree: minor"]
         agree = int((x.loc[nm, "verdict"] == f.loc[nm, "verdict"]).sum())
-        say(f"shape={shape} non-minor verdicts agree={agree}/{len(nm)} swept={int(x.loc[nm, 'exact'].sum())}/"
+        say(f"shape={shape} non-minor verdicts agree={agree}/{len(nm)} swept={int(x.loc[nm, 'measured'].ne('').sum())}/"
             f"{len(nm)}; all verdicts agree={int((x.loc[f.index, 'verdict'] == f['verdict']).sum())}/{len(f)}")
     sys.stdout.flush()
     return reps

@@ -190,15 +190,15 @@ def test_the_rule_out_reads_the_ablation_estimate_on_the_side_of_the_scale():
     # A: nothing but an ablation estimate of 0.08 of the scale (above the cut 0.05): swept; B: -0.08 (against
     # the scale's side, never necessity): ruled out; C: large restoration estimate; D, E: nothing
     direct, den, noi, abl = _frames([0, 0, 0.5, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0.08, -0.08, 0, 0.01, 0])
-    names, bound = tri._exact_plan(direct, den, noi, 0.1, 1, "mean", abl)
-    assert names == ["A", "C"]
-    assert "AtP* estimate of its mean ablation's total effect" in bound and "3 are estimated" in bound
-    # a gap of the other sign flips the side: then B is the one swept
+    plan, bound = tri._exact_plan(direct, den, noi, 0.1, 1, "mean", abl)
+    assert plan == {"denoise": ["C"], "noise": ["C"], "ablation": ["A", "C"]}
+    assert "AtP* estimate of its mean ablation's total effect" in bound and "other 3 are estimated" in bound
+    # a gap of the other sign flips the side: then B is the one ablated
     direct, den, noi, abl = _frames([0, 0, -0.5, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0.08, -0.08, 0, 0.01, 0],
                                     clean=-1.0, corr=0.0)
-    names, _ = tri._exact_plan(direct, den, noi, 0.1, 1, "mean", abl)
-    assert names == ["B", "C"]
+    plan, _ = tri._exact_plan(direct, den, noi, 0.1, 1, "mean", abl)
+    assert plan["ablation"] == ["B", "C"]
     # without an ablation estimate, the direct effect alone covers the ablation side (the bound says so)
     direct, den, noi, _ = _frames([0, 0, 0.5, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0], None)
-    names, bound = tri._exact_plan(direct, den, noi, 0.1, 1, "mean", None)
-    assert names == ["C"] and "what its direct effect does not show" in bound
+    plan, bound = tri._exact_plan(direct, den, noi, 0.1, 1, "mean", None)
+    assert plan == {k: ["C"] for k in tri.MEASUREMENTS} and "what its direct effect does not show" in bound

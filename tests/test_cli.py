@@ -86,7 +86,8 @@ def test_report_end_to_end_on_a_model_folder(report, model_dir):
     # the numbers are the API's
     m = hp.load_model(str(model_dir))
     task = hp.tasks.ioi(m, 6, corruption="swap", seed=0)
-    names = [c.name for c in m.components("heads")]
+    sweeps = obj["config"]["exact_sweeps"]  # exact="auto" (the default): what AtP* could not rule out
+    names = sweeps["ablation"]
     # the self-repair is "Why it repairs"' sweep: repair_mechanisms' exactly, self_repair's to float32 rounding
     sr = hp.repair_mechanisms(m, task, names).as_self_repair().to_frame()
     plain = hp.self_repair(m, task, names).to_frame()
@@ -94,7 +95,7 @@ def test_report_end_to_end_on_a_model_folder(report, model_dir):
     for col in ("total_effect", "de_lost", "self_repair", "clean_de"):
         np.testing.assert_array_equal(got[col].to_numpy(float), sr[col].to_numpy())
         np.testing.assert_allclose(got[col].to_numpy(float), plain[col].to_numpy(), rtol=1e-5, atol=2e-5)
-    noise = hp.activation_patch(m, task, names, "noise").to_frame()
+    noise = hp.activation_patch(m, task, sweeps["noise"], "noise").to_frame()
     np.testing.assert_array_equal(frame(obj, "patch_noise")["patched_metric"].to_numpy(float),
                                   noise["patched_metric"].to_numpy())
     tri = pd.DataFrame(obj["tables"]["triangulation"]["data"], columns=obj["tables"]["triangulation"]["columns"])
@@ -217,13 +218,13 @@ def test_report_end_to_end_on_the_shipped_model(tmp_path, capsys):
     assert obj["model"]["name"] == "hydra_probe/default-ioi"
     m = hp.load_default_model()
     task = hp.tasks.ioi(m, 8, corruption="swap", seed=0)
-    swept = obj["config"].get("exact_components") or "heads"  # exact="auto" (the default) sweeps these
+    swept = obj["config"].get("exact_sweeps", {}).get("ablation") or "heads"  # exact="auto" (the default) ablates these
     sr = hp.repair_mechanisms(m, task, swept).as_self_repair().to_frame()  # the report's one sweep
     np.testing.assert_array_equal(frame(obj, "self_repair")["total_effect"].to_numpy(float),
                                   sr["total_effect"].to_numpy())
     np.testing.assert_allclose(frame(obj, "self_repair")["total_effect"].to_numpy(float),
                                hp.self_repair(m, task, swept).to_frame()["total_effect"].to_numpy(), rtol=1e-5,
                                atol=1e-4)
-    den = hp.activation_patch(m, task, swept, "denoise").to_frame()
+    den = hp.activation_patch(m, task, obj["config"]["exact_sweeps"]["denoise"], "denoise").to_frame()
     np.testing.assert_array_equal(frame(obj, "patch_denoise")["patched_metric"].to_numpy(float),
                                   den["patched_metric"].to_numpy())

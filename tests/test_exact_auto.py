@@ -30,33 +30,55 @@ def both(m, task, **kw):
     return auto, full, auto.to_frame().set_index("component"), full.to_frame().set_index("component")
 
 
+#: The measured columns of each measurement exact="auto" sweeps or rules out.
+COLUMNS = {"denoise": ["restoration"], "noise": ["damage"], "ablation": ["total_effect", "de_lost", "self_repair"]}
+
+
+def made_in(a: pd.DataFrame, k: str) -> pd.Series:
+    """Whether each row's ``measured`` lists measurement ``k``."""
+    return a["measured"].map(lambda m: k in m.split(", "))
+
+
 def check_against_exhaustive(auto, a: pd.DataFrame, f: pd.DataFrame, rtol: float) -> None:
-    """The issue's claim, row by row, plus what estimated rows must look like. ``rtol``: the swept rows' numbers
-    against the exhaustive run's (the same computations, batched with other components)."""
-    assert f["exact"].all() and sorted(a.index) == sorted(f.index)
+    """The issue's claim, row by row, plus what estimated cells must look like. ``rtol``: the swept measurements'
+    numbers against the exhaustive run's (the same computations, batched with other components)."""
+    assert f["exact"].all() and (f["measured"] == "denoise, noise, ablation").all()
+    assert sorted(a.index) == sorted(f.index)
     matter = f.index[f["verdict"] != MINOR]
-    assert a.loc[matter, "exact"].all(), a.loc[matter, ["exact", "verdict"]]   # every component that matters is swept
+    assert a.loc[matter, "measured"].ne("").all(), a.loc[matter, ["measured", "verdict"]]  # each one is swept
     matter = list(dict.fromkeys([*matter, *f.index[:10]]))  # and the exhaustive top 10 (swept, or minor there too)
     got, want = a.loc[matter, "verdict"], f.loc[matter, "verdict"]
     assert (got == want).all(), pd.concat([got.rename("auto"), want.rename("all")], axis=1)
-    swept = a.index[a["exact"]]
-    assert set(swept) == set(auto.config["exact_components"]) == set(auto.results["self_repair"].to_frame().component)
-    # swept rows: the exhaustive run's measurements (the same functions on a subset of components)
-    np.testing.assert_allclose(a.loc[swept, MEASURED].to_numpy(float), f.loc[swept, MEASURED].to_numpy(float),
-                               rtol=rtol, atol=rtol * abs(auto.baseline["gap"]))
+    sweeps = auto.config["exact_sweeps"]
+    assert set(sweeps) == set(COLUMNS) and all(sweeps[k] for k in COLUMNS)  # the top components: every one
+    swept = a.index[a["measured"] != ""]
+    assert set(swept) == set(auto.config["exact_components"]) == {c for v in sweeps.values() for c in v}
+    assert set(a.index[a["exact"]]) == set.intersection(*(set(v) for v in sweeps.values()))
+    assert set(sweeps["ablation"]) == set(auto.results["self_repair"].to_frame().component)
+    assert set(sweeps["denoise"]) == set(auto.results["patch_denoise"].to_frame().component)
+    assert set(sweeps["noise"]) == set(auto.results["patch_noise"].to_frame().component)
+    for k, cols in COLUMNS.items():
+        made = a.index[made_in(a, k)]
+        assert set(made) == set(sweeps[k])
+        # swept: the exhaustive run's measurements (the same functions on a subset of components)
+        np.testing.assert_allclose(a.loc[made, cols].to_numpy(float), f.loc[made, cols].to_numpy(float),
+                                   rtol=rtol, atol=rtol * abs(auto.baseline["gap"]))
+        # not swept: blank, and below the threshold in the exhaustive run too unless the verdict says otherwise
+        assert a.loc[a.index.difference(made), cols].isna().all().all()
     np.testing.assert_allclose(a["direct_effect"], f.loc[a.index, "direct_effect"], rtol=0, atol=0)
     # estimated rows: minor without a measurement, never a lower bound, the AtP* estimate as attribution
-    est = a[~a["exact"]]
-    assert (est["verdict"] == MINOR).all() and est[MEASURED].isna().all().all()
-    assert not est["lower_bound"].eq(True).any() and est["attribution"].notna().all()
-    assert (est["compensators"] == "").all() and (est["backups"] == "").all()
-    # the follow-ups saw only swept components
+    est = a[a["measured"] == ""]
+    assert (est["verdict"] == MINOR).all() and not est["exact"].any()
+    not_ablated = a[~made_in(a, "ablation")]
+    assert not not_ablated["lower_bound"].eq(True).any() and a["attribution"].notna().all()
+    assert (not_ablated["compensators"] == "").all() and (not_ablated["backups"] == "").all()
+    # the follow-ups saw only ablated components (path patching: the top ones, which are swept)
     assert set(auto.top_components()) <= set(swept)
     assert set(auto.results["path_patch"].to_frame()["sender"]) <= set(swept)
     if "iterated_ablation" in auto.results:
-        assert auto.results["iterated_ablation"].summary()["ablated"].iloc[0] in set(swept)
+        assert auto.results["iterated_ablation"].summary()["ablated"].iloc[0] in set(sweeps["ablation"])
     if auto.graph is not None:
-        assert {u for u, _ in auto.graph.edges} <= set(swept)
+        assert {u for u, _ in auto.graph.edges} <= set(sweeps["ablation"])
 
 
 # ---------------------------------------------------------------------------- the shipped model
@@ -82,8 +104,10 @@ def test_the_report_marks_estimated_rows_and_prints_the_bound(shipped, tmp_path)
     out = auto.save(tmp_path / "auto", figures=False)
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     k, n = int(a["exact"].sum()), len(a)
+    none = int(a["measured"].eq("").sum())
     bound = auto.config["exact_bound"]
-    assert bound.startswith(f"{k} of {n} components swept exactly") and f"The other {n - k} are estimated" in bound
+    assert bound.startswith(f"{k} of {n} components swept exactly in every measurement and {n - none - k} in some")
+    assert f"The other {none} are estimated in every measurement" in bound
     assert "0.05 of the gap" in bound and "exact='all'" in bound
     assert bound in md and any(bound in note for note in auto.notes)
     assert "(`exact='auto'`, the default)" in md and "<code>exact=&#x27;auto&#x27;</code>" in html
@@ -94,17 +118,21 @@ def test_the_report_marks_estimated_rows_and_prints_the_bound(shipped, tmp_path)
     for line in rows:
         c = line.split("|")[1].strip()
         cells = [x.strip() for x in line.strip("|").split("|")]
-        assert cells[-1] == ("yes" if a.loc[c, "exact"] else "estimated"), line
-        if not a.loc[c, "exact"]:
-            assert cells[2:7] == ["", "", "", "", ""] and cells[-2] == MINOR, line  # TE .. lower bound left blank
-    assert html.count("<td>estimated</td>") == n - k
-    assert f"{n - k} of the {int((a['verdict'] == MINOR).sum())} 'agree: minor' are estimated" in md
+        assert cells[-1] == ("yes" if a.loc[c, "exact"] else a.loc[c, "measured"] or "estimated"), line
+        if "ablation" not in a.loc[c, "measured"].split(", "):
+            assert cells[2:7] == ["", "", "", "", ""], line  # TE .. lower bound left blank
+        if not a.loc[c, "measured"]:
+            assert cells[-2] == MINOR and cells[9:11] == ["", ""], line  # restoration and damage too
+    assert html.count("<td>estimated</td>") == none
+    assert f"{none} of the {int((a['verdict'] == MINOR).sum())} 'agree: minor' are estimated" in md
     assert "--exact auto" in md
     csv = pd.read_csv(out / "tables" / "triangulation.csv").set_index("component")
     assert (csv.loc[a.index, "exact"] == a["exact"]).all()
+    assert (csv.loc[a.index, "measured"].fillna("") == a["measured"]).all()
     assert (out / "tables" / "attribution_patch_noise.csv").is_file()
     back = hp.TriangulationReport.load(out)
-    assert (back.to_frame().set_index("component").loc[a.index, "exact"] == a["exact"]).all()
+    assert (back.to_frame().set_index("component").loc[a.index, ["exact", "measured"]] == a[["exact", "measured"]]
+            ).all().all()
     assert back.config["exact_bound"] == bound
     assert json.loads((out / "results.json").read_text())["config"]["exact"] == "auto"
     # the exhaustive report says how it was run, and has no estimated row
@@ -139,7 +167,7 @@ def test_auto_gives_the_exhaustive_verdicts_on_every_family(family):
 
 
 # ---------------------------------------------------------------------------- the plan, on hand-made estimates
-def test_the_plan_rules_out_only_what_every_estimate_calls_small():
+def test_the_plan_rules_out_each_measurement_its_estimate_calls_small():
     """clean 8, corrupted -8: gap 16, verdict scale 8, threshold 0.1 -> cut 0.05: 0.8 of AtP* (0.05 x gap), 0.4 of
     DE (0.05 x scale). Each of A, B, C reaches the cut on one measure only; D and E are below it on all three."""
     comps = ["A", "B", "C", "D", "E"]
@@ -152,17 +180,22 @@ def test_the_plan_rules_out_only_what_every_estimate_calls_small():
                              "clean_metric": 8.0, "corrupted_metric": -8.0})
 
     direct = pd.DataFrame({"component": comps, "direct_effect": de})
-    names, bound = tri._exact_plan(direct, frame(den), frame(noi), 0.1, top=1, value="zero")
-    assert names == ["A", "B", "C"]  # the top one (A, 0.9/16) is among them anyway
-    assert bound.startswith("3 of 5 components swept exactly") and "The other 2 are estimated" in bound
+    plan, bound = tri._exact_plan(direct, frame(den), frame(noi), 0.1, top=1, value="zero")
+    # A is the top one (0.9/16 ties C's 0.45/8; component order breaks the tie): every measurement; B's damage
+    # and C's DE reach the cut in one measurement each
+    assert plan == {"denoise": ["A"], "noise": ["A", "B"], "ablation": ["A", "C"]}
+    assert bound.startswith("1 of 5 components swept exactly in every measurement and 2 in some "
+                            "(1 patched (denoise), 2 patched (noise), 2 ablated)")
+    assert "The other 2 are estimated in every measurement" in bound
     assert "zero ablation" in bound and "0.05 of the gap" in bound and "0.05 of the verdict scale" in bound
-    names, _ = tri._exact_plan(direct, frame([0.0] * 5), frame([0.0] * 5), 0.1, top=2)
-    assert names == ["C", "E"]  # nothing reaches the cut: the top 2 (by |DE| / scale) are still swept
-    names, bound = tri._exact_plan(direct, frame(den), frame(noi), 0.1, top=5)
-    assert names == comps and bound.startswith("all 5 components swept exactly")
+    plan, _ = tri._exact_plan(direct, frame([0.0] * 5), frame([0.0] * 5), 0.1, top=2)
+    assert plan == {k: ["C", "E"] for k in tri.MEASUREMENTS}  # nothing reaches the cut but C's DE: the top 2
+    plan, bound = tri._exact_plan(direct, frame(den), frame(noi), 0.1, top=5)
+    assert plan == {k: comps for k in tri.MEASUREMENTS}
+    assert bound.startswith("all 5 components swept exactly in every measurement")
     # the cut is half the threshold: at 0.2, D's AtP* (0.7/16 = 0.044) and C's DE (0.45/8 = 0.056) fall under 0.1
-    names, _ = tri._exact_plan(direct, frame(den), frame(noi), 0.2, top=1)
-    assert names == ["A"]
+    plan, _ = tri._exact_plan(direct, frame(den), frame(noi), 0.2, top=1)
+    assert plan == {k: ["A"] for k in tri.MEASUREMENTS}
 
 
 # ---------------------------------------------------------------------------- the default and bad input

@@ -52,17 +52,17 @@ def test_table_has_one_row_per_component_and_documented_columns(setup):
 
 def test_report_holds_result_objects_whose_numbers_equal_the_api(setup):
     m, task, rep = setup
-    # the default exact="auto" sweeps every head of this tiny random model (AtP* rules none out; the comparison
-    # with the exhaustive run where it does is tests/test_exact_auto.py)
-    assert rep.config["exact"] == "auto" and rep.to_frame()["exact"].all()
-    heads = [c.name for c in m.components("heads")]
+    # the default exact="auto" measures each head of this tiny random model where AtP* cannot rule it out (the
+    # comparison with the exhaustive run is tests/test_exact_auto.py); the API is called on what the report swept
+    assert rep.config["exact"] == "auto" and rep.to_frame()["measured"].ne("").all()
+    heads = rep.config["exact_sweeps"]["ablation"]
     # with "Why it repairs" on, the self-repair is that section's sweep: exactly repair_mechanisms' (eager attention),
     # and self_repair's to float32 rounding
     sr = hp.repair_mechanisms(m, task, heads).as_self_repair()
     pd.testing.assert_frame_equal(rep.results["self_repair"].to_frame(), sr.to_frame())
     pd.testing.assert_frame_equal(rep.results["self_repair"].to_frame(), hp.self_repair(m, task, heads).to_frame(),
                                   check_exact=False, rtol=1e-5, atol=2e-5)
-    den = hp.activation_patch(m, task, [c.name for c in m.components("heads")], "denoise")
+    den = hp.activation_patch(m, task, rep.config["exact_sweeps"]["denoise"], "denoise")
     s = den.summary().set_index("component")["score"]
     t = rep.to_frame().set_index("component")
     np.testing.assert_allclose(t.loc[s.index, "restoration"], s, rtol=0, atol=0)

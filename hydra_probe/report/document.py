@@ -145,9 +145,10 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
     d.pre(verdict_rule_text(rep))
     if cfg.get("exact") == "auto":
         d.p("**Exact sweeps where attribution cannot rule a component out** (`exact='auto'`, the default): "
-            f"{cfg['exact_bound']} Rows marked *estimated* in the `exact` column have no ablation or patching "
-            "measurement (blank cells); their attribution column is the AtP* estimate. `exact='all'` "
-            "(`--exact all`) sweeps every component.")
+            f"{cfg['exact_bound']} The `exact` column says which measurements were made: *yes* (all), "
+            "*estimated* (none: no ablation or patching measurement, blank cells) or the ones made (the others' "
+            "cells are blank); the attribution column is the AtP* estimate. `exact='all'` (`--exact all`) sweeps "
+            "every component.")
     show = t.head(max_rows)
     tab = pd.DataFrame({
         "component": show["component"],
@@ -168,7 +169,7 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
         "verdict": show["verdict"],
     })
     if cfg.get("exact") == "auto":
-        tab["exact"] = ["yes" if x else "estimated" for x in show["exact"]]
+        tab["exact"] = ["yes" if x else (m or "estimated") for x, m in zip(show["exact"], show["measured"])]
     d.table(tab, f"Conditions: {claim_conditions(prov)}."
             + (f" Top {max_rows} of {len(t)} rows; all in tables/triangulation.csv." if len(t) > max_rows else ""))
     d.h(3, "Claims for the top components")

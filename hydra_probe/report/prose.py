@@ -119,7 +119,7 @@ def findings(rep: Any) -> list[str]:
     is_lb = t["lower_bound"].eq(True)  # NaN: a component not ablated (exact="auto")
     nlb = int(is_lb.sum())
     lb = t[is_lb].sort_values("self_repair", ascending=False, kind="stable")
-    n_abl = int(t["exact"].astype(bool).sum()) if "exact" in t else len(t)
+    n_abl = int(t["measured"].map(lambda m: "ablation" in m.split(", ")).sum()) if "measured" in t else len(t)
     line = (f"{nlb} of {n_abl}{' ablated' if n_abl < len(t) else ''} components have a total effect that is only a "
             "lower bound (self-repair > 0 beyond its 95% interval)")
     if nlb:
@@ -130,10 +130,13 @@ def findings(rep: Any) -> list[str]:
     out.append(line + ".")
     counts = t["verdict"].value_counts()
     out.append("Verdicts: " + ", ".join(f"{v} {int(counts.get(v, 0))}" for v in VERDICTS) + ".")
-    n_est = int((~t["exact"].astype(bool)).sum()) if "exact" in t else 0
-    if n_est:
+    n_est = int(t["measured"].eq("").sum()) if "measured" in t else 0
+    n_part = int((~t["exact"].astype(bool)).sum()) - n_est if "exact" in t else 0
+    if n_est or n_part:
         out[-1] += (f" {n_est} of the {int(counts.get(VERDICTS[-1], 0))} 'agree: minor' are estimated (exact='auto': "
-                    f"AtP* and the direct effect rule them out; not swept exactly), {len(t) - n_est} components swept.")
+                    f"AtP* and the direct effect rule every measurement out; not swept exactly), {len(t) - n_est} "
+                    f"components swept" + (f" ({n_part} in some measurements only: AtP* rules the others out)"
+                                           if n_part else "") + ".")
     if len(rep.edges_tested):
         e = rep.edges_tested
         conf = e[e["verified"] == "confirmed"]

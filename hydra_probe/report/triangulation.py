@@ -64,6 +64,10 @@ ANALYSES = {
                       "its most compensating MLP): the mechanisms of self-repair",
 }
 
+#: The measurements ``exact="auto"`` sweeps (or rules out) one by one, in the order they run.
+MEASUREMENTS = ("denoise", "noise", "ablation")
+
+
 class Steps:
     """Step messages ("[2/8] self-repair ... 3.1 s") on stderr when enabled (default: on a terminal)."""
 
@@ -180,7 +184,11 @@ class TriangulationReport:
         |te_norm|, |del_norm|, |restoration|, |damage|); the rule's
         ``necessity``, ``restoring``, ``backed_up``, ``masked``; ``verdict``
         and ``backups`` (the backups behind a "masked" verdict, with their
-        evidence). See :data:`VERDICT_RULE`.
+        evidence). See :data:`VERDICT_RULE`. ``measured``: which of
+        :data:`MEASUREMENTS` were swept exactly for the component ("denoise,
+        noise, ablation" with ``exact="all"``; with ``"auto"`` a measurement its
+        estimate rules out is not made and its cells are NaN); ``exact``: all
+        of them were.
         """
         if self._table is None:
             self._table = _assemble(self)
@@ -238,9 +246,23 @@ def _assemble(rep: TriangulationReport) -> pd.DataFrame:
         attribution=r["attribution"].to_frame(),
         edges_tested=rep.edges_tested,
         iterated=r["iterated_ablation"].summary() if "iterated_ablation" in r else None)
-    swept = rep.config.get("exact_components")
-    t["exact"] = True if swept is None else t["component"].isin(swept)
+    sweeps = exact_sweeps(rep.config)
+    made = [[k for k in MEASUREMENTS if sweeps is None or c in sweeps[k]] for c in t["component"]]
+    t["measured"] = [", ".join(m) for m in made]
+    t["exact"] = [len(m) == len(MEASUREMENTS) for m in made]
     return t
+
+
+def exact_sweeps(config: dict[str, Any]) -> dict[str, set[str]] | None:
+    """Per measurement (:data:`MEASUREMENTS`), the components a report swept exactly; None: every one
+    (``exact="all"``). Reports saved before measurements were swept one by one list ``exact_components`` only,
+    each swept in every measurement."""
+    if config.get("exact") != "auto":
+        return None
+    got = config.get("exact_sweeps")
+    if got is None:
+        return {k: set(config.get("exact_components", [])) for k in MEASUREMENTS}
+    return {k: set(got.get(k, [])) for k in MEASUREMENTS}
 
 
 # ---------------------------------------------------------------------- main entry
@@ -321,26 +343,29 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
 
     with steps.step("direct_effects", "direct effects"):
         results["direct_effects"] = direct_effects(model, task, names, scale=scale, **kw)
-    swept, bound = names, ""
+    sweeps, bound = {k: names for k in MEASUREMENTS}, ""
     if exact == "auto":
         with steps.step("attribution", "attribution (AtP*: both patching directions and the ablation; which "
-                        "components to sweep)"):
+                        "measurements to sweep)"):
             results["attribution"] = attribution_patch(model, task, components=names, direction="denoise",
                                                        method="atp*", **kw)
             # on the local backend its clean-run gradients are handed to the noising direction (one pass)
             results["attribution_ablation"] = attribution_ablate(model, task, names, value=value, seed=seed, **kw)
             results["attribution_noise"] = attribution_patch(model, task, components=names, direction="noise",
                                                              method="atp*", **kw)
-        swept, bound = _exact_plan(results["direct_effects"].summary(), results["attribution"].to_frame(),
-                                   results["attribution_noise"].to_frame(), float(threshold), int(top), vname,
-                                   results["attribution_ablation"].to_frame())
-    with steps.step("patch_denoise", "activation patching, denoise (clean -> corrupted)"):
-        results["patch_denoise"] = activation_patch(model, task, swept, "denoise", progress=bars, **kw)
-    with steps.step("patch_noise", "activation patching, noise (corrupted -> clean)"):
-        results["patch_noise"] = activation_patch(model, task, swept, "noise", progress=bars, **kw)
+        sweeps, bound = _exact_plan(results["direct_effects"].summary(), results["attribution"].to_frame(),
+                                    results["attribution_noise"].to_frame(), float(threshold), int(top), vname,
+                                    results["attribution_ablation"].to_frame())
+    with steps.step("patch_denoise", f"activation patching, denoise (clean -> corrupted) of "
+                    f"{len(sweeps['denoise'])} components"):
+        results["patch_denoise"] = activation_patch(model, task, sweeps["denoise"], "denoise", progress=bars, **kw)
+    with steps.step("patch_noise", f"activation patching, noise (corrupted -> clean) of "
+                    f"{len(sweeps['noise'])} components"):
+        results["patch_noise"] = activation_patch(model, task, sweeps["noise"], "noise", progress=bars, **kw)
 
     # with "Why it repairs", one sweep serves both: repair_mechanisms runs self_repair's ablated forwards (with
     # eager attention; its self-repair equals self_repair's to float32 rounding) and the section reuses it
+    swept = sweeps["ablation"]
     pre_mech = None
     one_sweep = mechanisms and skip_note(model) is None and not any(c.startswith("ATTN") for c in swept)
     with steps.step("self_repair", f"ablation ({vname}) and self-repair of {len(swept)} components"):
@@ -361,7 +386,8 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
            "top": int(top), "seed": int(seed), "threshold": float(threshold), "graph_top_k": int(graph_top_k),
            "iterate": int(iterate), "mechanisms": bool(mechanisms), "exact": exact}
     if exact == "auto":
-        cfg.update(exact_components=list(swept), exact_bound=bound)
+        cfg.update(exact_components=[c for c in names if any(c in v for v in sweeps.values())],
+                   exact_sweeps={k: list(v) for k, v in sweeps.items()}, exact_bound=bound)
         notes.append(f"exact sweeps: {bound}")
     rep = TriangulationReport(results=results, config=cfg, task_info=_task_info(task), task_pairs=list(task.pairs),
                               agreement=agreement, notes=notes, model_info=_model_info(model))
@@ -412,27 +438,31 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     return rep
 
 
-#: ``exact="auto"`` rules a component out when its AtP* restoration and damage estimates and its direct effect are
-#: all below this share of the threshold (the rest of the threshold is the margin for the estimate's error).
+#: ``exact="auto"`` rules a measurement out when its estimate (AtP* restoration or damage; the ablation's AtP* total
+#: effect and the clean direct effect) is below this share of the threshold (the rest is the margin for its error).
 RULE_OUT = 0.5
 
 
 def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame, threshold: float,
-                top: int, value: str = "mean", ablation: pd.DataFrame | None = None) -> tuple[list[str], str]:
-    """Which components ``exact="auto"`` sweeps exactly: (names in component order, the stated bound).
+                top: int, value: str = "mean", ablation: pd.DataFrame | None = None
+                ) -> tuple[dict[str, list[str]], str]:
+    """Which measurements ``exact="auto"`` sweeps exactly, for which components: (``{"denoise": names, "noise":
+    names, "ablation": names}`` in component order, the stated bound).
 
     ``direct``: ``DirectEffects.summary()`` (clean run); ``denoise``, ``noise``: AtP* ``to_frame()`` of each
     direction (with ``clean_metric`` and ``corrupted_metric``); ``value``: the ablation value's name (for the
     text); ``ablation``: ``attribution_ablate(...).to_frame()`` (AtP* of the ablation's total effect; None:
-    not estimated). A component's share is the largest of |mean AtP* denoise| and |mean AtP* noise|
-    (estimated restoration and damage, shares of |gap|), mean AtP* ablation TE / verdict scale (signed: a TE
-    against the scale's side is never necessity) and |mean clean DE| / |verdict scale|. Swept: every
-    component whose share is at least ``RULE_OUT * threshold``, and the ``top`` largest shares whatever they
-    are. The ablation estimate covers TE, including what a component
-    costs through downstream paths the corruption does not move; the direct effect covers DE lost (a
-    component masked by self-repair has a small TE but a large DE lost, which is its clean DE under zero
-    ablation: DE lost = DE - the DE of the ablation value); AtP*'s GradDrop keeps components whose direct
-    and indirect paths cancel.
+    not estimated). Each measurement is ruled out by its own estimate, as a share: activation patching,
+    denoise, by |mean AtP* denoise| / |gap| (estimated restoration); noise by |mean AtP* noise| / |gap|
+    (estimated damage); the ablation (TE, DE lost, self-repair) by the larger of mean AtP* ablation TE / verdict
+    scale (signed: a TE against the scale's side is never necessity) and |mean clean DE| / |verdict scale|.
+    Swept: a measurement whose share is at least ``RULE_OUT * threshold``, and every measurement of the ``top``
+    components with the largest shares (over all four) whatever they are. A measurement not swept reads below the
+    threshold, which is all the verdict rule asks of it (R reads restoration and damage; N, L, M and B the
+    ablation). The ablation estimate covers TE, including what a component costs through downstream paths the
+    corruption does not move; the direct effect covers DE lost (a component masked by self-repair has a small TE
+    but a large DE lost, which is its clean DE under zero ablation: DE lost = DE - the DE of the ablation value);
+    AtP*'s GradDrop keeps components whose direct and indirect paths cancel.
     """
     g = denoise.drop_duplicates("prompt")
     clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
@@ -440,23 +470,27 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
     scale = abs(signed)
     den = denoise.groupby("component", sort=False)["estimate"].mean().abs() / gap
     noi = noise.groupby("component", sort=False)["estimate"].mean().abs() / gap
-    de = direct.set_index("component")["direct_effect"].abs() / scale
-    parts = [den, noi, de.reindex(den.index)]
+    abl = (direct.set_index("component")["direct_effect"].abs() / scale).reindex(den.index)
     if ablation is not None:  # TE counts toward necessity on the side of the scale only (VERDICT_RULE's N)
-        parts.append((ablation.groupby("component", sort=False)["estimate"].mean() / signed).reindex(den.index))
-    share = pd.concat(parts, axis=1).max(axis=1)
+        te = (ablation.groupby("component", sort=False)["estimate"].mean() / signed).reindex(den.index)
+        abl = pd.concat([abl, te], axis=1).max(axis=1)
+    shares = {"denoise": den, "noise": noi, "ablation": abl}
     cut = RULE_OUT * threshold
-    keep = set(share[share >= cut].index) | set(share.sort_values(ascending=False, kind="stable").index[:top])
-    names = [c for c in den.index if c in keep]
-    n, k = len(den), len(names)
+    first = set(pd.concat(list(shares.values()), axis=1).max(axis=1)
+                .sort_values(ascending=False, kind="stable").index[:top])
+    plan = {k: [c for c in den.index if c in first or s.get(c, 0.0) >= cut] for k, s in shares.items()}
+    n = len(den)
     side = (f"AtP* estimate of its {value} ablation's total effect or clean direct effect" if ablation is not None
             else "clean direct effect")
-    if k == n:
-        return names, (f"all {n} components swept exactly: each is among the {min(top, n)} with the largest "
-                       f"estimates, or its AtP* restoration or damage estimate reaches {cut:.3g} of the gap, or "
-                       f"its {side} reaches {cut:.3g} of the verdict scale (half the threshold {threshold:g}); "
-                       "none is estimated.")
-    rest = (f"The other {n - k} are estimated: they read" if n - k > 1 else "The other one is estimated: it reads")
+    rule = (f"each measurement of the {min(top, n)} with the largest estimates, and otherwise activation patching "
+            f"(denoise) where the AtP* restoration estimate reaches {cut:.3g} of the gap, (noise) where the AtP* "
+            f"damage estimate does, and the {value} ablation (TE, DE lost, self-repair) where the {side} reaches "
+            f"{cut:.3g} of the verdict scale (half the threshold {threshold:g})")
+    every = [c for c in den.index if all(c in p for p in plan.values())]
+    some = [c for c in den.index if any(c in p for p in plan.values())]
+    if len(every) == n:
+        return plan, f"all {n} components swept exactly in every measurement: {rule}; none is estimated."
+    counts = ", ".join(f"{len(plan[k])} {'ablated' if k == 'ablation' else f'patched ({k})'}" for k in MEASUREMENTS)
     miss = (f"only if AtP* misestimates its restoration or damage by more than {threshold - cut:.3g} of the gap or its "
             f"{value} ablation's total effect by more than {threshold - cut:.3g} of the verdict scale, or its DE lost "
             f"reaches {threshold:g} of the verdict scale through a {value} value with a large direct effect of its own."
@@ -464,12 +498,14 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
             f"only if AtP* misestimates its restoration or damage by more than {threshold - cut:.3g} of the gap, or its "
             f"{value} ablation costs {threshold:g} of the verdict scale through what its direct effect does not show "
             f"(indirect paths the corruption does not move, or a {value} value with a large direct effect of its own).")
-    bound = (f"{k} of {n} components swept exactly: the {min(top, n)} with the largest estimates and every one whose "
-             f"AtP* restoration or damage estimate reaches {cut:.3g} of the gap or whose {side} "
-             f"reaches {cut:.3g} of the verdict scale (half the threshold {threshold:g}). {rest} 'agree: minor' "
-             f"without an ablation or patching measurement. {'One of them' if n - k > 1 else 'It'} would read "
-             f"otherwise in the exhaustive run (exact='all') {miss}")
-    return names, bound
+    none = n - len(some)
+    rest = (f"The other {none} are estimated in every measurement" if none > 1 else
+            "The other one is estimated in every measurement" if none else "None is estimated in every measurement")
+    bound = (f"{len(every)} of {n} components swept exactly in every measurement and {len(some) - len(every)} in "
+             f"some ({counts}): {rule}. A measurement not swept reads below the threshold without being made (blank "
+             f"cells); {rest} and reads 'agree: minor'. A component would read otherwise in the exhaustive run "
+             f"(exact='all') {miss}")
+    return plan, bound
 
 
 def _iteration_plan(table: pd.DataFrame, graph: Any, k: int,
