@@ -499,12 +499,11 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
             f"{value} ablation costs {threshold:g} of the verdict scale through what its direct effect does not show "
             f"(indirect paths the corruption does not move, or a {value} value with a large direct effect of its own).")
     none = n - len(some)
-    rest = (f"The other {none} are estimated in every measurement" if none > 1 else
-            "The other one is estimated in every measurement" if none else "None is estimated in every measurement")
+    rest = (f"The other {none} are estimated in every measurement and read 'agree: minor'. " if none > 1 else
+            "The other one is estimated in every measurement and reads 'agree: minor'. " if none else "")
     bound = (f"{len(every)} of {n} components swept exactly in every measurement and {len(some) - len(every)} in "
              f"some ({counts}): {rule}. A measurement not swept reads below the threshold without being made (blank "
-             f"cells); {rest} and reads 'agree: minor'. A component would read otherwise in the exhaustive run "
-             f"(exact='all') {miss}")
+             f"cells). {rest}A component would read otherwise in the exhaustive run (exact='all') {miss}")
     return plan, bound
 
 
