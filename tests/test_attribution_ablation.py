@@ -134,8 +134,16 @@ def test_estimates_track_exact_ablation_on_the_shipped_model():
     f = est.to_frame()
     assert set(f.columns) == {"component", "prompt", "estimate", "clean_metric", "dropped_layer"}
     assert est.provenance["value"] == "mean" and est.provenance["estimator"] == "atp*"
-    with pytest.raises(hp.InputError, match="same value"):
+    with pytest.raises(hp.InputError, match=r"value 'zero' \(estimates: 'mean'\)"):
         est.agreement(hp.ablate(m, t, ["L0H0"], value="zero"))
+    with pytest.raises(hp.InputError, match=r"task_seed 1 \(estimates: 0\)"):  # other prompts
+        est.agreement(hp.ablate(m, hp.tasks.ioi(m, 8, seed=1), ["L0H0"], value="mean"))
+    with pytest.raises(hp.InputError, match=r"reference 'ioi' \(estimates: None\)"):  # a reference task's mean
+        est.agreement(hp.ablate(m, t, ["L0H0"], value=hp.tasks.ioi(m, 8, seed=2)))
+    res = hp.attribution_ablate(m, t, ["L0H0"], value="resample", seed=1)
+    with pytest.raises(hp.InputError, match=r"seed 0 \(estimates: 1\)"):  # other resample donors
+        res.agreement(hp.ablate(m, t, ["L0H0"], value="resample", seed=0))
+    assert res.agreement(hp.ablate(m, t, ["L0H0"], value="resample", seed=1))["n_components"] == 1
 
 
 def test_the_noising_direction_takes_the_ablation_gradients_in_a_report(monkeypatch):

@@ -56,7 +56,8 @@ class AttributionAblation(Result):
         return pd.DataFrame(rows)
 
     def agreement(self, exact: Ablation) -> dict[str, Any]:
-        """Agreement with exact ablation of the same components under the same value: ``pearson`` and
+        """Agreement with exact ablation of the same components under the same conditions (model, task, n,
+        metric, value, reference task, resample seed: else :class:`InputError`): ``pearson`` and
         ``spearman`` of the mean estimates against the mean total effects, ``n_components``, and
         ``largest_miss`` (the largest |mean estimate - mean total effect|) with its ``component``."""
         from scipy import stats as sps
@@ -64,9 +65,13 @@ class AttributionAblation(Result):
         if not isinstance(exact, Ablation):
             raise InputError(f"agreement() compares with an Ablation result (hp.ablate(...)); got "
                              f"{type(exact).__name__}.")
-        if exact.provenance.get("value") != self.provenance.get("value"):
-            raise InputError(f"the ablation used value {exact.provenance.get('value')!r} but the estimates "
-                             f"{self.provenance.get('value')!r}; compare the same value.")
+        mine, theirs = self.provenance, exact.provenance
+        keys = [*SAME_CONDITIONS, *(("seed",) if mine.get("value") == "resample" else ())]
+        off = [f"{k} {theirs.get(k)!r} (estimates: {mine.get(k)!r})" for k in keys if theirs.get(k) != mine.get(k)]
+        if off:
+            raise InputError(f"the ablation was run under other conditions than the estimates: {'; '.join(off)}; "
+                             "compare an ablation of the same model, task, metric and value (reference task, "
+                             "resample seed).")
         ex = exact.to_frame().groupby("component", sort=False)["total_effect"].mean()
         est = self._frame.groupby("component", sort=False)["estimate"].mean()
         both = pd.concat([est, ex], axis=1, join="inner")
@@ -78,6 +83,10 @@ class AttributionAblation(Result):
                 "spearman": float(sps.spearmanr(both["estimate"], both["total_effect"])[0]) if ok else float("nan"),
                 "n_components": len(both), "largest_miss": float(diff.max()), "component": str(diff.idxmax()),
                 "method": self.method_label}
+
+
+#: Provenance keys an exact ablation must share with the estimates it is compared with (and ``seed`` for resample).
+SAME_CONDITIONS = ("model", "task", "corruption", "task_seed", "n", "metric", "value", "reference")
 
 
 @public

@@ -145,6 +145,3 @@ def on_later_rows(model: Any, prefix: Any, start: int, r: int, run: Callable[[in
             except SuffixRefused:
                 ad.refuse_suffix()
     return run(0)
-
-
-# ---------------------------------------------------------------- nnsight: unedited forwards, fetched piecewise
