@@ -292,6 +292,11 @@ def test_attribution_result_residual_and_errors():
     assert ag["pearson"] > 0.9
     with pytest.raises(hp.InputError, match="direction"):
         at.agreement(hp.activation_patch(m, t, ["L0H1"], "noise"))
+    other = hp.tasks.ioi(m, len(t), seed=t.seed + 1)  # other prompts: another claim
+    with pytest.raises(hp.InputError, match=rf"task_seed {t.seed + 1} \(estimates: {t.seed}\)"):
+        at.agreement(hp.activation_patch(m, other, ["L0H1"], "denoise"))
+    with pytest.raises(hp.InputError, match=r"metric 'logit' \(estimates: 'logit_diff'\)"):
+        at.agreement(hp.activation_patch(m, t, ["L0H1"], "denoise", metric="logit"))
     noise = hp.attribution_patch(m, t, ["L0H1"], "noise").to_frame()
     np.testing.assert_allclose(noise.baseline_metric, noise.clean_metric)
 

@@ -33,7 +33,7 @@ from ..interventions import ABLATION_VALUES, Direction, GradientRead, SenderChan
 from ..metrics import Metric
 from ..models.sites import Site
 from ..results import Result, provenance
-from .common import as_model, make_runner, positions_of
+from .common import SAME_CONDITIONS, as_model, check_same_conditions, make_runner, positions_of
 from .patching import ActivationPatch, check_separable
 from .path import normalised_summary
 
@@ -88,7 +88,8 @@ class AttributionPatch(Result):
         return out
 
     def agreement(self, exact: ActivationPatch, top: int = 5, top_k: int = 5) -> dict[str, Any]:
-        """Agreement of the estimates with exact activation patching of the same components.
+        """Agreement of the estimates with exact activation patching of the same components under the same
+        conditions (model, task, n, metric, direction: else :class:`InputError`).
 
         Per component (and position), the exact effect is the mean over
         prompts of ``patched_metric - baseline_metric`` and the estimate the
@@ -105,6 +106,8 @@ class AttributionPatch(Result):
 
         if not isinstance(exact, ActivationPatch):
             raise InputError(f"agreement() compares with an ActivationPatch result; got {type(exact).__name__}.")
+        check_same_conditions(self.provenance, exact.provenance, SAME_CONDITIONS,
+                              "compare exact patching of the same model, task and metric.")
         e = exact.to_frame()
         d = self._frame["direction"].iloc[0]
         if e["direction"].iloc[0] != d:

@@ -27,7 +27,7 @@ from ..errors import InputError, OptionError
 from ..results import Result, provenance
 from .ablation import Ablation
 from .attribution import METHODS, _check_method, estimates
-from .common import as_model, make_runner, value_name
+from .common import SAME_CONDITIONS, as_model, check_same_conditions, make_runner, value_name
 
 METHOD = "attribution of ablation (first-order estimate)"
 METHOD_STAR = "AtP* of ablation (QK fix and GradDrop; estimate)"
@@ -65,13 +65,10 @@ class AttributionAblation(Result):
         if not isinstance(exact, Ablation):
             raise InputError(f"agreement() compares with an Ablation result (hp.ablate(...)); got "
                              f"{type(exact).__name__}.")
-        mine, theirs = self.provenance, exact.provenance
-        keys = [*SAME_CONDITIONS, *(("seed",) if mine.get("value") == "resample" else ())]
-        off = [f"{k} {theirs.get(k)!r} (estimates: {mine.get(k)!r})" for k in keys if theirs.get(k) != mine.get(k)]
-        if off:
-            raise InputError(f"the ablation was run under other conditions than the estimates: {'; '.join(off)}; "
-                             "compare an ablation of the same model, task, metric and value (reference task, "
-                             "resample seed).")
+        resample = ("seed",) if self.provenance.get("value") == "resample" else ()
+        check_same_conditions(self.provenance, exact.provenance, [*SAME_CONDITIONS, "value", "reference", *resample],
+                              "compare an ablation of the same model, task, metric and value (reference task, "
+                              "resample seed).")
         ex = exact.to_frame().groupby("component", sort=False)["total_effect"].mean()
         est = self._frame.groupby("component", sort=False)["estimate"].mean()
         both = pd.concat([est, ex], axis=1, join="inner")
@@ -83,10 +80,6 @@ class AttributionAblation(Result):
                 "spearman": float(sps.spearmanr(both["estimate"], both["total_effect"])[0]) if ok else float("nan"),
                 "n_components": len(both), "largest_miss": float(diff.max()), "component": str(diff.idxmax()),
                 "method": self.method_label}
-
-
-#: Provenance keys an exact ablation must share with the estimates it is compared with (and ``seed`` for resample).
-SAME_CONDITIONS = ("model", "task", "corruption", "task_seed", "n", "metric", "value", "reference")
 
 
 @public

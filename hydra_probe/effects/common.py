@@ -179,3 +179,16 @@ def prompts(task: Any) -> torch.Tensor:
 def ensure(cond: bool, msg: str) -> None:
     if not cond:
         raise InputError(msg)
+
+
+#: Provenance keys an exact result must share with the estimates compared with it (estimate ``agreement``).
+SAME_CONDITIONS = ("model", "task", "corruption", "task_seed", "n", "metric")
+
+
+def check_same_conditions(estimates: dict[str, Any], exact: dict[str, Any], keys: Sequence[str], fix: str) -> None:
+    """Raise :class:`InputError` naming each of ``keys`` whose provenance differs between ``exact`` and
+    ``estimates`` (an agreement across conditions compares two claims); ``fix``: how to compare instead."""
+    off = [f"{k} {exact.get(k)!r} (estimates: {estimates.get(k)!r})" for k in keys if exact.get(k) != estimates.get(k)]
+    if off:
+        raise InputError(f"the exact result was run under other conditions than the estimates: {'; '.join(off)}; "
+                         f"{fix}")
