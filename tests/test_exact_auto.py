@@ -237,3 +237,25 @@ def test_auto_reads_the_ablation_estimate_of_the_reports_own_value(value):
     assert prov["value"] == ("mean" if value == "reference" else value) and prov["estimator"] == "atp*"
     assert (prov.get("reference") == "ioi") == (value == "reference")
     assert f"its {'mean' if value == 'reference' else value} ablation's total effect" in auto.config["exact_bound"]
+
+
+def test_claims_say_which_measurement_auto_did_not_make():
+    """A top component that exact="auto" patched but did not ablate (or the reverse) gets a claim that says so,
+    never an empty number."""
+    from hydra_probe.report.prose import component_sentence
+
+    row = pd.Series({"component": "L0H7", "verdict": "restoration only", "direct_effect": -0.33,
+                     "direct_effect_lo": -0.76, "direct_effect_hi": 0.1, "total_effect": np.nan,
+                     "total_effect_lo": np.nan, "total_effect_hi": np.nan, "de_lost": np.nan, "lower_bound": np.nan,
+                     "self_repair": np.nan, "self_repair_lo": np.nan, "self_repair_hi": np.nan, "backed_up": False,
+                     "backups": "", "compensators": "", "restoration": 0.19, "damage": np.nan, "attribution": 0.11})
+    prov = {"value": "mean", "metric": "logit_diff", "corruption": "swap"}
+    s = component_sentence(row, prov, None)
+    assert "Its mean ablation was not run" in s and "restores 19%" in s and "noising was not run" in s
+    assert "lowers" not in s and "nan" not in s.lower() and "  " not in s
+    ablated = pd.Series({**row.to_dict(), "total_effect": 0.9, "total_effect_lo": 0.5, "total_effect_hi": 1.3,
+                         "de_lost": -0.47, "lower_bound": False, "self_repair": -1.37, "self_repair_lo": -2.0,
+                         "self_repair_hi": -0.5, "restoration": np.nan, "damage": 0.28})
+    s = component_sentence(ablated, prov, None)
+    assert "lowers `logit_diff` by 0.9" in s and "amplify the loss" in s
+    assert "Denoising was not run" in s and "removes 28%" in s and "nan" not in s.lower()

@@ -189,7 +189,9 @@ def patch_vs_ablate(d: Doc, ctx: Context) -> None:
     d.h(2, "Patch clean A vs ablate A")
     d.p(f"For each top component A: the metric on the clean run, the `{corr}`-corrupted run, the corrupted run with "
         f"A's clean activation patched in (clean-patched: does A alone restore the behaviour?), and the clean run "
-        f"with A {val}-ablated (ablated: is A needed?). Bars: mean with 95% interval; dots: prompts.")
+        f"with A {val}-ablated (ablated: is A needed?). Bars: mean with 95% interval; dots: prompts."
+        + (" A run that `exact='auto'` ruled out for a component (its AtP* estimate below half the threshold) has no "
+           "bar." if ctx.config.get("exact") == "auto" else ""))
     if "patch_vs_ablate" in figures:
         d.fig("patch_vs_ablate", f"Patch clean A vs ablate A ({claim_conditions(prov)}).")
 

@@ -41,33 +41,51 @@ def component_sentence(row: pd.Series, prov: dict[str, Any], rep: Any) -> str:
     """One plain claim per component, with its conditions."""
     c = row["component"]
     val, metric, corr = prov.get("value"), prov.get("metric"), prov.get("corruption")
-    s = (f"**{c}** ({row['verdict']}). {str(val).capitalize()}-ablating it in the clean prompts lowers `{metric}` by "
-         f"{ci(row['total_effect'], row['total_effect_lo'], row['total_effect_hi'])} (total effect, TE); it writes "
-         f"{ci(row['direct_effect'], row['direct_effect_lo'], row['direct_effect_hi'])} directly (direct effect) "
-         f"and the ablation removes {fmt(row['de_lost'])} of that (DE lost).")
-    if row["lower_bound"] is True or row["lower_bound"] == 1:  # NaN: not ablated (exact="auto")
-        who = row["compensators"] or "no single downstream component significantly (see the contributions table)"
-        s += (f" **The total effect is only a lower bound**: downstream components restore "
-              f"{ci(row['self_repair'], row['self_repair_lo'], row['self_repair_hi'])} "
-              f"({pct(row['fraction_repaired'])} of DE lost; final-norm share {fmt(row['norm_term'])}"
-              + (f"; {pct(row['fraction_repaired_top'])} on the quarter of prompts where its direct effect is "
-                 "highest" if isinstance(row.get("fraction_repaired_top"), float)
-                 and not math.isnan(row["fraction_repaired_top"]) else "")
-              + f"); compensators: {who}.")
-    elif row["self_repair"] < 0 and row["self_repair_hi"] < 0:
-        s += (f" Downstream components amplify the loss (self-repair {fmt(row['self_repair'])} < 0), so the "
-              "total effect exceeds the direct effect lost.")
+    de = ci(row["direct_effect"], row["direct_effect_lo"], row["direct_effect_hi"])
+    if _missing(row["total_effect"]):  # exact="auto" ruled the ablation out
+        s = (f"**{c}** ({row['verdict']}). It writes {de} directly (direct effect). Its {val} ablation was not run: "
+             "the AtP* estimate of its total effect and its direct effect are below half the threshold of the "
+             "verdict scale (exact='auto'), so TE, DE lost and self-repair are not measured.")
     else:
-        s += " Self-repair is not significant here."
+        s = (f"**{c}** ({row['verdict']}). {str(val).capitalize()}-ablating it in the clean prompts lowers `{metric}` "
+             f"by {ci(row['total_effect'], row['total_effect_lo'], row['total_effect_hi'])} (total effect, TE); it "
+             f"writes {de} directly (direct effect) and the ablation removes {fmt(row['de_lost'])} of that (DE lost).")
+        s += _repair_clause(row)
     if bool(row["backed_up"]):
         s += (f" **Backed up**: {row['backups']}; ablating it alone hides that much of its role, so its verdict is "
               "masked by self-repair.")
-    s += (f" Denoising (its clean activation patched into the `{corr}`-corrupted run) restores "
-          f"{pct(row['restoration'])} of the clean-corrupted gap; noising (its corrupted activation in the clean run) "
-          f"removes {pct(row['damage'])}.")
+    den = (f"Denoising (its clean activation patched into the `{corr}`-corrupted run) restores "
+           f"{pct(row['restoration'])} of the clean-corrupted gap" if not _missing(row["restoration"]) else
+           "Denoising was not run (its AtP* restoration estimate is below half the threshold, exact='auto')")
+    noi = (f"noising (its corrupted activation in the clean run) removes {pct(row['damage'])}"
+           if not _missing(row["damage"]) else
+           "noising was not run (its AtP* damage estimate is below half the threshold, exact='auto')")
+    s += f" {den}; {noi}."
     if isinstance(row.get("attribution"), float) and not math.isnan(row["attribution"]):
         s += f" Attribution patching estimates {pct(row['attribution'])} restoration (a first-order estimate)."
     return s
+
+
+def _missing(x: Any) -> bool:
+    """Whether a measured number is absent (NaN: exact="auto" ruled that measurement out)."""
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _repair_clause(row: pd.Series) -> str:
+    """What self-repair does to an ablated component's total effect (one or two sentences)."""
+    if row["lower_bound"] is True or row["lower_bound"] == 1:
+        who = row["compensators"] or "no single downstream component significantly (see the contributions table)"
+        return (f" **The total effect is only a lower bound**: downstream components restore "
+                f"{ci(row['self_repair'], row['self_repair_lo'], row['self_repair_hi'])} "
+                f"({pct(row['fraction_repaired'])} of DE lost; final-norm share {fmt(row['norm_term'])}"
+                + (f"; {pct(row['fraction_repaired_top'])} on the quarter of prompts where its direct effect is "
+                   "highest" if isinstance(row.get("fraction_repaired_top"), float)
+                   and not math.isnan(row["fraction_repaired_top"]) else "")
+                + f"); compensators: {who}.")
+    if row["self_repair"] < 0 and row["self_repair_hi"] < 0:
+        return (f" Downstream components amplify the loss (self-repair {fmt(row['self_repair'])} < 0), so the "
+                "total effect exceeds the direct effect lost.")
+    return " Self-repair is not significant here."
 
 
 def hydra_reading(h: dict[str, Any], value: Any) -> str:
