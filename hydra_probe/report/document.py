@@ -180,7 +180,9 @@ def triangulation_table(d: Doc, ctx: Context) -> None:
     d.items([component_sentence(row, prov, rep) for _, row in pd.concat([t.head(len(top)), backed]).iterrows()])
     if "evidence_map" in figures:
         d.fig("evidence_map", "Necessity (TE / scale) against restoration (denoising score), coloured by verdict; "
-                              f"dotted lines at the threshold {cfg['threshold']}.")
+                              f"dotted lines at the threshold {cfg['threshold']}."
+              + (" Components without both measurements (exact='auto' ruled one out) are not drawn; the legend "
+                 "counts every component." if cfg.get("exact") == "auto" else ""))
 
 
 def patch_vs_ablate(d: Doc, ctx: Context) -> None:

@@ -297,14 +297,16 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         progress: step messages and progress bars on stderr (default: on a terminal).
         exact: ``"auto"`` (default) first estimates both patching directions with AtP*
             (``attribution_patch(method="atp*")``) and each component's ablation total effect
-            (``attribution_ablate(value=value)``, AtP* too) and runs the exact sweeps (activation patching both ways,
-            ablation and self-repair, mechanisms) only over the components that the estimates and the clean
-            direct effects cannot rule out, always including the ``top`` largest (see :func:`_exact_plan`).
-            The others are marked ``exact = False`` in ``to_frame()``, read "agree: minor" without an
-            ablation or patching measurement, and the bound on what could be missed is recorded in
-            ``config["exact_bound"]`` and printed in the report. ``"all"`` sweeps every component exactly
-            (the exhaustive run). The graph, paired and iterated ablation, path patching and "Why it repairs"
-            see only the swept components (their downstream compensators are every component).
+            (``attribution_ablate(value=value)``, AtP* too), then makes each exact measurement (activation
+            patching denoise, noise; the ablation with self-repair and mechanisms) only where its own estimate
+            (for the ablation, with the clean direct effect) cannot rule it out, and every measurement of the
+            ``top`` components with the largest estimates (see :func:`_exact_plan`). ``to_frame()`` says which
+            were made (``measured``; ``exact``: all of them); a measurement not made leaves its columns NaN and
+            reads below the threshold, a component with none reads "agree: minor"; the lists are in
+            ``config["exact_sweeps"]`` and the bound on what could be missed in ``config["exact_bound"]``,
+            printed in the report. ``"all"`` makes every measurement of every component (the exhaustive run).
+            The graph, paired and iterated ablation and "Why it repairs" see only the ablated components
+            (their downstream compensators are every component).
         mechanisms: run "Why it repairs" (:func:`~hydra_probe.effects.repair_mechanisms` over the
             components, the per-layer regression, and the neurons of the most compensating MLP);
             on every backend, also remotely (a family whose attention weights cannot be read is skipped with
