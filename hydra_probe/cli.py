@@ -34,8 +34,8 @@ exit codes: 0 success; 2 bad input (one-line message, no traceback); 1 any other
 examples:
   hydra-probe report                                  # shipped model, IOI, writes hydra_report/
   hydra-probe report --model path/to/model --task pairs.jsonl --out my_report --overwrite
-  hydra-probe report --exact all                      # sweep every component exactly (default: only where AtP* can't
-                                                      # rule a component out; the rest are marked estimated)
+  hydra-probe report --exact all                      # every measurement of every component (default: each one
+                                                      # only where its AtP* estimate can't rule it out)
   hydra-probe ablate --components L2H3,L3H0+L3H1      # single and set (joint) ablations
   hydra-probe ablate --pair L2H3 L3H1 --pair L2H3 L3H0  # paired ablations and interactions
   hydra-probe graph --top-k 3 --verify 5 --out hydra_graph/
@@ -165,10 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threshold", type=_fraction, default=0.1, metavar="T",
                    help=THRESHOLD_HELP)
     r.add_argument("--exact", choices=("auto", "all"), default="auto",
-                   help="exact sweeps (ablation, self-repair, activation patching) only over the components that "
-                        "AtP* (of both patching directions and of the ablation) and the direct effect cannot rule "
-                        "out ('auto', default; the others are marked estimated and the bound is printed) or over "
-                        "every component ('all', the exhaustive run)")
+                   help="each exact measurement (activation patching denoise and noise; the ablation with "
+                        "self-repair) only where its own AtP* estimate (for the ablation, with the direct effect) "
+                        "cannot rule it out ('auto', default; the table's exact column says which were made and the "
+                        "bound is printed) or every measurement of every component ('all', the exhaustive run)")
     r.add_argument("--no-figures", action="store_true",
                    help="skip the figures (faster); report.md/html then have tables only")
     r.add_argument("--conditions", default=None, metavar="all|LIST",
