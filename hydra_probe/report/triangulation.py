@@ -500,6 +500,9 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
             f"only if AtP* misestimates its restoration or damage by more than {threshold - cut:.3g} of the gap, or its "
             f"{value} ablation costs {threshold:g} of the verdict scale through what its direct effect does not show "
             f"(indirect paths the corruption does not move, or a {value} value with a large direct effect of its own).")
+    miss += (" Or if a paired ablation of the exhaustive run confirms a backup of it, however small its TE and DE "
+             "lost: that run tests the strongest compensation edges of every component, this one those of the "
+             "ablated ones.")
     none = n - len(some)
     rest = (f"The other {none} are estimated in every measurement and read 'agree: minor'. " if none > 1 else
             "The other one is estimated in every measurement and reads 'agree: minor'. " if none else "")
