@@ -203,16 +203,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         On nnsight the clean run's captures it reads must have been fetched at every position."""
         key = (g, value)  # per runner (its reference and seed), not in the _prefix its siblings share
         if key not in self._ablated:
-            runner = self
-
-            class Replacements(dict):
-                def __missing__(self, site: Site) -> torch.Tensor:
-                    base = runner.prefix(g, "clean").captures[site]
-                    v = runner.value(Intervention(site, None, None, value), g, "clean")
-                    self[site] = torch.zeros_like(base) if v is None else v.to(base.dtype)
-                    return self[site]
-
-            self._ablated[key] = Prefix([], [], Replacements())
+            self._ablated[key] = Prefix([], [], _Replacements(self, g, value))
         return self._ablated[key]
 
     @property
@@ -766,3 +757,18 @@ def _memo_key(source: str, copy: Copy) -> tuple | None:
         return None
     same = len({iv.value for iv in copy}) <= 1
     return (source, frozenset(copy) if same else tuple(copy))
+
+
+class _Replacements(dict):
+    """:meth:`Runner.ablated_prefix`'s captures: each site's ablation replacement on group ``g``'s clean run,
+    formed on first access (zeros where the value has none)."""
+
+    def __init__(self, runner: Runner, g: int, value: str) -> None:
+        super().__init__()
+        self.runner, self.g, self.value = runner, g, value
+
+    def __missing__(self, site: Site) -> torch.Tensor:
+        base = self.runner.prefix(self.g, "clean").captures[site]
+        v = self.runner.value(Intervention(site, None, None, self.value), self.g, "clean")
+        self[site] = torch.zeros_like(base) if v is None else v.to(base.dtype)
+        return self[site]
