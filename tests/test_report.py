@@ -280,3 +280,16 @@ def test_report_and_claims_import_no_cycle_and_not_the_package_root():
     # the verdicts sit below the report: claims never imports report
     assert not any(t.startswith("hydra_probe.report") for m, ts in edges.items() if m.startswith("hydra_probe.claims")
                    for t in ts)
+
+
+def test_whole_attention_layers_report_without_the_mechanisms_section(tmp_path):
+    """components='layers' (ATTN{l}): "Why it repairs" splits heads and MLPs, so it is skipped with a note, and the
+    rest of the report (default exact='auto', mechanisms on) runs and saves."""
+    m = tiny.model64("llama", layers=2, heads=4)
+    task = hp.tasks.ioi(m, 6, corruption="abc", seed=0)
+    rep = hp.triangulate(m, task, components="layers", top=1, iterate=1, progress=False)
+    assert sorted(rep.to_frame()["component"]) == ["ATTN0", "ATTN1"]
+    assert "repair_mechanisms" not in rep.results
+    assert any(n.startswith("why it repairs: skipped; no head or MLP") for n in rep.notes), rep.notes
+    out = rep.save(tmp_path / "r", figures=False)
+    assert "why it repairs: skipped" in (out / "report.md").read_text()

@@ -90,6 +90,9 @@ def mechanism_step(model: Any, task: Any, *, components: Sequence[str], top: Seq
     if skip:
         return out, [skip]
     names = [c for c in components if not c.startswith("ATTN")]
+    if not names:  # repair_mechanisms splits heads and MLPs; a whole attention layer has no single pattern
+        return out, ["why it repairs: skipped; no head or MLP among the ablated components (the mechanisms are "
+                     "split per head and MLP: triangulate components='heads' or 'all' for this section)."]
     if mech is None:
         mech = repair_mechanisms(model, task, names, value=value, scale=scale, order=order, metric=metric,
                                  seed=seed, progress=progress)
