@@ -42,7 +42,7 @@ def component_sentence(row: pd.Series, prov: dict[str, Any], rep: Any) -> str:
     c = row["component"]
     val, metric, corr = prov.get("value"), prov.get("metric"), prov.get("corruption")
     de = ci(row["direct_effect"], row["direct_effect_lo"], row["direct_effect_hi"])
-    if _missing(row["total_effect"]):  # exact="auto" ruled the ablation out
+    if not _number(row["total_effect"]):  # exact="auto" ruled the ablation out
         s = (f"**{c}** ({row['verdict']}). It writes {de} directly (direct effect). Its {val} ablation was not run: "
              "the AtP* estimate of its total effect and its direct effect are below half the threshold of the "
              "verdict scale (exact='auto'), so TE, DE lost and self-repair are not measured.")
@@ -55,20 +55,20 @@ def component_sentence(row: pd.Series, prov: dict[str, Any], rep: Any) -> str:
         s += (f" **Backed up**: {row['backups']}; ablating it alone hides that much of its role, so its verdict is "
               "masked by self-repair.")
     den = (f"Denoising (its clean activation patched into the `{corr}`-corrupted run) restores "
-           f"{pct(row['restoration'])} of the clean-corrupted gap" if not _missing(row["restoration"]) else
+           f"{pct(row['restoration'])} of the clean-corrupted gap" if _number(row["restoration"]) else
            "Denoising was not run (its AtP* restoration estimate is below half the threshold, exact='auto')")
     noi = (f"noising (its corrupted activation in the clean run) removes {pct(row['damage'])}"
-           if not _missing(row["damage"]) else
+           if _number(row["damage"]) else
            "noising was not run (its AtP* damage estimate is below half the threshold, exact='auto')")
     s += f" {den}; {noi}."
-    if isinstance(row.get("attribution"), float) and not math.isnan(row["attribution"]):
+    if _number(row.get("attribution")):
         s += f" Attribution patching estimates {pct(row['attribution'])} restoration (a first-order estimate)."
     return s
 
 
-def _missing(x: Any) -> bool:
-    """Whether a measured number is absent (NaN: exact="auto" ruled that measurement out)."""
-    return x is None or (isinstance(x, float) and math.isnan(x))
+def _number(x: Any) -> bool:
+    """Whether ``x`` is a measured number (not NaN: exact="auto" ruled that measurement out, or absent)."""
+    return isinstance(x, float) and not math.isnan(x)
 
 
 def _repair_clause(row: pd.Series) -> str:
@@ -79,8 +79,7 @@ def _repair_clause(row: pd.Series) -> str:
                 f"{ci(row['self_repair'], row['self_repair_lo'], row['self_repair_hi'])} "
                 f"({pct(row['fraction_repaired'])} of DE lost; final-norm share {fmt(row['norm_term'])}"
                 + (f"; {pct(row['fraction_repaired_top'])} on the quarter of prompts where its direct effect is "
-                   "highest" if isinstance(row.get("fraction_repaired_top"), float)
-                   and not math.isnan(row["fraction_repaired_top"]) else "")
+                   "highest" if _number(row.get("fraction_repaired_top")) else "")
                 + f"); compensators: {who}.")
     if row["self_repair"] < 0 and row["self_repair_hi"] < 0:
         return (f" Downstream components amplify the loss (self-repair {fmt(row['self_repair'])} < 0), so the "
@@ -137,7 +136,7 @@ def findings(rep: Any) -> list[str]:
     is_lb = t["lower_bound"].eq(True)  # NaN: a component not ablated (exact="auto")
     nlb = int(is_lb.sum())
     lb = t[is_lb].sort_values("self_repair", ascending=False, kind="stable")
-    n_abl = int(t["measured"].map(lambda m: "ablation" in m.split(", ")).sum()) if "measured" in t else len(t)
+    n_abl = int(t["total_effect"].notna().sum())  # NaN: not ablated (exact="auto")
     line = (f"{nlb} of {n_abl}{' ablated' if n_abl < len(t) else ''} components have a total effect that is only a "
             "lower bound (self-repair > 0 beyond its 95% interval)")
     if nlb:
