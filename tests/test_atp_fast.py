@@ -502,3 +502,51 @@ def test_pattern_route_under_eager_attention(family, pattern_calls, monkeypatch)
     monkeypatch.setattr(Runner, "qk_patterns", False)
     want = atp()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.NEW_FAMILIES)
+def test_qk_fix_forms_only_the_query_rows_a_gradient_reads(family, plain, pattern_calls, monkeypatch):
+    """Runner.qk_read_rows: on the pattern route a layer's query rows before the first one where a read's gradient
+    is nonzero (the last layer: all but the read position) are not formed; the terms are those of every query row
+    (composed and stacked routes, both directions, every row and the changed rows only, narrowed changes, MLPs,
+    several senders) and of the plain reference. Patterns of fewer rows were formed, and where the queries are a
+    leading block of the projection's columns (not NeoX's) the changed copies' composed queries of one row alone. A
+    restriction one row too far changes the terms (the comparison can see a wrong cut)."""
+    from hydra_probe.models import patterns
+    from hydra_probe.runner import gradients
+
+    m = build(family)[0]
+    c = {x.name: x for x in m.components(["all", "layers"])}
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    cut, split = [], []
+    real_cut, real_split = patterns._last_queries, gradients._query_split
+    monkeypatch.setattr(patterns, "_last_queries", lambda q, mask, keep: (
+        cut.append(keep is not None and keep < q.shape[2]) or real_cut(q, mask, keep)))
+    monkeypatch.setattr(gradients, "_query_split", lambda *a: (split.append(real_split(*a)) or split[-1]))
+    tol = 1e-9 if m.adapter.table.norm_kind == "layernorm" else 1e-4  # composed vs the model's float32 RMSNorm
+    for t in (build(family)[1], prefix_task(m)):
+        runner, _ = make_runner(m, t, "logit_diff")
+        for source, value in (("corrupted", "clean"), ("clean", "corrupted")):
+            reads = runner.gradients(source, [GradientRead(zs, None, True), GradientRead(zs, 1, True)])
+            changes = [SenderChange((c["L0H1"],), value, (-1, -3)), SenderChange((c["MLP0"],), value),
+                       SenderChange((c["L1H3"],), value), SenderChange((c["L0H2"],), value),
+                       SenderChange((c["L0H0"], c["MLP1"]), value)]
+            for flags in ((), ("compose_qk",)):
+                with plain(*flags):
+                    cut.clear()
+                    got = runner.qk_fix(source, changes, reads)
+                    assert any(cut)
+                    with plain("qk_read_rows"):
+                        cut.clear()
+                        want = runner.qk_fix(source, changes, reads)
+                        assert not any(cut)
+                _close(got, want)
+            with plain("fast_qk"):
+                _close(got, runner.qk_fix(source, changes, reads), tol)
+            assert (want[0].abs().amax(-1) > 1e-6).all()
+    # composed (no post-attention norm): the queries of one row alone, where they lead the projection's columns
+    assert any(s is not None for s in split) == (family != "neox" and not m.adapter.has_post_attn_norm)
+    first = gradients._first_read_row
+    monkeypatch.setattr(gradients, "_first_read_row", lambda memo, grads: min(first(memo, grads) + 1, 10 ** 6))
+    bad = runner.qk_fix(source, changes, reads)
+    assert not torch.allclose(bad, want, rtol=0, atol=1e-6 * float(want.abs().max()))

@@ -59,10 +59,13 @@ def softmax_pattern(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
 
 
 @contextlib.contextmanager
-def pattern_function(attn: nn.Module, last: int, sink: dict[str, torch.Tensor]) -> Iterator[bool]:
+def pattern_function(attn: nn.Module, last: int, sink: dict[str, torch.Tensor], queries: int | None = None
+                     ) -> Iterator[bool]:
     """Within the block, ``attn``'s attention function stores its softmax pattern in ``sink["pattern"]``
     (N, H, Tq, Tk) and the values of its last ``last`` rows in ``sink["values"]`` (last, H_kv, Tk, dh), then
-    raises :class:`StopAtPattern`. A call of ``attn`` it does not know raises it with nothing stored (the values
+    raises :class:`StopAtPattern`. ``queries``: the pattern of the last ``queries`` query rows only (Tq at most
+    that; the rows before are never read, so the caller may leave them unformed; the QK fix where the gradient
+    is zero there). A call of ``attn`` it does not know raises it with nothing stored (the values
     may be the last copy's only: the original function could not run on them); the caller takes the output
     route.
     Without a mask the call must be causal (its ``is_causal`` or the module's), and the pattern gets the
@@ -73,6 +76,7 @@ def pattern_function(attn: nn.Module, last: int, sink: dict[str, torch.Tensor]) 
             full = (module, query, key, value, attention_mask, *args)
             if module is not attn or not all(torch.is_tensor(t) and t.dim() == 4 for t in (query, key, value)):
                 return orig(*full, **kwargs)
+            query, attention_mask = _last_queries(query, attention_mask, queries)
             if impl == "eager":  # the family's own function (its precision), on values of width zero
                 N, H, Tq, _ = query.shape
                 none = query.new_empty(N, key.shape[1], key.shape[2], 0)
@@ -95,6 +99,19 @@ def pattern_function(attn: nn.Module, last: int, sink: dict[str, torch.Tensor]) 
 
     with wrapped_attention(attn, make) as placed:
         yield placed
+
+
+def _last_queries(query: torch.Tensor, mask: Any, keep: int | None) -> tuple[torch.Tensor, Any]:
+    """The last ``keep`` query rows (N, H, keep, dh) and the mask's rows for them (a 4-d mask with a row per query;
+    any other mask is returned as it is and judged by the caller); everything as it is where ``keep`` is None or
+    not fewer rows. The query rows are the last of the sequence, so the causal mask of the kept rows is still
+    ``tril(Tk - Tq)``."""
+    Tq = query.shape[2]
+    if keep is None or not 0 < keep < Tq:
+        return query, mask
+    if torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-2] == Tq:
+        mask = mask[:, :, Tq - keep:]
+    return query[:, :, Tq - keep:], mask
 
 
 def _mask_of(impl: str, module: nn.Module, query: Any, key: Any, value: Any, mask: Any, args: tuple,

@@ -72,12 +72,12 @@ class QKAttention:
         return self.attention_z(prefix, layer, copies, hidden, shared_values) if z is None else z
 
     def attention_patterns(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor,
-                           first_row: int = 0, memo: dict[Any, Any] | None = None
+                           first_row: int = 0, memo: dict[Any, Any] | None = None, queries: int | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor] | bool:
         """:meth:`attention_z` with ``shared_values`` as attention patterns (the QK fix's pattern route):
-        ``(pattern, values)`` as :meth:`attention_patterns_given` returns them, checked once per ``memo`` (a dict
-        the caller keeps for calls of this layer and prefix), or True where the route does not apply (the
-        caller takes :meth:`attention_z`)."""
+        ``(pattern, values)`` as :meth:`attention_patterns_given` returns them (``queries`` as there), checked
+        once per ``memo`` (a dict the caller keeps for calls of this layer and prefix), or True where the route
+        does not apply (the caller takes :meth:`attention_z`)."""
         self._refuse_remote()
         memo = {} if memo is None else memo
         if not self._pattern_route_open(prefix, layer, memo) or any(
@@ -88,11 +88,13 @@ class QKAttention:
             stack.enter_context(self._last_copy_values(layer, prefix.batch, register, True))
 
         return self._checked_patterns(prefix, layer, memo,
-                                      self._run_to_z(prefix, layer, copies, hidden, first_row, True, values, sink={}))
+                                      self._run_to_z(prefix, layer, copies, hidden, first_row, True, values, sink={},
+                                                                     queries=queries))
 
     def _run_to_z(self, prefix: Prefix, layer: int, copies: int, hidden: torch.Tensor, first_row: int,
                   plain: bool, setup: Callable[[Callable[..., None], contextlib.ExitStack], None] | None = None,
-                  suffix: bool = False, sink: dict[str, torch.Tensor] | None = None) -> Any:
+                  suffix: bool = False, sink: dict[str, torch.Tensor] | None = None, queries: int | None = None
+                  ) -> Any:
         """Run block ``layer`` on ``hidden`` (copies*B, T, d) with the prefix's call arguments and the QK fix's
         attention (:meth:`_qk_attention`) up to its output projection's input (``plain``: stop there; else the
         block runs to its end, for accelerate's hooks); ``setup(register, stack)`` adds hooks or contexts.
@@ -103,7 +105,8 @@ class QKAttention:
         T - first_row, H*dh); :class:`SuffixRefused` where an attention call has an unexpected layout.
         ``sink`` (a dict; ``plain`` only): the attention function stores the pattern and the last copy's values
         instead (:func:`.patterns.pattern_function`) and they are returned, ``(pattern, values)``, or True where
-        it did not (the output route applies; the other copies' values may not be formed)."""
+        it did not (the output route applies; the other copies' values may not be formed); ``queries``: the
+        pattern of the last ``queries`` query rows only (:func:`.patterns.pattern_function`)."""
         from .patterns import StopAtPattern, pattern_function
 
         o_proj = get_path(self.blocks[layer], self.table.o_proj)
@@ -121,7 +124,7 @@ class QKAttention:
             if setup is not None:
                 setup(register, stack)
             if sink is not None:  # entered first: the innermost attention function, after the prefix's keys
-                stack.enter_context(pattern_function(get_path(self.blocks[layer], self.table.attn), B, sink))
+                stack.enter_context(pattern_function(get_path(self.blocks[layer], self.table.attn), B, sink, queries))
             stack.enter_context(attention)
             try:
                 self.blocks[layer](hidden, *tile(args, B, copies), **tile(kw, B, copies))
@@ -315,7 +318,7 @@ class QKAttention:
 
     def attention_patterns_given(self, prefix: Prefix, layer: int, copies: int, normed: torch.Tensor,
                                  given: Mapping[Site, torch.Tensor], memo: dict[Any, Any] | None = None,
-                                 first_row: int = 0, suffix: bool = False
+                                 first_row: int = 0, suffix: bool = False, queries: int | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor] | bool:
         """:meth:`attention_z_given`'s attention patterns instead of its output (the QK fix's pattern route,
         :mod:`.patterns`): ``(pattern (copies*B, H, Tq, Tk), values (B, H_kv, Tk, dh))``, each copy's softmax
@@ -326,12 +329,14 @@ class QKAttention:
         ``memo`` on the last copy against the prefix's captured ``z``. False where the given q/k are not the
         modules' own (as :meth:`attention_z_given`'s None); True where the pattern route does not apply (an
         attention call :func:`.patterns.pattern_function` does not know, no captured ``z``, or a check that
-        failed): the caller takes :meth:`attention_z_given`. Only where :meth:`can_compose_qk`."""
+        failed): the caller takes :meth:`attention_z_given`. Only where :meth:`can_compose_qk`. ``queries``: the
+        pattern of the last ``queries`` query rows only, Tq at most that (the changed copies' given queries
+        before them are never read and need not be formed)."""
         memo = {} if memo is None else memo
         if not self._pattern_route_open(prefix, layer, memo):
             return True
-        return self._checked_patterns(prefix, layer, memo,
-                                      self._given_run(prefix, layer, copies, normed, given, memo, first_row, suffix, {}))
+        return self._checked_patterns(prefix, layer, memo, self._given_run(
+            prefix, layer, copies, normed, given, memo, first_row, suffix, {}, queries))
 
     @staticmethod
     def _pattern_route_open(prefix: Prefix, layer: int, memo: dict[Any, Any]) -> bool:
@@ -364,7 +369,7 @@ class QKAttention:
 
     def _given_run(self, prefix: Prefix, layer: int, copies: int, normed: torch.Tensor,
                    given: Mapping[Site, torch.Tensor], memo: dict[Any, Any], first_row: int, suffix: bool,
-                   sink: dict[str, torch.Tensor] | None) -> Any:
+                   sink: dict[str, torch.Tensor] | None, queries: int | None = None) -> Any:
         """The body of :meth:`attention_z_given` (``sink`` None: z, None for "rerun every row", False for
         "given q/k differ") and :meth:`attention_patterns_given` (``sink`` a dict: (pattern, values), False, or
         True for "no pattern route"; only the last copy's values are then formed)."""
@@ -409,7 +414,7 @@ class QKAttention:
         hidden = normed.new_zeros(()).expand(copies * B, T - r, d)
         try:
             return self._run_to_z(prefix, layer, copies, hidden, first_row, plain=True,  # can_compose_qk: no accelerate
-                                  suffix=suffix, sink=sink)
+                                  suffix=suffix, sink=sink, queries=queries)
         finally:
             for mod, old in reversed(saved):
                 if old is None:

@@ -460,8 +460,23 @@ class GradientsMixin:
         with torch.no_grad(), self.model.evaluating():
             for layer in range(lays[order[0]] + 1, L):
                 kk = sum(lays[j] < layer for j in order)
+                # one product per distinct gradient tensor (reads that drop a layer below this one share the
+                # full gradient here); none for reads whose drop is at or below every sender (unused) or is
+                # this layer (the gradient inside a dropped block is zero)
+                uniq: dict[int, list[int]] = {}
+                for i, rd in enumerate(reads):
+                    if Site(layer, "z") in rd.grads and (rd.drop_layer is None or lays[order[0]] < rd.drop_layer != layer):
+                        uniq.setdefault(id(rd.grads[Site(layer, "z")][g]), []).append(i)
+                if not uniq:
+                    continue
+                grads = [reads[rs[0]].grads[Site(layer, "z")][g] for rs in uniq.values()]
                 patterns = self.qk_patterns and short and layer not in self._no_patterns
                 lmemo: dict[Any, Any] = {} if memo is None else memo.setdefault(layer, {})
+                # the pattern route forms the query rows from the first one any gradient reads (Runner.qk_read_rows)
+                read = _first_read_row(lmemo, grads) if self.qk_read_rows else 0
+                if read == T:
+                    continue  # no gradient anywhere: every term is zero
+                queries = T - read if patterns and read > 0 else None
                 x = P.resid[layer]
                 z = None
                 if heads is not None and layer not in self._no_compose:
@@ -469,7 +484,7 @@ class GradientsMixin:
                     composed = functools.partial(self._composed_z, P, layer, x, heads[0][:kk], heads[1][:kk],
                                                  lmemo, who, first["composed"])
                     try:
-                        z = composed(suffix, patterns=patterns)
+                        z = composed(suffix, patterns=patterns, queries=queries)
                         if z is True:  # no pattern route in this layer: its output
                             self._no_patterns.add(layer)
                             z = composed(suffix)
@@ -489,7 +504,7 @@ class GradientsMixin:
                     torch.add(d[:kk], x, out=hidden[:kk * B].unflatten(0, (kk, B)))
                     hidden[kk * B:] = x
                     if patterns:
-                        z = self.ad.attention_patterns(P, layer, kk + 1, hidden, first["plain"], lmemo)
+                        z = self.ad.attention_patterns(P, layer, kk + 1, hidden, first["plain"], lmemo, queries)
                         if z is True:  # no pattern route in this layer: its output
                             self._no_patterns.add(layer)
                             z = None
@@ -503,16 +518,7 @@ class GradientsMixin:
                 # (kk, B, H * (T - r) * Tk), reduced in float64 for a float64 model, else in float32
                 zz = (z[0] if patterns else z).unflatten(0, (kk + 1, B))
                 dz = (zz[:kk] - zz[kk:]).to(cdt).flatten(2)
-                # one product per distinct gradient tensor (reads that drop a layer below this one share the
-                # full gradient here); none for reads whose drop is at or below every sender (unused) or is
-                # this layer (the gradient inside a dropped block is zero)
-                uniq: dict[int, list[int]] = {}
-                for i, rd in enumerate(reads):
-                    if Site(layer, "z") in rd.grads and (rd.drop_layer is None or lays[order[0]] < rd.drop_layer != layer):
-                        uniq.setdefault(id(rd.grads[Site(layer, "z")][g]), []).append(i)
-                if not uniq:
-                    continue
-                G = [reads[rs[0]].grads[Site(layer, "z")][g] for rs in uniq.values()]
+                G = grads
                 if patterns:
                     G = [_pattern_weights(lmemo, grad, z[1], r, cdt) for grad in G]
                 else:
@@ -558,7 +564,7 @@ class GradientsMixin:
 
     def _composed_z(self, P: Any, layer: int, x: torch.Tensor, dz: torch.Tensor, W: torch.Tensor,
                     memo: dict[Any, Any], who: tuple[tuple[int, int], ...] = (), first: int = 0,
-                    suffix: bool = False, patterns: bool = False) -> Any:
+                    suffix: bool = False, patterns: bool = False, queries: int | None = None) -> Any:
         """Layer ``layer``'s heads' output z ((k+1)*B, T, H*dh) for the block inputs ``x + dz_j @ W_j`` (each
         lone head j of ``dz`` (k, B, T, head_dim) with its ``W_O`` rows ``W`` (k, head_dim, d)), then ``x``,
         every copy's values the last copy's, with the q/k projections composed instead of projected:
@@ -653,46 +659,74 @@ class GradientsMixin:
                     self._qk_weights[wkey] = M
                     self._qk_weight_bytes += size
             width = ad.module_width(site)
-            full = self._qk_workspace(slot, (k + 1, B, T - r if suffix else T, width), cdt, x.device)
+            rows = T - r if suffix else T  # the given tensor's rows
+            full = self._qk_workspace(slot, (k + 1, B, rows, width), cdt, x.device)
             Mk = M.reshape(k, dh, -1)
             y0v = y0.view(B, T, -1)
-            # three ways to the same numbers (the fastest measured on the CPU for each layout)
-            if suffix:  # the rows from r on only, in place (or placed, for columns of an index)
-                if isinstance(qk, slice):
-                    y = full.view(k + 1, B * (T - r), width)[:k, :, qk]
-                    torch.addcmul(const, inv, bases[site][None], out=y)
-                    y.baddbmm_(scaled, Mk)
-                else:
-                    y = torch.addcmul(const, inv, bases[site][None])
-                    y.baddbmm_(scaled, Mk)
-                    full[:k, ..., qk] = y.view(k, B, T - r, -1)
-                full[k, ..., qk] = y0v[:, r:]
-                given[site] = full.view(-1, T - r, width).to(ad.dtype)
-                continue
-            if isinstance(qk, slice) and (r == 0 or Mk.shape[-1] != width):  # every row, in place (fused q/k/v)
-                ia, sa = every_row()
-                y = full.view(k + 1, B * T, width)[:k, :, qk]
-                torch.addcmul(const, ia, base[None], out=y)  # const + base / sigma
-                y.baddbmm_(sa, Mk)  # + dz W / sigma, the changed copies
-            elif isinstance(qk, slice):  # a projection of queries or keys only: the rows from r on, in place
-                y = full[:k, :, r:]
-                torch.addcmul(const, inv.view(k, B, T - r, 1), bases[site].view(B, T - r, -1), out=y)
-                y += torch.bmm(scaled, Mk).view(k, B, T - r, -1)
-                full[:k, :, :r] = y0v[:, :r]  # the changed copies before r: the unchanged copy's (dz is zero)
-            else:  # columns of an index (NeoX's interleaved heads): the rows from r on, then placed
-                y = torch.addcmul(const, inv, bases[site][None])
-                y.baddbmm_(scaled, Mk)
-                full[:k, :, r:, qk] = y.view(k, B, T - r, -1)
-                full[:k, :, :r, qk] = y0v[:, :r]
-            full[k, ..., qk] = y0v  # the unchanged copy
-            given[site] = (full.view(-1, T, width) if cdt == ad.dtype else full.view(-1, T, width).to(ad.dtype))
+            # the pattern route reads the queries of the last ``queries`` rows only: where those are at most half
+            # of the changed rows, the changed copies' query columns are formed there alone (the rest stay as the
+            # workspace holds them, finite and never read)
+            split = (_query_split(ad, layer, site, qk) if queries is not None and 2 * queries <= T - r else None)
+            if split is None:
+                self._fill_qk(full, qk, Mk, const, base, bases[site], y0v, inv, scaled, every_row, r, suffix)
+            else:
+                qpos, kpos = split
+                if kpos is not None:  # the key columns at every row, as above
+                    self._fill_qk(full, _sub(qk, kpos), Mk[..., kpos], const[:, kpos], base[:, kpos],
+                                  bases[site][:, kpos], y0v[..., kpos], inv, scaled, every_row, r, suffix)
+                qcols, Mq, cq = _sub(qk, qpos), Mk[..., qpos], const[:, qpos]
+                inv4, sc4 = inv.view(k, B, T - r, 1), scaled.view(k, B, T - r, dh)
+                bq = bases[site].view(B, T - r, -1)[..., qpos]
+                for t in range(T - queries, T):  # one query row of every copy and prompt at a time
+                    y = torch.addcmul(cq, inv4[:, :, t - r], bq[None, :, t - r])
+                    y.baddbmm_(sc4[:, :, t - r], Mq)
+                    full[:k, :, t - (T - rows), qcols] = y
+            full[k, ..., qk] = y0v[:, T - rows:]  # the unchanged copy
+            given[site] = (full.view(-1, rows, width) if cdt == ad.dtype else full.view(-1, rows, width).to(ad.dtype))
         normed = memo["normed"]
         if patterns:  # (pattern, values), True (no pattern route here) or None (as below)
             got = ad.attention_patterns_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}),
-                                              first_row=r, suffix=suffix)
+                                              first_row=r, suffix=suffix, queries=queries)
             return None if got is False else got
         return ad.attention_z_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}), first_row=r,
                                     suffix=suffix)
+
+    @staticmethod
+    def _fill_qk(full: torch.Tensor, qk: slice | torch.Tensor, Mk: torch.Tensor, const: torch.Tensor,
+                 base: torch.Tensor, base_r: torch.Tensor, y0v: torch.Tensor, inv: torch.Tensor, scaled: torch.Tensor,
+                 every_row: Callable[[], list[torch.Tensor]], r: int, suffix: bool) -> None:
+        """:meth:`_composed_z`'s changed copies' columns ``qk`` of the given q/k ``full`` (k+1, B, rows, width):
+        ``const + base / sigma + dz W / sigma`` (``Mk`` (k, dh, n), ``const`` (1, n), ``base`` (B*T, n) and
+        ``base_r`` its rows from r, ``y0v`` (B, T, n) the unchanged copy's, ``inv`` (k, B*(T-r), 1) and ``scaled``
+        (k, B*(T-r), dh) from row r on; ``every_row()`` both over every row)."""
+        k = Mk.shape[0]
+        B, T = y0v.shape[:2]
+        width = full.shape[-1]
+        # three ways to the same numbers (the fastest measured on the CPU for each layout)
+        if suffix:  # the rows from r on only, in place (or placed, for columns of an index)
+            if isinstance(qk, slice):
+                y = full.view(k + 1, B * (T - r), width)[:k, :, qk]
+                torch.addcmul(const, inv, base_r[None], out=y)
+                y.baddbmm_(scaled, Mk)
+            else:
+                y = torch.addcmul(const, inv, base_r[None])
+                y.baddbmm_(scaled, Mk)
+                full[:k, ..., qk] = y.view(k, B, T - r, -1)
+        elif isinstance(qk, slice) and (r == 0 or Mk.shape[-1] != width):  # every row, in place (fused q/k/v)
+            ia, sa = every_row()
+            y = full.view(k + 1, B * T, width)[:k, :, qk]
+            torch.addcmul(const, ia, base[None], out=y)  # const + base / sigma
+            y.baddbmm_(sa, Mk)  # + dz W / sigma, the changed copies
+        elif isinstance(qk, slice):  # a projection of queries or keys only: the rows from r on, in place
+            y = full[:k, :, r:]
+            torch.addcmul(const, inv.view(k, B, T - r, 1), base_r.view(B, T - r, -1), out=y)
+            y += torch.bmm(scaled, Mk).view(k, B, T - r, -1)
+            full[:k, :, :r] = y0v[:, :r]  # the changed copies before r: the unchanged copy's (dz is zero)
+        else:  # columns of an index (NeoX's interleaved heads): the rows from r on, then placed
+            y = torch.addcmul(const, inv, base_r[None])
+            y.baddbmm_(scaled, Mk)
+            full[:k, :, r:, qk] = y.view(k, B, T - r, -1)
+            full[:k, :, :r, qk] = y0v[:, :r]
 
     def _qk_workspace(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
                       ) -> torch.Tensor:
@@ -705,7 +739,7 @@ class GradientsMixin:
         key = (slot, dtype, device)
         buf = self._qk_bufs.get(key)
         if buf is None or buf.numel() < n:
-            self._qk_bufs[key] = buf = torch.empty(n, dtype=dtype, device=device)
+            self._qk_bufs[key] = buf = torch.zeros(n, dtype=dtype, device=device)  # finite where left unwritten
         return buf[:n].view(shape)
 
     def _stacked_changes(self, g: int, source: str, changes: Sequence[SenderChange]) -> torch.Tensor:
@@ -784,6 +818,41 @@ def _pattern_weights(memo: dict[Any, Any], grad: torch.Tensor, values: torch.Ten
         G = grad[:, r:].to(values.device, cdt)
         G = G.reshape(B, G.shape[1], Hk, G.shape[-1] // (Hk * dh), dh)
         memo[key] = torch.einsum("btkjd,bksd->bkjts", G, values.to(cdt)).reshape(B, -1)
+    return memo[key]
+
+
+def _query_split(ad: Any, layer: int, site: Site, qk: slice | torch.Tensor) -> tuple[slice, slice | None] | None:
+    """Where the query columns of ``site`` are a leading block of its q/k columns ``qk``: (their positions in
+    ``qk``, the key columns' positions or None where there are none); None otherwise (a key projection, or
+    NeoX's interleaved heads)."""
+    cols = list(range(*qk.indices(ad.module_width(site)))) if isinstance(qk, slice) else qk.tolist()
+    q = set()
+    for h in range(ad.n_heads):
+        s, sl = ad.head_input_slice(layer, h, "q")
+        if s == site:
+            q.update(range(*sl.indices(10 ** 9)))
+    n = sum(c in q for c in cols)
+    if n == 0 or any(c not in q for c in cols[:n]):
+        return None
+    return slice(0, n), (slice(n, len(cols)) if n < len(cols) else None)
+
+
+def _sub(qk: slice | torch.Tensor, pos: slice) -> slice | torch.Tensor:
+    """The columns at positions ``pos`` of the columns ``qk`` (a slice of a slice stays a slice)."""
+    if isinstance(qk, slice) and (qk.step or 1) == 1:
+        a = qk.start or 0
+        return slice(a + pos.start, a + pos.stop)
+    if isinstance(qk, slice):
+        raise ValueError("a stepped slice of q/k columns")
+    return qk[pos]
+
+
+def _first_read_row(memo: dict[Any, Any], grads: Sequence[torch.Tensor]) -> int:
+    """The first position where any of ``grads`` (each (B, T, w)) is nonzero (T: none), kept in ``memo`` (one
+    layer and group) for the chunks that share them. The QK fix's terms of the query rows before it are zero."""
+    key = ("read from", tuple(id(x) for x in grads))
+    if key not in memo:
+        memo[key] = min(first_true(x.ne(0)) for x in grads)
     return memo[key]
 
 

@@ -110,6 +110,11 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     #: (their q, k and z are the unchanged run's in a causal attention; per length group, from the data);
     #: False: every query row (the plain reference of the restriction)
     qk_changed_rows_only: bool = True
+    #: on the QK fix's pattern route, a layer's query rows before the first position where a read's gradient at
+    #: its heads' output is nonzero (the final layer: all but the read position) add nothing: their patterns are
+    #: not formed, nor, on the composed route, the changed copies' queries there; False: every query row (the
+    #: plain reference of the restriction)
+    qk_read_rows: bool = True
     #: the QK fix reads each copy's attention pattern against ``grad_z . V`` (the values are the base run's)
     #: instead of forming its heads' output ``z`` (``Adapter.attention_patterns_given``); False: the output route
     qk_patterns: bool = True
