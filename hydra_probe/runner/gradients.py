@@ -850,10 +850,13 @@ def _sub(qk: slice | torch.Tensor, pos: slice) -> slice | torch.Tensor:
 def _first_read_row(memo: dict[Any, Any], grads: Sequence[torch.Tensor]) -> int:
     """The first position where any of ``grads`` (each (B, T, w)) is nonzero (T: none), kept in ``memo`` (one
     layer and group) for the chunks that share them. The QK fix's terms of the query rows before it are zero."""
-    key = ("read from", tuple(id(x) for x in grads))
-    if key not in memo:
-        memo[key] = min(first_true(x.ne(0)) for x in grads)
-    return memo[key]
+    rows = []
+    for x in grads:
+        key = ("read from", id(x))
+        if key not in memo:
+            memo[key] = first_true(x.ne(0))
+        rows.append(memo[key])
+    return min(rows)
 
 
 def _pad_rows(x: torch.Tensor, r: int) -> torch.Tensor:
