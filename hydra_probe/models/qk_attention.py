@@ -301,8 +301,9 @@ class QKAttention:
         ``normed`` (B, T, d): the attention's input (its norm's output) of the last copy, from which every
         copy's values are projected. The block's input and its attention norm carry no data (a broadcast
         zero stands in for the stacked block input), so only the attention itself runs on every copy. The
-        last copy's given q/k are checked against the modules' own output on ``normed``; where they differ
-        nothing more is run and None is returned. Only where :meth:`can_compose_qk`. ``memo``: a dict
+        last copy's given q/k are checked against the modules' own output on ``normed`` (its first and last
+        prompt: a norm other than described is off on every prompt); where they differ nothing more is run
+        and None is returned. Only where :meth:`can_compose_qk`. ``memo``: a dict
         kept by the caller for calls with the same layer and ``normed``, so that the unchanged copy's
         projections are computed and checked once. ``first_row``: as in :meth:`attention_z` (the result
         is then the rows ``first_row..T-1`` where the attention is causal; the caller reads it from the
@@ -387,18 +388,21 @@ class QKAttention:
 
         for site, qk in self.qk_sites(layer):
             mod, _ = self.module_of(site)
+            v = as_index(self.value_columns(layer)) if t.qkv_layout != "separate" else None
             if site not in memo:
-                memo[site] = own = mod.forward(normed)
-                mine = given[site][-B:, ..., qk]
+                # checked on the first and last prompt: a norm or projection other than the table says is off
+                # by O(1) on every prompt (rounding is not)
+                some = [0, B - 1] if B > 1 else [0]
+                own = mod.forward(normed[some])
+                mine = given[site][-B:][some][..., qk]
                 ref = own[:, r:, qk].to(mine.dtype)
-                tol = max(1e-3, 8 * torch.finfo(self.dtype).eps)  # a wrong norm is off by O(1), rounding is not
+                tol = max(1e-3, 8 * torch.finfo(self.dtype).eps)
                 if not torch.allclose(mine, ref, rtol=tol, atol=tol * float(ref.abs().max()) + 1e-6):
                     return False
-            own = memo[site][:, r:]
+                memo[site] = None if v is None else self.project_columns(site, normed, v)  # (B, T, values)
             out = given[site]
-            if t.qkv_layout != "separate":  # the fused module's value columns: the last copy's, for every copy
-                v = as_index(self.value_columns(layer))
-                (out[-B:] if last_only else out).unflatten(0, (-1, B))[..., v] = own[..., v].to(out.dtype)
+            if v is not None:  # the fused module's value columns: the last copy's, for every copy
+                (out[-B:] if last_only else out).unflatten(0, (-1, B))[..., v] = memo[site][:, r:].to(out.dtype)
             swap(mod, lambda x, out=out: out)
         if t.qkv_layout == "separate":
             vmod, _ = self.module_of(Site(layer, "v"))
