@@ -442,6 +442,7 @@ class GradientsMixin:
         part = torch.zeros(len(reads), k, B, dtype=torch.float64, device=ad.device)
         cdt = torch.float64 if ad.dtype == torch.float64 else torch.float32
         heads = self._head_changes(g, source, [changes[j] for j in order]) if compose else None
+        per_chunk: dict[Any, Any] = {} if heads is None else {"W": heads[1]}
         d: torch.Tensor | None = None
         T = P.resid[0].shape[1]
         # the query rows before the first position where a change of the chunk is nonzero are skipped
@@ -482,7 +483,7 @@ class GradientsMixin:
                 if heads is not None and layer not in self._no_compose:
                     who = tuple((changes[j].senders[0].layer, changes[j].senders[0].head) for j in order[:kk])
                     composed = functools.partial(self._composed_z, P, layer, x, heads[0][:kk], heads[1][:kk],
-                                                 lmemo, who, first["composed"])
+                                                 lmemo, who, first["composed"], chunk=per_chunk)
                     try:
                         z = composed(suffix, patterns=patterns, queries=queries)
                         if z is True:  # no pattern route in this layer: its output
@@ -564,7 +565,8 @@ class GradientsMixin:
 
     def _composed_z(self, P: Any, layer: int, x: torch.Tensor, dz: torch.Tensor, W: torch.Tensor,
                     memo: dict[Any, Any], who: tuple[tuple[int, int], ...] = (), first: int = 0,
-                    suffix: bool = False, patterns: bool = False, queries: int | None = None) -> Any:
+                    suffix: bool = False, patterns: bool = False, queries: int | None = None,
+                    chunk: dict[Any, Any] | None = None) -> Any:
         """Layer ``layer``'s heads' output z ((k+1)*B, T, H*dh) for the block inputs ``x + dz_j @ W_j`` (each
         lone head j of ``dz`` (k, B, T, head_dim) with its ``W_O`` rows ``W`` (k, head_dim, d)), then ``x``,
         every copy's values the last copy's, with the q/k projections composed instead of projected:
@@ -580,6 +582,8 @@ class GradientsMixin:
         with the same layer and ``x`` (what depends on them alone is computed once). ``who``: the heads of
         ``W`` as (layer, head); their composed weights ``lin(gamma * P(W))`` depend on the weights alone and are
         kept on the runner (within :data:`QK_WEIGHT_CACHE` bytes) for its next QK fix (the other direction).
+        ``chunk``: kept by the caller for the layers of one chunk of changes, ``{"W": its every head's W_O rows}``
+        (``W`` their first k): the centred rows and their Gram matrices are formed once per chunk.
 
         ``first``: ``dz`` is zero at the positions before it, so there the changed copies' q/k are the last
         copy's (copied, or composed from a zero change where the layout makes every row in place faster);
@@ -620,13 +624,18 @@ class GradientsMixin:
                 site: cut(memo[("proj", site)][2]) for site, _ in ad.qk_sites(layer)}
         xs, var0, bases = memo[("rows", r)]
         gamma = memo["gamma"]
-        Wc, dzc = W.to(cdt), dz[:, :, r:].to(cdt).flatten(1, 2)  # dzc (k, B*(T-r), dh)
+        dzc = dz[:, :, r:].to(cdt).flatten(1, 2)  # (k, B*(T-r), dh)
         n_rows = dzc.shape[1]
-        if memo["centre"]:
-            Wc = Wc - Wc.mean(-1, keepdim=True)
+        chunk = {"W": W} if chunk is None else chunk
+        key = ("centred", memo["centre"], cdt)
+        if key not in chunk:  # W's rows centred (LayerNorm) and their Gram matrices W W^T
+            Wa = chunk["W"].to(cdt)
+            Wa = Wa - Wa.mean(-1, keepdim=True) if memo["centre"] else Wa
+            chunk[key] = Wa, torch.matmul(Wa, Wa.transpose(1, 2))
+        Wc, gram = (t[:k] for t in chunk[key])
         if memo["norm"]:
             cross = (dzc * torch.matmul(xs, Wc.transpose(1, 2))).sum(-1)  # (k, B*(T-r))
-            quad = (torch.matmul(dzc, torch.matmul(Wc, Wc.transpose(1, 2))) * dzc).sum(-1)
+            quad = (torch.matmul(dzc, gram) * dzc).sum(-1)
             inv = torch.rsqrt(var0 + (2 * cross + quad) / d + memo["eps"]).unsqueeze(-1)  # (k, B*(T-r), 1)
         else:
             inv = torch.ones(k, n_rows, 1, dtype=cdt, device=x.device)
