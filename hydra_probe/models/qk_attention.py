@@ -229,14 +229,28 @@ class QKAttention:
 
     def value_columns(self, layer: int) -> list[int]:
         """The columns of layer ``layer``'s value projection site (``v``, or the fused ``qkv``) that hold values,
-        sorted."""
-        return sorted({c for h in range(self.n_heads)
-                       for c in range(*self.head_input_slice(layer, h, "v")[1].indices(10 ** 9))})
+        sorted (kept per layer: the layout does not change)."""
+        key = ("value_columns", layer)
+        if key not in self._layout:
+            self._layout[key] = sorted({c for h in range(self.n_heads)
+                                        for c in range(*self.head_input_slice(layer, h, "v")[1].indices(10 ** 9))})
+        return list(self._layout[key])
+
+    @property
+    def _layout(self) -> dict[Any, Any]:
+        """What :meth:`value_columns` and :meth:`qk_sites` derived from the architecture table, per layer."""
+        return self.__dict__.setdefault("_layout_memo", {})
 
     def qk_sites(self, layer: int) -> list[tuple[Site, torch.Tensor | slice]]:
         """Layer ``layer``'s query/key projection sites with the columns of each that hold queries or keys:
         ``[(Site(layer, "q"), all), (Site(layer, "k"), all)]`` for separate projections, one ``qkv`` site
-        with its q and k columns for a fused one."""
+        with its q and k columns for a fused one (kept per layer: the layout does not change)."""
+        key = ("qk_sites", layer)
+        if key not in self._layout:
+            self._layout[key] = self._qk_sites(layer)
+        return list(self._layout[key])
+
+    def _qk_sites(self, layer: int) -> list[tuple[Site, torch.Tensor | slice]]:
         cols: dict[Site, set[int]] = {}
         for h in range(self.n_heads):
             for w in ("q", "k"):

@@ -675,7 +675,11 @@ class GradientsMixin:
             # the pattern route reads the queries of the last ``queries`` rows only: where those are at most half
             # of the changed rows, the changed copies' query columns are formed there alone (the rest stay as the
             # workspace holds them, finite and never read)
-            split = (_query_split(ad, layer, site, qk) if queries is not None and 2 * queries <= T - r else None)
+            split = None
+            if queries is not None and 2 * queries <= T - r:
+                if ("split", site) not in memo:
+                    memo[("split", site)] = _query_split(ad, layer, site, qk)
+                split = memo[("split", site)]
             if split is None:
                 self._fill_qk(full, qk, Mk, const, base, bases[site], y0v, inv, scaled, every_row, r, suffix)
             else:
@@ -863,7 +867,8 @@ def _first_read_row(memo: dict[Any, Any], grads: Sequence[torch.Tensor]) -> int:
     for x in grads:
         key = ("read from", id(x))
         if key not in memo:
-            memo[key] = first_true(x.ne(0))
+            nz = x.abs().amax((0, 2)).ne(0)  # (T,): any prompt or column nonzero (faster than a boolean any here)
+            memo[key] = int(nz.to(torch.int8).argmax()) if bool(nz.any()) else int(nz.shape[0])
         rows.append(memo[key])
     return min(rows)
 
