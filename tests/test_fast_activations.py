@@ -64,3 +64,32 @@ def test_fused_gelu_also_under_an_nnsight_wrapper_and_put_back():
     with torch.no_grad(), lm.trace(ids):
         h = lm.transformer.h[0].mlp.act.output.save()
     assert h.shape[:2] == ids.shape
+
+
+def test_fused_gelus_gradient_is_the_models_own_on_a_kept_graph(monkeypatch):
+    """Where a gradient is taken, the fused GELU's backward multiplies by its slope formed in the forward: the
+    gradient of gelu_new's own formula (float64), also in a second backward on the kept graph (GradDrop's
+    reuse), and AtP* (GradDrop and the QK fix) gives the estimates of the model's own activation."""
+    from transformers.activations import NewGELUActivation
+
+    from hydra_probe.models.wrapper import _gelu_tanh
+
+    x = torch.linspace(-8, 8, 2001, dtype=torch.float64, requires_grad=True)
+    y = _gelu_tanh(x)
+    assert y.grad_fn is not None and "GeluTanhSlope" in type(y.grad_fn).__name__
+    g = torch.randn(2001, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    first, = torch.autograd.grad(y, x, g, retain_graph=True)
+    again, = torch.autograd.grad(y, x, 2 * g)
+    x2 = x.detach().requires_grad_()
+    want, = torch.autograd.grad(NewGELUActivation()(x2), x2, g)
+    np.testing.assert_allclose(first, want, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(again, 2 * want, rtol=0, atol=1e-13)
+    with torch.no_grad():
+        assert _gelu_tanh(x).grad_fn is None
+    m = tiny.model64("gpt2")
+    t = tiny.ioi(m, 4, seed=2)
+    fast = hp.attribution_patch(m, t, "heads", "denoise", method="atp*").to_frame()["estimate"].to_numpy()
+    monkeypatch.setattr(HookedModel, "fast_activations", False)
+    plain = hp.attribution_patch(m, t, "heads", "denoise", method="atp*").to_frame()["estimate"].to_numpy()
+    assert np.abs(plain).max() > 1e-6
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-11 * np.abs(plain).max())
