@@ -550,3 +550,42 @@ def test_qk_fix_forms_only_the_query_rows_a_gradient_reads(family, plain, patter
     monkeypatch.setattr(gradients, "_first_read_row", lambda memo, grads: min(first(memo, grads) + 1, 10 ** 6))
     bad = runner.qk_fix(source, changes, reads)
     assert not torch.allclose(bad, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_qk_fix_hands_what_depends_on_its_base_run_to_the_next_call_on_it(family, monkeypatch):
+    """A QK fix hands its per-layer memo of the base run (block inputs, norm scales, unchanged projections,
+    values, checks and ``x . W`` of every row) to the next QK fix on the same run: AtP*'s ablation then noising
+    on the clean run. The second call reads it (also the rows of a later first changed row) and gives the terms
+    of a runner without it; a call on the other run drops it, and nothing keyed by a read's gradients is handed
+    on."""
+    m = build(family)[0]
+    t = prefix_task(m)
+    c = {x.name: x for x in m.components(["all", "layers"])}
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    heads = ["L0H1", "L0H2", "L1H0", "L1H3"]
+    hits: list[bool] = []
+    real = Runner._x_dot_w
+
+    def spy(self, memo, who, r, *a):
+        hits.append(("cross", who) in memo)
+        return real(self, memo, who, r, *a)
+
+    monkeypatch.setattr(Runner, "_x_dot_w", spy)
+    runner, _ = make_runner(m, t, "logit_diff")
+    reads = runner.gradients("clean", [GradientRead(zs, None, True), GradientRead(zs, 1, True)])
+    runner.qk_fix("clean", [SenderChange((c[h],), "mean") for h in heads], reads)
+    kept = runner._qk_layers["clean"]
+    keys = {k[0] if isinstance(k, tuple) else k for per in kept.values() for lm in per.values() for k in lm}
+    assert "cross" in keys and not keys & {"M", "read from"}
+    noising = [SenderChange((c[h],), "corrupted") for h in heads] + [SenderChange((c["MLP0"],), "corrupted")]
+    hits.clear()
+    got = runner.qk_fix("clean", noising, reads)
+    assert hits and all(hits)
+    fresh, _ = make_runner(m, t, "logit_diff")
+    want = fresh.qk_fix("clean", noising, fresh.gradients("clean", [GradientRead(zs, None, True),
+                                                                     GradientRead(zs, 1, True)]))
+    assert (want[0].abs().amax(-1) > 1e-6).all()
+    _close(got, want, 1e-12)
+    runner.qk_fix("corrupted", noising[:1], runner.gradients("corrupted", [GradientRead(zs, None, True)]))
+    assert set(runner._qk_layers) == {"corrupted"}

@@ -394,13 +394,18 @@ class GradientsMixin:
         # lone heads (their change is z' - z through their own W_O rows) first: their q/k projections compose
         lone = [c for c in todo if self._composable(changes[c])]
         order = sorted(lone, key=lambda c: lay[c]) + sorted(set(todo) - set(lone), key=lambda c: lay[c])
+        kept = self._qk_layers.pop(source, {})  # the previous call's, on the same base run
+        self._qk_layers.clear()
+        self._qk_cross_bytes = 0
+        memos: dict[int, dict[int, dict[Any, Any]]] = {}
         with progress_bar(len(order) * len(self.groups), label, self.progress) as bar:
             for g, idx in enumerate(self.groups):
                 it = torch.tensor(idx)
                 P = self.local_prefix(g, source)
                 B, T = P.batch, P.resid[0].shape[1]
                 pos = 0
-                memo: dict[int, dict[Any, Any]] = {}  # per layer: what the composed q/k of its chunks share
+                # per layer: what the composed q/k of its chunks share
+                memo: dict[int, dict[Any, Any]] = memos.setdefault(g, kept.get(g, {}))
                 while pos < len(order):
                     chunk = order[pos:pos + max(1, self.token_budget // (B * T) - 1)]
                     if pos < len(lone) < pos + len(chunk):
@@ -417,6 +422,7 @@ class GradientsMixin:
                     out[:, ci[:, None], it[None, :]] = part.cpu()
                     pos += len(chunk)
                     bar.update(len(chunk))
+        self._qk_layers = {source: _base_run_only(memos)}  # for a next call on the same base run (one at a time)
         return out * use[..., None]
 
     def _composable(self, change: SenderChange) -> bool:
@@ -634,7 +640,7 @@ class GradientsMixin:
             chunk[key] = Wa, torch.matmul(Wa, Wa.transpose(1, 2))
         Wc, gram = (t[:k] for t in chunk[key])
         if memo["norm"]:
-            cross = (dzc * torch.matmul(xs, Wc.transpose(1, 2))).sum(-1)  # (k, B*(T-r))
+            cross = (dzc * self._x_dot_w(memo, who, r, xs, Wc, B, T)).sum(-1)  # (k, B*(T-r))
             quad = (torch.matmul(dzc, gram) * dzc).sum(-1)
             inv = torch.rsqrt(var0 + (2 * cross + quad) / d + memo["eps"]).unsqueeze(-1)  # (k, B*(T-r), 1)
         else:
@@ -740,6 +746,23 @@ class GradientsMixin:
             y.baddbmm_(scaled, Mk)
             full[:k, :, r:, qk] = y.view(k, B, T - r, -1)
             full[:k, :, :r, qk] = y0v[:, :r]
+
+    def _x_dot_w(self, memo: dict[Any, Any], who: tuple[tuple[int, int], ...], r: int, xs: torch.Tensor,
+                 Wc: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """``xs @ Wc^T`` (k, B*(T-r), dh) for :meth:`_composed_z`'s norm scale: the layer's centred block input
+        (its rows from r) against the heads ``who``'s centred ``W_O`` rows. Depends on the base run and the
+        weights alone: formed over every row (r 0) it is kept in the layer's ``memo`` (within
+        :data:`QK_WEIGHT_CACHE` bytes per call), which the next QK fix on the same base run inherits
+        (:func:`_base_run_only`), and its rows from r are read from there."""
+        if who and ("cross", who) in memo:
+            full = memo[("cross", who)]
+            return full if r == 0 else full.unflatten(1, (B, T))[:, :, r:].flatten(1, 2)
+        got = torch.matmul(xs, Wc.transpose(1, 2))
+        size = got.numel() * got.element_size()
+        if who and r == 0 and self._qk_cross_bytes + size <= QK_WEIGHT_CACHE:
+            memo[("cross", who)] = got
+            self._qk_cross_bytes += size
+        return got
 
     def _qk_workspace(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
                       ) -> torch.Tensor:
@@ -858,6 +881,37 @@ def _sub(qk: slice | torch.Tensor, pos: slice) -> slice | torch.Tensor:
     if isinstance(qk, slice):
         raise ValueError("a stepped slice of q/k columns")
     return qk[pos]
+
+
+#: what :meth:`Runner.qk_fix` keeps per layer that depends on its base run (and the weights) alone, handed to
+#: the next call on the same base run (AtP* of an ablation, then of noising, on the clean run): the composed
+#: route's block input, norm scale and unchanged projections, the attention's values and checks
+#: (``"given"``), the checked pattern route, and ``xs @ W^T`` per chunk; never what depends on a read's
+#: gradients (keyed by tensor ids)
+BASE_RUN_KEYS = frozenset({"xs", "gamma", "eps", "centre", "norm", "var0", "normed", "inv0", "given", "patterns",
+                           "proj", "rows", "split", "cross"})
+
+
+def _base_run_only(memos: dict[int, dict[int, dict[Any, Any]]]) -> dict[int, dict[int, dict[Any, Any]]]:
+    """Per group and layer, the entries of a QK fix's ``memo`` in :data:`BASE_RUN_KEYS` (by name, or a tuple's
+    first element), or nothing where they would hold more than :data:`QK_WEIGHT_CACHE` bytes of tensors."""
+    out = {g: {layer: {k: v for k, v in m.items() if (k[0] if isinstance(k, tuple) else k) in BASE_RUN_KEYS}
+               for layer, m in per.items()} for g, per in memos.items()}
+    seen: set[int] = set()
+
+    def size(x: Any) -> int:
+        if torch.is_tensor(x):
+            if id(x) in seen:
+                return 0
+            seen.add(id(x))
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(size(v) for v in x.values())
+        if isinstance(x, (tuple, list)):
+            return sum(size(v) for v in x)
+        return 0
+
+    return out if size(out) <= QK_WEIGHT_CACHE else {}
 
 
 def _first_read_row(memo: dict[Any, Any], grads: Sequence[torch.Tensor]) -> int:

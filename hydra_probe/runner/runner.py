@@ -151,6 +151,8 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         self._qk_weights: dict[Any, torch.Tensor] = {}  # composed q/k weights of the QK fix (see QK_WEIGHT_CACHE)
         self._qk_weight_bytes = 0
         self._qk_bufs: dict[Any, torch.Tensor] = {}  # the QK fix's workspace while it runs (_qk_workspace)
+        self._qk_layers: dict[str, Any] = {}  # the last QK fix's per-layer memo of its base run (_base_run_only)
+        self._qk_cross_bytes = 0
         self._rows: dict[tuple[int, str, Any], int] = {}  # see _unedited_rows
         #: nnsight: what the unedited forwards must return, per (group, source) {site: {"last", "all", "sum"}}
         #: (declared by :meth:`run`, fetched with the first request; see :class:`RemotePrefix`)
