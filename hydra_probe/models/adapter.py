@@ -544,15 +544,18 @@ class Adapter(QKAttention):
         with _onloaded(mod):
             return mod.forward(x)
 
-    def project_columns(self, site: Site, x: torch.Tensor, cols: slice | torch.Tensor) -> torch.Tensor:
+    def project_columns(self, site: Site, x: torch.Tensor, cols: slice | torch.Tensor, bias: bool = True
+                        ) -> torch.Tensor:
         """``project(site, x)[..., cols]``, computing only those columns where the module is a plain linear
-        layer (``nn.Linear``, GPT-2's ``Conv1D``) with its own forward."""
+        layer (``nn.Linear``, GPT-2's ``Conv1D``) with its own forward; ``bias=False``: without the module's bias
+        (the projection of zero taken off)."""
         mod, _ = self.module_of(site)
         conv = type(mod).__name__ == "Conv1D"
         if (type(mod) is nn.Linear or conv) and "forward" not in mod.__dict__ and not hasattr(mod, "_hf_hook"):
             w = mod.weight.T if conv else mod.weight  # (out, in)
-            return nn.functional.linear(x, w[cols], None if mod.bias is None else mod.bias[cols])
-        return self.project(site, x)[..., cols]
+            return nn.functional.linear(x, w[cols], None if mod.bias is None or not bias else mod.bias[cols])
+        y = self.project(site, x)[..., cols]
+        return y if bias else y - self.project(site, x.new_zeros(1, x.shape[-1]))[..., cols]
 
     def module_width(self, site: Site) -> int:
         """The output width of the projection module of ``site`` (q, k, v or qkv)."""

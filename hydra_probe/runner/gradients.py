@@ -560,8 +560,10 @@ class GradientsMixin:
             if c.layer not in W_O:
                 W_O[c.layer] = ad.W_O(c.layer)
             W[j] = W_O[c.layer][c.head]
-            diff = (self.local_prefix(g, ch.value).captures[s] - Pb.captures[s])
-            diff = diff.reshape(B, T, ad.n_heads, ad.head_dim)[:, :, c.head]  # type: ignore[index]
+            h = c.head
+            assert h is not None
+            diff = (self.local_prefix(g, ch.value).captures[s].reshape(B, T, ad.n_heads, ad.head_dim)[:, :, h]
+                    - Pb.captures[s].reshape(B, T, ad.n_heads, ad.head_dim)[:, :, h])  # the head's columns alone
             if ch.positions is None:
                 dz[j] = diff
             else:
@@ -668,7 +670,7 @@ class GradientsMixin:
             wkey = (layer, site, who)
             M = self._qk_weights.get(wkey) if who else None
             if M is None:
-                M = ad.project_columns(site, (Wc * gamma).to(ad.dtype).reshape(-1, d), qk).to(cdt) - bias  # (k*dh, n)
+                M = ad.project_columns(site, (Wc * gamma).to(ad.dtype).reshape(-1, d), qk, bias=False).to(cdt)  # (k*dh, n)
                 size = M.numel() * M.element_size()
                 if who and x.device.type == "cpu" and self._qk_weight_bytes + size <= QK_WEIGHT_CACHE:
                     self._qk_weights[wkey] = M
