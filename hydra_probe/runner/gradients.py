@@ -422,7 +422,8 @@ class GradientsMixin:
                     out[:, ci[:, None], it[None, :]] = part.cpu()
                     pos += len(chunk)
                     bar.update(len(chunk))
-        self._qk_layers = {source: _base_run_only(memos)}  # for a next call on the same base run (one at a time)
+        if self.ad.device.type == "cpu":  # for a next call on the same base run (one at a time; not in device memory)
+            self._qk_layers = {source: _base_run_only(memos)}
         return out * use[..., None]
 
     def _composable(self, change: SenderChange) -> bool:
@@ -754,14 +755,14 @@ class GradientsMixin:
         """``xs @ Wc^T`` (k, B*(T-r), dh) for :meth:`_composed_z`'s norm scale: the layer's centred block input
         (its rows from r) against the heads ``who``'s centred ``W_O`` rows. Depends on the base run and the
         weights alone: formed over every row (r 0) it is kept in the layer's ``memo`` (within
-        :data:`QK_WEIGHT_CACHE` bytes per call), which the next QK fix on the same base run inherits
+        :data:`QK_WEIGHT_CACHE` bytes per call, on the CPU), which the next QK fix on the same base run inherits
         (:func:`_base_run_only`), and its rows from r are read from there."""
         if who and ("cross", who) in memo:
             full = memo[("cross", who)]
             return full if r == 0 else full.unflatten(1, (B, T))[:, :, r:].flatten(1, 2)
         got = torch.matmul(xs, Wc.transpose(1, 2))
         size = got.numel() * got.element_size()
-        if who and r == 0 and self._qk_cross_bytes + size <= QK_WEIGHT_CACHE:
+        if who and r == 0 and xs.device.type == "cpu" and self._qk_cross_bytes + size <= QK_WEIGHT_CACHE:
             memo[("cross", who)] = got
             self._qk_cross_bytes += size
         return got
