@@ -589,3 +589,43 @@ def test_qk_fix_hands_what_depends_on_its_base_run_to_the_next_call_on_it(family
     _close(got, want, 1e-12)
     runner.qk_fix("corrupted", noising[:1], runner.gradients("corrupted", [GradientRead(zs, None, True)]))
     assert set(runner._qk_layers) == {"corrupted"}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+def test_qk_fix_forms_the_unchanged_pattern_once_per_layer(family, plain, pattern_calls, monkeypatch):
+    """Runner.qk_unchanged_once: with several chunks of changes per layer (a small token budget), the chunks after
+    a layer's first run their changed copies alone against the unchanged copy's pattern kept from the first; the
+    terms equal those of every chunk running it (both directions, a task with a shared prefix), and a kept pattern
+    that is off changes them (the comparison can see a wrong one)."""
+    m = build(family)[0]
+    c = {x.name: x for x in m.components(["all", "layers"])}
+    zs = tuple(Site(layer, "z") for layer in range(1, m.n_layers))
+    alone: list[bool] = []
+    real = Runner._composed_z
+
+    def spy(self, *a, unchanged=True, **k):
+        alone.append(not unchanged)
+        return real(self, *a, unchanged=unchanged, **k)
+
+    monkeypatch.setattr(Runner, "_composed_z", spy)
+    heads = [f"L{layer}H{h}" for layer in range(m.n_layers - 1) for h in range(m.n_heads)]
+    for t in (build(family)[1], prefix_task(m)):
+        for source, value in (("corrupted", "clean"), ("clean", "corrupted")):
+            runner, _ = make_runner(m, t, "logit_diff")
+            runner.token_budget = 3 * max(len(x) for x in t.clean_ids) * len(t)  # a few copies per chunk
+            reads = runner.gradients(source, [GradientRead(zs, None, True), GradientRead(zs, 1, True)])
+            changes = [SenderChange((c[h],), value) for h in heads]
+            alone.clear()
+            got = runner.qk_fix(source, changes, reads)
+            assert any(alone)
+            with plain("qk_unchanged_once"):
+                alone.clear()
+                want = runner.qk_fix(source, changes, reads)
+                assert not any(alone)
+            assert (want[0, :m.n_heads].abs().amax(-1) > 1e-6).all()
+            _close(got, want, 1e-12)
+    orig = torch.Tensor.clone
+    with monkeypatch.context() as mp:  # the kept pattern a little off: the terms move
+        mp.setattr(torch.Tensor, "clone", lambda x, *a, **k: orig(x, *a, **k) * 1.01)
+        bad = runner.qk_fix(source, changes, reads)
+    assert not torch.allclose(bad, want, rtol=0, atol=1e-6 * float(want.abs().max()))

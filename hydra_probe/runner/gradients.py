@@ -491,8 +491,17 @@ class GradientsMixin:
                     who = tuple((changes[j].senders[0].layer, changes[j].senders[0].head) for j in order[:kk])
                     composed = functools.partial(self._composed_z, P, layer, x, heads[0][:kk], heads[1][:kk],
                                                  lmemo, who, first["composed"], chunk=per_chunk)
+                    # the unchanged copy's pattern is the same for every chunk of the layer: formed with the first
+                    # (whose last copy the pattern route's checks read), then kept (Runner.qk_unchanged_once)
+                    a0key = ("A0", first["composed"], suffix, queries)
+                    kept0 = lmemo.get(a0key) if patterns and self.qk_unchanged_once else None
                     try:
-                        z = composed(suffix, patterns=patterns, queries=queries)
+                        z = composed(suffix, patterns=patterns, queries=queries, unchanged=kept0 is None)
+                        if isinstance(z, tuple) and self.qk_unchanged_once:
+                            if kept0 is None:
+                                lmemo[a0key] = z[0][kk * B:].clone()
+                            else:
+                                z = (z[0], z[1], kept0)  # the changed copies' patterns, then the kept one
                         if z is True:  # no pattern route in this layer: its output
                             self._no_patterns.add(layer)
                             z = composed(suffix)
@@ -524,8 +533,11 @@ class GradientsMixin:
                 # each copy's change of its output, or on the pattern route of its pattern (the term is then the
                 # sum of (A' - A) * (grad_z . V) over heads, query rows and keys): (kk, B, (T - r) * H * dh) or
                 # (kk, B, H * (T - r) * Tk), reduced in float64 for a float64 model, else in float32
-                zz = (z[0] if patterns else z).unflatten(0, (kk + 1, B))
-                dz = (zz[:kk] - zz[kk:]).to(cdt).flatten(2)
+                if patterns and len(z) == 3:  # the unchanged copy's pattern kept from the layer's first chunk
+                    dz = (z[0].unflatten(0, (kk, B)) - z[2]).to(cdt).flatten(2)
+                else:
+                    zz = (z[0] if patterns else z).unflatten(0, (kk + 1, B))
+                    dz = (zz[:kk] - zz[kk:]).to(cdt).flatten(2)
                 G = grads
                 if patterns:
                     G = [_pattern_weights(lmemo, grad, z[1], r, cdt) for grad in G]
@@ -575,7 +587,7 @@ class GradientsMixin:
     def _composed_z(self, P: Any, layer: int, x: torch.Tensor, dz: torch.Tensor, W: torch.Tensor,
                     memo: dict[Any, Any], who: tuple[tuple[int, int], ...] = (), first: int = 0,
                     suffix: bool = False, patterns: bool = False, queries: int | None = None,
-                    chunk: dict[Any, Any] | None = None) -> Any:
+                    chunk: dict[Any, Any] | None = None, unchanged: bool = True) -> Any:
         """Layer ``layer``'s heads' output z ((k+1)*B, T, H*dh) for the block inputs ``x + dz_j @ W_j`` (each
         lone head j of ``dz`` (k, B, T, head_dim) with its ``W_O`` rows ``W`` (k, head_dim, d)), then ``x``,
         every copy's values the last copy's, with the q/k projections composed instead of projected:
@@ -591,7 +603,9 @@ class GradientsMixin:
         with the same layer and ``x`` (what depends on them alone is computed once). ``who``: the heads of
         ``W`` as (layer, head); their composed weights ``lin(gamma * P(W))`` depend on the weights alone and are
         kept on the runner (within :data:`QK_WEIGHT_CACHE` bytes) for its next QK fix (the other direction).
-        ``chunk``: kept by the caller for the layers of one chunk of changes, ``{"W": its every head's W_O rows}``
+        ``unchanged`` False (pattern route only, once the layer's memo has checked the unchanged copy): the
+        copies are the k changed ones alone ((k*B, H, Tq, Tk) patterns). ``chunk``: kept by the caller for the
+        layers of one chunk of changes, ``{"W": its every head's W_O rows}``
         (``W`` their first k): the centred rows and their Gram matrices are formed once per chunk.
 
         ``first``: ``dz`` is zero at the positions before it, so there the changed copies' q/k are the last
@@ -678,7 +692,7 @@ class GradientsMixin:
                     self._qk_weight_bytes += size
             width = ad.module_width(site)
             rows = T - r if suffix else T  # the given tensor's rows
-            full = self._qk_workspace(slot, (k + 1, B, rows, width), cdt, x.device)
+            full = self._qk_workspace(slot, (k + 1 if unchanged else k, B, rows, width), cdt, x.device)
             Mk = M.reshape(k, dh, -1)
             y0v = y0.view(B, T, -1)
             # the pattern route reads the queries of the last ``queries`` rows only: where those are at most half
@@ -703,13 +717,15 @@ class GradientsMixin:
                     y = torch.addcmul(cq, inv4[:, :, t - r], bq[None, :, t - r])
                     y.baddbmm_(sc4[:, :, t - r], Mq)
                     full[:k, :, t - (T - rows), qcols] = y
-            full[k, ..., qk] = y0v[:, T - rows:]  # the unchanged copy
+            if unchanged:
+                full[k, ..., qk] = y0v[:, T - rows:]  # the unchanged copy
             given[site] = (full.view(-1, rows, width) if cdt == ad.dtype else full.view(-1, rows, width).to(ad.dtype))
         normed = memo["normed"]
         if patterns:  # (pattern, values), True (no pattern route here) or None (as below)
-            got = ad.attention_patterns_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}),
+            got = ad.attention_patterns_given(P, layer, full.shape[0], normed, given, memo.setdefault("given", {}),
                                               first_row=r, suffix=suffix, queries=queries)
             return None if got is False else got
+        assert unchanged, "the output route always runs the unchanged copy"
         return ad.attention_z_given(P, layer, k + 1, normed, given, memo.setdefault("given", {}), first_row=r,
                                     suffix=suffix)
 
@@ -727,7 +743,7 @@ class GradientsMixin:
         # three ways to the same numbers (the fastest measured on the CPU for each layout)
         if suffix:  # the rows from r on only, in place (or placed, for columns of an index)
             if isinstance(qk, slice):
-                y = full.view(k + 1, B * (T - r), width)[:k, :, qk]
+                y = full.view(full.shape[0], B * (T - r), width)[:k, :, qk]
                 torch.addcmul(const, inv, base_r[None], out=y)
                 y.baddbmm_(scaled, Mk)
             else:
@@ -736,7 +752,7 @@ class GradientsMixin:
                 full[:k, ..., qk] = y.view(k, B, T - r, -1)
         elif isinstance(qk, slice) and (r == 0 or Mk.shape[-1] != width):  # every row, in place (fused q/k/v)
             ia, sa = every_row()
-            y = full.view(k + 1, B * T, width)[:k, :, qk]
+            y = full.view(full.shape[0], B * T, width)[:k, :, qk]
             torch.addcmul(const, ia, base[None], out=y)  # const + base / sigma
             y.baddbmm_(sa, Mk)  # + dz W / sigma, the changed copies
         elif isinstance(qk, slice):  # a projection of queries or keys only: the rows from r on, in place

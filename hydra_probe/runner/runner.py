@@ -115,6 +115,9 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     #: not formed, nor, on the composed route, the changed copies' queries there; False: every query row (the
     #: plain reference of the restriction)
     qk_read_rows: bool = True
+    #: on the QK fix's composed pattern route the unchanged copy's pattern is formed with a layer's first chunk of
+    #: changes and kept for its others (which then run their changed copies alone); False: every chunk runs it
+    qk_unchanged_once: bool = True
     #: the QK fix reads each copy's attention pattern against ``grad_z . V`` (the values are the base run's)
     #: instead of forming its heads' output ``z`` (``Adapter.attention_patterns_given``); False: the output route
     qk_patterns: bool = True
