@@ -44,6 +44,19 @@ def plain(monkeypatch):
     return off
 
 
+def _on_and_off(plain, flag: str, seen: list[bool], run):
+    """``run()`` with the runner flag ``flag`` on, where ``seen`` must record its route taken, and off (the plain
+    reference), where it must not: (on, off)."""
+    seen.clear()
+    on = run()
+    assert any(seen)
+    with plain(flag):
+        seen.clear()
+        off = run()
+        assert not any(seen)
+    return on, off
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-9) -> None:
     scale = max(float(want.abs().max()), 1e-12)
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=rel * scale, rtol=0)
@@ -533,13 +546,7 @@ def test_qk_fix_forms_only_the_query_rows_a_gradient_reads(family, plain, patter
                        SenderChange((c["L0H0"], c["MLP1"]), value)]
             for flags in ((), ("compose_qk",)):
                 with plain(*flags):
-                    cut.clear()
-                    got = runner.qk_fix(source, changes, reads)
-                    assert any(cut)
-                    with plain("qk_read_rows"):
-                        cut.clear()
-                        want = runner.qk_fix(source, changes, reads)
-                        assert not any(cut)
+                    got, want = _on_and_off(plain, "qk_read_rows", cut, functools.partial(runner.qk_fix, source, changes, reads))
                 _close(got, want)
             with plain("fast_qk"):
                 _close(got, runner.qk_fix(source, changes, reads), tol)
@@ -615,13 +622,7 @@ def test_qk_fix_forms_the_unchanged_pattern_once_per_layer(family, plain, patter
             runner.token_budget = 3 * max(len(x) for x in t.clean_ids) * len(t)  # a few copies per chunk
             reads = runner.gradients(source, [GradientRead(zs, None, True), GradientRead(zs, 1, True)])
             changes = [SenderChange((c[h],), value) for h in heads]
-            alone.clear()
-            got = runner.qk_fix(source, changes, reads)
-            assert any(alone)
-            with plain("qk_unchanged_once"):
-                alone.clear()
-                want = runner.qk_fix(source, changes, reads)
-                assert not any(alone)
+            got, want = _on_and_off(plain, "qk_unchanged_once", alone, functools.partial(runner.qk_fix, source, changes, reads))
             assert (want[0, :m.n_heads].abs().amax(-1) > 1e-6).all()
             _close(got, want, 1e-12)
     orig = torch.Tensor.clone
