@@ -513,9 +513,7 @@ class Adapter(QKAttention):
             if t.qkv_layout == "separate":
                 last_query_projection(register, get_path(block, t.qkv[0]))
             else:
-                cols = [c for h in range(self.n_heads)
-                        for c in range(*self.head_input_slice(layer, h, "q")[1].indices(10 ** 9))]
-                stack.enter_context(fused_last_query(get_path(block, t.qkv[0]), cols))
+                stack.enter_context(fused_last_query(get_path(block, t.qkv[0]), self.head_columns(layer, "q")[1]))
             stack.enter_context(last_query_function(get_path(block, t.attn)))
             yield
 

@@ -229,16 +229,27 @@ class QKAttention:
 
     def value_columns(self, layer: int) -> list[int]:
         """The columns of layer ``layer``'s value projection site (``v``, or the fused ``qkv``) that hold values,
-        sorted (kept per layer: the layout does not change)."""
-        key = ("value_columns", layer)
+        sorted."""
+        return self.head_columns(layer, "v")[1]
+
+    def head_columns(self, layer: int, which: str) -> tuple[Site, list[int]]:
+        """The site that holds layer ``layer``'s ``which`` (q, k or v) inputs of every head and its columns that
+        hold them, sorted (kept per layer: the layout does not change)."""
+        key = ("columns", layer, which)
         if key not in self._layout:
-            self._layout[key] = sorted({c for h in range(self.n_heads)
-                                        for c in range(*self.head_input_slice(layer, h, "v")[1].indices(10 ** 9))})
-        return list(self._layout[key])
+            sites, cols = set(), set()
+            for h in range(self.n_heads):
+                site, sl = self.head_input_slice(layer, h, which)
+                sites.add(site)
+                cols.update(range(*sl.indices(10 ** 9)))
+            (site,) = sites
+            self._layout[key] = site, sorted(cols)
+        site, cols = self._layout[key]
+        return site, list(cols)
 
     @property
     def _layout(self) -> dict[Any, Any]:
-        """What :meth:`value_columns` and :meth:`qk_sites` derived from the architecture table, per layer."""
+        """What :meth:`head_columns` and :meth:`qk_sites` derived from the architecture table, per layer."""
         return self.__dict__.setdefault("_layout_memo", {})
 
     def qk_sites(self, layer: int) -> list[tuple[Site, torch.Tensor | slice]]:

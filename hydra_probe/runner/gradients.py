@@ -487,6 +487,7 @@ class GradientsMixin:
                 queries = T - read if patterns and read > 0 else None
                 x = P.resid[layer]
                 z = None
+                kept0 = None  # the unchanged copy's pattern, where this chunk's ran without it
                 if heads is not None and layer not in self._no_compose:
                     who = tuple((changes[j].senders[0].layer, changes[j].senders[0].head) for j in order[:kk])
                     composed = functools.partial(self._composed_z, P, layer, x, heads[0][:kk], heads[1][:kk],
@@ -497,17 +498,17 @@ class GradientsMixin:
                     kept0 = lmemo.get(a0key) if patterns and self.qk_unchanged_once else None
                     try:
                         z = composed(suffix, patterns=patterns, queries=queries, unchanged=kept0 is None)
-                        if isinstance(z, tuple) and self.qk_unchanged_once:
-                            if kept0 is None:
-                                lmemo[a0key] = z[0][kk * B:].clone()
-                            else:
-                                z = (z[0], z[1], kept0)  # the changed copies' patterns, then the kept one
+                        if not isinstance(z, tuple):
+                            kept0 = None  # not the pattern route: the chunk's own unchanged copy, as below
+                        elif kept0 is None and self.qk_unchanged_once:
+                            lmemo[a0key] = z[0][kk * B:].clone()
                         if z is True:  # no pattern route in this layer: its output
                             self._no_patterns.add(layer)
                             z = composed(suffix)
                     except SuffixRefused:  # an attention call of an unexpected layout: every row, from now on
                         ad.refuse_suffix()
                         suffix = False
+                        kept0 = None
                         z = composed(False)
                     if z is None:  # the attention does not read its norm's output as composed: plain route
                         self._no_compose.add(layer)
@@ -533,8 +534,8 @@ class GradientsMixin:
                 # each copy's change of its output, or on the pattern route of its pattern (the term is then the
                 # sum of (A' - A) * (grad_z . V) over heads, query rows and keys): (kk, B, (T - r) * H * dh) or
                 # (kk, B, H * (T - r) * Tk), reduced in float64 for a float64 model, else in float32
-                if patterns and len(z) == 3:  # the unchanged copy's pattern kept from the layer's first chunk
-                    dz = (z[0].unflatten(0, (kk, B)) - z[2]).to(cdt).flatten(2)
+                if kept0 is not None:  # the changed copies alone, against the pattern kept from the first chunk
+                    dz = (z[0].unflatten(0, (kk, B)) - kept0).to(cdt).flatten(2)
                 else:
                     zz = (z[0] if patterns else z).unflatten(0, (kk + 1, B))
                     dz = (zz[:kk] - zz[kk:]).to(cdt).flatten(2)
@@ -880,12 +881,11 @@ def _query_split(ad: Any, layer: int, site: Site, qk: slice | torch.Tensor) -> t
     """Where the query columns of ``site`` are a leading block of its q/k columns ``qk``: (their positions in
     ``qk``, the key columns' positions or None where there are none); None otherwise (a key projection, or
     NeoX's interleaved heads)."""
+    qsite, qcols = ad.head_columns(layer, "q")
+    if qsite != site:
+        return None
     cols = list(range(*qk.indices(ad.module_width(site)))) if isinstance(qk, slice) else qk.tolist()
-    q = set()
-    for h in range(ad.n_heads):
-        s, sl = ad.head_input_slice(layer, h, "q")
-        if s == site:
-            q.update(range(*sl.indices(10 ** 9)))
+    q = set(qcols)
     n = sum(c in q for c in cols)
     if n == 0 or any(c not in q for c in cols[:n]):
         return None
