@@ -145,6 +145,52 @@ def test_shared_graddrop_equals_one_stacked_copy_per_read(family, plain):
     assert torch.equal(d1.grads[Site(2, "z")][0], got[0].grads[Site(2, "z")][0])
 
 
+@pytest.mark.parametrize("family", tiny.FAMILIES + tiny.NEW_FAMILIES)
+def test_graddrop_together_equals_one_product_per_dropped_layer(family, plain, monkeypatch):
+    """GradDrop's products taken block by block, every dropped layer above a block in one batched product
+    (``Runner.graddrop_together``), give the per-drop products' gradients at every site kind, for reads that
+    drop each layer, with and without the pattern freeze, on every row and on the changed rows only; a batch
+    that fails (an op vmap cannot batch) falls back to the per-drop products for the rest of the runner."""
+    from hydra_probe.runner import gradients as gm
+
+    m, t = build(family)
+    L = m.n_layers
+    runner, _ = make_runner(m, t, "logit_diff")
+    sites = tuple(Site(layer, k) for layer in range(L) for k in ("z", "mlp_out", "resid_pre")) + (Site(L, "resid_pre"),)
+    reads = [GradientRead(sites, d, flag) for d in (None, *range(L)) for flag in (True, False)]
+    seen: list[bool] = []
+    real = gm._drops_together
+    monkeypatch.setattr(gm, "_drops_together", lambda *a: (seen.append(True), real(*a))[1])
+
+    def check(got, want):
+        for r, a, b in zip(reads, got, want):
+            for s in r.sites:
+                for g in range(len(runner.groups)):
+                    _close(a.grads[s][g], b.grads[s][g])
+        # the drop of layer 1 differs from the full gradient below it and is zero inside block 1
+        d1 = got[2 * 2]
+        assert (d1.grads[Site(1, "z")][0] == 0).all()
+        assert not torch.allclose(d1.grads[Site(0, "z")][0], got[0].grads[Site(0, "z")][0])
+
+    for source, rows in (("clean", False), ("corrupted", True)):
+        check(*_on_and_off(plain, "graddrop_together", seen,
+                           lambda s=source, r=rows: runner.gradients(s, reads, changed_rows_only=r)))
+    want = runner.gradients("clean", reads)
+    grad = torch.autograd.grad
+
+    def no_batch(*a, **k):
+        if k.get("is_grads_batched"):
+            raise RuntimeError("vmap: an op without a batching rule")
+        return grad(*a, **k)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batch)
+    check(runner.gradients("clean", reads), want)
+    assert runner._graddrop_apart
+    seen.clear()
+    runner.gradients("clean", reads)
+    assert not seen  # the runner no longer tries
+
+
 @pytest.mark.parametrize("family", ["gpt2", "gemma3", "olmo2"])
 def test_atp_star_unchanged(family, plain):
     """attribution_patch(method="atp*") with the new engine gives main's numbers (both references on),

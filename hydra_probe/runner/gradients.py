@@ -15,7 +15,7 @@ from ..errors import OptionError
 from ..interventions import Delivery, GradientRead, Intervention, SenderChange
 from ..models.plumbing import SuffixRefused, check_fired
 from ..models.sites import Site
-from .base import SOURCES, compose, first_true, halving, on_later_rows, progress_bar
+from .base import SOURCES, compose, first_true, halving, is_oom, on_later_rows, progress_bar
 
 
 @dataclass
@@ -231,7 +231,9 @@ class GradientsMixin:
         edits: dict[Site, list[Callable]] = {}
         caps: dict[Site, Callable] = {}
         block_in: dict[int, torch.Tensor] = {}
-        for layer in drops:
+        # the block inputs the GradDrop products start (apart) or pass (together) at
+        together = self.graddrop_together and bool(drops) and not self._graddrop_apart
+        for layer in (range(start, drops[-1] + 1) if together else drops):
             caps[Site(layer, "resid_pre")] = lambda x, layer=layer: block_in.__setitem__(layer, x)
         # zero tensors added to the activations (and to the dropped blocks' outputs) carry the gradient
         read_sites = set(sites)
@@ -254,15 +256,16 @@ class GradientsMixin:
             gr = torch.autograd.grad(mvals.sum(), [deltas[s] for s in need], allow_unused=True,
                                      retain_graph=bool(drops))
             full = {s: torch.zeros_like(deltas[s]) if v is None else v.detach() for s, v in zip(need, gr)}
-            below: dict[int, dict[Site, torch.Tensor]] = {}
-            for layer in drops:
-                under = [s for s in sites if s.layer < layer or s == Site(layer, "resid_pre")]
-                xin = block_in[layer]
-                got: tuple[Any, ...] = (None,) * len(under)
-                if under and xin.requires_grad:
-                    got = torch.autograd.grad(xin, [deltas[s] for s in under], full[Site(layer + 1, "resid_pre")],
-                                              retain_graph=True, allow_unused=True)
-                below[layer] = {s: torch.zeros_like(deltas[s]) if v is None else v.detach() for s, v in zip(under, got)}
+            below = None
+            if together:
+                try:
+                    below = _drops_together(drops, sites, block_in, deltas, full, start)
+                except RuntimeError as e:  # an op in the blocks' backward that vmap cannot batch: one product each
+                    if is_oom(e):
+                        raise
+                    self._graddrop_apart = True
+            if below is None:
+                below = _drops_apart(drops, sites, block_in, deltas, full)
         per: list[dict[Site, torch.Tensor]] = []
         for r in reads:
             d = r.drop_layer if r.drop_layer is not None and r.drop_layer >= start else None
@@ -944,6 +947,60 @@ def _first_read_row(memo: dict[Any, Any], grads: Sequence[torch.Tensor]) -> int:
             memo[key] = int(nz.to(torch.int8).argmax()) if bool(nz.any()) else int(nz.shape[0])
         rows.append(memo[key])
     return min(rows)
+
+
+def _drops_apart(drops: Sequence[int], sites: Sequence[Site], block_in: dict[int, torch.Tensor],
+                 deltas: dict[Site, torch.Tensor], full: dict[Site, torch.Tensor]
+                 ) -> dict[int, dict[Site, torch.Tensor]]:
+    """GradDrop's gradients under each dropped layer l (the read sites of layers < l, and l's block input): one
+    vector-Jacobian product of the blocks under l on the kept graph, with the full residual gradient at block
+    l's output placed at its input (the skip connection alone). ``block_in``: each dropped layer's block input
+    (after the read there, if any); ``full``: the full backward's gradient at every read site and block output."""
+    below: dict[int, dict[Site, torch.Tensor]] = {}
+    for layer in drops:
+        under = [s for s in sites if s.layer < layer or s == Site(layer, "resid_pre")]
+        xin = block_in[layer]
+        got: tuple[Any, ...] = (None,) * len(under)
+        if under and xin.requires_grad:
+            got = torch.autograd.grad(xin, [deltas[s] for s in under], full[Site(layer + 1, "resid_pre")],
+                                      retain_graph=True, allow_unused=True)
+        below[layer] = {s: torch.zeros_like(deltas[s]) if v is None else v.detach() for s, v in zip(under, got)}
+    return below
+
+
+def _drops_together(drops: Sequence[int], sites: Sequence[Site], block_in: dict[int, torch.Tensor],
+                    deltas: dict[Site, torch.Tensor], full: dict[Site, torch.Tensor], start: int
+                    ) -> dict[int, dict[Site, torch.Tensor]]:
+    """:func:`_drops_apart`'s gradients, block by block (``Runner.graddrop_together``): going down from the highest
+    dropped layer, the residual gradients of every drop above a block (a batch, one row per drop) pass through
+    it in one vector-Jacobian product (``is_grads_batched``), which also gives the block's read sites; at a
+    dropped layer l the batch gains l's own row, the full residual gradient at block l's output (the skip
+    connection alone), and l's reads inside its block get none. Each block is crossed once, by a batch
+    instead of once per drop above it: the same products, in GEMMs of more rows. ``block_in``: the block
+    inputs of layers ``start..max(drops)`` (after the read there, if any)."""
+    below: dict[int, dict[Site, torch.Tensor]] = {layer: {} for layer in drops}
+    order: list[int] = []  # the drop of each row of the batch
+    batch: torch.Tensor | None = None  # (len(order), B, T, d): their residual gradients at block_in[layer + 1]
+    for layer in range(drops[-1], start - 1, -1):
+        xin = block_in[layer]
+        inside = [s for s in sites if s.layer == layer and s.kind != "resid_pre"]
+        if batch is not None:
+            wrt = ([xin] if xin.requires_grad else []) + [deltas[s] for s in inside]
+            got = torch.autograd.grad(block_in[layer + 1], wrt, batch, retain_graph=True, allow_unused=True,
+                                      is_grads_batched=True) if wrt else ()
+            if xin.requires_grad:  # (else nothing is read below: the first block's input from the prefix)
+                batch, got = (torch.zeros_like(batch) if got[0] is None else got[0].detach()), got[1:]
+            for s, v in zip(inside, got):
+                for j, d in enumerate(order):
+                    below[d][s] = torch.zeros_like(deltas[s]) if v is None else v[j].detach()
+        if layer in below:
+            g = full[Site(layer + 1, "resid_pre")].to(xin.device)[None]
+            batch = g if batch is None else torch.cat([batch.to(xin.device), g])
+            order.append(layer)
+        if batch is not None and Site(layer, "resid_pre") in deltas:
+            for j, d in enumerate(order):
+                below[d][Site(layer, "resid_pre")] = batch[j]
+    return below
 
 
 def _pad_rows(x: torch.Tensor, r: int) -> torch.Tensor:

@@ -103,6 +103,10 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
     #: gradient reads share one forward per group (GradDrop reads as vector-Jacobian products of the
     #: blocks under the dropped layer); False: the plain reference, one stacked copy per read
     shared_gradients: bool = True
+    #: GradDrop's reads go down the blocks together: one vector-Jacobian product per block for every dropped
+    #: layer above it (``torch.autograd.grad(is_grads_batched=True)``); False: one product per dropped layer
+    #: through all the blocks under it (the plain reference; same numbers to float rounding)
+    graddrop_together: bool = True
     #: the QK fix composes a lone head's change with the q/k projections (head_dim rows per head instead of
     #: one projection per prompt position); False: every copy's q/k projected from its block input
     compose_qk: bool = True
@@ -155,6 +159,7 @@ class Runner(PathsMixin, GradientsMixin, NnsightMixin):
         self._qk_weight_bytes = 0
         self._qk_bufs: dict[Any, torch.Tensor] = {}  # the QK fix's workspace while it runs (_qk_workspace)
         self._qk_layers: dict[str, Any] = {}  # the last QK fix's per-layer memo of its base run (_base_run_only)
+        self._graddrop_apart = False  # a GradDrop batch failed (an op vmap cannot batch): one product per drop
         self._qk_cross_bytes = 0
         self._rows: dict[tuple[int, str, Any], int] = {}  # see _unedited_rows
         #: nnsight: what the unedited forwards must return, per (group, source) {site: {"last", "all", "sum"}}
