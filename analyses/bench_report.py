@@ -11,6 +11,7 @@ components out), on the same prompts, and prints:
     shape=NAME ratio auto/all wall=R cpu=C
     shape=NAME top10 verdicts agree=A/10 (by the exhaustive run's importance) [component: all -> auto ...]
     shape=NAME non-minor verdicts agree=A/B swept=S/B
+    shape=NAME ratio auto/all median of K rounds wall=R cpu=C (wall: R1 R2 ...)   (with --repeat K > 1)
 
 cpu_s is this process's CPU time (steadier than wall clock on a shared
 machine). Shapes:
@@ -27,7 +28,11 @@ logits that change raises and lowers most at the last position, so the
 clean - corrupted gap is the corruption's effect and not noise.
 Usage:
     python analyses/bench_report.py [--shape gpt2|smol] [--prompts N] [--position P] [--modes all,auto] [--threads 2]
-        [--every-row] [--no-share]
+        [--repeat K] [--every-row] [--no-share]
+
+(``--repeat K``: K rounds, all then auto, then auto then all, and so on, each round's ratio and their median:
+this machine's speed drifts by 10-30 % within minutes, and alternating the order spreads the drift over both
+modes.)
 
 (``--no-share``: the analyses do not share their unedited runs, the plain reference of
 ``effects.common.shared_runs``; ``--every-row``: no stacked forward is restricted to the rows after the
@@ -37,6 +42,7 @@ clean and corrupted prompts' shared prefix, ``Runner.suffix_rows = False``; same
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import warnings
@@ -88,42 +94,59 @@ def run(model: hp.HookedModel, task: Task, exact: str) -> tuple[hp.Triangulation
     return rep, time.perf_counter() - w, time.process_time() - c
 
 
-def compare(shape: str, model: hp.HookedModel, task: Task, modes: str = "all,auto", say: Any = print
-            ) -> dict[str, hp.TriangulationReport]:
+def compare(shape: str, model: hp.HookedModel, task: Task, modes: str = "all,auto", say: Any = print,
+            repeat: int = 1) -> dict[str, hp.TriangulationReport]:
     """Warm up, run the report once per mode (comma-separated, in order) and print the lines of the module doc
-    (with both modes, the ratio and the verdict comparison). Returns the reports by mode."""
+    (with both modes, the ratio and the verdict comparison). ``repeat`` > 1: that many rounds, the order of the
+    modes reversed every other round (all, auto, auto, all, ...), each round's ratio printed and then their
+    median. Returns the first round's reports by mode."""
     hp.triangulate(model, task.subset(range(min(4, len(task)))), components=["L0H0", f"L{model.n_layers - 1}H0"],
                    top=1, progress=False)  # warm-up (first-call costs)
     n = len(task)
-    reps, wall, cpu = {}, {}, {}
-    for mode in modes.split(","):
-        reps[mode], wall[mode], cpu[mode] = run(model, task, mode)
-        t = reps[mode].to_frame()
-        b = reps[mode].baseline
-        made = {k: int(t["measured"].map(lambda m, k=k: k in m.split(", ")).sum()) for k in MEASUREMENTS}
-        say(f"shape={shape} exact={mode} wall_s={wall[mode]:.1f} cpu_s={cpu[mode]:.1f} "
-            f"swept={int(t['measured'].ne('').sum())}/{len(t)} "
-            + " ".join(f"{k}={v}" for k, v in made.items()) + f"  (n={n}, clean {b['clean_metric']:.3g}, "
-            f"corrupted {b['corrupted_metric']:.3g}, gap {b['gap']:.3g})", flush=True)
-        for step, s in reps[mode].timings.items():
-            say(f"shape={shape} exact={mode} step={step} wall_s={s:.1f}", flush=True)
-    if "all" in reps and "auto" in reps:
-        say(f"shape={shape} ratio auto/all wall={wall['auto'] / wall['all']:.3f} cpu={cpu['auto'] / cpu['all']:.3f}"
-            "  (issue 14: at most 1/3)")
-        f = reps["all"].to_frame().set_index("component")
-        x = reps["auto"].to_frame().set_index("component")
-        top = list(f.index[:10])
-        same = [c for c in top if f.loc[c, "verdict"] == x.loc[c, "verdict"]]
-        say(f"shape={shape} top10 verdicts agree={len(same)}/{len(top)} (by the exhaustive run's importance) "
-            + " ".join(f"[{c}: {f.loc[c, 'verdict']} -> {x.loc[c, 'verdict']}"
-                       f"{'' if x.loc[c, 'exact'] else ' (' + (x.loc[c, 'measured'] or 'estimated') + ')'}]"
-                       for c in top))
-        nm = f.index[f["verdict"] != "agree: minor"]
-        agree = int((x.loc[nm, "verdict"] == f.loc[nm, "verdict"]).sum())
-        say(f"shape={shape} non-minor verdicts agree={agree}/{len(nm)} swept={int(x.loc[nm, 'measured'].ne('').sum())}/"
-            f"{len(nm)}; all verdicts agree={int((x.loc[f.index, 'verdict'] == f['verdict']).sum())}/{len(f)}")
+    names = modes.split(",")
+    first: dict[str, hp.TriangulationReport] = {}
+    ratios: list[tuple[float, float]] = []
+    for k in range(repeat):
+        reps, wall, cpu = {}, {}, {}
+        for mode in (names if k % 2 == 0 else names[::-1]):
+            reps[mode], wall[mode], cpu[mode] = run(model, task, mode)
+            t = reps[mode].to_frame()
+            b = reps[mode].baseline
+            made = {m: int(t["measured"].map(lambda x, m=m: m in x.split(", ")).sum()) for m in MEASUREMENTS}
+            say(f"shape={shape} exact={mode} wall_s={wall[mode]:.1f} cpu_s={cpu[mode]:.1f} "
+                f"swept={int(t['measured'].ne('').sum())}/{len(t)} "
+                + " ".join(f"{m}={v}" for m, v in made.items()) + f"  (n={n}, clean {b['clean_metric']:.3g}, "
+                f"corrupted {b['corrupted_metric']:.3g}, gap {b['gap']:.3g})", flush=True)
+            for step, sec in reps[mode].timings.items():
+                say(f"shape={shape} exact={mode} step={step} wall_s={sec:.1f}", flush=True)
+        first = first or reps
+        if "all" in reps and "auto" in reps:
+            ratios.append((wall["auto"] / wall["all"], cpu["auto"] / cpu["all"]))
+            say(f"shape={shape} ratio auto/all wall={ratios[-1][0]:.3f} cpu={ratios[-1][1]:.3f}"
+                f"{f' (round {k + 1} of {repeat})' if repeat > 1 else ''}  (issue 14: at most 1/3)")
+            _verdicts(shape, reps, say)
+    if len(ratios) > 1:
+        w, c = (statistics.median(r[i] for r in ratios) for i in (0, 1))
+        say(f"shape={shape} ratio auto/all median of {len(ratios)} rounds wall={w:.3f} cpu={c:.3f} "
+            f"(wall: {' '.join(f'{r[0]:.3f}' for r in ratios)})  (issue 14: at most 1/3)")
     sys.stdout.flush()
-    return reps
+    return first
+
+
+def _verdicts(shape: str, reps: dict[str, hp.TriangulationReport], say: Any) -> None:
+    """Print how the auto run's verdicts compare with the exhaustive run's (the module doc's last two lines)."""
+    f = reps["all"].to_frame().set_index("component")
+    x = reps["auto"].to_frame().set_index("component")
+    top = list(f.index[:10])
+    same = [c for c in top if f.loc[c, "verdict"] == x.loc[c, "verdict"]]
+    say(f"shape={shape} top10 verdicts agree={len(same)}/{len(top)} (by the exhaustive run's importance) "
+        + " ".join(f"[{c}: {f.loc[c, 'verdict']} -> {x.loc[c, 'verdict']}"
+                   f"{'' if x.loc[c, 'exact'] else ' (' + (x.loc[c, 'measured'] or 'estimated') + ')'}]"
+                   for c in top))
+    nm = f.index[f["verdict"] != "agree: minor"]
+    agree = int((x.loc[nm, "verdict"] == f.loc[nm, "verdict"]).sum())
+    say(f"shape={shape} non-minor verdicts agree={agree}/{len(nm)} swept={int(x.loc[nm, 'measured'].ne('').sum())}/"
+        f"{len(nm)}; all verdicts agree={int((x.loc[f.index, 'verdict'] == f['verdict']).sum())}/{len(f)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--position", type=int, default=5, help="the corrupted token's position")
     ap.add_argument("--modes", default="all,auto", help="which runs, in order (comma-separated: all, auto)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of the modes, the order reversed every other round; prints the median ratio")
     ap.add_argument("--every-row", action="store_true",
                     help="every stacked forward runs every row (Runner.suffix_rows = False; same numbers)")
     ap.add_argument("--no-share", action="store_true",
@@ -150,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 
         common.SHARE_RUNS = False
     model, task = make(a.shape, a.prompts or SHAPES[a.shape][3], a.tokens, a.position)
-    compare(a.shape, model, task, a.modes)
+    compare(a.shape, model, task, a.modes, repeat=a.repeat)
 
 
 if __name__ == "__main__":
