@@ -425,6 +425,33 @@ def test_fast_rotary_is_llamas_bit_for_bit():
     assert _is_llama_rotary(modeling_llama) and not _is_llama_rotary(modeling_gpt_neox)
 
 
+def test_fast_rotary_sees_through_the_kernels_wrapper():
+    """transformers >= 5.25 with the ``kernels`` package makes Llama's ``apply_rotary_pos_emb`` an ``nn.Module``
+    whose forward calls the function (``use_kernel_forward_from_hub``): it is still Llama's rotary, unless a
+    kernel was given to it (an instance ``forward``); a wrapper around another function is not."""
+    import types
+
+    from transformers.models.gpt_neox import modeling_gpt_neox
+    from transformers.models.llama import modeling_llama
+
+    from hydra_probe.models.rotary import _is_llama_rotary, _plain
+
+    def wrap(func):  # the shape of kernels' _create_func_module
+        class Func(torch.nn.Module):
+            def forward(self, *args, **kwargs):
+                return func(*args, **kwargs)
+        return Func()
+
+    plain = _plain(modeling_llama.apply_rotary_pos_emb)  # the function itself, whichever transformers this is
+    fake = types.SimpleNamespace(apply_rotary_pos_emb=wrap(plain), rotate_half=modeling_llama.rotate_half)
+    assert _plain(fake.apply_rotary_pos_emb) is plain and _is_llama_rotary(fake)
+    fake.apply_rotary_pos_emb.forward = lambda *a: None  # a kernel swapped in
+    assert not _is_llama_rotary(fake)
+    neox = types.SimpleNamespace(apply_rotary_pos_emb=wrap(_plain(modeling_gpt_neox.apply_rotary_pos_emb)),
+                                 rotate_half=modeling_llama.rotate_half)
+    assert not _is_llama_rotary(neox)
+
+
 @pytest.fixture
 def pattern_calls(monkeypatch):
     """How often each adapter call of the QK fix's pattern route gave a pattern ("pattern") or declined ("True" /

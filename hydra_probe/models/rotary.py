@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,9 +42,24 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+def _plain(fn: Any) -> Any:
+    """``fn``, or where it is the ``kernels`` package's module around a function (transformers >= 5.25 decorates
+    Llama's ``apply_rotary_pos_emb`` with ``use_kernel_forward_from_hub``; the module's forward calls the function
+    unless a kernel was swapped in) the function it wraps; None for a wrapper that was given a kernel (an
+    instance ``forward``) or that holds no single function."""
+    if not isinstance(fn, nn.Module):
+        return fn
+    if "forward" in vars(fn):
+        return None
+    cells = getattr(type(fn).forward, "__closure__", None) or ()
+    funcs = [c.cell_contents for c in cells if isinstance(getattr(c, "cell_contents", None), types.FunctionType)]
+    return funcs[0] if len(funcs) == 1 else None
+
+
 def _code(fn: Any) -> Any:
     """What makes two functions compute the same: bytecode, names, constants (the docstring left out),
-    defaults; None for anything but a plain function."""
+    defaults; None for anything but a plain function (or a ``kernels`` module around one, see :func:`_plain`)."""
+    fn = _plain(fn)
     c = getattr(fn, "__code__", None)
     if c is None:
         return None
