@@ -21,13 +21,19 @@ machine). Shapes:
 * ``smol``: a Llama shaped like SmolLM-135M (30 layers x 9 heads = 270 heads,
   3 key/value heads, d_model 576, MLP 1536, vocabulary 49152, tied
   embeddings), 16 prompt pairs by default.
+* ``qwen2``: a Qwen2 shaped like Qwen2-0.5B (24 layers x 14 heads = 336 heads,
+  2 key/value heads, d_model 896, MLP 4864, vocabulary 151936, tied
+  embeddings, q/k/v biases), 16 prompt pairs by default.
+* ``gemma3``: a Gemma-3 shaped like Gemma-3-270M (18 layers x 4 heads = 72
+  heads of dimension 256, one key/value head, d_model 640, MLP 2048,
+  vocabulary 262144, sandwich norms, q/k norms), 16 prompt pairs by default.
 
 The prompts are random tokens; the corrupted prompt changes one token (at
 ``--position``), and each pair's answer and alternative are the tokens whose
 logits that change raises and lowers most at the last position, so the
 clean - corrupted gap is the corruption's effect and not noise.
 Usage:
-    python analyses/bench_report.py [--shape gpt2|smol] [--prompts N] [--position P] [--modes all,auto] [--threads 2]
+    python analyses/bench_report.py [--shape gpt2|smol|qwen2|gemma3] [--prompts N] [--position P] [--modes all,auto] [--threads 2]
         [--repeat K] [--every-row] [--no-share]
 
 (``--repeat K``: K rounds, all then auto, then auto then all, and so on, each round's ratio and their median:
@@ -62,6 +68,15 @@ SHAPES = {
              dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
                   intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=256),
              16),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM,
+              dict(num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_size=896,
+                   intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=256),
+              16),
+    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
+               dict(num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                    hidden_size=640, intermediate_size=2048, vocab_size=262144, sliding_window=512,
+                    query_pre_attn_scalar=256, max_position_embeddings=256),
+               16),
 }
 
 
@@ -152,7 +167,7 @@ def _verdicts(shape: str, reps: dict[str, hp.TriangulationReport], say: Any) -> 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="gpt2", choices=sorted(SHAPES))
-    ap.add_argument("--prompts", type=int, default=None, help="prompt pairs (default: 32 for gpt2, 16 for smol)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompt pairs (default: 32 for gpt2, 16 for the others)")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--position", type=int, default=5, help="the corrupted token's position")
     ap.add_argument("--modes", default="all,auto", help="which runs, in order (comma-separated: all, auto)")

@@ -205,6 +205,29 @@ class Result:
         return out
 
 
+def concat_results(first: Result, second: Result, order: list[str]) -> Result:
+    """``first`` and ``second`` (one kind: the same analysis, with the same arguments, of other components) as one
+    result with ``first``'s provenance: each frame's rows (main and extras) concatenated and put in ``order`` of
+    their ``component`` column (stable; components not in ``order`` last). Categorical columns stay
+    categorical, over the labels used (sorted)."""
+    if type(first) is not type(second):
+        raise InputError(f"cannot join a {type(first).__name__} and a {type(second).__name__}.")
+    rank = {c: i for i, c in enumerate(order)}
+
+    def joined(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+        f = pd.concat([a, b], ignore_index=True)
+        for col in a.columns:
+            if isinstance(a[col].dtype, pd.CategoricalDtype):
+                f[col] = pd.Categorical(f[col].astype(object))
+        if "component" in f.columns:
+            key = f["component"].astype(object).map(rank).fillna(len(rank)).to_numpy()
+            f = f.iloc[np.argsort(key, kind="stable")].reset_index(drop=True)
+        return f
+
+    extras = {k: joined(v, second.extras[k]) if k in second.extras else v for k, v in first.extras.items()}
+    return type(first)(joined(first._frame, second._frame), first.provenance, extras)
+
+
 def load_result(path: str | os.PathLike) -> Result:
     """Load any saved result."""
     return Result.load(path)

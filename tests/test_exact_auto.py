@@ -18,6 +18,7 @@ import hydra_probe as hp
 from hydra_probe import cli
 from hydra_probe.models.sites import Site
 from hydra_probe.report import triangulation as tri
+from hydra_probe.report.exact_check import largest_shortfall, widened
 
 MINOR = "agree: minor"
 MEASURED = ["total_effect", "de_lost", "self_repair", "restoration", "damage"]
@@ -196,6 +197,63 @@ def test_the_plan_rules_out_each_measurement_its_estimate_calls_small():
     # the cut is half the threshold: at 0.2, D's AtP* (0.7/16 = 0.044) and C's DE (0.45/8 = 0.056) fall under 0.1
     plan, _ = tri._exact_plan(direct, frame(den), frame(noi), 0.2, top=1)
     assert plan == {k: ["A"] for k in tri.MEASUREMENTS}
+
+
+def test_the_check_lowers_the_cut_by_what_atp_fell_short_on_the_swept_ones():
+    """threshold 0.1: A (swept, exact 0.6) is estimated at 0.3, a shortfall of 0.5 (what the cut of half the
+    threshold allows); C (swept, exact 0.08) is below the threshold and not read."""
+    est = pd.Series({"A": 0.30, "B": 0.04, "C": 0.06, "D": 0.02, "E": -0.05})
+    assert largest_shortfall(est, pd.Series({"A": 0.6, "C": 0.08}), 0.1) == (0.5, "A")
+    assert largest_shortfall(est, pd.Series({"C": 0.08}), 0.1) == (0.0, None)  # nothing swept reaches it
+    assert widened(est, ["A", "C"], 0.1, 0.5) == []  # the cut stays at 0.05
+    assert widened(est, ["A", "C"], 0.1, 0.7) == ["B"]  # lowered to 0.03
+    short, who = largest_shortfall(est, pd.Series({"A": 0.6, "E": 0.2}), 0.1)  # E: the wrong sign
+    assert who == "E" and short == pytest.approx(1.25)
+    assert widened(est, ["A", "E"], 0.1, short) == ["B", "C", "D"]  # every one left
+    assert largest_shortfall(est, pd.Series({"F": 0.3}), 0.1) == (1.0, "F")  # no estimate: none of it captured
+
+
+def test_auto_widens_where_atp_falls_short_on_the_swept_components(shipped, monkeypatch):
+    """An estimator made worse on purpose (patching estimates at a fifth, ablation estimates of the wrong sign)
+    rules out components that matter; the check on the swept ones sees the shortfall and sweeps them, so the
+    report still gives the exhaustive run's verdicts."""
+    m, task, _, full, _, f = shipped
+
+    def scaled(fn, factor):
+        def wrapped(*a, **k):
+            r = fn(*a, **k)
+            frame = r.to_frame()
+            frame["estimate"] *= factor
+            return type(r)(frame, r.provenance, r.extras)
+        return wrapped
+
+    monkeypatch.setattr(tri, "attribution_patch", scaled(tri.attribution_patch, 0.2))
+    monkeypatch.setattr(tri, "attribution_ablate", scaled(tri.attribution_ablate, -1.0))
+    plans = []
+    plan_of = tri._exact_plan
+
+    def plan(*a, **k):
+        got = plan_of(*a, **k)
+        plans.append({key: list(v) for key, v in got[0].items()})  # a copy: the report widens its own
+        return got
+
+    monkeypatch.setattr(tri, "_exact_plan", plan)
+    auto = hp.triangulate(m, task, exact="auto", progress=False, top=3, mechanisms=False, iterate=1)
+    a = auto.to_frame().set_index("component")
+    check_against_exhaustive(auto, a, f, rtol=1e-5)
+    # the plan alone would have left out measurements the exhaustive run's verdicts rest on
+    first = plans[0]
+    matter = f.index[f["verdict"] != MINOR]
+    missed = {k: [c for c in matter if c not in first[k] and c in auto.config["exact_sweeps"][k]]
+              for k in tri.MEASUREMENTS}
+    assert any(missed.values()), missed
+    check = auto.config["exact_check"]
+    for k in tri.MEASUREMENTS:
+        assert set(check[k]["added"]) == set(auto.config["exact_sweeps"][k]) - set(first[k])
+        if check[k]["added"]:  # only where the shortfall exceeded what the cut allows
+            assert check[k]["shortfall"] > 1 - tri.RULE_OUT
+    assert check["denoise"]["shortfall"] > 0.75  # at most a fifth of some restoration captured
+    assert "the cut was lowered" in auto.config["exact_bound"]
 
 
 # ---------------------------------------------------------------------------- the default and bad input

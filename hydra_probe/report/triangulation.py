@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,6 +41,8 @@ from ..effects.mechanisms import repair_mechanisms
 from ..errors import ComponentError, MetricError, OptionError
 from ..graph import add_mechanisms, compensation_graph, compensators_of, hydra_slope, verify_edges
 from ..metrics import get_metric
+from ..results import concat_results
+from .exact_check import ablation_shares, check_text, largest_shortfall, patching_shares, widened
 from .prose import findings_text
 from .store import read_report
 from .why_it_repairs import mechanism_step, skip_note
@@ -358,26 +360,59 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
         sweeps, bound = _exact_plan(results["direct_effects"].summary(), results["attribution"].to_frame(),
                                     results["attribution_noise"].to_frame(), float(threshold), int(top), vname,
                                     results["attribution_ablation"].to_frame())
-    with steps.step("patch_denoise", f"activation patching, denoise (clean -> corrupted) of "
-                    f"{len(sweeps['denoise'])} components"):
-        results["patch_denoise"] = activation_patch(model, task, sweeps["denoise"], "denoise", progress=bars, **kw)
-    with steps.step("patch_noise", f"activation patching, noise (corrupted -> clean) of "
-                    f"{len(sweeps['noise'])} components"):
-        results["patch_noise"] = activation_patch(model, task, sweeps["noise"], "noise", progress=bars, **kw)
+    # exact="auto": after each sweep, the cut is checked on the swept components (.exact_check) and the sweep
+    # widened where AtP* fell short there by more than the cut allows
+    est = (_plan_shares(results["direct_effects"].summary(), results["attribution"].to_frame(),
+                        results["attribution_noise"].to_frame(), results["attribution_ablation"].to_frame())
+           if exact == "auto" else None)
+    checks: dict[str, dict[str, Any]] = {}
+
+    def checked(k: str, result: Any, run: Callable[[list[str]], Any], shares: Callable[[Any], pd.Series]) -> Any:
+        """``result`` of measurement ``k`` over ``sweeps[k]``, widened by :mod:`.exact_check` (``run``: the sweep
+        of more components; ``shares``: a result's exact shares)."""
+        if est is None:
+            return result
+        added: list[str] = []
+        while True:
+            short, who = largest_shortfall(est[k], shares(result), float(threshold))
+            more = widened(est[k], sweeps[k], float(threshold), short) if short > 1 - RULE_OUT else []
+            if not more:
+                break
+            result = concat_results(result, run(more), names)
+            sweeps[k] = [c for c in names if c in set(sweeps[k]) | set(more)]
+            added += more
+        checks[k] = {"shortfall": short, "component": who, "added": [c for c in names if c in set(added)]}
+        return result
+
+    for k, label in (("denoise", "clean -> corrupted"), ("noise", "corrupted -> clean")):
+        with steps.step(f"patch_{k}", f"activation patching, {k} ({label}) of {len(sweeps[k])} components"):
+            results[f"patch_{k}"] = checked(k, activation_patch(model, task, sweeps[k], k, progress=bars, **kw),
+                                            lambda more, k=k: activation_patch(model, task, more, k, progress=bars,
+                                                                               **kw), patching_shares)
 
     # with "Why it repairs", one sweep serves both: repair_mechanisms runs self_repair's ablated forwards (with
     # eager attention; its self-repair equals self_repair's to float32 rounding) and the section reuses it
-    swept = sweeps["ablation"]
     pre_mech = None
-    one_sweep = mechanisms and skip_note(model) is None and not any(c.startswith("ATTN") for c in swept)
-    with steps.step("self_repair", f"ablation ({vname}) and self-repair of {len(swept)} components"):
+    one_sweep = mechanisms and skip_note(model) is None and not any(c.startswith("ATTN") for c in names)
+    signed = 1.0
+    if est is not None:
+        g = results["attribution"].to_frame().drop_duplicates("prompt")
+        signed = verdict_scale(float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())) or 1.0
+
+    with steps.step("self_repair", f"ablation ({vname}) and self-repair of {len(sweeps['ablation'])} components"):
+        sweep = repair_mechanisms if one_sweep else self_repair
+
+        def ablate_more(more: list[str]) -> Any:
+            return sweep(model, task, more, value=value, scale=scale, seed=seed, progress=bars, **kw)
+
+        got = checked("ablation", ablate_more(sweeps["ablation"]), ablate_more,
+                      lambda r: ablation_shares(r.as_self_repair() if one_sweep else r, signed))
         if one_sweep:
-            pre_mech = repair_mechanisms(model, task, swept, value=value, scale=scale, seed=seed, progress=bars,
-                                         **kw)
-            results["self_repair"] = pre_mech.as_self_repair()
+            pre_mech = got
+            results["self_repair"] = got.as_self_repair()
         else:
-            results["self_repair"] = self_repair(model, task, swept, value=value, scale=scale, seed=seed,
-                                                 progress=bars, **kw)
+            results["self_repair"] = got
+    swept = sweeps["ablation"]
     if exact == "all":
         with steps.step("attribution", "attribution patching (estimate)"):
             results["attribution"] = attribution_patch(model, task, components=names, direction="denoise", **kw)
@@ -388,8 +423,11 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
            "top": int(top), "seed": int(seed), "threshold": float(threshold), "graph_top_k": int(graph_top_k),
            "iterate": int(iterate), "mechanisms": bool(mechanisms), "exact": exact}
     if exact == "auto":
+        if any(c["added"] for c in checks.values()):  # widened: the counts of what was swept, as it was
+            bound = _bound_text(sweeps, names, float(threshold), min(int(top), len(names)), vname, True)
+        bound += " " + check_text(checks, 1 - RULE_OUT)
         cfg.update(exact_components=[c for c in names if any(c in v for v in sweeps.values())],
-                   exact_sweeps={k: list(v) for k, v in sweeps.items()}, exact_bound=bound)
+                   exact_sweeps={k: list(v) for k, v in sweeps.items()}, exact_bound=bound, exact_check=checks)
         notes.append(f"exact sweeps: {bound}")
     rep = TriangulationReport(results=results, config=cfg, task_info=_task_info(task), task_pairs=list(task.pairs),
                               agreement=agreement, notes=notes, model_info=_model_info(model))
@@ -454,18 +492,32 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
     ``direct``: ``DirectEffects.summary()`` (clean run); ``denoise``, ``noise``: AtP* ``to_frame()`` of each
     direction (with ``clean_metric`` and ``corrupted_metric``); ``value``: the ablation value's name (for the
     text); ``ablation``: ``attribution_ablate(...).to_frame()`` (AtP* of the ablation's total effect; None:
-    not estimated). Each measurement is ruled out by its own estimate, as a share: activation patching,
-    denoise, by |mean AtP* denoise| / |gap| (estimated restoration); noise by |mean AtP* noise| / |gap|
-    (estimated damage); the ablation (TE, DE lost, self-repair) by the larger of mean AtP* ablation TE / verdict
-    scale (signed: a TE against the scale's side is never necessity) and |mean clean DE| / |verdict scale|.
-    Swept: a measurement whose share is at least ``RULE_OUT * threshold``, and every measurement of the ``top``
-    components with the largest shares (over all four) whatever they are. A measurement not swept reads below the
-    threshold, which is all the verdict rule asks of it (R reads restoration and damage; N, L, M and B the
-    ablation). The ablation estimate covers TE, including what a component costs through downstream paths the
-    corruption does not move; the direct effect covers DE lost (a component masked by self-repair has a small TE
-    but a large DE lost, which is its clean DE under zero ablation: DE lost = DE - the DE of the ablation value);
-    AtP*'s GradDrop keeps components whose direct and indirect paths cancel.
+    not estimated). Each measurement is ruled out by its own estimate, as a share (:func:`_plan_shares`):
+    activation patching, denoise, by |mean AtP* denoise| / |gap| (estimated restoration); noise by |mean AtP*
+    noise| / |gap| (estimated damage); the ablation (TE, DE lost, self-repair) by the larger of mean AtP* ablation
+    TE / verdict scale (signed: a TE against the scale's side is never necessity) and |mean clean DE| / |verdict
+    scale|. Swept: a measurement whose share is at least ``RULE_OUT * threshold``, and every measurement of the
+    ``top`` components with the largest shares (over all four) whatever they are. A measurement not swept reads
+    below the threshold, which is all the verdict rule asks of it (R reads restoration and damage; N, L, M and B
+    the ablation). The ablation estimate covers TE, including what a component costs through downstream paths
+    the corruption does not move; the direct effect covers DE lost (a component masked by self-repair has a
+    small TE but a large DE lost, which is its clean DE under zero ablation: DE lost = DE - the DE of the ablation
+    value); AtP*'s GradDrop keeps components whose direct and indirect paths cancel. The report then checks the
+    cut on the swept components (:mod:`.exact_check`) and sweeps more where AtP* fell short there.
     """
+    shares = _plan_shares(direct, denoise, noise, ablation)
+    cut = RULE_OUT * threshold
+    first = set(pd.concat(list(shares.values()), axis=1).max(axis=1)
+                .sort_values(ascending=False, kind="stable").index[:top])
+    den = shares["denoise"]
+    plan = {k: [c for c in den.index if c in first or s.get(c, 0.0) >= cut] for k, s in shares.items()}
+    return plan, _bound_text(plan, list(den.index), threshold, min(top, len(den)), value, ablation is not None)
+
+
+def _plan_shares(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame,
+                 ablation: pd.DataFrame | None) -> dict[str, pd.Series]:
+    """:func:`_exact_plan`'s estimated shares per measurement (``"denoise"``, ``"noise"``, ``"ablation"``), by
+    component in the order of ``denoise``."""
     g = denoise.drop_duplicates("prompt")
     clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
     gap, signed = abs(clean - corr) or 1.0, verdict_scale(clean, corr) or 1.0
@@ -476,27 +528,31 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
     if ablation is not None:  # TE counts toward necessity on the side of the scale only (VERDICT_RULE's N)
         te = (ablation.groupby("component", sort=False)["estimate"].mean() / signed).reindex(den.index)
         abl = pd.concat([abl, te], axis=1).max(axis=1)
-    shares = {"denoise": den, "noise": noi, "ablation": abl}
+    return {"denoise": den, "noise": noi, "ablation": abl}
+
+
+def _bound_text(plan: dict[str, list[str]], names: list[str], threshold: float, top: int, value: str,
+                estimated: bool) -> str:
+    """The stated bound of a plan (see :func:`_exact_plan`) over the components ``names``: what was swept, by
+    which rule, and what could be missed. ``top``: the number of top components swept in every measurement;
+    ``estimated``: the ablation side read AtP* of the ablation (else the clean direct effect alone)."""
     cut = RULE_OUT * threshold
-    first = set(pd.concat(list(shares.values()), axis=1).max(axis=1)
-                .sort_values(ascending=False, kind="stable").index[:top])
-    plan = {k: [c for c in den.index if c in first or s.get(c, 0.0) >= cut] for k, s in shares.items()}
-    n = len(den)
-    side = (f"AtP* estimate of its {value} ablation's total effect or clean direct effect" if ablation is not None
+    side = (f"AtP* estimate of its {value} ablation's total effect or clean direct effect" if estimated
             else "clean direct effect")
-    rule = (f"each measurement of the {min(top, n)} with the largest estimates, and otherwise activation patching "
+    rule = (f"each measurement of the {top} with the largest estimates, and otherwise activation patching "
             f"(denoise) where the AtP* restoration estimate reaches {cut:.3g} of the gap, (noise) where the AtP* "
             f"damage estimate does, and the {value} ablation (TE, DE lost, self-repair) where the {side} reaches "
             f"{cut:.3g} of the verdict scale (half the threshold {threshold:g})")
-    every = [c for c in den.index if all(c in p for p in plan.values())]
-    some = [c for c in den.index if any(c in p for p in plan.values())]
+    every = [c for c in names if all(c in p for p in plan.values())]
+    some = [c for c in names if any(c in p for p in plan.values())]
+    n = len(names)
     if len(every) == n:
-        return plan, f"all {n} components swept exactly in every measurement: {rule}; none is estimated."
+        return f"all {n} components swept exactly in every measurement: {rule}; none is estimated."
     counts = ", ".join(f"{len(plan[k])} {'ablated' if k == 'ablation' else f'patched ({k})'}" for k in MEASUREMENTS)
     miss = (f"only if AtP* misestimates its restoration or damage by more than {threshold - cut:.3g} of the gap or its "
             f"{value} ablation's total effect by more than {threshold - cut:.3g} of the verdict scale, or its DE lost "
             f"reaches {threshold:g} of the verdict scale through a {value} value with a large direct effect of its own."
-            if ablation is not None else
+            if estimated else
             f"only if AtP* misestimates its restoration or damage by more than {threshold - cut:.3g} of the gap, or its "
             f"{value} ablation costs {threshold:g} of the verdict scale through what its direct effect does not show "
             f"(indirect paths the corruption does not move, or a {value} value with a large direct effect of its own).")
@@ -506,10 +562,9 @@ def _exact_plan(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFrame
     none = n - len(some)
     rest = (f"The other {none} are estimated in every measurement and read 'agree: minor'. " if none > 1 else
             "The other one is estimated in every measurement and reads 'agree: minor'. " if none else "")
-    bound = (f"{len(every)} of {n} components swept exactly in every measurement and {len(some) - len(every)} in "
-             f"some ({counts}): {rule}. A measurement not swept reads below the threshold without being made (blank "
-             f"cells). {rest}A component would read otherwise in the exhaustive run (exact='all') {miss}")
-    return plan, bound
+    return (f"{len(every)} of {n} components swept exactly in every measurement and {len(some) - len(every)} in "
+            f"some ({counts}): {rule}. A measurement not swept reads below the threshold without being made (blank "
+            f"cells). {rest}A component would read otherwise in the exhaustive run (exact='all') {miss}")
 
 
 def _iteration_plan(table: pd.DataFrame, graph: Any, k: int,
