@@ -423,7 +423,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
            "top": int(top), "seed": int(seed), "threshold": float(threshold), "graph_top_k": int(graph_top_k),
            "iterate": int(iterate), "mechanisms": bool(mechanisms), "exact": exact}
     if exact == "auto":
-        if any(c["added"] for c in checks.values()):  # widened: the counts of what was swept, as it was
+        if any(c["added"] for c in checks.values()):  # widened: the bound counts what was swept in the end
             bound = _bound_text(sweeps, names, float(threshold), min(int(top), len(names)), vname, True)
         bound += " " + check_text(checks, 1 - RULE_OUT)
         cfg.update(exact_components=[c for c in names if any(c in v for v in sweeps.values())],
