@@ -152,9 +152,8 @@ class TriangulationReport:
     def baseline(self) -> dict[str, float]:
         """Mean clean and corrupted metric, their gap, accuracies, and the scale the verdict rule reads TE and
         DE lost against (:func:`~hydra_probe.claims.verdict_scale`), from the denoising result's frame."""
-        f = self.results["patch_denoise"].to_frame()
-        g = f.drop_duplicates("prompt")
-        clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
+        g = self.results["patch_denoise"].to_frame().drop_duplicates("prompt")
+        clean, corr = _clean_corrupted(g)
         return {"clean_metric": clean, "corrupted_metric": corr, "gap": clean - corr,
                 "clean_accuracy": float((g["clean_metric"] > 0).mean()),
                 "corrupted_accuracy": float((g["corrupted_metric"] > 0).mean()),
@@ -396,8 +395,7 @@ def triangulate(model: Any, task: Any, *, value: Any = "mean", scale: str = "fro
     one_sweep = mechanisms and skip_note(model) is None and not any(c.startswith("ATTN") for c in names)
     signed = 1.0
     if est is not None:
-        g = results["attribution"].to_frame().drop_duplicates("prompt")
-        signed = verdict_scale(float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())) or 1.0
+        signed = verdict_scale(*_clean_corrupted(results["attribution"].to_frame())) or 1.0
 
     with steps.step("self_repair", f"ablation ({vname}) and self-repair of {len(sweeps['ablation'])} components"):
         sweep = repair_mechanisms if one_sweep else self_repair
@@ -518,8 +516,7 @@ def _plan_shares(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFram
                  ablation: pd.DataFrame | None) -> dict[str, pd.Series]:
     """:func:`_exact_plan`'s estimated shares per measurement (``"denoise"``, ``"noise"``, ``"ablation"``), by
     component in the order of ``denoise``."""
-    g = denoise.drop_duplicates("prompt")
-    clean, corr = float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
+    clean, corr = _clean_corrupted(denoise)
     gap, signed = abs(clean - corr) or 1.0, verdict_scale(clean, corr) or 1.0
     scale = abs(signed)
     den = denoise.groupby("component", sort=False)["estimate"].mean().abs() / gap
@@ -529,6 +526,13 @@ def _plan_shares(direct: pd.DataFrame, denoise: pd.DataFrame, noise: pd.DataFram
         te = (ablation.groupby("component", sort=False)["estimate"].mean() / signed).reindex(den.index)
         abl = pd.concat([abl, te], axis=1).max(axis=1)
     return {"denoise": den, "noise": noi, "ablation": abl}
+
+
+def _clean_corrupted(frame: pd.DataFrame) -> tuple[float, float]:
+    """The mean clean and corrupted metric of a per-prompt frame (``prompt``, ``clean_metric``,
+    ``corrupted_metric``; each prompt counted once)."""
+    g = frame.drop_duplicates("prompt")
+    return float(g["clean_metric"].mean()), float(g["corrupted_metric"].mean())
 
 
 def _bound_text(plan: dict[str, list[str]], names: list[str], threshold: float, top: int, value: str,
